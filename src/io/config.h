@@ -1,0 +1,69 @@
+/* config.h — the model's config.json and generation_config.json, validated.
+ *
+ * Accepts both transformers 4.x keys (`rope_theta`, `torch_dtype`) and 5.x keys
+ * (`rope_parameters.rope_theta`, `dtype`). Only Qwen3ForCausalLM / model_type "qwen3" is
+ * accepted; anything else is refused by name. A `quantization_config` (see
+ * ../shared/spec/int4-checkpoint.md) is read into the quant fields. */
+#ifndef QUILL_CONFIG_H
+#define QUILL_CONFIG_H
+
+#include <stdbool.h>
+
+#include "util/qerr.h"
+
+#define CONFIG_MAX_EOS 8
+
+typedef struct QwenConfig {
+    int vocab_size;
+    int hidden_size;
+    int intermediate_size;
+    int num_hidden_layers;
+    int num_attention_heads;
+    int num_key_value_heads;
+    int head_dim;
+    int max_position_embeddings;
+    float rms_norm_eps;
+    double rope_theta;
+    bool tie_word_embeddings;
+    int bos_token_id;
+    int eos_token_ids[CONFIG_MAX_EOS];
+    int n_eos;
+    char dtype[16];               /* "bfloat16", "float32", ... */
+    /* quantization_config (quant_method int4_weight_only) */
+    bool quantized;
+    int group_size;
+    char quant_algorithm[16];     /* "hqq" or "minmax" */
+    bool lm_head_quantized;       /* "lm_head" absent from modules_not_quantized */
+} QwenConfig;
+
+/* Sampling defaults and stop ids from generation_config.json. Fields absent from the file keep
+ * the values gen_config_defaults() sets (greedy off, temperature 1, top_p 1, top_k 0 = off,
+ * min_p 0, repetition_penalty 1). */
+typedef struct GenConfig {
+    bool do_sample;
+    float temperature;
+    float top_p;
+    int top_k;
+    float min_p;
+    float repetition_penalty;
+    int eos_token_ids[CONFIG_MAX_EOS];
+    int n_eos;
+} GenConfig;
+
+/* Reads DIR/config.json. Returns 0, or -1 with err naming the file and field. */
+int config_load(QwenConfig *cfg, const char *dir, QErr *err);
+/* Writes cfg as DIR/config.json in the key layout transformers 4.x uses for Qwen3-8B
+ * (architectures, model_type, rope_theta, torch_dtype "bfloat16", ...). */
+int config_save(const QwenConfig *cfg, const char *dir, QErr *err);
+/* Copies SRC_DIR/config.json to DST_DIR/config.json keeping every key, adding the
+ * "quantization_config" object of ../shared/spec/int4-checkpoint.md. */
+int config_save_quantized(const char *src_dir, const char *dst_dir, int group_size,
+                          const char *algorithm, bool lm_head_quantized, QErr *err);
+
+void gen_config_defaults(GenConfig *g);
+/* Reads DIR/generation_config.json if present (absent is not an error: defaults + the config's
+ * eos ids). */
+int gen_config_load(GenConfig *g, const QwenConfig *cfg, const char *dir, QErr *err);
+int gen_config_save(const GenConfig *g, const QwenConfig *cfg, const char *dir, QErr *err);
+
+#endif
