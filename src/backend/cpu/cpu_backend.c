@@ -1,0 +1,525 @@
+/* cpu_backend.c — the CPU backend: the reference for every other backend, and fast enough to
+ * serve small models. Activations and the KV cache are float32 (the references in
+ * ../shared/reference are float32 runs, and we match them to 1e-4). Weights stay where the loader
+ * mapped them (bf16 or int4 in the checkpoint's mmap), so a model costs no more resident memory
+ * than the pages its matmuls touch; only norm vectors are copied (to float32).
+ *
+ * Parallelism: matmuls split output rows across the thread pool (matmul.c); attention splits
+ * over (sequence, head); the small elementwise ops run on the calling thread, they are a rounding
+ * error next to the weight reads. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "backend/backend.h"
+#include "backend/cpu/matmul.h"
+#include "util/bf16.h"
+#include "util/threadpool.h"
+
+typedef struct CpuBackend {
+    Backend base;
+    ThreadPool *pool;
+    size_t used, peak;
+    float *scratch;      /* grows to the largest need; reused by every step */
+    size_t scratch_n;
+} CpuBackend;
+
+/* Scratch of at least n floats (kept between calls, so the forward pass does not allocate once
+ * warmed up). */
+static float *scratch(CpuBackend *c, size_t n) {
+    if (n > c->scratch_n) {
+        free(c->scratch);
+        c->scratch = malloc(n * sizeof(float));
+        c->scratch_n = c->scratch ? n : 0;
+    }
+    return c->scratch;
+}
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp) {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man) { /* subnormal: normalise */
+        int e = -1;
+        do {
+            e++;
+            man <<= 1;
+        } while (!(man & 0x400));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    } else {
+        u = sign;
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static CpuBackend *cpu(Backend *be) { return (CpuBackend *)be; }
+
+/* ---- memory ------------------------------------------------------------------------------ */
+
+/* Allocations carry their size in a header so mem_used can account for them. */
+static void *cpu_alloc(Backend *be, size_t bytes) {
+    size_t *p = malloc(bytes + 64);
+    if (!p) return NULL;
+    p[0] = bytes;
+    CpuBackend *c = cpu(be);
+    c->used += bytes;
+    if (c->used > c->peak) c->peak = c->used;
+    return (char *)p + 64;
+}
+
+static void cpu_free(Backend *be, void *ptr) {
+    if (!ptr) return;
+    size_t *p = (size_t *)((char *)ptr - 64);
+    cpu(be)->used -= p[0];
+    free(p);
+}
+
+static void cpu_copy(Backend *be, void *dst, const void *src, size_t bytes) {
+    (void)be;
+    if (bytes) memcpy(dst, src, bytes);
+}
+
+static void cpu_sync(Backend *be) { (void)be; }
+
+static size_t cpu_mem_used(Backend *be, size_t *peak) {
+    if (peak) *peak = cpu(be)->peak;
+    return cpu(be)->used;
+}
+
+/* ---- weights ----------------------------------------------------------------------------- */
+
+#define MAX_PARTS 3
+
+/* A Linear is up to three stacked parts (q|k|v); each is a view of the checkpoint's bytes. */
+struct Linear {
+    int n_parts;
+    int64_t n, k;
+    struct {
+        int64_t n;
+        DType dtype;       /* DT_BF16, DT_F32 (dense) or DT_U8 (int4) */
+        const void *w;     /* dense weights, or NULL for int4 */
+        float *owned;      /* F16 sources converted to float32 (owned) */
+        uint8_t *codes;    /* int4 codes repacked for the kernels (owned) */
+        Q4Weights q4;
+    } part[MAX_PARTS];
+};
+
+static float *to_f32_copy(const StTensor *t, size_t n) {
+    float *out = malloc(n * sizeof(float));
+    if (!out) return NULL;
+    for (size_t i = 0; i < n; i++) {
+        if (t->dtype == DT_BF16)
+            out[i] = bf16_to_f32(((const uint16_t *)t->data)[i]);
+        else if (t->dtype == DT_F16)
+            out[i] = f16_to_f32(((const uint16_t *)t->data)[i]);
+        else
+            out[i] = ((const float *)t->data)[i];
+    }
+    return out;
+}
+
+static void cpu_linear_free(Backend *be, Linear *l) {
+    (void)be;
+    for (int i = 0; i < l->n_parts; i++) {
+        free(l->part[i].owned);
+        free(l->part[i].codes);
+    }
+    free(l);
+}
+
+/* Drops the mapped pages of a region we have copied from, so they stop counting as resident
+ * (they are re-read from the file if ever touched again). */
+static void release_pages(const void *p, size_t bytes) {
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = ((uintptr_t)p + page - 1) & ~(page - 1), b = ((uintptr_t)p + bytes) & ~(page - 1);
+    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
+static Linear *cpu_linear_load(Backend *be, const LinearSource *parts, int n_parts, QErr *err) {
+    Linear *l = calloc(1, sizeof *l);
+    if (!l) {
+        qerr_set(err, "out of memory");
+        return NULL;
+    }
+    l->n_parts = n_parts;
+    l->k = parts[0].k;
+    for (int i = 0; i < n_parts; i++) {
+        const LinearSource *s = &parts[i];
+        l->part[i].n = s->n;
+        l->n += s->n;
+        if (s->q4) {
+            l->part[i].dtype = DT_U8;
+            size_t bytes = (size_t)(s->n * s->k / 2);
+            l->part[i].codes = malloc(bytes);
+            if (!l->part[i].codes) {
+                cpu_linear_free(be, l);
+                qerr_set(err, "out of memory repacking %s", s->name);
+                return NULL;
+            }
+            if (q4_repack(l->part[i].codes, s->qweight->data, (int)s->n, (int)s->k, s->group_size, err)) {
+                cpu_linear_free(be, l);
+                qerr_prefix(err, "%s", s->name);
+                return NULL;
+            }
+            release_pages(s->qweight->data, bytes);
+            l->part[i].q4 = (Q4Weights){
+                .codes = l->part[i].codes,
+                .scales = s->scales->data,
+                .zeros = s->zeros->data,
+                .group = s->group_size,
+            };
+        } else if (s->dense->dtype == DT_F16) {
+            l->part[i].dtype = DT_F32;
+            l->part[i].owned = to_f32_copy(s->dense, (size_t)(s->n * s->k));
+            l->part[i].w = l->part[i].owned;
+            if (!l->part[i].owned) {
+                cpu_linear_free(be, l);
+                qerr_set(err, "out of memory converting %s", s->name);
+                return NULL;
+            }
+        } else {
+            l->part[i].dtype = s->dense->dtype;
+            l->part[i].w = s->dense->data;
+        }
+    }
+    return l;
+}
+
+static float *cpu_vector_load(Backend *be, const StTensor *t, QErr *err) {
+    size_t n = (size_t)t->shape[0];
+    float *v = cpu_alloc(be, n * sizeof(float));
+    if (!v) {
+        qerr_set(err, "out of memory loading %s", t->name);
+        return NULL;
+    }
+    float *tmp = to_f32_copy(t, n);
+    if (!tmp) {
+        cpu_free(be, v);
+        qerr_set(err, "out of memory loading %s", t->name);
+        return NULL;
+    }
+    memcpy(v, tmp, n * sizeof(float));
+    free(tmp);
+    return v;
+}
+
+struct Embedding {
+    const StTensor *table;
+};
+
+static Embedding *cpu_embedding_load(Backend *be, const StTensor *table, QErr *err) {
+    (void)be;
+    Embedding *e = malloc(sizeof *e);
+    if (!e) {
+        qerr_set(err, "out of memory");
+        return NULL;
+    }
+    e->table = table;
+    return e;
+}
+
+static void cpu_embedding_free(Backend *be, Embedding *e) {
+    (void)be;
+    free(e);
+}
+
+/* ---- KV cache ---------------------------------------------------------------------------- */
+
+typedef struct CpuKV {
+    KVShape s;
+    size_t layer_stride; /* floats per layer per K (or V) */
+    float *k, *v;        /* [layers][blocks][block_size][nkv][hd] */
+} CpuKV;
+
+static void *cpu_kv_alloc(Backend *be, const KVShape *s, QErr *err) {
+    CpuKV *kv = calloc(1, sizeof *kv);
+    if (!kv) {
+        qerr_set(err, "out of memory");
+        return NULL;
+    }
+    kv->s = *s;
+    kv->layer_stride = (size_t)s->n_blocks * s->block_size * s->n_kv_heads * s->head_dim;
+    size_t bytes = kv->layer_stride * s->n_layers * sizeof(float);
+    kv->k = cpu_alloc(be, bytes);
+    kv->v = cpu_alloc(be, bytes);
+    if (!kv->k || !kv->v) {
+        cpu_free(be, kv->k);
+        cpu_free(be, kv->v);
+        free(kv);
+        qerr_set(err, "out of memory for the KV cache (%zu MiB)", 2 * bytes >> 20);
+        return NULL;
+    }
+    return kv;
+}
+
+static void cpu_kv_free(Backend *be, void *p) {
+    CpuKV *kv = p;
+    cpu_free(be, kv->k);
+    cpu_free(be, kv->v);
+    free(kv);
+}
+
+/* ---- compute ----------------------------------------------------------------------------- */
+
+static void cpu_embed(Backend *be, float *x, const int32_t *ids, int M, const Embedding *e) {
+    (void)be;
+    const StTensor *t = e->table;
+    size_t D = (size_t)t->shape[1];
+    for (int m = 0; m < M; m++) {
+        size_t off = (size_t)ids[m] * D;
+        float *row = x + (size_t)m * D;
+        if (t->dtype == DT_BF16)
+            bf16_to_f32_row(row, (const uint16_t *)t->data + off, D);
+        else if (t->dtype == DT_F16)
+            for (size_t i = 0; i < D; i++) row[i] = f16_to_f32(((const uint16_t *)t->data)[off + i]);
+        else
+            memcpy(row, (const float *)t->data + off, D * sizeof(float));
+    }
+}
+
+/* Stacked parts write side by side in y's rows: directly when M = 1 (decode), through
+ * scratch and a scatter otherwise. */
+static void cpu_matmul(Backend *be, float *y, const float *x, int M, const Linear *l) {
+    CpuBackend *c = cpu(be);
+    int K = (int)l->k, off = 0;
+    for (int i = 0; i < l->n_parts; i++) {
+        int N = (int)l->part[i].n;
+        bool direct = M == 1 || l->n_parts == 1;
+        float *yp = direct ? y + off : scratch(c, (size_t)M * N);
+        if (l->part[i].dtype == DT_U8)
+            mm_f32_q4(c->pool, yp, x, &l->part[i].q4, M, N, K);
+        else if (l->part[i].dtype == DT_BF16)
+            mm_f32_bf16(c->pool, yp, x, l->part[i].w, M, N, K);
+        else
+            mm_f32_f32(c->pool, yp, x, l->part[i].w, M, N, K);
+        if (!direct)
+            for (int m = 0; m < M; m++)
+                memcpy(y + (size_t)m * l->n + off, yp + (size_t)m * N, (size_t)N * sizeof(float));
+        off += N;
+    }
+}
+
+static void rmsnorm_row(float *y, const float *x, const float *w, int D, float eps) {
+    double ss = 0;
+    for (int i = 0; i < D; i++) ss += (double)x[i] * x[i];
+    float inv = 1.0f / sqrtf((float)(ss / D) + eps);
+    for (int i = 0; i < D; i++) y[i] = w[i] * (x[i] * inv);
+}
+
+static void cpu_rmsnorm(Backend *be, float *y, const float *x, const float *w, int M, int D, float eps) {
+    (void)be;
+    for (int m = 0; m < M; m++) rmsnorm_row(y + (size_t)m * D, x + (size_t)m * D, w, D, eps);
+}
+
+static void cpu_gather_rows(Backend *be, float *dst, const float *src, const int32_t *rows, int n, int width) {
+    (void)be;
+    for (int r = 0; r < n; r++)
+        memmove(dst + (size_t)r * width, src + (size_t)rows[r] * width, (size_t)width * sizeof(float));
+}
+
+static void cpu_add(Backend *be, float *y, const float *x, size_t n) {
+    (void)be;
+    for (size_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+static void cpu_swiglu(Backend *be, float *h, const float *gu, int M, int I) {
+    (void)be;
+    for (int m = 0; m < M; m++) {
+        const float *g = gu + (size_t)m * 2 * I, *u = g + I;
+        float *o = h + (size_t)m * I;
+        for (int i = 0; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+static void cpu_rope_cos_sin(Backend *be, float *cs, const int32_t *pos, int M, const float *inv_freq, int half) {
+    (void)be;
+    for (int m = 0; m < M; m++) {
+        float *c = cs + (size_t)m * 2 * half;
+        for (int i = 0; i < half; i++) {
+            float a = (float)pos[m] * inv_freq[i];
+            c[i] = cosf(a);
+            c[half + i] = sinf(a);
+        }
+    }
+}
+
+/* Per-head RMSNorm then rotate-half RoPE, in place on one head vector. */
+static void norm_rope_head(float *x, const float *w, const float *cs, int hd, float eps) {
+    rmsnorm_row(x, x, w, hd, eps);
+    int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half], c = cs[i], s = cs[half + i];
+        x[i] = a * c - b * s;
+        x[i + half] = b * c + a * s;
+    }
+}
+
+static void cpu_qk_norm_rope_store(Backend *be, float *qkv, const float *q_norm, const float *k_norm,
+                                   const float *cs, int M, int nh, int nkv, int hd, float eps, void *kvp,
+                                   int layer, const AttnMeta *meta) {
+    (void)be;
+    CpuKV *kv = kvp;
+    size_t width = (size_t)(nh + 2 * nkv) * hd;
+    for (int m = 0; m < M; m++) {
+        float *row = qkv + (size_t)m * width;
+        const float *c = cs + (size_t)m * hd;
+        for (int h = 0; h < nh; h++) norm_rope_head(row + (size_t)h * hd, q_norm, c, hd, eps);
+        float *k = row + (size_t)nh * hd, *v = k + (size_t)nkv * hd;
+        for (int h = 0; h < nkv; h++) norm_rope_head(k + (size_t)h * hd, k_norm, c, hd, eps);
+        size_t slot = (size_t)meta->slots[m] * nkv * hd + kv->layer_stride * layer;
+        memcpy(kv->k + slot, k, (size_t)nkv * hd * sizeof(float));
+        memcpy(kv->v + slot, v, (size_t)nkv * hd * sizeof(float));
+    }
+}
+
+typedef struct AttnJob {
+    float *out;
+    const float *qkv;
+    int nh, nkv, hd;
+    const CpuKV *kv;
+    int layer;
+    const AttnMeta *meta;
+    float *scratch;      /* [threads][max_ctx] scores */
+    int T;
+} AttnJob;
+
+/* One task = one (token, head): scores over its causal context, softmax, weighted sum of V. */
+static void attn_task(void *ctx, int task, int thread) {
+    const AttnJob *j = ctx;
+    const AttnMeta *mt = j->meta;
+    int t = task / j->nh, h = task % j->nh;
+    int s = 0;
+    while (mt->q_start[s + 1] <= t) s++;
+    int n_q = mt->q_start[s + 1] - mt->q_start[s];
+    int pos = mt->ctx_len[s] - (mt->q_start[s + 1] - t);
+    (void)n_q;
+    int hd = j->hd, kvh = h / (j->nh / j->nkv), bs = j->kv->s.block_size;
+    size_t qkv_w = (size_t)(j->nh + 2 * j->nkv) * hd;
+    const float *q = j->qkv + (size_t)t * qkv_w + (size_t)h * hd;
+    const int32_t *table = mt->block_tables + (size_t)s * mt->max_blocks;
+    const float *K = j->kv->k + j->kv->layer_stride * j->layer;
+    const float *V = j->kv->v + j->kv->layer_stride * j->layer;
+    float *sc = j->scratch + (size_t)thread * mt->max_ctx;
+    float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY;
+    for (int p = 0; p <= pos; p++) {
+        size_t slot = (size_t)table[p / bs] * bs + p % bs;
+        const float *k = K + (slot * j->nkv + kvh) * hd;
+        float d = 0;
+        for (int i = 0; i < hd; i++) d += q[i] * k[i];
+        sc[p] = d * scale;
+        if (sc[p] > mx) mx = sc[p];
+    }
+    float sum = 0;
+    for (int p = 0; p <= pos; p++) {
+        sc[p] = expf(sc[p] - mx);
+        sum += sc[p];
+    }
+    float *o = j->out + (size_t)t * j->nh * hd + (size_t)h * hd;
+    memset(o, 0, (size_t)hd * sizeof(float));
+    for (int p = 0; p <= pos; p++) {
+        size_t slot = (size_t)table[p / bs] * bs + p % bs;
+        const float *v = V + (slot * j->nkv + kvh) * hd;
+        float w = sc[p] / sum;
+        for (int i = 0; i < hd; i++) o[i] += w * v[i];
+    }
+}
+
+static void cpu_attention(Backend *be, float *out, const float *qkv, int nh, int nkv, int hd, void *kv,
+                          int layer, const AttnMeta *meta) {
+    CpuBackend *c = cpu(be);
+    int threads = tp_size(c->pool);
+    AttnJob j = {out, qkv, nh, nkv, hd, kv, layer, meta, scratch(c, (size_t)threads * meta->max_ctx), meta->n_tokens};
+    tp_run(c->pool, meta->n_tokens * nh, attn_task, &j);
+}
+
+typedef struct ProbeJob {
+    const uint64_t *buf;
+    size_t n_per_task;
+    uint64_t sums[256];
+} ProbeJob;
+
+static void probe_task(void *ctx, int task, int thread) {
+    ProbeJob *j = ctx;
+    const uint64_t *p = j->buf + (size_t)task * j->n_per_task;
+    uint64_t a = 0, b = 0, c = 0, d = 0;
+    for (size_t i = 0; i < j->n_per_task; i += 4) a ^= p[i], b ^= p[i + 1], c ^= p[i + 2], d ^= p[i + 3];
+    j->sums[thread & 255] ^= a ^ b ^ c ^ d;
+}
+
+/* Reads 1 GiB with every thread, several times; the best pass counts (bytes read / second). */
+static double cpu_probe_bandwidth(Backend *be) {
+    CpuBackend *c = cpu(be);
+    size_t bytes = (size_t)1 << 30, n = bytes / sizeof(uint64_t);
+    uint64_t *buf = malloc(bytes);
+    if (!buf) return 0;
+    for (size_t i = 0; i < n; i++) buf[i] = i * 0x9E3779B97F4A7C15ull;
+    int tasks = 64;
+    ProbeJob j = {.buf = buf, .n_per_task = n / (size_t)tasks};
+    double best = 0;
+    for (int rep = 0; rep < 5; rep++) {
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        tp_run(c->pool, tasks, probe_task, &j);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        double s = (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+        double gbs = (double)bytes / s / 1e9;
+        if (gbs > best) best = gbs;
+    }
+    free(buf);
+    return best;
+}
+
+static void cpu_destroy(Backend *be) {
+    tp_free(cpu(be)->pool);
+    free(cpu(be)->scratch);
+    free(be);
+}
+
+static const BackendOps CPU_OPS = {
+    .name = "cpu",
+    .destroy = cpu_destroy,
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .to_device = cpu_copy,
+    .to_host = cpu_copy,
+    .sync = cpu_sync,
+    .mem_used = cpu_mem_used,
+    .linear_load = cpu_linear_load,
+    .linear_free = cpu_linear_free,
+    .vector_load = cpu_vector_load,
+    .embedding_load = cpu_embedding_load,
+    .embedding_free = cpu_embedding_free,
+    .kv_alloc = cpu_kv_alloc,
+    .kv_free = cpu_kv_free,
+    .embed = cpu_embed,
+    .matmul = cpu_matmul,
+    .rmsnorm = cpu_rmsnorm,
+    .gather_rows = cpu_gather_rows,
+    .add = cpu_add,
+    .swiglu = cpu_swiglu,
+    .rope_cos_sin = cpu_rope_cos_sin,
+    .qk_norm_rope_store = cpu_qk_norm_rope_store,
+    .attention = cpu_attention,
+    .probe_bandwidth = cpu_probe_bandwidth,
+};
+
+Backend *cpu_backend_create(int n_threads, QErr *err) {
+    CpuBackend *c = calloc(1, sizeof *c);
+    if (!c) {
+        qerr_set(err, "out of memory");
+        return NULL;
+    }
+    if (!(c->pool = tp_create(n_threads, err))) {
+        free(c);
+        return NULL;
+    }
+    c->base.ops = &CPU_OPS;
+    return &c->base;
+}

@@ -1,0 +1,137 @@
+/* cli_common.c — shared plumbing of the model-running commands; see cli_common.h. */
+#include "cli/cli_common.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifdef QUILL_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
+
+static Backend *open_backend(const RuntimeArgs *a, QErr *err) {
+    const char *dev = a->device;
+#ifdef QUILL_HAVE_CUDA
+    if (!dev) dev = cuda_backend_available() ? "cuda" : "cpu";
+    if (!strcmp(dev, "cuda")) return cuda_backend_create(0, err);
+#else
+    if (!dev) dev = "cpu";
+    if (!strcmp(dev, "cuda")) {
+        qerr_set(err, "--device cuda: this quill was built without the CUDA backend");
+        return NULL;
+    }
+#endif
+    if (!strcmp(dev, "cpu")) return cpu_backend_create(a->threads, err);
+    qerr_set(err, "--device must be cpu or cuda (got '%s')", dev);
+    return NULL;
+}
+
+int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr *err) {
+    memset(rt, 0, sizeof *rt);
+    QwenConfig cfg;
+    if (config_load(&cfg, model_dir, err)) return -1;
+    EngineOptions eo = engine_default_options(&cfg);
+    if (a->max_seqs > 0) eo.max_seqs = a->max_seqs;
+    if (a->max_step_tokens > 0) eo.max_step_tokens = a->max_step_tokens;
+    if (a->max_model_len > 0) {
+        if (a->max_model_len > cfg.max_position_embeddings)
+            return qerr_set(err, "--max-model-len %d exceeds the model's max_position_embeddings %d", a->max_model_len,
+                            cfg.max_position_embeddings);
+        eo.max_model_len = a->max_model_len;
+    }
+    if (!(rt->be = open_backend(a, err))) return -1;
+    ModelOptions mo = engine_model_options(&eo, &cfg);
+    if (!(rt->model = model_load(model_dir, rt->be, &mo, err))) goto fail;
+    if (!(rt->engine = engine_create(rt->model, &eo, err))) goto fail;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tokenizer.json", model_dir);
+    if (access(path, F_OK) == 0 || a->need_tokenizer) {
+        if (!(rt->tok = tok_load(path, err))) goto fail;
+    }
+    rt->eopt = eo;
+    return 0;
+fail:
+    runtime_close(rt);
+    return -1;
+}
+
+void runtime_close(Runtime *rt) {
+    engine_free(rt->engine);
+    model_free(rt->model);
+    if (rt->be) rt->be->ops->destroy(rt->be);
+    tok_free(rt->tok);
+    memset(rt, 0, sizeof *rt);
+}
+
+int parse_int(const char *name, const char *s, long lo, long hi, int *out, QErr *err) {
+    if (!s) return qerr_set(err, "%s needs a value", name);
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi)
+        return qerr_set(err, "%s must be an integer in [%ld, %ld] (got '%s')", name, lo, hi, s);
+    *out = (int)v;
+    return 0;
+}
+
+int parse_float(const char *name, const char *s, double lo, double hi, float *out, QErr *err) {
+    if (!s) return qerr_set(err, "%s needs a value", name);
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !isfinite(v) || v < lo || v > hi)
+        return qerr_set(err, "%s must be a number in [%g, %g] (got '%s')", name, lo, hi, s);
+    *out = (float)v;
+    return 0;
+}
+
+int parse_sampling_flag(int argc, char **argv, int *i, SamplingParams *p, QErr *err) {
+    const char *f = argv[*i];
+    const char *v = *i + 1 < argc ? argv[*i + 1] : NULL;
+    int rc;
+    if (!strcmp(f, "--greedy")) {
+        *p = sampling_greedy();
+        return 1;
+    }
+    if (!strcmp(f, "--temperature") || !strcmp(f, "--temp"))
+        rc = parse_float(f, v, 0, 100, &p->temperature, err);
+    else if (!strcmp(f, "--top-k"))
+        rc = parse_int(f, v, -1, 1 << 30, &p->top_k, err);
+    else if (!strcmp(f, "--top-p"))
+        rc = parse_float(f, v, 1e-9, 1, &p->top_p, err);
+    else if (!strcmp(f, "--min-p"))
+        rc = parse_float(f, v, 0, 1, &p->min_p, err);
+    else if (!strcmp(f, "--repetition-penalty") || !strcmp(f, "--repeat-penalty"))
+        rc = parse_float(f, v, 1e-6, 100, &p->repetition_penalty, err);
+    else if (!strcmp(f, "--presence-penalty"))
+        rc = parse_float(f, v, -2, 2, &p->presence_penalty, err);
+    else if (!strcmp(f, "--frequency-penalty"))
+        rc = parse_float(f, v, -2, 2, &p->frequency_penalty, err);
+    else if (!strcmp(f, "--seed")) {
+        int s = 0;
+        rc = parse_int(f, v, 0, 2147483647L, &s, err);
+        p->seed = (uint64_t)s;
+        p->has_seed = true;
+    } else
+        return 0;
+    if (rc) return -1;
+    (*i)++;
+    return 1;
+}
+
+uint64_t peak_rss_bytes(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (uint64_t)ru.ru_maxrss * 1024;
+}
+
+double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}

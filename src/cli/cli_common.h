@@ -1,0 +1,50 @@
+/* cli_common.h — what the model-running commands (run, chat, bench, eval, serve) share: opening a
+ * model on a device with its tokenizer and engine, parsing sampling flags, and reading numbers
+ * from arguments with errors that name the flag. */
+#ifndef QUILL_CLI_COMMON_H
+#define QUILL_CLI_COMMON_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "engine/engine.h"
+#include "text/tokenizer.h"
+
+typedef struct Runtime {
+    Backend *be;
+    Model *model;
+    Engine *engine;
+    Tok *tok;           /* NULL when the model directory has no tokenizer.json */
+    EngineOptions eopt;
+} Runtime;
+
+/* Options every model command accepts. */
+typedef struct RuntimeArgs {
+    const char *device;  /* "cpu", "cuda" or NULL (cuda when available, else cpu) */
+    int threads;         /* CPU threads (0: all) */
+    int max_seqs;
+    int max_model_len;   /* 0: the model's limit (capped at 32768) */
+    int max_step_tokens; /* 0: 512 */
+    bool need_tokenizer;
+} RuntimeArgs;
+
+/* Loads MODEL_DIR. Returns 0, or -1 with err set (nothing left allocated). */
+int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr *err);
+void runtime_close(Runtime *rt);
+
+/* Parses a decimal int / float in [lo, hi] for flag `name`; -1 with err naming the flag. */
+int parse_int(const char *name, const char *s, long lo, long hi, int *out, QErr *err);
+int parse_float(const char *name, const char *s, double lo, double hi, float *out, QErr *err);
+
+/* If argv[*i] is a sampling flag (--temperature/--temp, --top-k, --top-p, --min-p,
+ * --repetition-penalty/--repeat-penalty, --presence-penalty, --frequency-penalty, --seed,
+ * --greedy), consumes it (and its value), updates p and returns 1; returns 0 if it is not one;
+ * -1 with err on a bad value. */
+int parse_sampling_flag(int argc, char **argv, int *i, SamplingParams *p, QErr *err);
+
+/* Peak resident memory of this process in bytes. */
+uint64_t peak_rss_bytes(void);
+/* Seconds on a monotonic clock. */
+double now_seconds(void);
+
+#endif

@@ -1,0 +1,34 @@
+/* generate.h — one generation on the engine for the terminal commands (run, chat): streams the
+ * decoded text as it comes (reasoning dimmed on a terminal), and reports ids, the split of
+ * reasoning and answer, the finish reason and speed (also printed to stderr, as llama.cpp does). */
+#ifndef QUILL_GENERATE_H
+#define QUILL_GENERATE_H
+
+#include <stdbool.h>
+
+#include "cli/cli_common.h"
+
+typedef struct GenRequest {
+    SamplingParams sampling;
+    int max_tokens;
+    bool ignore_eos;
+    bool thinking;  /* the output starts in reasoning mode (chat prompt, thinking enabled) */
+    bool stream;    /* print text to stdout as it is generated */
+    bool color;     /* dim the reasoning (ANSI) */
+} GenRequest;
+
+typedef struct GenResult {
+    int32_t *ids;
+    int n_ids;
+    char *reasoning;   /* malloc'd, "" when none */
+    char *content;     /* malloc'd, "" when none */
+    FinishReason finish;
+    double prompt_tps, gen_tps;
+} GenResult;
+
+/* Runs the request to completion. Returns 0, or -1 with err set (bad parameters). Text needs
+ * rt->tok; without a tokenizer only ids are produced. */
+int generate(Runtime *rt, const int32_t *prompt, int n_prompt, const GenRequest *g, GenResult *res, QErr *err);
+void gen_result_free(GenResult *res);
+
+#endif

@@ -1,0 +1,438 @@
+/* engine.c — the engine loop: take new requests and aborts, schedule, run the model, sample,
+ * emit events, retire finished requests. The model and the KV cache belong to whichever thread
+ * runs the loop; other threads only touch the inbox (under a mutex). */
+#include "engine/engine.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/scheduler.h"
+
+struct Engine {
+    Model *model;
+    EngineOptions opt;
+    Scheduler sched;
+    SchedOutput out;
+    Sampler *sampler;
+    StepSeq *seqs;
+    int32_t *step_tokens;
+    float *logits;           /* host copy of the step's logits [rows][vocab] */
+    float *row;              /* one logits row, modified by sampling */
+    float *lp_buf;           /* prompt logprob scratch */
+    int32_t *lp_ids;
+    float *lp_top;
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    Request **inbox;         /* added, not yet seen by the loop */
+    int n_inbox, cap_inbox;
+    uint64_t *aborts;
+    int n_aborts, cap_aborts;
+    Request **live;          /* every request the loop owns */
+    int n_live, cap_live;
+    uint64_t next_id;
+    EngineStats stats;
+    pthread_t thread;
+    bool thread_running, stopping;
+};
+
+const char *finish_reason_name(FinishReason r) {
+    switch (r) {
+    case FINISH_STOP: return "stop";
+    case FINISH_LENGTH: return "length";
+    case FINISH_ABORT: return "abort";
+    default: return "";
+    }
+}
+
+EngineParams engine_params_default(void) {
+    return (EngineParams){.sampling = sampling_greedy(), .max_tokens = 16, .logprobs = -1, .prompt_logprobs = -1};
+}
+
+EngineOptions engine_default_options(const QwenConfig *cfg) {
+    EngineOptions o = {.max_seqs = 1, .max_step_tokens = 512, .block_size = 16};
+    o.max_model_len = cfg->max_position_embeddings < 32768 ? cfg->max_position_embeddings : 32768;
+    return o;
+}
+
+static int kv_blocks_for(const EngineOptions *o, const QwenConfig *cfg) {
+    if (o->kv_blocks > 0) return o->kv_blocks;
+    size_t per_token = (size_t)cfg->num_hidden_layers * 2 * cfg->num_key_value_heads * cfg->head_dim * sizeof(float);
+    size_t budget = o->kv_bytes ? o->kv_bytes : (size_t)1 << 30;
+    long blocks = (long)(budget / (per_token * o->block_size));
+    long one_seq = (o->max_model_len + o->block_size - 1) / o->block_size;
+    long all = one_seq * o->max_seqs;
+    if (blocks > all) blocks = all;
+    if (blocks < one_seq) blocks = one_seq; /* at least one full-length request must fit */
+    return (int)blocks;
+}
+
+ModelOptions engine_model_options(const EngineOptions *o, const QwenConfig *cfg) {
+    return (ModelOptions){
+        .max_step_tokens = o->max_step_tokens,
+        .max_seqs = o->max_seqs,
+        .max_ctx = o->max_model_len,
+        .kv_blocks = kv_blocks_for(o, cfg),
+        .block_size = o->block_size,
+    };
+}
+
+Engine *engine_create(Model *m, const EngineOptions *o, QErr *err) {
+    Engine *e = calloc(1, sizeof *e);
+    if (!e) goto oom;
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->cv, NULL);
+    e->model = m;
+    e->opt = *o;
+    if (o->max_seqs > m->opt.max_seqs || o->max_step_tokens > m->opt.max_step_tokens || o->max_model_len > m->opt.max_ctx) {
+        qerr_set(err, "engine options exceed what the model was loaded for");
+        engine_free(e);
+        return NULL;
+    }
+    int V = m->cfg.vocab_size;
+    if (sched_init(&e->sched, o->max_step_tokens, o->max_seqs, m->kv_shape.n_blocks, m->kv_shape.block_size)) goto oom;
+    e->out.items = calloc((size_t)o->max_seqs, sizeof *e->out.items);
+    e->seqs = calloc((size_t)o->max_seqs, sizeof *e->seqs);
+    e->step_tokens = malloc((size_t)o->max_step_tokens * sizeof *e->step_tokens);
+    e->sampler = sampler_create(V);
+    e->row = malloc((size_t)V * sizeof *e->row);
+    e->lp_buf = malloc((size_t)o->max_step_tokens * sizeof *e->lp_buf);
+    e->lp_ids = malloc((size_t)o->max_step_tokens * ENGINE_MAX_LOGPROBS * sizeof *e->lp_ids);
+    e->lp_top = malloc((size_t)o->max_step_tokens * ENGINE_MAX_LOGPROBS * sizeof *e->lp_top);
+    e->logits = malloc((size_t)o->max_step_tokens * V * sizeof *e->logits);
+    if (!e->out.items || !e->seqs || !e->step_tokens || !e->sampler || !e->row || !e->lp_buf || !e->lp_ids ||
+        !e->lp_top || !e->logits)
+        goto oom;
+    e->stats.kv_blocks_total = m->kv_shape.n_blocks;
+    return e;
+oom:
+    qerr_set(err, "out of memory creating the engine");
+    engine_free(e);
+    return NULL;
+}
+
+static void request_free(Request *r) {
+    if (!r) return;
+    free(r->tokens);
+    free(r->blocks);
+    free(r);
+}
+
+void engine_free(Engine *e) {
+    if (!e) return;
+    engine_stop(e);
+    for (int i = 0; i < e->n_live; i++) request_free(e->live[i]);
+    for (int i = 0; i < e->n_inbox; i++) request_free(e->inbox[i]);
+    free(e->live);
+    free(e->inbox);
+    free(e->aborts);
+    sched_destroy(&e->sched);
+    free(e->out.items);
+    free(e->seqs);
+    free(e->step_tokens);
+    sampler_free(e->sampler);
+    free(e->row);
+    free(e->lp_buf);
+    free(e->lp_ids);
+    free(e->lp_top);
+    free(e->logits);
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->cv);
+    free(e);
+}
+
+const Model *engine_model(const Engine *e) { return e->model; }
+
+static int grow(void **arr, int *cap, int n, size_t elem) {
+    if (n < *cap) return 0;
+    int nc = *cap ? 2 * *cap : 16;
+    void *p = realloc(*arr, (size_t)nc * elem);
+    if (!p) return -1;
+    *arr = p;
+    *cap = nc;
+    return 0;
+}
+
+int engine_add(Engine *e, const int32_t *prompt, int n_prompt, const EngineParams *p, EngineCallback cb, void *user,
+               uint64_t *id, QErr *err) {
+    const Model *m = e->model;
+    if (n_prompt < 1) return qerr_set(err, "prompt is empty: at least one token is needed");
+    for (int i = 0; i < n_prompt; i++)
+        if (prompt[i] < 0 || prompt[i] >= m->cfg.vocab_size)
+            return qerr_set(err, "token id %d at prompt position %d is outside the vocabulary (0..%d)", prompt[i], i,
+                            m->cfg.vocab_size - 1);
+    if (p->max_tokens < 1) return qerr_set(err, "max_tokens must be at least 1 (got %d)", p->max_tokens);
+    if (p->min_tokens < 0 || p->min_tokens > p->max_tokens)
+        return qerr_set(err, "min_tokens must be between 0 and max_tokens (got %d)", p->min_tokens);
+    if ((long)n_prompt + p->max_tokens > e->opt.max_model_len)
+        return qerr_set(err, "prompt (%d tokens) + max_tokens (%d) exceeds the maximum context length %d", n_prompt,
+                        p->max_tokens, e->opt.max_model_len);
+    if (p->logprobs > ENGINE_MAX_LOGPROBS || p->prompt_logprobs > ENGINE_MAX_LOGPROBS)
+        return qerr_set(err, "logprobs must be at most %d", ENGINE_MAX_LOGPROBS);
+    if (p->n_stop_ids < 0 || p->n_stop_ids > ENGINE_MAX_STOP_IDS)
+        return qerr_set(err, "at most %d stop token ids", ENGINE_MAX_STOP_IDS);
+    for (int i = 0; i < p->n_stop_ids; i++)
+        if (p->stop_ids[i] < 0 || p->stop_ids[i] >= m->cfg.vocab_size)
+            return qerr_set(err, "stop token id %d is outside the vocabulary", p->stop_ids[i]);
+    if (sampling_validate(&p->sampling, err)) return -1;
+
+    Request *r = calloc(1, sizeof *r);
+    int cap = n_prompt + p->max_tokens;
+    if (!r || !(r->tokens = malloc((size_t)cap * sizeof *r->tokens)) ||
+        !(r->blocks = malloc((size_t)sched_blocks_for(&e->sched, cap) * sizeof *r->blocks))) {
+        request_free(r);
+        return qerr_set(err, "out of memory");
+    }
+    memcpy(r->tokens, prompt, (size_t)n_prompt * sizeof *prompt);
+    r->n_prompt = n_prompt;
+    r->params = *p;
+    r->cb = cb;
+    r->user = user;
+    rng_init(&r->rng, &p->sampling);
+    pthread_mutex_lock(&e->mu);
+    if (grow((void **)&e->inbox, &e->cap_inbox, e->n_inbox, sizeof *e->inbox)) {
+        pthread_mutex_unlock(&e->mu);
+        request_free(r);
+        return qerr_set(err, "out of memory");
+    }
+    r->id = ++e->next_id;
+    e->inbox[e->n_inbox++] = r;
+    e->stats.waiting++;
+    if (id) *id = r->id;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
+void engine_abort(Engine *e, uint64_t id) {
+    pthread_mutex_lock(&e->mu);
+    if (!grow((void **)&e->aborts, &e->cap_aborts, e->n_aborts, sizeof *e->aborts)) e->aborts[e->n_aborts++] = id;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
+EngineStats engine_stats(Engine *e) {
+    pthread_mutex_lock(&e->mu);
+    EngineStats s = e->stats;
+    pthread_mutex_unlock(&e->mu);
+    return s;
+}
+
+static void finish(Engine *e, Request *r, FinishReason why) {
+    r->finish = why;
+    sched_remove(&e->sched, r);
+    EngineEvent ev = {.id = r->id, .token = -1, .finish = why, .n_prompt = r->n_prompt, .n_output = r->n_output};
+    r->cb(r->user, &ev);
+}
+
+/* Moves new requests and aborts into the loop's own structures. */
+static void take_inbox(Engine *e) {
+    pthread_mutex_lock(&e->mu);
+    for (int i = 0; i < e->n_inbox; i++) {
+        Request *r = e->inbox[i];
+        if (grow((void **)&e->live, &e->cap_live, e->n_live, sizeof *e->live) || sched_add(&e->sched, r)) {
+            /* Out of memory: drop it with an abort event rather than lose it silently. */
+            EngineEvent ev = {.id = r->id, .token = -1, .finish = FINISH_ABORT, .n_prompt = r->n_prompt};
+            r->cb(r->user, &ev);
+            request_free(r);
+            continue;
+        }
+        e->live[e->n_live++] = r;
+    }
+    e->n_inbox = 0;
+    int n_aborts = e->n_aborts;
+    uint64_t aborts[64];
+    if (n_aborts > 64) n_aborts = 64;
+    memcpy(aborts, e->aborts, (size_t)n_aborts * sizeof *aborts);
+    memmove(e->aborts, e->aborts + n_aborts, (size_t)(e->n_aborts - n_aborts) * sizeof *aborts);
+    e->n_aborts -= n_aborts;
+    pthread_mutex_unlock(&e->mu);
+    for (int a = 0; a < n_aborts; a++)
+        for (int i = 0; i < e->n_live; i++)
+            if (e->live[i]->id == aborts[a] && e->live[i]->state != REQ_FINISHED) finish(e, e->live[i], FINISH_ABORT);
+}
+
+static void retire_finished(Engine *e) {
+    int w = 0;
+    for (int i = 0; i < e->n_live; i++) {
+        if (e->live[i]->state == REQ_FINISHED)
+            request_free(e->live[i]);
+        else
+            e->live[w++] = e->live[i];
+    }
+    e->n_live = w;
+}
+
+static bool is_stop_token(const Engine *e, const Request *r, int32_t t) {
+    const QwenConfig *c = &e->model->cfg;
+    if (!r->params.ignore_eos)
+        for (int i = 0; i < e->model->gen.n_eos; i++)
+            if (e->model->gen.eos_token_ids[i] == t) return true;
+    if (!r->params.ignore_eos)
+        for (int i = 0; i < c->n_eos; i++)
+            if (c->eos_token_ids[i] == t) return true;
+    for (int i = 0; i < r->params.n_stop_ids; i++)
+        if (r->params.stop_ids[i] == t) return true;
+    return false;
+}
+
+/* Masks EOS and stop ids while fewer than min_tokens are generated. */
+static void mask_min_tokens(const Engine *e, const Request *r, float *row) {
+    if (r->n_output >= r->params.min_tokens) return;
+    const Model *m = e->model;
+    for (int i = 0; i < m->gen.n_eos; i++) row[m->gen.eos_token_ids[i]] = -INFINITY;
+    for (int i = 0; i < m->cfg.n_eos; i++) row[m->cfg.eos_token_ids[i]] = -INFINITY;
+    for (int i = 0; i < r->params.n_stop_ids; i++) row[r->params.stop_ids[i]] = -INFINITY;
+}
+
+/* Prompt logprobs from rows [row0, row0 + n) computed for prompt positions [pos0, pos0 + n):
+ * row j predicts prompt token pos0 + j + 1. */
+static void emit_prompt_logprobs(Engine *e, Request *r, const float *rows, int pos0, int n) {
+    int V = e->model->cfg.vocab_size, k = r->params.prompt_logprobs;
+    int count = 0;
+    for (int j = 0; j < n && pos0 + j + 1 < r->n_prompt; j++, count++)
+        e->lp_buf[j] = sampler_logprob(e->sampler, rows + (size_t)j * V, r->tokens[pos0 + j + 1], k,
+                                       e->lp_ids + (size_t)j * k, e->lp_top + (size_t)j * k);
+    if (!count) return;
+    EngineEvent ev = {.id = r->id, .token = -1, .n_top = k, .prompt_lp_start = pos0 + 1, .prompt_lp_count = count,
+                      .prompt_lp = e->lp_buf, .prompt_top_ids = e->lp_ids, .prompt_top_lp = e->lp_top,
+                      .n_prompt = r->n_prompt, .n_output = r->n_output};
+    r->cb(r->user, &ev);
+}
+
+int engine_step(Engine *e) {
+    take_inbox(e);
+    retire_finished(e);
+    Scheduler *s = &e->sched;
+    SchedOutput *out = &e->out;
+    sched_schedule(s, out);
+    if (out->n_items == 0) {
+        pthread_mutex_lock(&e->mu);
+        e->stats.running = s->n_running;
+        e->stats.waiting = s->n_waiting + e->n_inbox;
+        pthread_mutex_unlock(&e->mu);
+        return s->n_running + s->n_waiting;
+    }
+
+    /* Lay out the step: tokens in item order, with what each sequence needs back. */
+    int t = 0, prompt_tokens = 0;
+    for (int i = 0; i < out->n_items; i++) {
+        Request *r = out->items[i].req;
+        int n = out->items[i].n_tokens;
+        bool reaches_end = r->n_computed + n == r->n_prompt + r->n_output;
+        bool in_prompt = r->n_computed < r->n_prompt;
+        e->seqs[i] = (StepSeq){
+            .n_tokens = n,
+            .ctx_len = r->n_computed + n,
+            .block_table = r->blocks,
+            .all_logits = in_prompt && r->params.prompt_logprobs >= 0,
+            .no_logits = !reaches_end && !(in_prompt && r->params.prompt_logprobs >= 0),
+        };
+        memcpy(e->step_tokens + t, r->tokens + r->n_computed, (size_t)n * sizeof *e->step_tokens);
+        t += n;
+        if (in_prompt) prompt_tokens += (r->n_prompt - r->n_computed < n ? r->n_prompt - r->n_computed : n);
+    }
+    Step step = {.n_seqs = out->n_items, .seqs = e->seqs, .tokens = e->step_tokens};
+    int rows = 0;
+    Model *m = e->model;
+    float *d_logits = model_forward(m, &step, &rows);
+    int V = m->cfg.vocab_size;
+    m->be->ops->to_host(m->be, e->logits, d_logits, (size_t)rows * V * sizeof(float));
+
+    /* Sample and update, walking the logit rows in sequence order. */
+    int row = 0;
+    uint64_t generated = 0;
+    for (int i = 0; i < out->n_items; i++) {
+        Request *r = out->items[i].req;
+        const StepSeq *q = &e->seqs[i];
+        int n_rows = q->no_logits ? 0 : q->all_logits ? q->n_tokens : 1;
+        const float *rows_i = e->logits + (size_t)row * V;
+        row += n_rows;
+        if (q->all_logits) emit_prompt_logprobs(e, r, rows_i, r->n_computed, q->n_tokens);
+        r->n_computed += q->n_tokens;
+        if (q->no_logits || r->n_computed < r->n_prompt + r->n_output) continue;
+
+        const float *last = rows_i + (size_t)(n_rows - 1) * V;
+        memcpy(e->row, last, (size_t)V * sizeof(float));
+        mask_min_tokens(e, r, e->row);
+        int32_t tok = sampler_sample(e->sampler, e->row, &r->params.sampling, r->tokens, r->n_prompt,
+                                     r->tokens + r->n_prompt, r->n_output, &r->rng);
+        EngineEvent ev = {.id = r->id, .token = tok, .n_prompt = r->n_prompt};
+        int32_t top_ids[ENGINE_MAX_LOGPROBS];
+        float top_lp[ENGINE_MAX_LOGPROBS];
+        if (r->params.logprobs >= 0) {
+            ev.logprob = sampler_logprob(e->sampler, last, tok, r->params.logprobs, top_ids, top_lp);
+            ev.n_top = r->params.logprobs;
+            ev.top_ids = top_ids;
+            ev.top_logprobs = top_lp;
+        }
+        r->tokens[r->n_prompt + r->n_output++] = tok;
+        generated++;
+        ev.n_output = r->n_output;
+        if (is_stop_token(e, r, tok))
+            ev.finish = FINISH_STOP;
+        else if (r->n_output >= r->params.max_tokens || r->n_prompt + r->n_output >= e->opt.max_model_len)
+            ev.finish = FINISH_LENGTH;
+        if (ev.finish) {
+            r->finish = ev.finish;
+            sched_remove(s, r);
+        }
+        r->cb(r->user, &ev);
+    }
+
+    pthread_mutex_lock(&e->mu);
+    e->stats.steps++;
+    e->stats.prompt_tokens += (uint64_t)prompt_tokens;
+    e->stats.generated_tokens += generated;
+    e->stats.preemptions += (uint64_t)out->n_preempted;
+    e->stats.running = s->n_running;
+    e->stats.waiting = s->n_waiting + e->n_inbox;
+    e->stats.kv_blocks_used = s->pool.n_blocks - s->pool.n_free;
+    pthread_mutex_unlock(&e->mu);
+    return s->n_running + s->n_waiting;
+}
+
+void engine_run_until_idle(Engine *e) {
+    for (;;) {
+        int left = engine_step(e);
+        pthread_mutex_lock(&e->mu);
+        bool more = e->n_inbox > 0 || e->n_aborts > 0;
+        pthread_mutex_unlock(&e->mu);
+        if (!left && !more) break;
+    }
+    retire_finished(e);
+}
+
+static void *loop_main(void *arg) {
+    Engine *e = arg;
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        while (!e->stopping && e->n_inbox == 0 && e->n_aborts == 0 && e->sched.n_running == 0 && e->sched.n_waiting == 0)
+            pthread_cond_wait(&e->cv, &e->mu);
+        bool stop = e->stopping;
+        pthread_mutex_unlock(&e->mu);
+        if (stop) break;
+        engine_step(e);
+    }
+    return NULL;
+}
+
+int engine_start(Engine *e, QErr *err) {
+    if (e->thread_running) return 0;
+    e->stopping = false;
+    if (pthread_create(&e->thread, NULL, loop_main, e)) return qerr_set(err, "cannot start the engine thread");
+    e->thread_running = true;
+    return 0;
+}
+
+void engine_stop(Engine *e) {
+    if (!e->thread_running) return;
+    pthread_mutex_lock(&e->mu);
+    e->stopping = true;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    pthread_join(e->thread, NULL);
+    e->thread_running = false;
+}

@@ -1,0 +1,61 @@
+/* engine.h — the one engine every front end drives (CLI run/chat, server, bench, eval):
+ * requests in, token events out. Each step: schedule() -> model_forward() -> sample -> update.
+ *
+ * Threading: engine_add/engine_abort may be called from any thread. Either the caller drives the
+ * loop with engine_step() (the CLI), or engine_start() runs it on its own thread (the server).
+ * Callbacks run on the thread that runs the loop and must be quick (copy, signal, return). */
+#ifndef QUILL_ENGINE_H
+#define QUILL_ENGINE_H
+
+#include <stdint.h>
+
+#include "engine/request.h"
+#include "model/qwen3.h"
+
+typedef struct Engine Engine;
+
+typedef struct EngineOptions {
+    int max_seqs;        /* sequences per step (--max-num-seqs) */
+    int max_step_tokens; /* token budget per step (chunked prefill size) */
+    int max_model_len;   /* prompt + output limit per request */
+    int kv_blocks;       /* 0: sized by kv_bytes */
+    size_t kv_bytes;     /* KV pool budget when kv_blocks is 0 (0: 1 GiB) */
+    int block_size;      /* 16 */
+} EngineOptions;
+
+typedef struct EngineStats {
+    int running, waiting;
+    int kv_blocks_total, kv_blocks_used;
+    uint64_t steps, prompt_tokens, generated_tokens, preemptions;
+} EngineStats;
+
+/* Sensible defaults for a config: 1 sequence, 512-token steps, context min(config, 32768). */
+EngineOptions engine_default_options(const QwenConfig *cfg);
+/* Model options matching engine options (pass to model_load). */
+ModelOptions engine_model_options(const EngineOptions *o, const QwenConfig *cfg);
+
+/* Creates an engine over a model loaded with engine_model_options(o). */
+Engine *engine_create(Model *m, const EngineOptions *o, QErr *err);
+void engine_free(Engine *e); /* stops the loop thread if running; pending requests are dropped */
+
+/* Queues a request. Validates ids (< vocab), sampling values, and that prompt + max_tokens fits
+ * max_model_len; err names the parameter. On success *id is its id and cb will be called at least
+ * once more (its last event has finish != FINISH_NONE). Thread-safe. */
+int engine_add(Engine *e, const int32_t *prompt, int n_prompt, const EngineParams *p, EngineCallback cb,
+               void *user, uint64_t *id, QErr *err);
+/* Asks for a request to stop; its blocks are freed before the next step; it ends with
+ * FINISH_ABORT. Unknown or finished ids are ignored. Thread-safe. */
+void engine_abort(Engine *e, uint64_t id);
+
+/* Runs one step on the calling thread. Returns the number of unfinished requests. */
+int engine_step(Engine *e);
+/* Runs steps until no request is left (CLI use). */
+void engine_run_until_idle(Engine *e);
+/* Starts / stops the background loop thread. */
+int engine_start(Engine *e, QErr *err);
+void engine_stop(Engine *e);
+
+EngineStats engine_stats(Engine *e); /* thread-safe snapshot */
+const Model *engine_model(const Engine *e);
+
+#endif

@@ -1,0 +1,135 @@
+/* scheduler.c — see scheduler.h. The queues are small arrays (tens to hundreds of requests), so
+ * linear removal is simpler and as fast as anything cleverer. */
+#include "engine/scheduler.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+int sched_init(Scheduler *s, int max_step_tokens, int max_seqs, int n_blocks, int block_size) {
+    memset(s, 0, sizeof *s);
+    s->max_step_tokens = max_step_tokens;
+    s->max_seqs = max_seqs;
+    s->block_size = block_size;
+    return block_pool_init(&s->pool, n_blocks);
+}
+
+void sched_destroy(Scheduler *s) {
+    block_pool_destroy(&s->pool);
+    free(s->waiting);
+    free(s->running);
+}
+
+static int push(Request ***arr, int *n, int *cap, Request *r, bool front) {
+    if (*n == *cap) {
+        int nc = *cap ? 2 * *cap : 16;
+        Request **p = realloc(*arr, (size_t)nc * sizeof *p);
+        if (!p) return -1;
+        *arr = p;
+        *cap = nc;
+    }
+    if (front) {
+        memmove(*arr + 1, *arr, (size_t)*n * sizeof **arr);
+        (*arr)[0] = r;
+    } else {
+        (*arr)[*n] = r;
+    }
+    (*n)++;
+    return 0;
+}
+
+static void drop(Request **arr, int *n, Request *r) {
+    for (int i = 0; i < *n; i++)
+        if (arr[i] == r) {
+            memmove(arr + i, arr + i + 1, (size_t)(*n - i - 1) * sizeof *arr);
+            (*n)--;
+            return;
+        }
+}
+
+int sched_add(Scheduler *s, Request *r) {
+    r->state = REQ_WAITING;
+    return push(&s->waiting, &s->n_waiting, &s->cap_waiting, r, false);
+}
+
+int sched_blocks_for(const Scheduler *s, int ctx) { return (ctx + s->block_size - 1) / s->block_size; }
+
+static void free_blocks(Scheduler *s, Request *r) {
+    for (int i = r->n_blocks - 1; i >= 0; i--) block_pool_release(&s->pool, r->blocks[i]);
+    r->n_blocks = 0;
+}
+
+/* Grows r's block table to cover ctx tokens; false (nothing taken) if the pool is short. */
+static bool reserve(Scheduler *s, Request *r, int ctx) {
+    int need = sched_blocks_for(s, ctx) - r->n_blocks;
+    if (need <= 0) return true;
+    if (need > s->pool.n_free) return false;
+    for (int i = 0; i < need; i++) r->blocks[r->n_blocks++] = block_pool_alloc(&s->pool);
+    return true;
+}
+
+void sched_remove(Scheduler *s, Request *r) {
+    free_blocks(s, r);
+    if (r->state == REQ_WAITING)
+        drop(s->waiting, &s->n_waiting, r);
+    else if (r->state == REQ_RUNNING)
+        drop(s->running, &s->n_running, r);
+    r->state = REQ_FINISHED;
+}
+
+static void preempt(Scheduler *s, Request *r) {
+    free_blocks(s, r);
+    drop(s->running, &s->n_running, r);
+    r->n_computed = 0;
+    r->state = REQ_WAITING;
+    push(&s->waiting, &s->n_waiting, &s->cap_waiting, r, true); /* cannot fail: it just left running */
+}
+
+void sched_schedule(Scheduler *s, SchedOutput *out) {
+    out->n_items = 0;
+    out->n_tokens = 0;
+    out->n_preempted = 0;
+    int budget = s->max_step_tokens;
+
+    for (int i = 0; i < s->n_running && budget > 0;) {
+        Request *r = s->running[i];
+        int total = r->n_prompt + r->n_output;
+        int n = total - r->n_computed;
+        if (n > budget) n = budget;
+        if (n <= 0) {
+            i++;
+            continue;
+        }
+        if (!reserve(s, r, r->n_computed + n)) {
+            /* Free the newest running request (possibly r itself) and try again. */
+            Request *victim = s->running[s->n_running - 1];
+            for (int k = 0; k < out->n_items; k++)
+                if (out->items[k].req == victim) {
+                    out->n_tokens -= out->items[k].n_tokens;
+                    budget += out->items[k].n_tokens;
+                    out->items[k] = out->items[--out->n_items];
+                    break;
+                }
+            preempt(s, victim);
+            out->n_preempted++;
+            continue;
+        }
+        out->items[out->n_items++] = (SchedItem){r, n};
+        out->n_tokens += n;
+        budget -= n;
+        i++;
+    }
+
+    while (s->n_waiting > 0 && budget > 0 && s->n_running < s->max_seqs && out->n_preempted == 0) {
+        Request *r = s->waiting[0];
+        int total = r->n_prompt + r->n_output;
+        int n = total - r->n_computed;
+        if (n > budget) n = budget;
+        if (!reserve(s, r, r->n_computed + n)) break; /* wait for blocks: admission control */
+        drop(s->waiting, &s->n_waiting, r);
+        r->state = REQ_RUNNING;
+        push(&s->running, &s->n_running, &s->cap_running, r, false);
+        out->items[out->n_items++] = (SchedItem){r, n};
+        out->n_tokens += n;
+        budget -= n;
+    }
+}

@@ -1,0 +1,47 @@
+/* scheduler.h — which requests run in the next step and how many of their tokens: bookkeeping
+ * only, it never touches tensors (vLLM v1's shape). Running requests come first (a decode token
+ * each, or the next chunk of a long prompt), then waiting ones while the token budget, the
+ * sequence limit and free KV blocks allow. When a running request needs a block and none is
+ * free, the most recently admitted request is preempted (its blocks freed; it waits again and
+ * recomputes later), so nothing ever fails for lack of cache. */
+#ifndef QUILL_SCHEDULER_H
+#define QUILL_SCHEDULER_H
+
+#include "engine/block_pool.h"
+#include "engine/request.h"
+
+typedef struct Scheduler {
+    int max_step_tokens;
+    int max_seqs;
+    int block_size;
+    BlockPool pool;
+    Request **waiting;  /* FIFO */
+    int n_waiting, cap_waiting;
+    Request **running;  /* admission order */
+    int n_running, cap_running;
+} Scheduler;
+
+typedef struct SchedItem {
+    Request *req;
+    int n_tokens;       /* tokens to compute this step, starting at req->n_computed */
+} SchedItem;
+
+typedef struct SchedOutput {
+    SchedItem *items;   /* capacity max_seqs */
+    int n_items;
+    int n_tokens;
+    int n_preempted;
+} SchedOutput;
+
+int sched_init(Scheduler *s, int max_step_tokens, int max_seqs, int n_blocks, int block_size);
+void sched_destroy(Scheduler *s);
+/* Queues a new request (state WAITING). Returns -1 on out of memory. */
+int sched_add(Scheduler *s, Request *r);
+/* Fills out with this step's work (possibly empty). */
+void sched_schedule(Scheduler *s, SchedOutput *out);
+/* Removes a request (finished or aborted) from whichever queue holds it and frees its blocks. */
+void sched_remove(Scheduler *s, Request *r);
+/* Blocks a request with ctx tokens needs. */
+int sched_blocks_for(const Scheduler *s, int ctx);
+
+#endif

@@ -1,0 +1,278 @@
+/* test_qwen3_ref.c — the CPU forward pass against transformers (float32, eager) on the exact
+ * random-weight models of ../shared/spec/random-weights.md: full logits at every position where
+ * the reference has them, last-position logits otherwise (relative L2 <= 1e-4, same argmax), and
+ * greedy continuations of 32 tokens through the engine (identical). Also the int4 references:
+ * the bf16 model with every *_proj.weight replaced by torchao's HQQ tensors. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../test_util.h"
+#include "engine/engine.h"
+#include "io/safetensors.h"
+#include "model/qwen3.h"
+
+static double rel_l2(const float *a, const float *b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - b[i];
+        num += d * d;
+        den += (double)b[i] * b[i];
+    }
+    return sqrt(num / den);
+}
+
+static int argmax(const float *x, int n) {
+    int b = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[b]) b = i;
+    return b;
+}
+
+/* Generates PRESET into a fresh temp dir with the real binary; returns the path (static). */
+static const char *make_model(const char *preset, char *dir, size_t cap) {
+    snprintf(dir, cap, "/tmp/quill-test-%s-%d", preset, (int)getpid());
+    char cmd[1024];
+    const char *bin = getenv("QUILL_BIN");
+    snprintf(cmd, sizeof cmd, "rm -rf %s && %s random-model --preset %s %s 2>/dev/null", dir, bin ? bin : "build/quill",
+             preset, dir);
+    if (system(cmd) != 0) return NULL;
+    return dir;
+}
+
+static const StTensor *ref_tensor(StModel *ref, const char *prefix, const char *name) {
+    char key[256];
+    snprintf(key, sizeof key, "%s.%s", prefix, name);
+    const StTensor *t = st_find(ref, key);
+    CHECK(t != NULL, "reference tensor %s missing", key);
+    return t;
+}
+
+/* Prefills ids in chunks of at most `chunk` tokens; logits of every position into out[n][V]
+ * (or only the last into out[V] when all is false). */
+static void prefill(Model *m, const int32_t *ids, int n, int chunk, bool all, float *out) {
+    int V = m->cfg.vocab_size, bs = m->opt.block_size;
+    int nb = (n + bs - 1) / bs;
+    int32_t *table = malloc((size_t)nb * sizeof *table);
+    for (int i = 0; i < nb; i++) table[i] = i;
+    for (int done = 0; done < n;) {
+        int c = n - done < chunk ? n - done : chunk;
+        bool last = done + c == n;
+        StepSeq seq = {.n_tokens = c, .ctx_len = done + c, .block_table = table, .all_logits = all,
+                       .no_logits = !all && !last};
+        Step st = {.n_seqs = 1, .seqs = &seq, .tokens = ids + done};
+        int rows = 0;
+        float *lg = model_forward(m, &st, &rows);
+        if (all)
+            m->be->ops->to_host(m->be, out + (size_t)done * V, lg, (size_t)rows * V * sizeof(float));
+        else if (last)
+            m->be->ops->to_host(m->be, out, lg, (size_t)V * sizeof(float));
+        done += c;
+    }
+    free(table);
+}
+
+typedef struct Collect {
+    int32_t ids[64];
+    int n;
+    bool done;
+} Collect;
+
+static void collect(void *user, const EngineEvent *ev) {
+    Collect *c = user;
+    if (ev->token >= 0 && c->n < 64) c->ids[c->n++] = ev->token;
+    if (ev->finish) c->done = true;
+}
+
+static void greedy(Engine *e, const int32_t *ids, int n, Collect *out) {
+    EngineParams p = engine_params_default();
+    p.max_tokens = 32;
+    p.ignore_eos = true; /* the reference treats EOS as an ordinary token */
+    QErr err;
+    memset(out, 0, sizeof *out);
+    int rc = engine_add(e, ids, n, &p, collect, out, NULL, &err);
+    CHECK(rc == 0, "engine_add: %s", err.msg);
+    engine_run_until_idle(e);
+    CHECK(out->done && out->n == 32, "greedy run ended after %d tokens", out->n);
+}
+
+/* Checks one prompt of a reference file. int4 selects the int4_hqq_* keys. */
+static void check_prompt(Model *m, Engine *e, StModel *ref, const char *prompt, bool int4, int chunk) {
+    int V = m->cfg.vocab_size;
+    const StTensor *ids_t = ref_tensor(ref, prompt, "input_ids");
+    if (!ids_t) return;
+    int n = (int)ids_t->shape[0];
+    const int32_t *ids = ids_t->data;
+    char key[128];
+
+    snprintf(key, sizeof key, "%s.%slogits", prompt, int4 ? "int4_hqq_" : "");
+    const StTensor *full = st_find(ref, key);
+    if (full) {
+        float *lg = malloc((size_t)n * V * sizeof(float));
+        prefill(m, ids, n, chunk, true, lg);
+        double err = rel_l2(lg, full->data, (size_t)n * V);
+        CHECK(err <= 1e-4, "%s %s: relative L2 %.3g > 1e-4", prompt, key, err);
+        int bad = 0;
+        for (int t = 0; t < n; t++)
+            bad += argmax(lg + (size_t)t * V, V) != argmax((const float *)full->data + (size_t)t * V, V);
+        CHECK(bad == 0, "%s: argmax differs at %d of %d positions", prompt, bad, n);
+        printf("%-8s %-22s rel L2 %.2e over %d positions\n", prompt, key, err, n);
+        free(lg);
+    }
+    snprintf(key, sizeof key, "%s.%slast_logits", prompt, int4 ? "int4_hqq_" : "");
+    const StTensor *last = st_find(ref, key);
+    if (last) {
+        float *lg = malloc((size_t)V * sizeof(float));
+        prefill(m, ids, n, chunk, false, lg);
+        double err = rel_l2(lg, last->data, (size_t)V);
+        CHECK(err <= 1e-4, "%s %s: relative L2 %.3g > 1e-4", prompt, key, err);
+        CHECK(argmax(lg, V) == argmax(last->data, V), "%s: last argmax differs", prompt);
+        printf("%-8s %-22s rel L2 %.2e (len %d)\n", prompt, key, err, n);
+        free(lg);
+    }
+    snprintf(key, sizeof key, "%s.top8_ids", prompt);
+    const StTensor *top_ids = int4 ? NULL : st_find(ref, key);
+    if (top_ids) {
+        snprintf(key, sizeof key, "%s.top8_logits", prompt);
+        const StTensor *top_lg = ref_tensor(ref, prompt, "top8_logits");
+        float *lg = malloc((size_t)n * V * sizeof(float));
+        prefill(m, ids, n, chunk, true, lg);
+        double num = 0, den = 0;
+        int bad = 0;
+        for (int t = 0; t < n; t++) {
+            const int32_t *ti = (const int32_t *)top_ids->data + t * 8;
+            const float *tl = (const float *)top_lg->data + t * 8;
+            bad += argmax(lg + (size_t)t * V, V) != ti[0];
+            for (int j = 0; j < 8; j++) {
+                double d = lg[(size_t)t * V + ti[j]] - tl[j];
+                num += d * d;
+                den += (double)tl[j] * tl[j];
+            }
+        }
+        CHECK(sqrt(num / den) <= 1e-4, "%s top8 logits: relative L2 %.3g", prompt, sqrt(num / den));
+        CHECK(bad == 0, "%s: top-1 differs at %d positions", prompt, bad);
+        printf("%-8s %-22s rel L2 %.2e over %d positions\n", prompt, "top8_logits", sqrt(num / den), n);
+        free(lg);
+    }
+    snprintf(key, sizeof key, "%s.%sgreedy32", prompt, int4 ? "int4_hqq_" : "");
+    const StTensor *g = st_find(ref, key);
+    if (g) {
+        Collect c;
+        greedy(e, ids, n, &c);
+        int same = c.n == 32 && !memcmp(c.ids, g->data, 32 * sizeof(int32_t));
+        CHECK(same, "%s %s: greedy continuation differs", prompt, key);
+        if (!same) {
+            for (int i = 0; i < c.n; i++) fprintf(stderr, "%d%s", c.ids[i], i + 1 < c.n ? "," : "\n");
+            for (int i = 0; i < 32; i++) fprintf(stderr, "%d%s", ((const int32_t *)g->data)[i], i < 31 ? "," : "\n");
+        }
+    }
+}
+
+/* Loads model_dir on the CPU and checks the prompts of ref_file. */
+static void check_model(const char *model_dir, const char *ref_file, const char *const *prompts, int n_prompts,
+                        bool int4) {
+    QErr err;
+    Backend *be = cpu_backend_create(0, &err);
+    CHECK(be != NULL, "cpu backend: %s", err.msg);
+    StModel *ref = st_open_file(shared_path(ref_file), &err);
+    CHECK(ref != NULL, "%s", err.msg);
+    /* Small steps (64 tokens) so the 513-token prompt goes through chunked prefill. */
+    QwenConfig cfg;
+    CHECK(config_load(&cfg, model_dir, &err) == 0, "%s", err.msg);
+    EngineOptions eo = engine_default_options(&cfg);
+    eo.max_step_tokens = 64;
+    eo.max_model_len = 1024;
+    ModelOptions mo = engine_model_options(&eo, &cfg);
+    Model *m = model_load(model_dir, be, &mo, &err);
+    CHECK(m != NULL, "model_load %s: %s", model_dir, err.msg);
+    Engine *e = m ? engine_create(m, &eo, &err) : NULL;
+    CHECK(!m || e != NULL, "engine: %s", err.msg);
+    if (m && e && ref)
+        for (int i = 0; i < n_prompts; i++) check_prompt(m, e, ref, prompts[i], int4, eo.max_step_tokens);
+    engine_free(e);
+    model_free(m);
+    st_close(ref);
+    be->ops->destroy(be);
+}
+
+/* Writes the reference int4 checkpoint: the bf16 model's non-linear tensors plus the reference
+ * HQQ tensors, with quantization_config in config.json. */
+static bool make_int4_ref(const char *bf16_dir, const char *hqq_file, char *out, size_t cap) {
+    snprintf(out, cap, "%s-int4ref", bf16_dir);
+    QErr err;
+    StModel *src = st_open_dir(bf16_dir, &err);
+    StModel *q = st_open_file(shared_path(hqq_file), &err);
+    if (!src || !q) {
+        CHECK(0, "%s", err.msg);
+        st_close(src);
+        st_close(q);
+        return false;
+    }
+    mkdir(out, 0755);
+    size_t n = 0;
+    StSpec *specs = calloc(st_count(src) + st_count(q), sizeof *specs);
+    const StTensor **from = calloc(st_count(src) + st_count(q), sizeof *from);
+    for (size_t i = 0; i < st_count(src); i++) {
+        const StTensor *t = st_at(src, i);
+        if (strstr(t->name, "_proj.weight")) continue;
+        from[n] = t;
+        specs[n++] = (StSpec){t->name, t->dtype, t->ndim, {t->shape[0], t->shape[1]}};
+    }
+    for (size_t i = 0; i < st_count(q); i++) {
+        const StTensor *t = st_at(q, i);
+        from[n] = t;
+        specs[n++] = (StSpec){t->name, t->dtype, t->ndim, {t->shape[0], t->shape[1]}};
+    }
+    char path[1024];
+    snprintf(path, sizeof path, "%s/model.safetensors", out);
+    StWriter *w = st_writer_create(path, specs, n, NULL, 0, &err);
+    CHECK(w != NULL, "%s", err.msg);
+    bool ok = w != NULL;
+    if (w) {
+        for (size_t i = 0; i < n; i++) {
+            StTensor *d = st_writer_find(w, specs[i].name);
+            memcpy(d->data, from[i]->data, d->nbytes);
+        }
+        ok = st_writer_finish(w, &err) == 0;
+        CHECK(ok, "%s", err.msg);
+    }
+    ok = ok && config_save_quantized(bf16_dir, out, 128, "hqq", false, &err) == 0;
+    CHECK(ok, "%s", err.msg);
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd, "cp %s/generation_config.json %s/", bf16_dir, out);
+    ok = ok && system(cmd) == 0;
+    free(specs);
+    free(from);
+    st_close(src);
+    st_close(q);
+    return ok;
+}
+
+int main(void) {
+    char small[512], tiny[512], q[600];
+    static const char *const small_prompts[] = {"len1", "len5", "len64", "len513"};
+    static const char *const tiny_prompts[] = {"chat", "raw", "long"};
+    if (make_model("small-qwen3", small, sizeof small)) {
+        check_model(small, "reference/small_ref.safetensors", small_prompts, 4, false);
+        if (make_int4_ref(small, "reference/small_int4_hqq_tensors.safetensors", q, sizeof q)) {
+            static const char *const p[] = {"len64", "len513"};
+            check_model(q, "reference/small_ref.safetensors", p, 2, true);
+        }
+    } else {
+        CHECK(0, "cannot generate small-qwen3");
+    }
+    if (make_model("tiny-qwen3", tiny, sizeof tiny)) {
+        check_model(tiny, "reference/tiny_ref.safetensors", tiny_prompts, 3, false);
+        if (make_int4_ref(tiny, "reference/tiny_int4_hqq_tensors.safetensors", q, sizeof q))
+            check_model(q, "reference/tiny_int4_ref.safetensors", tiny_prompts, 2, true);
+    } else {
+        CHECK(0, "cannot generate tiny-qwen3");
+    }
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd, "rm -rf %s %s %s-int4ref %s-int4ref", small, tiny, small, tiny);
+    if (system(cmd)) fprintf(stderr, "cleanup failed\n");
+    return test_finish();
+}
