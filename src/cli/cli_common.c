@@ -1,6 +1,8 @@
 /* cli_common.c — shared plumbing of the model-running commands; see cli_common.h. */
 #include "cli/cli_common.h"
 
+#include "io/assets.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -48,8 +50,12 @@ int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr 
     ModelOptions mo = engine_model_options(&eo, &cfg);
     if (!(rt->model = model_load(model_dir, rt->be, &mo, err))) goto fail;
     if (!(rt->engine = engine_create(rt->model, &eo, err))) goto fail;
+    /* The model's own tokenizer.json; for a Qwen3-vocabulary model without one (e.g. weights
+     * only), the Qwen3 tokenizer that quill ships. */
     char path[4096];
     snprintf(path, sizeof path, "%s/tokenizer.json", model_dir);
+    if (access(path, F_OK) != 0 && cfg.vocab_size == 151936 && assets_tokenizer_dir(path, sizeof path, err) == 0)
+        strncat(path, "/tokenizer.json", sizeof path - strlen(path) - 1);
     if (access(path, F_OK) == 0 || a->need_tokenizer) {
         if (!(rt->tok = tok_load(path, err))) goto fail;
     }

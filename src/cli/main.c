@@ -21,12 +21,15 @@ typedef struct Command {
 static const Command COMMANDS[] = {
     {"run", cmd_run, "generate from one prompt (streams thinking and answer; --json)"},
     {"chat", cmd_chat, "interactive multi-turn chat"},
+    {"serve", cmd_serve, "OpenAI-compatible HTTP server (vLLM's serve)"},
     {"bench", cmd_bench, "benchmarks: latency (vllm bench latency), serve (vllm bench serve)"},
+    {"eval", cmd_eval, "quality: perplexity, compare (KL divergence, top-1 agreement)"},
     {"version", cmd_version, "print the version"},
     {"tokenize", cmd_tokenize, "print the token ids of a text as a JSON array"},
     {"detokenize", cmd_detokenize, "print the text of token ids"},
     {"random-model", cmd_random_model, "write a random-weight Qwen3 checkpoint"},
     {"chat-template", cmd_chat_template, "render messages (JSON on stdin) with Qwen3's chat template"},
+    {"quantize", cmd_quantize, "quantize a checkpoint to int4 (HQQ or minmax, group 128)"},
 };
 
 static void usage(FILE *f) {

@@ -312,6 +312,7 @@ int engine_step(Engine *e) {
         pthread_mutex_lock(&e->mu);
         e->stats.running = s->n_running;
         e->stats.waiting = s->n_waiting + e->n_inbox;
+        e->stats.kv_blocks_used = s->pool.n_blocks - s->pool.n_free; /* aborts may have freed blocks */
         pthread_mutex_unlock(&e->mu);
         return s->n_running + s->n_waiting;
     }

@@ -66,7 +66,8 @@ int ckpt_stage_begin(CkptStage *st, const char *out_dir, bool force, QErr *err) 
         return qerr_set(err, "%s: %s", st->out, strerror(errno));
     }
 
-    snprintf(st->tmp, sizeof st->tmp, "%s.tmp-XXXXXX", st->out);
+    memcpy(st->tmp, st->out, len);
+    memcpy(st->tmp + len, ".tmp-XXXXXX", sizeof ".tmp-XXXXXX");
     if (!mkdtemp(st->tmp)) {
         int e = errno;
         st->tmp[0] = '\0';
@@ -85,7 +86,8 @@ int ckpt_stage_path(const CkptStage *st, const char *name, char *out, size_t n, 
 int ckpt_stage_copy(const CkptStage *st, const char *src_dir, const char *name, bool optional,
                     QErr *err) {
     char src[PATH_MAX], dst[PATH_MAX];
-    if (join(src, sizeof src, src_dir, name)) return qerr_set(err, "%s/%s: path too long", src_dir, name);
+    if (join(src, sizeof src, src_dir, name))
+        return qerr_set(err, "%s/%s: path too long", src_dir, name);
     if (ckpt_stage_path(st, name, dst, sizeof dst, err)) return -1;
     int in = open(src, O_RDONLY | O_CLOEXEC);
     if (in < 0) {

@@ -12,6 +12,7 @@
 #include "io/config.h"
 #include "io/safetensors.h"
 #include "util/qerr.h"
+#include "util/threadpool.h"
 
 /* How a tensor's values are drawn (see the spec): norm 1 + 0.1x, embed 0.02x, linear 0.02x with
  * ~0.1% of values multiplied by 8. */
@@ -33,10 +34,11 @@ uint16_t rm_element(uint64_t stream, RmKind kind, uint64_t n, uint64_t i);
 void rm_fill_range(uint16_t *out, uint64_t stream, RmKind kind, uint64_t n, uint64_t begin,
                    uint64_t end);
 /* Fills a whole tensor NAME of the given shape (the caller's buffer holds prod(shape) bf16
- * values) using n_threads threads (<= 0: one per online CPU). Returns 0, or -1 with err set when
- * the name has no known kind or the shape is invalid. */
+ * values), exactly as rm_write_safetensors would write it, on the threads of pool (NULL: on the
+ * calling thread only). Returns 0, or -1 with err set when the name has no known kind or the
+ * shape is invalid. */
 int rm_fill_tensor(uint16_t *out, const char *name, int ndim, const int64_t *shape, uint64_t seed,
-                   int n_threads, QErr *err);
+                   ThreadPool *pool, QErr *err);
 
 /* The architecture and seed of a preset: "tiny-qwen3" (seed 1), "small-qwen3" (seed 2),
  * "qwen3-0.6b" (seed 3), "qwen3-8b" (seed 4). seed may be NULL. Returns 0, or -1 with err
@@ -56,14 +58,15 @@ void rm_specs_free(StSpec *specs, size_t n);
  * eos [151645, 151643], pad 151643. */
 void rm_gen_config(GenConfig *g);
 
-/* Called from the calling thread of rm_write_safetensors a few times a second and once at the
- * end with the bytes of tensor data written so far. */
+/* Called from the calling thread of rm_write_safetensors after every batch of blocks (about every
+ * 256 MB of file per two threads) with the bytes of tensor data written so far, and at the end
+ * with done == total. */
 typedef void (*RmProgress)(void *ctx, uint64_t done_bytes, uint64_t total_bytes);
 
 /* Writes the random model of cfg and seed as the safetensors file PATH (metadata format=pt),
- * filling it with n_threads threads (<= 0: one per online CPU) and fsync'ing it. progress may be
- * NULL. Returns 0, or -1 with err set (the file is then removed; a full disk is reported before
- * any data is written). */
+ * generating it with n_threads threads (<= 0: two per online CPU), writing with O_DIRECT where
+ * the filesystem allows, and fsync'ing it. progress may be NULL. Returns 0, or -1 with err set
+ * (the file is then removed; a full disk is reported before any data is written). */
 int rm_write_safetensors(const char *path, const QwenConfig *cfg, uint64_t seed, int n_threads,
                          RmProgress progress, void *ctx, QErr *err);
 

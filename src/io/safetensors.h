@@ -8,7 +8,9 @@
  * Writing: the whole file is laid out up front (header first, tensors in byte order of their
  * names, as the random-weights spec requires), space is reserved with posix_fallocate (so a full
  * disk fails cleanly instead of SIGBUS), the data region is mmap'd writable, and callers fill the
- * tensors — from many threads if they like — before st_writer_finish(). */
+ * tensors — from many threads if they like — before st_writer_finish(). Producers that can make
+ * any piece of a tensor on demand use the block interface instead, which bypasses the page cache
+ * (st_writer_write_block). */
 #ifndef QUILL_SAFETENSORS_H
 #define QUILL_SAFETENSORS_H
 
@@ -83,12 +85,22 @@ StWriter *st_writer_create(const char *path, const StSpec *specs, size_t n,
 size_t st_writer_count(const StWriter *w);
 StTensor *st_writer_tensor(StWriter *w, size_t i);
 StTensor *st_writer_find(StWriter *w, const char *name);
-/* Copies n bytes from src into tensor i at byte offset off within it, with pwrite(). Producers
- * that make data in chunks should prefer this to storing through the mapping: on ext4, first
- * writes through a shared mapping of preallocated (unwritten) extents cost a page fault each
- * and ran ~2x slower. Safe from many threads on disjoint ranges. Returns 0, or -1 with err
- * naming the file and tensor (an out-of-range request included). */
-int st_writer_write(StWriter *w, size_t i, size_t off, const void *src, size_t n, QErr *err);
+/* Block-wise writing, the fast path for producers that can make any byte range of any tensor
+ * (a 16 GB file goes out at disk speed: whole blocks are written with O_DIRECT, bypassing the
+ * page cache, where storing through the mapping runs at half the speed or less). The file is
+ * cut into st_writer_block_count() blocks of ST_WRITER_BLOCK bytes (the header is in block 0, the
+ * last is shorter). st_writer_write_block() composes block b in scratch by calling produce(ctx,
+ * i, off, dst, n) for every piece of a tensor in it — bytes [off, off + n) of tensor i (in the
+ * writer's order), where off and n are multiples of the element size — then writes it. Blocks
+ * may be written in any order from many threads at once, each with its own scratch
+ * (ST_WRITER_BLOCK bytes aligned to ST_WRITER_ALIGN). Do not also store through
+ * st_writer_tensor()->data. Returns 0, or -1 with err naming the file on an I/O error. */
+#define ST_WRITER_BLOCK ((size_t)8 << 20)
+#define ST_WRITER_ALIGN 4096
+typedef void (*StProduceFn)(void *ctx, size_t i, size_t off, void *dst, size_t n);
+size_t st_writer_block_count(const StWriter *w);
+int st_writer_write_block(StWriter *w, size_t b, StProduceFn produce, void *ctx, void *scratch,
+                          QErr *err);
 /* Flushes and closes. Returns 0, or -1 with err set (the file is then removed). Frees w either way. */
 int st_writer_finish(StWriter *w, QErr *err);
 /* Abandons the file (removes it) and frees w. */

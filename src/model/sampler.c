@@ -3,6 +3,8 @@
  * at the best few hundred candidates first and widens only if they do not cover the mass. */
 #include "model/sampler.h"
 
+#include "model/logits.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -179,9 +181,10 @@ int32_t sampler_sample(Sampler *s, float *logits, const SamplingParams *p, const
         for (;;) {
             select_top(s->idx, V, want, logits);
             if (k || want == V) break;
-            double mx = logits[s->idx[0]], z = 0, top = 0;
-            for (int i = 0; i < V; i++) z += exp((logits[i] - mx) / p->temperature);
-            for (int i = 0; i < want; i++) top += exp((logits[s->idx[i]] - mx) / p->temperature);
+            float mx = logits[s->idx[0]], inv_t = 1.0f / p->temperature;
+            double z = 0, top = 0;
+            for (int i = 0; i < V; i++) z += fast_expf((logits[i] - mx) * inv_t);
+            for (int i = 0; i < want; i++) top += fast_expf((logits[s->idx[i]] - mx) * inv_t);
             if (top / z >= p->top_p) break;
             want = want * 4 < V ? want * 4 : V;
         }
@@ -190,11 +193,11 @@ int32_t sampler_sample(Sampler *s, float *logits, const SamplingParams *p, const
     float mx = logits[need_sorted ? s->idx[0] : argmax(logits, V)];
     double z = 0;
     if (need_sorted && !k) {
-        for (int i = 0; i < V; i++) z += exp((logits[i] - mx) / p->temperature);
+        for (int i = 0; i < V; i++) z += fast_expf((logits[i] - mx) / p->temperature);
     } else {
-        for (int i = 0; i < n; i++) z += exp((logits[s->idx[i]] - mx) / p->temperature);
+        for (int i = 0; i < n; i++) z += fast_expf((logits[s->idx[i]] - mx) / p->temperature);
     }
-    for (int i = 0; i < n; i++) s->prob[i] = (float)(exp((logits[s->idx[i]] - mx) / p->temperature) / z);
+    for (int i = 0; i < n; i++) s->prob[i] = (float)(fast_expf((logits[s->idx[i]] - mx) / p->temperature) / z);
 
     /* min-p: drop tokens below min_p x the top probability. */
     if (p->min_p > 0) {
@@ -232,10 +235,7 @@ int32_t sampler_sample(Sampler *s, float *logits, const SamplingParams *p, const
 
 float sampler_logprob(Sampler *s, const float *logits, int32_t id, int n_top, int32_t *top_ids, float *top_logprobs) {
     int V = s->vocab;
-    float mx = logits[argmax(logits, V)];
-    double z = 0;
-    for (int i = 0; i < V; i++) z += exp((double)logits[i] - mx);
-    float lse = mx + (float)log(z);
+    float lse = logits_logsumexp(logits, V);
     if (n_top > 0) {
         if (n_top > V) n_top = V;
         for (int i = 0; i < V; i++) s->idx[i] = i;

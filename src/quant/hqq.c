@@ -25,11 +25,8 @@
 #include <string.h>
 
 #include "quant/q4.h"
+#include "quant/q4_simd.h"
 #include "util/bf16.h"
-
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
 #define HQQ_BETA0 10.0
 #define HQQ_KAPPA 1.01
@@ -93,27 +90,20 @@ static double hqq_group_step_scalar(const uint16_t *w, int gs, float s, float *z
     return err;
 }
 
-#if defined(__AVX2__)
-static inline __m256 hqq_load8(const uint16_t *p) {
-    __m128i h = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
+#if defined(Q4_AVX2)
 /* Wq - W * s for 8 weights (the shrink assumed zero); adds |W - W_r| to *eacc and ORs the lanes
  * where the shrink might not be zero into *over. */
 static inline __m256 hqq_lane8(const uint16_t *w, __m256 S, __m256 Z, __m256 THR, __m256 *eacc,
                                __m256 *over) {
-    const __m256 qmax = _mm256_set1_ps((float)Q4_QMAX);
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 x = hqq_load8(w);
-    __m256 t = _mm256_add_ps(_mm256_mul_ps(x, S), Z);
-    __m256 q = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    q = _mm256_min_ps(_mm256_max_ps(q, _mm256_setzero_ps()), qmax);
+    __m256 x = q4v_load_bf16(w);
+    __m256 xs = _mm256_mul_ps(x, S);
+    __m256 q = q4v_round_clamp(_mm256_add_ps(xs, Z));
     __m256 wr = _mm256_div_ps(_mm256_sub_ps(q, Z), S);
     __m256 ae = _mm256_and_ps(_mm256_sub_ps(x, wr), absmask);
     *eacc = _mm256_add_ps(*eacc, ae);
     *over = _mm256_or_ps(*over, _mm256_cmp_ps(ae, THR, _CMP_GE_OQ));
-    return _mm256_sub_ps(q, _mm256_mul_ps(x, S));
+    return _mm256_sub_ps(q, xs);
 }
 
 /* The common case vectorised; a group where some |E| reaches the threshold is redone by the
@@ -146,6 +136,23 @@ static double hqq_group_step(const uint16_t *w, int gs, float s, float *zp, floa
 #define hqq_group_step hqq_group_step_scalar
 #endif
 
+/* Final codes of one group: clamp(round(W * s + z)), packed two per byte. */
+static void hqq_group_codes(const uint16_t *w, int gs, float s, float z, uint8_t *codes) {
+#if defined(Q4_AVX2)
+    const __m256 S = _mm256_set1_ps(s), Z = _mm256_set1_ps(z);
+    for (int i = 0; i < gs; i += 8)
+        q4v_store_codes(codes + i / 2,
+                        q4v_round_clamp(_mm256_add_ps(_mm256_mul_ps(q4v_load_bf16(w + i), S), Z)));
+#else
+    for (int i = 0; i < gs; i += 2) {
+        float q0 = rintf(bf16_to_f32(w[i]) * s + z), q1 = rintf(bf16_to_f32(w[i + 1]) * s + z);
+        q0 = q0 < 0.0f ? 0.0f : (q0 > (float)Q4_QMAX ? (float)Q4_QMAX : q0);
+        q1 = q1 < 0.0f ? 0.0f : (q1 > (float)Q4_QMAX ? (float)Q4_QMAX : q1);
+        codes[i / 2] = (uint8_t)((unsigned)q0 | ((unsigned)q1 << 4));
+    }
+#endif
+}
+
 static void task_rows(const HqqJob *j, int task, int64_t *r0, int64_t *r1) {
     *r0 = (int64_t)task * j->rows_per_task;
     *r1 = *r0 + j->rows_per_task < j->rows ? *r0 + j->rows_per_task : j->rows;
@@ -161,16 +168,10 @@ static void hqq_init_task(void *ctx, int task, int thread) {
     for (int64_t r = r0; r < r1; r++) {
         for (int64_t g = 0; g < j->gpr; g++) {
             const uint16_t *w = j->w + r * j->cols + g * j->gs;
-            float mn = bf16_to_f32(w[0]), mx = mn;
-            int finite = 1;
-            for (int i = 0; i < j->gs; i++) {
-                float x = bf16_to_f32(w[i]);
-                finite &= (w[i] & 0x7f80) != 0x7f80;
-                mn = x < mn ? x : mn;
-                mx = x > mx ? x : mx;
-            }
+            float mn, mx;
+            int bad = q4_group_minmax(w, j->gs, &mn, &mx);
             float range = mx - mn;
-            if (!finite || !isfinite(range)) {
+            if (bad >= 0 || !isfinite(range)) {
                 if (j->task_bad[task] < 0) j->task_bad[task] = r * j->gpr + g;
                 continue;
             }
@@ -208,16 +209,8 @@ static void hqq_final_task(void *ctx, int task, int thread) {
         uint8_t *crow = j->codes + r * (j->cols / 2);
         for (int64_t g = 0; g < j->gpr; g++) {
             int64_t k = r * j->gpr + g;
-            const uint16_t *w = j->w + r * j->cols + g * j->gs;
             const float s = j->s[k], z = j->z[k];
-            uint8_t *c = crow + g * j->gs / 2;
-            for (int i = 0; i < j->gs; i += 2) {
-                float q0 = rintf(bf16_to_f32(w[i]) * s + z);
-                float q1 = rintf(bf16_to_f32(w[i + 1]) * s + z);
-                q0 = q0 < 0.0f ? 0.0f : (q0 > (float)Q4_QMAX ? (float)Q4_QMAX : q0);
-                q1 = q1 < 0.0f ? 0.0f : (q1 > (float)Q4_QMAX ? (float)Q4_QMAX : q1);
-                c[i / 2] = (uint8_t)((unsigned)q0 | ((unsigned)q1 << 4));
-            }
+            hqq_group_codes(j->w + r * j->cols + g * j->gs, j->gs, s, z, crow + g * j->gs / 2);
             float scale = 1.0f / s;
             j->scales[k] = f32_to_bf16_rne(scale);
             j->zeros[k] = f32_to_bf16_rne(((float)Q4_MID - z) * scale);

@@ -53,23 +53,58 @@ void q4_dequantize_row(const uint8_t *codes, const uint16_t *scales, const uint1
     }
 }
 
-double q4_rel_error(const uint16_t *w, int64_t rows, int64_t cols, int group_size,
-                    const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros) {
-    const int64_t gpr = cols / group_size;
+typedef struct RelErrJob {
+    const uint16_t *w;
+    int64_t rows, cols, rows_per_task;
+    int gs;
+    const uint8_t *codes;
+    const uint16_t *scales, *zeros;
+    double *num, *den; /* [n_tasks] */
+} RelErrJob;
+
+static void rel_error_task(void *ctx, int task, int thread) {
+    (void)thread;
+    const RelErrJob *j = ctx;
+    const int64_t gpr = j->cols / j->gs;
+    int64_t r0 = (int64_t)task * j->rows_per_task;
+    int64_t r1 = r0 + j->rows_per_task < j->rows ? r0 + j->rows_per_task : j->rows;
     double num = 0.0, den = 0.0;
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *c = codes + r * (cols / 2);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *c = j->codes + r * (j->cols / 2);
+        const uint16_t *w = j->w + r * j->cols;
         for (int64_t g = 0; g < gpr; g++) {
-            double s = bf16_to_f32(scales[r * gpr + g]), z = bf16_to_f32(zeros[r * gpr + g]);
-            for (int i = 0; i < group_size; i++) {
-                int64_t k = g * group_size + i;
+            float s = bf16_to_f32(j->scales[r * gpr + g]), z = bf16_to_f32(j->zeros[r * gpr + g]);
+            for (int64_t k = g * j->gs; k < (g + 1) * j->gs; k++) {
                 int q = (c[k / 2] >> (4 * (k & 1))) & 0xf;
-                double x = bf16_to_f32(w[r * cols + k]);
-                double d = (double)(float)((float)(q - Q4_MID) * (float)s + (float)z) - x;
+                double x = bf16_to_f32(w[k]);
+                double d = (double)((float)(q - Q4_MID) * s + z) - x;
                 num += d * d;
                 den += x * x;
             }
         }
     }
-    return den > 0.0 ? sqrt(num / den) : (num > 0.0 ? INFINITY : 0.0);
+    j->num[task] = num;
+    j->den[task] = den;
+}
+
+double q4_rel_error(const uint16_t *w, int64_t rows, int64_t cols, int group_size,
+                    const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros,
+                    ThreadPool *pool) {
+    /* Fixed partition (not per thread) so the sum's order, and so the result, is reproducible. */
+    enum { TASKS = 64 };
+    double num[TASKS] = {0}, den[TASKS] = {0};
+    RelErrJob j = {.w = w, .rows = rows, .cols = cols, .gs = group_size, .codes = codes,
+                   .scales = scales, .zeros = zeros, .num = num, .den = den};
+    j.rows_per_task = (rows + TASKS - 1) / TASKS;
+    int n_tasks = (int)((rows + j.rows_per_task - 1) / j.rows_per_task);
+    if (pool)
+        tp_run(pool, n_tasks, rel_error_task, &j);
+    else
+        for (int t = 0; t < n_tasks; t++) rel_error_task(&j, t, 0);
+    double n = 0.0, d = 0.0;
+    for (int t = 0; t < n_tasks; t++) {
+        n += num[t];
+        d += den[t];
+    }
+    return d > 0.0 ? sqrt(n / d) : (n > 0.0 ? INFINITY : 0.0);
 }

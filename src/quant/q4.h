@@ -47,9 +47,12 @@ int q4_quantize_bf16(Q4Algorithm alg, const uint16_t *w, int64_t rows, int64_t c
 void q4_dequantize_row(const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros,
                        int64_t cols, int group_size, float *dst);
 
-/* Relative L2 error ||dequant(codes, scales, zeros) - w|| / ||w|| of a whole quantized matrix,
- * accumulated in double (0 when w is all zeros and so is the dequantized matrix). */
+/* Relative L2 error ||dequant(codes, scales, zeros) - w|| / ||w|| of a whole quantized matrix
+ * (dequantized in float32 as q4_dequantize_row does, accumulated in double; 0 when both are all
+ * zeros). Rows are spread over `pool` (NULL: the calling thread); the result does not depend on
+ * the thread count. Cannot fail. */
 double q4_rel_error(const uint16_t *w, int64_t rows, int64_t cols, int group_size,
-                    const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros);
+                    const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros,
+                    ThreadPool *pool);
 
 #endif

@@ -15,8 +15,9 @@
  *   encodes share nothing mutable and need no lock. Short prompts pay one small allocation.
  * - NFC (utf8proc) is skipped for ASCII and applied only to the runs around non-ASCII bytes:
  *   ASCII characters are normalization boundaries, so this equals NFC of the whole text.
- * - The regex is the file's own, compiled by PCRE2 (UTF + UCP, JIT when available). PCRE2 and
- *   tokenizers' Oniguruma agree on this pattern (tests compare every code point).
+ * - The regex is the file's own, compiled by PCRE2 (UTF + UCP, JIT when available) after its
+ *   \s, \p{L} and \p{N} are spelled out to mean what tokenizers' Oniguruma means by them (see
+ *   onig_to_pcre2; tests compare every code point).
  * - Loading uses the arena JSON parser of tokjson.c, not jansson, to stay well under 0.1 s. */
 #include "text/tokenizer.h"
 
@@ -49,11 +50,12 @@ typedef struct StrMap {
     uint32_t mask;
 } StrMap;
 
-typedef struct MergeSlot {
-    uint32_t a, b; /* a == UINT32_MAX: empty */
-    uint32_t rank;
-    int32_t id;
-} MergeSlot;
+/* The merge table's slots are 8 bytes, to keep it small enough to stay in cache: the id pair
+ * (a << 20 | b) in the high 40 bits, the merge's rank in the low 24. The merged token's id is
+ * merge_id[rank]. */
+#define ID_BITS 20
+#define RANK_BITS 24
+#define MERGE_EMPTY UINT64_MAX
 
 typedef struct AddedTok {
     uint32_t off, len; /* the text to match, in Tok.pool */
@@ -74,13 +76,16 @@ typedef struct Matcher {
 struct Tok {
     char *pool; /* every token's bytes, NUL after each */
     size_t pool_len, pool_cap;
-    int32_t n_ids;
+    int32_t n_ids;       /* one more than the largest id */
+    int32_t vocab_count; /* entries in model.vocab */
+    int32_t n_vocab_ids; /* one more than the largest model.vocab id */
     uint32_t *dec_off, *dec_len; /* per id: the bytes it decodes to */
     uint8_t *flags;              /* per id: F_VALID, F_SPECIAL */
     StrMap vocab;                /* model vocabulary, decoded bytes -> id */
     StrMap added;                /* added tokens, content -> id */
-    MergeSlot *merges;
+    uint64_t *merges; /* open addressing, MERGE_EMPTY when free */
     uint32_t merge_mask;
+    int32_t *merge_id; /* per rank: the merged token */
     uint64_t *left_bits, *right_bits; /* ids that are the left / right part of some merge */
     int32_t byte_id[256];
     Matcher raw, norm; /* added tokens matched before / after normalization */
@@ -332,7 +337,7 @@ static int bl_decode(Buf *out, const char *s, size_t n) {
 /* ---------------------------------------------------------------- tables */
 
 static int strmap_init(StrMap *m, size_t n) {
-    uint32_t cap = pow2_at_least(n * 2 + 1);
+    uint32_t cap = pow2_at_least(n + n / 2 + 1);
     m->slots = malloc((size_t)cap * sizeof *m->slots);
     if (!m->slots) return -1;
     for (uint32_t i = 0; i < cap; i++) m->slots[i].id = -1;
@@ -340,11 +345,10 @@ static int strmap_init(StrMap *m, size_t n) {
     return 0;
 }
 
-/* Inserts (or re-points) the string pool[off..off+len) -> id; capacity was sized at init. */
-static void strmap_put(StrMap *m, const char *pool, uint32_t off, uint32_t len, int32_t id) {
-    uint64_t h = hash_bytes(pool + off, len);
-    uint32_t i = (uint32_t)h & m->mask;
-    for (;; i = (i + 1) & m->mask) {
+/* Inserts (or re-points) the string pool[off..off+len), whose hash_bytes() is h, -> id; the
+ * capacity was sized at init. */
+static void strmap_put(StrMap *m, const char *pool, uint64_t h, uint32_t off, uint32_t len, int32_t id) {
+    for (uint32_t i = (uint32_t)h & m->mask;; i = (i + 1) & m->mask) {
         StrSlot *s = &m->slots[i];
         if (s->id < 0) {
             *s = (StrSlot){(uint32_t)(h >> 32), id, off, len};
@@ -357,8 +361,8 @@ static void strmap_put(StrMap *m, const char *pool, uint32_t off, uint32_t len, 
     }
 }
 
-static int32_t strmap_get(const StrMap *m, const char *pool, const void *key, size_t len) {
-    uint64_t h = hash_bytes(key, len);
+/* The id of key[0..len) (whose hash_bytes() is h), or -1. */
+static int32_t strmap_find(const StrMap *m, const char *pool, uint64_t h, const void *key, size_t len) {
     for (uint32_t i = (uint32_t)h & m->mask;; i = (i + 1) & m->mask) {
         const StrSlot *s = &m->slots[i];
         if (s->id < 0) return -1;
@@ -367,17 +371,31 @@ static int32_t strmap_get(const StrMap *m, const char *pool, const void *key, si
     }
 }
 
-static inline uint32_t pair_slot(uint32_t a, uint32_t b, uint32_t mask) {
-    return (uint32_t)(mix64((uint64_t)a << 32 | b)) & mask;
+static int32_t strmap_get(const StrMap *m, const char *pool, const void *key, size_t len) {
+    return strmap_find(m, pool, hash_bytes(key, len), key, len);
 }
 
-static inline const MergeSlot *merge_get(const Tok *t, int32_t a, int32_t b) {
+/* Loading probes multi-megabyte tables at random; hashing a little ahead and prefetching the
+ * slot hides most of each cache miss. */
+#define AHEAD 16
+
+static inline void strmap_prefetch(const StrMap *m, uint64_t h) {
+    __builtin_prefetch(&m->slots[(uint32_t)h & m->mask]);
+}
+
+static inline uint64_t pair_key(int32_t a, int32_t b) { return (uint64_t)a << ID_BITS | (uint64_t)b; }
+
+static inline uint32_t pair_slot(uint64_t key, uint32_t mask) { return (uint32_t)mix64(key) & mask; }
+
+/* The rank of merging a then b, or -1 if they do not merge. */
+static inline int32_t merge_rank(const Tok *t, int32_t a, int32_t b) {
     if (!(t->left_bits[a >> 6] >> (a & 63) & 1) || !(t->right_bits[b >> 6] >> (b & 63) & 1))
-        return NULL;
-    for (uint32_t i = pair_slot((uint32_t)a, (uint32_t)b, t->merge_mask);; i = (i + 1) & t->merge_mask) {
-        const MergeSlot *s = &t->merges[i];
-        if (s->a == UINT32_MAX) return NULL;
-        if (s->a == (uint32_t)a && s->b == (uint32_t)b) return s;
+        return -1;
+    uint64_t key = pair_key(a, b);
+    for (uint32_t i = pair_slot(key, t->merge_mask);; i = (i + 1) & t->merge_mask) {
+        uint64_t s = t->merges[i];
+        if (s == MERGE_EMPTY) return -1;
+        if (s >> RANK_BITS == key) return (int32_t)(s & ((1u << RANK_BITS) - 1));
     }
 }
 
@@ -453,7 +471,189 @@ static void matcher_build(Matcher *m) {
 
 #define LFAIL(...) (qerr_set(err, __VA_ARGS__), -1)
 
-static int load_model(Tok *t, const TjVal *model, const char *path, int32_t max_added, QErr *err) {
+/* One merge while loading: its parts' bytes sit side by side in a scratch buffer, so the merged
+ * token's bytes are the two together. */
+typedef struct MergeLoad {
+    uint64_t ha, hb; /* hash_bytes of each part */
+    uint32_t off, la, lb;
+    int32_t a, b;
+} MergeLoad;
+
+static int load_vocab(Tok *t, const TjVal *vocab, const char *path, QErr *err) {
+    uint64_t *hashes = malloc(((size_t)vocab->n + 1) * sizeof *hashes);
+    int32_t *order = malloc(((size_t)vocab->n + 1) * sizeof *order);
+    Buf tmp = {0};
+    int rc = 0;
+    if (!hashes || !order || strmap_init(&t->vocab, vocab->n)) {
+        rc = LFAIL("%s: out of memory", path);
+        goto out;
+    }
+    for (uint32_t i = 0; i < vocab->n; i++) {
+        const TjVal *k = &vocab->u.items[2 * i];
+        int32_t id = (int32_t)vocab->u.items[2 * i + 1].u.num;
+        tmp.n = 0;
+        int ok = bl_decode(&tmp, k->u.str, k->n);
+        uint32_t off;
+        if (ok < 0 || (ok > 0 && pool_add(t, tmp.p, tmp.n, &off))) {
+            rc = LFAIL("%s: out of memory", path);
+            goto out;
+        }
+        if (ok == 0) {
+            rc = LFAIL("%s: model.vocab: token \"%s\" (id %d) is not in the byte-level alphabet",
+                       path, k->u.str, id);
+            goto out;
+        }
+        if (t->flags[id] & F_VALID) {
+            rc = LFAIL("%s: model.vocab: id %d is used twice", path, id);
+            goto out;
+        }
+        t->flags[id] = F_VALID;
+        t->dec_off[id] = off;
+        t->dec_len[id] = (uint32_t)tmp.n;
+        order[i] = id;
+        hashes[i] = hash_bytes(tmp.p, tmp.n);
+    }
+    for (uint32_t i = 0; i < vocab->n; i++) {
+        if (i + AHEAD < vocab->n) strmap_prefetch(&t->vocab, hashes[i + AHEAD]);
+        int32_t id = order[i];
+        strmap_put(&t->vocab, t->pool, hashes[i], t->dec_off[id], t->dec_len[id], id);
+    }
+    for (int b = 0; b < 256; b++) {
+        char c = (char)b;
+        t->byte_id[b] = strmap_get(&t->vocab, t->pool, &c, 1);
+        if (t->byte_id[b] < 0) {
+            rc = LFAIL("%s: model.vocab: no token for byte 0x%02X", path, b);
+            goto out;
+        }
+    }
+out:
+    free(hashes);
+    free(order);
+    free(tmp.p);
+    return rc;
+}
+
+static int load_merges(Tok *t, const TjVal *merges, const char *path, QErr *err) {
+    size_t n = merges->n;
+    MergeLoad *ml = malloc((n + 1) * sizeof *ml);
+    Buf tmp = {0};
+    int rc = 0;
+    uint32_t cap = pow2_at_least(n * 3 + 1);
+    size_t words = ((size_t)t->n_ids + 63) / 64;
+    t->merges = malloc((size_t)cap * sizeof *t->merges);
+    t->merge_id = malloc((n + 1) * sizeof *t->merge_id);
+    t->left_bits = calloc(words, 8);
+    t->right_bits = calloc(words, 8);
+    if (!ml || !t->merges || !t->merge_id || !t->left_bits || !t->right_bits) {
+        rc = LFAIL("%s: out of memory", path);
+        goto out;
+    }
+    if (n >= (1u << RANK_BITS)) {
+        rc = LFAIL("%s: model.merges: %zu merges, more than quill supports (%u)", path, n,
+                   (1u << RANK_BITS) - 1);
+        goto out;
+    }
+    memset(t->merges, 0xFF, (size_t)cap * sizeof *t->merges);
+    t->merge_mask = cap - 1;
+
+    /* 1: the bytes of both parts, and their hashes */
+    for (size_t r = 0; r < n; r++) {
+        const TjVal *m = &merges->u.items[r];
+        const char *part[2];
+        size_t plen[2];
+        const char *sp = m->type == TJ_STR ? memchr(m->u.str, ' ', m->n) : NULL;
+        if (m->type == TJ_ARR && m->n == 2 && m->u.items[0].type == TJ_STR && m->u.items[1].type == TJ_STR) {
+            for (int j = 0; j < 2; j++) {
+                part[j] = m->u.items[j].u.str;
+                plen[j] = m->u.items[j].n;
+            }
+        } else if (sp && !memchr(sp + 1, ' ', m->n - (size_t)(sp + 1 - m->u.str))) {
+            part[0] = m->u.str; /* the older "a b" form */
+            plen[0] = (size_t)(sp - m->u.str);
+            part[1] = sp + 1;
+            plen[1] = m->n - plen[0] - 1;
+        } else {
+            rc = LFAIL("%s: model.merges[%zu]: expected a pair of strings", path, r);
+            goto out;
+        }
+        ml[r].off = (uint32_t)tmp.n;
+        for (int j = 0; j < 2; j++) {
+            size_t before = tmp.n;
+            int ok = bl_decode(&tmp, part[j], plen[j]);
+            if (ok < 0) {
+                rc = LFAIL("%s: out of memory", path);
+                goto out;
+            }
+            if (ok == 0) {
+                rc = LFAIL("%s: model.merges[%zu]: token \"%.*s\" is not in model.vocab", path, r,
+                           (int)plen[j], part[j]);
+                goto out;
+            }
+            uint64_t h = hash_bytes(tmp.p + before, tmp.n - before);
+            if (j == 0) {
+                ml[r].la = (uint32_t)(tmp.n - before);
+                ml[r].ha = h;
+            } else {
+                ml[r].lb = (uint32_t)(tmp.n - before);
+                ml[r].hb = h;
+            }
+        }
+    }
+    /* 2: the parts' ids */
+    for (size_t r = 0; r < n; r++) {
+        if (r + AHEAD < n) {
+            strmap_prefetch(&t->vocab, ml[r + AHEAD].ha);
+            strmap_prefetch(&t->vocab, ml[r + AHEAD].hb);
+        }
+        const char *pa = tmp.p + ml[r].off, *pb = pa + ml[r].la;
+        ml[r].a = strmap_find(&t->vocab, t->pool, ml[r].ha, pa, ml[r].la);
+        ml[r].b = strmap_find(&t->vocab, t->pool, ml[r].hb, pb, ml[r].lb);
+        if (ml[r].a < 0 || ml[r].b < 0) {
+            int bad = ml[r].a < 0 ? 0 : 1;
+            rc = LFAIL("%s: model.merges[%zu]: token \"%.*s\" is not in model.vocab", path, r,
+                       (int)(bad ? ml[r].lb : ml[r].la), bad ? pb : pa);
+            goto out;
+        }
+    }
+    /* 3: the merged token's id, then the table entry */
+    for (size_t r = 0; r < n; r++) {
+        if (r + AHEAD < n)
+            __builtin_prefetch(&t->merges[pair_slot(pair_key(ml[r + AHEAD].a, ml[r + AHEAD].b),
+                                                    t->merge_mask)]);
+        const char *bytes = tmp.p + ml[r].off;
+        uint32_t len = ml[r].la + ml[r].lb;
+        /* Files list merged tokens in merge order after the 256 bytes (Qwen3 always does): try
+         * that id first, and look the bytes up only if they differ. */
+        int32_t id = 256 + (int32_t)r;
+        if (id >= t->n_ids || !(t->flags[id] & F_VALID) || t->dec_len[id] != len ||
+            memcmp(t->pool + t->dec_off[id], bytes, len))
+            id = strmap_get(&t->vocab, t->pool, bytes, len);
+        if (id < 0) {
+            rc = LFAIL("%s: model.merges[%zu]: merged token \"%.*s\" is not in model.vocab", path, r,
+                       (int)len, bytes);
+            goto out;
+        }
+        int32_t a = ml[r].a, b = ml[r].b;
+        uint64_t key = pair_key(a, b);
+        for (uint32_t i = pair_slot(key, t->merge_mask);; i = (i + 1) & t->merge_mask) {
+            uint64_t *s = &t->merges[i];
+            if (*s == MERGE_EMPTY || *s >> RANK_BITS == key) {
+                *s = key << RANK_BITS | r; /* a repeated pair keeps its last rank */
+                break;
+            }
+        }
+        t->merge_id[r] = id;
+        t->left_bits[a >> 6] |= 1ull << (a & 63);
+        t->right_bits[b >> 6] |= 1ull << (b & 63);
+    }
+out:
+    free(ml);
+    free(tmp.p);
+    return rc;
+}
+
+/* Loads the model; the per-id arrays get room for n_added more ids, which load_added assigns. */
+static int load_model(Tok *t, const TjVal *model, const char *path, uint32_t n_added, QErr *err) {
     if (!model || model->type != TJ_OBJ) return LFAIL("%s: model: missing or not an object", path);
     if (!str_is(tj_get(model, "type"), "BPE"))
         return LFAIL("%s: model.type: unsupported model '%s' (quill supports BPE)", path, type_of(model));
@@ -472,192 +672,208 @@ static int load_model(Tok *t, const TjVal *model, const char *path, int32_t max_
     if (im < 0) return LFAIL("%s: model.ignore_merges: expected a boolean", path);
     t->ignore_merges = im;
 
-    const TjVal *vocab = tj_get(model, "vocab");
+    const TjVal *vocab = tj_get(model, "vocab"), *merges = tj_get(model, "merges");
     if (!vocab || vocab->type != TJ_OBJ) return LFAIL("%s: model.vocab: missing or not an object", path);
-    int32_t max_id = max_added;
+    if (!merges || merges->type != TJ_ARR) return LFAIL("%s: model.merges: missing or not an array", path);
+    int32_t max_id = -1;
     for (uint32_t i = 0; i < vocab->n; i++) {
         const TjVal *v = &vocab->u.items[2 * i + 1];
         if (!is_int_id(v))
             return LFAIL("%s: model.vocab: token \"%s\" has an invalid id", path, vocab->u.items[2 * i].u.str);
         if ((int32_t)v->u.num > max_id) max_id = (int32_t)v->u.num;
     }
-    t->n_ids = max_id + 1;
+    t->vocab_count = (int32_t)vocab->n;
+    t->n_vocab_ids = max_id + 1;
+    /* new added ids start at vocab_count or after the largest one so far, one per entry */
+    int64_t room = (int64_t)(max_id > t->vocab_count ? max_id : t->vocab_count) + n_added + 1;
+    if (room >= (1 << ID_BITS) - 1)
+        return LFAIL("%s: %lld token ids, more than quill supports (%d)", path, (long long)room,
+                     (1 << ID_BITS) - 2);
+    t->n_ids = (int32_t)room;
     t->dec_off = calloc((size_t)t->n_ids, sizeof *t->dec_off);
     t->dec_len = calloc((size_t)t->n_ids, sizeof *t->dec_len);
     t->flags = calloc((size_t)t->n_ids, 1);
-    if (!t->dec_off || !t->dec_len || !t->flags || strmap_init(&t->vocab, vocab->n))
-        return LFAIL("%s: out of memory", path);
-
-    Buf tmp = {0};
-    for (uint32_t i = 0; i < vocab->n; i++) {
-        const TjVal *k = &vocab->u.items[2 * i];
-        int32_t id = (int32_t)vocab->u.items[2 * i + 1].u.num;
-        tmp.n = 0;
-        int rc = bl_decode(&tmp, k->u.str, k->n);
-        uint32_t off;
-        if (rc < 0 || (rc > 0 && pool_add(t, tmp.p, tmp.n, &off))) {
-            free(tmp.p);
-            return LFAIL("%s: out of memory", path);
-        }
-        if (rc == 0) {
-            free(tmp.p);
-            return LFAIL("%s: model.vocab: token \"%s\" (id %d) is not in the byte-level alphabet",
-                         path, k->u.str, id);
-        }
-        if (t->flags[id] & F_VALID) {
-            free(tmp.p);
-            return LFAIL("%s: model.vocab: id %d is used twice", path, id);
-        }
-        t->flags[id] = F_VALID;
-        t->dec_off[id] = off;
-        t->dec_len[id] = (uint32_t)tmp.n;
-        strmap_put(&t->vocab, t->pool, off, (uint32_t)tmp.n, id);
-    }
-    for (int b = 0; b < 256; b++) {
-        char c = (char)b;
-        t->byte_id[b] = strmap_get(&t->vocab, t->pool, &c, 1);
-        if (t->byte_id[b] < 0) {
-            free(tmp.p);
-            return LFAIL("%s: model.vocab: no token for byte 0x%02X", path, b);
-        }
-    }
-
-    const TjVal *merges = tj_get(model, "merges");
-    if (!merges || merges->type != TJ_ARR) {
-        free(tmp.p);
-        return LFAIL("%s: model.merges: missing or not an array", path);
-    }
-    uint32_t cap = pow2_at_least((size_t)merges->n * 3 + 1);
-    t->merges = malloc((size_t)cap * sizeof *t->merges);
-    size_t words = ((size_t)t->n_ids + 63) / 64;
-    t->left_bits = calloc(words, 8);
-    t->right_bits = calloc(words, 8);
-    if (!t->merges || !t->left_bits || !t->right_bits) {
-        free(tmp.p);
-        return LFAIL("%s: out of memory", path);
-    }
-    memset(t->merges, 0xFF, (size_t)cap * sizeof *t->merges);
-    t->merge_mask = cap - 1;
-    for (uint32_t r = 0; r < merges->n; r++) {
-        const TjVal *m = &merges->u.items[r];
-        const char *part[2];
-        size_t plen[2];
-        if (m->type == TJ_ARR && m->n == 2 && m->u.items[0].type == TJ_STR && m->u.items[1].type == TJ_STR) {
-            for (int j = 0; j < 2; j++) {
-                part[j] = m->u.items[j].u.str;
-                plen[j] = m->u.items[j].n;
-            }
-        } else if (m->type == TJ_STR && memchr(m->u.str, ' ', m->n) &&
-                   memchr(m->u.str, ' ', m->n) == memrchr(m->u.str, ' ', m->n)) {
-            const char *sp = memchr(m->u.str, ' ', m->n);
-            part[0] = m->u.str;
-            plen[0] = (size_t)(sp - m->u.str);
-            part[1] = sp + 1;
-            plen[1] = m->n - plen[0] - 1;
-        } else {
-            free(tmp.p);
-            return LFAIL("%s: model.merges[%u]: expected a pair of strings", path, r);
-        }
-        int32_t ids[3];
-        tmp.n = 0;
-        for (int j = 0; j < 2; j++) {
-            size_t before = tmp.n;
-            int rc = bl_decode(&tmp, part[j], plen[j]);
-            ids[j] = rc > 0 ? strmap_get(&t->vocab, t->pool, tmp.p + before, tmp.n - before) : -1;
-            if (rc < 0) {
-                free(tmp.p);
-                return LFAIL("%s: out of memory", path);
-            }
-            if (ids[j] < 0) {
-                free(tmp.p);
-                return LFAIL("%s: model.merges[%u]: token \"%.*s\" is not in model.vocab", path, r,
-                             (int)plen[j], part[j]);
-            }
-        }
-        ids[2] = strmap_get(&t->vocab, t->pool, tmp.p, tmp.n);
-        if (ids[2] < 0) {
-            free(tmp.p);
-            return LFAIL("%s: model.merges[%u]: merged token \"%.*s%.*s\" is not in model.vocab", path,
-                         r, (int)plen[0], part[0], (int)plen[1], part[1]);
-        }
-        uint32_t a = (uint32_t)ids[0], b = (uint32_t)ids[1];
-        for (uint32_t i = pair_slot(a, b, t->merge_mask);; i = (i + 1) & t->merge_mask) {
-            MergeSlot *s = &t->merges[i];
-            if (s->a == UINT32_MAX || (s->a == a && s->b == b)) {
-                *s = (MergeSlot){a, b, r, ids[2]}; /* a repeated pair keeps its last rank */
-                break;
-            }
-        }
-        t->left_bits[a >> 6] |= 1ull << (a & 63);
-        t->right_bits[b >> 6] |= 1ull << (b & 63);
-    }
-    free(tmp.p);
-    return 0;
+    if (!t->dec_off || !t->dec_len || !t->flags) return LFAIL("%s: out of memory", path);
+    if (load_vocab(t, vocab, path, err)) return -1;
+    return load_merges(t, merges, path, err);
 }
 
+/* Added tokens get their ids the way tokenizers assigns them when it reads the file (the ids
+ * written there are only checked by it, with a warning): a content already added or present in
+ * the model vocabulary keeps that id, any other takes the next id after the vocabulary and the
+ * added tokens so far. For files tokenizers saved itself (Qwen3's) this is the file's ids. A
+ * repeated content replaces the earlier entry's flags, and is special if either entry was. */
 static int load_added(Tok *t, const TjVal *added, const char *path, QErr *err) {
     uint32_t n = added ? added->n : 0;
-    if (strmap_init(&t->added, n)) return LFAIL("%s: out of memory", path);
+    AddedTok *all = calloc(n ? n : 1, sizeof *all);
+    int32_t *entry_of = malloc((size_t)t->n_ids * sizeof *entry_of); /* id -> index in all */
     t->raw.toks = calloc(n ? n : 1, sizeof(AddedTok));
     t->norm.toks = calloc(n ? n : 1, sizeof(AddedTok));
-    if (!t->raw.toks || !t->norm.toks) return LFAIL("%s: out of memory", path);
     Buf tmp = {0};
+    uint8_t *normalized = calloc(n ? n : 1, 1);
+    uint32_t n_all = 0;
+    int32_t max_added = -1, vocab_count = t->vocab_count;
     int rc = 0;
-    for (uint32_t i = 0; i < n && !rc; i++) {
+    if (!all || !entry_of || !t->raw.toks || !t->norm.toks || !normalized || strmap_init(&t->added, n)) {
+        rc = LFAIL("%s: out of memory", path);
+        goto out;
+    }
+    for (int32_t i = 0; i < t->n_ids; i++) entry_of[i] = -1;
+    for (uint32_t i = 0; i < n; i++) {
         const TjVal *a = &added->u.items[i];
-        const TjVal *idv = tj_get(a, "id"), *content = tj_get(a, "content");
-        if (a->type != TJ_OBJ || !is_int_id(idv) || (int32_t)idv->u.num >= t->n_ids) {
-            rc = LFAIL("%s: added_tokens[%u]: missing or invalid id", path, i);
-            break;
-        }
-        if (!content || content->type != TJ_STR ||
+        const TjVal *content = tj_get(a, "content");
+        if (a->type != TJ_OBJ || !content || content->type != TJ_STR ||
             utf8_invalid_at((const unsigned char *)content->u.str, content->n) != content->n) {
             rc = LFAIL("%s: added_tokens[%u].content: missing or not valid UTF-8", path, i);
-            break;
+            goto out;
         }
         if (content->n == 0) continue; /* tokenizers ignores empty added tokens */
-        int special = get_bool(a, "special", 0), normalized = get_bool(a, "normalized", 1);
+        int special = get_bool(a, "special", 0), norm = get_bool(a, "normalized", !special);
         int lstrip = get_bool(a, "lstrip", 0), rstrip = get_bool(a, "rstrip", 0);
         int single = get_bool(a, "single_word", 0);
-        if (special < 0 || normalized < 0 || lstrip < 0 || rstrip < 0 || single < 0) {
+        if (special < 0 || norm < 0 || lstrip < 0 || rstrip < 0 || single < 0) {
             rc = LFAIL("%s: added_tokens[%u]: flags must be booleans", path, i);
-            break;
+            goto out;
         }
-        int32_t id = (int32_t)idv->u.num;
-        /* Decoding: the byte-level mapping if every character is in the alphabet, else the
-         * content's own bytes (tokenizers' ByteLevel decoder does the same). */
+        /* Its id: added before, else in the vocabulary (as a byte-level string), else new. */
+        int32_t id = strmap_get(&t->added, t->pool, content->u.str, content->n);
         tmp.n = 0;
         int bl = bl_decode(&tmp, content->u.str, content->n);
-        uint32_t dec_off, text_off;
-        if (bl < 0 || (bl == 0 && buf_add(&tmp, content->u.str, content->n)) ||
-            pool_add(t, tmp.p, tmp.n, &dec_off) || pool_add(t, content->u.str, content->n, &text_off)) {
+        if (bl < 0) {
             rc = LFAIL("%s: out of memory", path);
-            break;
+            goto out;
         }
+        if (id < 0 && bl > 0) id = strmap_get(&t->vocab, t->pool, tmp.p, tmp.n);
+        if (id < 0) id = max_added < 0 || max_added < vocab_count ? vocab_count : max_added + 1;
+        if (id >= t->n_ids) { /* cannot happen: n_ids leaves room for one new id per entry */
+            rc = LFAIL("%s: added_tokens[%u]: id out of range", path, i);
+            goto out;
+        }
+        if (id > max_added) max_added = id;
+        /* Decoding: the byte-level mapping if every character is in the alphabet, else the
+         * content's own bytes (tokenizers' ByteLevel decoder does the same). */
+        uint32_t dec_off, text_off;
+        if ((bl == 0 && buf_add(&tmp, content->u.str, content->n)) || pool_add(t, tmp.p, tmp.n, &dec_off) ||
+            pool_add(t, content->u.str, content->n, &text_off)) {
+            rc = LFAIL("%s: out of memory", path);
+            goto out;
+        }
+        int was_special = (t->flags[id] & F_SPECIAL) && entry_of[id] >= 0;
         t->dec_off[id] = dec_off;
         t->dec_len[id] = (uint32_t)tmp.n;
-        t->flags[id] = (uint8_t)(F_VALID | (special ? F_SPECIAL : 0));
-        strmap_put(&t->added, t->pool, text_off, content->n, id);
-
-        AddedTok at = {.off = text_off, .len = content->n, .id = id, .lstrip = (uint8_t)lstrip,
-                       .rstrip = (uint8_t)rstrip, .single_word = (uint8_t)single, .order = i};
-        if (normalized && t->nfc) { /* matched against normalized text: normalize it too */
+        t->flags[id] = (uint8_t)(F_VALID | (special || was_special ? F_SPECIAL : 0));
+        strmap_put(&t->added, t->pool, hash_bytes(content->u.str, content->n), text_off, content->n, id);
+        if (entry_of[id] < 0) entry_of[id] = (int32_t)n_all++;
+        uint32_t e = (uint32_t)entry_of[id];
+        all[e] = (AddedTok){.off = text_off, .len = content->n, .id = id, .lstrip = (uint8_t)lstrip,
+                            .rstrip = (uint8_t)rstrip, .single_word = (uint8_t)single, .order = e};
+        normalized[e] = (uint8_t)norm;
+    }
+    if (max_added >= 0 && max_added + 1 > t->n_vocab_ids) t->n_ids = max_added + 1;
+    else t->n_ids = t->n_vocab_ids;
+    for (uint32_t e = 0; e < n_all; e++) {
+        AddedTok at = all[e];
+        if (normalized[e] && t->nfc) { /* matched against normalized text: normalize it too */
             tmp.n = 0;
-            if (nfc_append(&tmp, content->u.str, content->n) || pool_add(t, tmp.p, tmp.n, &at.off)) {
+            if (nfc_append(&tmp, t->pool + at.off, at.len) || pool_add(t, tmp.p, tmp.n, &at.off)) {
                 rc = LFAIL("%s: out of memory", path);
-                break;
+                goto out;
             }
             at.len = (uint32_t)tmp.n;
         }
         at.first = (uint8_t)t->pool[at.off];
-        Matcher *m = normalized ? &t->norm : &t->raw;
+        Matcher *m = normalized[e] ? &t->norm : &t->raw;
         m->toks[m->n++] = at;
     }
-    free(tmp.p);
-    if (rc) return rc;
     matcher_build(&t->raw);
     matcher_build(&t->norm);
-    return 0;
+out:
+    free(all);
+    free(entry_of);
+    free(normalized);
+    free(tmp.p);
+    return rc;
+}
+
+/* tokenizers runs the file's regex with Oniguruma; quill with PCRE2. Their character classes
+ * differ in two ways that change pieces (and so ids), which the pattern is rewritten to undo:
+ * - \s: PCRE2 also counts U+180E (no longer a space since Unicode 6.3) as \s. Oniguruma's \s is
+ *   Unicode White_Space, spelled out here.
+ * - \p{L}, \p{N}: tokenizers' Oniguruma knows Unicode 16, while Debian's PCRE2 10.42 knows
+ *   Unicode 14. These are the letters and numbers it lacks, found by testing every code point
+ *   with both engines (scripts/regex_unicode_gap.py); harmless for a newer PCRE2. */
+#define WHITE_SPACE "\\t\\n\\x0B\\f\\r\\x20\\x85\\xA0\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}" \
+                    "\\x{202F}\\x{205F}\\x{3000}"
+static const char NEW_LETTERS[] =
+    "\\x{1C89}-\\x{1C8A}\\x{A7CB}-\\x{A7CD}\\x{A7DA}-\\x{A7DC}\\x{105C0}-\\x{105F3}"
+    "\\x{10D4A}-\\x{10D65}\\x{10D6F}-\\x{10D85}\\x{10EC2}-\\x{10EC4}\\x{1123F}-\\x{11240}"
+    "\\x{11380}-\\x{11389}\\x{1138B}\\x{1138E}\\x{11390}-\\x{113B5}\\x{113B7}\\x{113D1}"
+    "\\x{113D3}\\x{11BC0}-\\x{11BE0}\\x{11F02}\\x{11F04}-\\x{11F10}\\x{11F12}-\\x{11F33}"
+    "\\x{1342F}\\x{13441}-\\x{13446}\\x{13460}-\\x{143FA}\\x{16100}-\\x{1611D}"
+    "\\x{16D40}-\\x{16D6C}\\x{18CFF}\\x{1B132}\\x{1B155}\\x{1DF25}-\\x{1DF2A}"
+    "\\x{1E030}-\\x{1E06D}\\x{1E4D0}-\\x{1E4EB}\\x{1E5D0}-\\x{1E5ED}\\x{1E5F0}\\x{2B739}"
+    "\\x{2EBF0}-\\x{2EE5D}\\x{31350}-\\x{323AF}";
+static const char NEW_NUMBERS[] =
+    "\\x{10D40}-\\x{10D49}\\x{116D0}-\\x{116E3}\\x{11BF0}-\\x{11BF9}\\x{11F50}-\\x{11F59}"
+    "\\x{16130}-\\x{16139}\\x{16D70}-\\x{16D79}\\x{1CCF0}-\\x{1CCF9}\\x{1D2C0}-\\x{1D2D3}"
+    "\\x{1E4F0}-\\x{1E4F9}\\x{1E5F1}-\\x{1E5FA}";
+
+/* Appends the PCRE2 spelling of an Oniguruma pattern to out: \s, \S, \p{L}, \p{N} (and \P of
+ * those outside brackets) become explicit classes; everything else is copied. Returns -1 on
+ * out-of-memory. */
+static int onig_to_pcre2(Buf *out, const char *pat, size_t n) {
+    int in_class = 0, rc = 0;
+    size_t i = 0;
+    while (i < n && !rc) {
+        char c = pat[i];
+        if (c == '\\' && i + 1 < n) {
+            char e = pat[i + 1];
+            if (e == 's') {
+                rc = buf_add(out, in_class ? WHITE_SPACE : "[" WHITE_SPACE "]",
+                             strlen(WHITE_SPACE) + (in_class ? 0 : 2));
+                i += 2;
+                continue;
+            }
+            if (e == 'S' && !in_class) {
+                rc = buf_add(out, "[^" WHITE_SPACE "]", strlen(WHITE_SPACE) + 3);
+                i += 2;
+                continue;
+            }
+            if ((e == 'p' || (e == 'P' && !in_class)) && i + 4 < n && pat[i + 2] == '{' &&
+                (pat[i + 3] == 'L' || pat[i + 3] == 'N') && pat[i + 4] == '}') {
+                const char *extra = pat[i + 3] == 'L' ? NEW_LETTERS : NEW_NUMBERS;
+                const char *open = in_class ? "" : e == 'P' ? "[^" : "[";
+                char prop[6] = {'\\', 'p', '{', pat[i + 3], '}', 0};
+                rc = buf_add(out, open, strlen(open)) || buf_add(out, prop, 5) ||
+                     buf_add(out, extra, strlen(extra)) || (!in_class && buf_add(out, "]", 1));
+                i += 5;
+                continue;
+            }
+            rc = buf_add(out, pat + i, 2);
+            i += 2;
+            continue;
+        }
+        if (c == '[' && !in_class) {
+            in_class = 1;
+            size_t j = i + 1;
+            if (j < n && pat[j] == '^') j++;
+            if (j < n && pat[j] == ']') j++; /* a ']' first in a class is a literal */
+            rc = buf_add(out, pat + i, j - i);
+            i = j;
+            continue;
+        }
+        if (c == '[' && in_class && i + 1 < n && pat[i + 1] == ':') { /* [:alpha:] */
+            const char *end = memmem(pat + i + 2, n - i - 2, ":]", 2);
+            size_t j = end ? (size_t)(end - pat) + 2 : i + 1;
+            rc = buf_add(out, pat + i, j - i);
+            i = j;
+            continue;
+        }
+        if (c == ']' && in_class) in_class = 0;
+        rc = buf_add(out, &c, 1);
+        i++;
+    }
+    return rc ? -1 : buf_add(out, "", 1); /* NUL-terminated, for error messages */
 }
 
 static int load_pretokenizer(Tok *t, const TjVal *pt, const char *path, QErr *err) {
@@ -684,14 +900,22 @@ static int load_pretokenizer(Tok *t, const TjVal *pt, const char *path, QErr *er
         return LFAIL("%s: pre_tokenizer.pretokenizers[1]: ByteLevel must have use_regex and "
                      "add_prefix_space false", path);
 
+    if (utf8_invalid_at((const unsigned char *)pat->u.str, pat->n) != pat->n)
+        return LFAIL("%s: pre_tokenizer.pretokenizers[0].pattern: not valid UTF-8", path);
+    Buf re = {0};
+    if (onig_to_pcre2(&re, pat->u.str, pat->n)) {
+        free(re.p);
+        return LFAIL("%s: out of memory", path);
+    }
     int code;
     PCRE2_SIZE at;
-    t->re = pcre2_compile((PCRE2_SPTR)pat->u.str, pat->n, PCRE2_UTF | PCRE2_UCP, &code, &at, NULL);
+    t->re = pcre2_compile((PCRE2_SPTR)re.p, re.n - 1, PCRE2_UTF | PCRE2_UCP, &code, &at, NULL);
+    free(re.p);
     if (!t->re) {
         PCRE2_UCHAR msg[256];
         pcre2_get_error_message(code, msg, sizeof msg);
-        return LFAIL("%s: pre_tokenizer.pretokenizers[0].pattern: regex error at offset %zu: %s",
-                     path, (size_t)at, (const char *)msg);
+        return LFAIL("%s: pre_tokenizer.pretokenizers[0].pattern: regex error: %s", path,
+                     (const char *)msg);
     }
     t->re_jit = pcre2_jit_compile(t->re, PCRE2_JIT_COMPLETE) == 0;
     return 0;
@@ -718,12 +942,7 @@ static int load_all(Tok *t, const TjVal *root, const char *path, QErr *err) {
     if (added && added->type != TJ_ARR && added->type != TJ_NULL)
         return LFAIL("%s: added_tokens: expected an array", path);
     if (added && added->type == TJ_NULL) added = NULL;
-    int32_t max_added = -1;
-    for (uint32_t i = 0; added && i < added->n; i++) {
-        const TjVal *id = tj_get(&added->u.items[i], "id");
-        if (is_int_id(id) && (int32_t)id->u.num > max_added) max_added = (int32_t)id->u.num;
-    }
-    if (load_model(t, tj_get(root, "model"), path, max_added, err)) return -1;
+    if (load_model(t, tj_get(root, "model"), path, added ? added->n : 0, err)) return -1;
     return load_added(t, added, path, err);
 }
 
@@ -767,6 +986,7 @@ void tok_free(Tok *t) {
     free(t->vocab.slots);
     free(t->added.slots);
     free(t->merges);
+    free(t->merge_id);
     free(t->left_bits);
     free(t->right_bits);
     free(t->raw.toks);
@@ -955,27 +1175,25 @@ static int bpe(Enc *E, const unsigned char *s, size_t n) {
         next[i] = i + 1 < n ? (int32_t)i + 1 : -1;
     }
     for (size_t i = 0; i + 1 < n; i++) {
-        const MergeSlot *m = merge_get(t, sym[i], sym[i + 1]);
-        if (m) heap_push(heap, &nh, (uint64_t)m->rank << 32 | i);
+        int32_t r = merge_rank(t, sym[i], sym[i + 1]);
+        if (r >= 0) heap_push(heap, &nh, (uint64_t)r << 32 | i);
     }
     while (nh) {
         uint64_t top = heap_pop(heap, &nh);
-        uint32_t rank = (uint32_t)(top >> 32);
-        int32_t pos = (int32_t)(uint32_t)top, nx = next[pos];
+        int32_t rank = (int32_t)(top >> 32), pos = (int32_t)(uint32_t)top, nx = next[pos];
         if (sym[pos] < 0 || nx < 0) continue; /* merged away, or now last */
-        const MergeSlot *m = merge_get(t, sym[pos], sym[nx]);
-        if (!m || m->rank != rank) continue; /* stale: a neighbour changed */
-        sym[pos] = m->id;
+        if (merge_rank(t, sym[pos], sym[nx]) != rank) continue; /* stale: a neighbour changed */
+        sym[pos] = t->merge_id[rank];
         sym[nx] = -1;
         next[pos] = next[nx];
         if (next[pos] >= 0) prev[next[pos]] = pos;
         if (prev[pos] >= 0) {
-            const MergeSlot *l = merge_get(t, sym[prev[pos]], sym[pos]);
-            if (l) heap_push(heap, &nh, (uint64_t)l->rank << 32 | (uint32_t)prev[pos]);
+            int32_t l = merge_rank(t, sym[prev[pos]], sym[pos]);
+            if (l >= 0) heap_push(heap, &nh, (uint64_t)l << 32 | (uint32_t)prev[pos]);
         }
         if (next[pos] >= 0) {
-            const MergeSlot *r = merge_get(t, sym[pos], sym[next[pos]]);
-            if (r) heap_push(heap, &nh, (uint64_t)r->rank << 32 | (uint32_t)pos);
+            int32_t r = merge_rank(t, sym[pos], sym[next[pos]]);
+            if (r >= 0) heap_push(heap, &nh, (uint64_t)r << 32 | (uint32_t)pos);
         }
     }
     size_t k = 0; /* compact the surviving symbols to the front of sym */

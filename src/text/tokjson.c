@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #define TJ_MAX_DEPTH 512
 #define TJ_BLOCK (1u << 20)
@@ -361,36 +362,34 @@ TjDoc *tj_parse_file(const char *path, QErr *err) {
         qerr_set(err, "%s: cannot open: %s", path, strerror(errno));
         return NULL;
     }
-    char *buf = NULL;
-    size_t len = 0, cap = 0, want = 1 << 16;
-    if (!fseek(f, 0, SEEK_END)) {
-        long size = ftell(f);
-        if (size > 0) want = (size_t)size + 1;
-        rewind(f);
+    struct stat st;
+    if (fstat(fileno(f), &st) || !S_ISREG(st.st_mode)) {
+        fclose(f);
+        qerr_set(err, "%s: not a regular file", path);
+        return NULL;
     }
-    for (;;) {
-        if (len + 1 >= cap) {
-            size_t ncap = cap ? cap * 2 : want;
-            char *nb = realloc(buf, ncap);
+    size_t cap = (size_t)st.st_size + 1, len = 0;
+    char *buf = malloc(cap);
+    int oom = !buf;
+    while (!oom) { /* the size is a hint: read until end of file */
+        if (len + 1 == cap) {
+            char *nb = realloc(buf, cap * 2);
             if (!nb) {
-                free(buf);
-                fclose(f);
-                qerr_set(err, "%s: out of memory", path);
-                return NULL;
+                oom = 1;
+                break;
             }
             buf = nb;
-            cap = ncap;
+            cap *= 2;
         }
         size_t got = fread(buf + len, 1, cap - 1 - len, f);
         len += got;
         if (got == 0) break;
     }
-    int bad = ferror(f);
-    int saved = errno;
+    int bad = ferror(f), saved = errno;
     fclose(f);
-    if (bad) {
+    if (oom || bad) {
+        qerr_set(err, "%s: %s", path, oom ? "out of memory" : strerror(saved));
         free(buf);
-        qerr_set(err, "%s: read error: %s", path, strerror(saved));
         return NULL;
     }
     buf[len] = '\0';

@@ -18,8 +18,9 @@
 #include <time.h>
 #include <unistd.h>
 
-/* How long a thread busy-waits before it sleeps; about the gap between two kernels of a decode
- * step, much less than an idle server's gaps. */
+/* How long a thread busy-waits before it sleeps: about the gap between two kernels of a decode
+ * step, much less than an idle server's gaps. (Yielding the CPU while spinning was tried for
+ * oversubscribed machines; it made waits longer, handing the slice to unrelated processes.) */
 #define SPIN_NS 200000L
 
 typedef struct Worker {

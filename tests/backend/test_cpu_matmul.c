@@ -107,6 +107,7 @@ static void test_dense(ThreadPool *pool, const char *isa, int M, int N, int K) {
 typedef struct Q4Case {
     uint8_t *file_codes, *codes;
     uint16_t *scales, *zeros;
+    uint32_t *sz;
     double *wd;
 } Q4Case;
 
@@ -117,6 +118,7 @@ static Q4Case q4_random(int N, int K, int group) {
     c.codes = malloc((size_t)N * K / 2);
     c.scales = malloc((size_t)N * G * sizeof *c.scales);
     c.zeros = malloc((size_t)N * G * sizeof *c.zeros);
+    c.sz = malloc((size_t)N * G * sizeof *c.sz);
     c.wd = malloc((size_t)N * K * sizeof *c.wd);
     for (size_t i = 0; i < (size_t)N * K / 2; i++) c.file_codes[i] = (uint8_t)rng_u64();
     for (size_t i = 0; i < (size_t)N * G; i++) {
@@ -132,13 +134,19 @@ static Q4Case q4_random(int N, int K, int group) {
     return c;
 }
 
-static void q4_free(Q4Case *c) { free(c->file_codes), free(c->codes), free(c->scales), free(c->zeros), free(c->wd); }
+static void q4_free(Q4Case *c) {
+    free(c->file_codes), free(c->codes), free(c->scales), free(c->zeros), free(c->sz), free(c->wd);
+}
+
+static int q4_case_repack(Q4Case *c, int N, int K, int group, QErr *err) {
+    return q4_repack(c->codes, c->sz, c->file_codes, c->scales, c->zeros, N, K, group, err);
+}
 
 static void test_q4(ThreadPool *pool, const char *isa, int M, int N, int K, int group) {
     QErr err = {{0}};
     Q4Case c = q4_random(N, K, group);
-    CHECK(q4_repack(c.codes, c.file_codes, N, K, group, &err) == 0, "repack: %s", err.msg);
-    Q4Weights w = {c.codes, c.scales, c.zeros, group};
+    CHECK(q4_case_repack(&c, N, K, group, &err) == 0, "repack: %s", err.msg);
+    Q4Weights w = {c.codes, c.sz, group};
     float *x = rand_f32((size_t)M * K);
     double *ref = malloc((size_t)M * N * sizeof *ref), *mag = malloc((size_t)M * N * sizeof *mag);
     reference(ref, mag, x, c.wd, M, N, K);
@@ -156,12 +164,15 @@ static void test_q4(ThreadPool *pool, const char *isa, int M, int N, int K, int 
 static void test_repack(int N, int K, int group) {
     QErr err = {{0}};
     Q4Case c = q4_random(N, K, group);
-    CHECK(q4_repack(c.codes, c.file_codes, N, K, group, &err) == 0, "repack: %s", err.msg);
+    CHECK(q4_case_repack(&c, N, K, group, &err) == 0, "repack: %s", err.msg);
     uint8_t *inplace = malloc((size_t)N * K / 2);
+    uint32_t *sz2 = malloc((size_t)N * (K / group) * sizeof *sz2);
     memcpy(inplace, c.file_codes, (size_t)N * K / 2);
-    CHECK(q4_repack(inplace, inplace, N, K, group, &err) == 0, "repack in place: %s", err.msg);
+    CHECK(q4_repack(inplace, sz2, inplace, c.scales, c.zeros, N, K, group, &err) == 0, "repack in place: %s", err.msg);
     CHECK(memcmp(inplace, c.codes, (size_t)N * K / 2) == 0, "in-place repack differs N=%d K=%d", N, K);
-    Q4Weights w = {c.codes, c.scales, c.zeros, group};
+    CHECK(memcmp(sz2, c.sz, (size_t)N * (K / group) * sizeof *sz2) == 0, "sz differs between repacks");
+    free(sz2);
+    Q4Weights w = {c.codes, c.sz, group};
     float *row = malloc((size_t)K * sizeof *row);
     int bad = 0;
     for (int n = 0; n < N; n++) {
@@ -187,7 +198,10 @@ static void test_q4_check(void) {
     CHECK(q4_check(4, 256, 48, &err) == -1 && strstr(err.msg, "group") != NULL, "group 48: %s", err.msg);
     CHECK(q4_check(0, 256, 128, &err) == -1 && strstr(err.msg, "N") != NULL, "N=0: %s", err.msg);
     uint8_t b[64] = {1, 2, 3};
-    CHECK(q4_repack(b, b, 1, 100, 128, &err) == -1 && b[0] == 1, "repack of a bad shape must fail untouched");
+    uint16_t s[1] = {0x3f80}, z[1] = {0};
+    uint32_t sz[1] = {7};
+    CHECK(q4_repack(b, sz, b, s, z, 1, 100, 128, &err) == -1 && b[0] == 1 && sz[0] == 7,
+          "repack of a bad shape must fail untouched");
 }
 
 int main(void) {

@@ -2,7 +2,13 @@
  * random-weight models of ../shared/spec/random-weights.md: full logits at every position where
  * the reference has them, last-position logits otherwise (relative L2 <= 1e-4, same argmax), and
  * greedy continuations of 32 tokens through the engine (identical). Also the int4 references:
- * the bf16 model with every *_proj.weight replaced by torchao's HQQ tensors. */
+ * the bf16 model with every *_proj.weight replaced by torchao's HQQ tensors.
+ *
+ * QUILL_TEST_DEVICE=cuda runs the same checks on the GPU with the bf16 agreement of
+ * ../shared/reference/README.md: relative L2 <= 2e-2. There, argmax must agree where the
+ * reference's top-2 margin exceeds the bf16 noise (0.1 x the row's RMS logit), and a greedy
+ * continuation must agree up to its first near-tie: it may diverge only at a step where our own
+ * top-2 margin is within that noise (skipped, exit 77, without a usable GPU). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +20,32 @@
 #include "engine/engine.h"
 #include "io/safetensors.h"
 #include "model/qwen3.h"
+#ifdef QUILL_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
+
+static bool on_gpu;            /* QUILL_TEST_DEVICE=cuda */
+static double tol = 1e-4;      /* relative L2 of logits: float32 CPU, or bf16 GPU (2e-2) */
+
+static double rms(const float *x, int n) {
+    double s = 0;
+    for (int i = 0; i < n; i++) s += (double)x[i] * x[i];
+    return sqrt(s / n);
+}
+
+/* top-1 minus top-2 of a row */
+static double margin(const float *x, int n) {
+    double a = -INFINITY, b = -INFINITY;
+    for (int i = 0; i < n; i++) {
+        if (x[i] > a) b = a, a = x[i];
+        else if (x[i] > b) b = x[i];
+    }
+    return a - b;
+}
+
+/* Whether argmax must agree at a row with reference margin gap: always on the CPU; on the GPU
+ * only when the margin clears bf16 noise (relative to the row's RMS logit). */
+static bool clear_margin(double gap, const float *row, int n) { return !on_gpu || gap > 0.1 * rms(row, n); }
 
 static double rel_l2(const float *a, const float *b, size_t n) {
     double num = 0, den = 0;
@@ -114,10 +146,13 @@ static void check_prompt(Model *m, Engine *e, StModel *ref, const char *prompt, 
         float *lg = malloc((size_t)n * V * sizeof(float));
         prefill(m, ids, n, chunk, true, lg);
         double err = rel_l2(lg, full->data, (size_t)n * V);
-        CHECK(err <= 1e-4, "%s %s: relative L2 %.3g > 1e-4", prompt, key, err);
+        CHECK(err <= tol, "%s %s: relative L2 %.3g > %g", prompt, key, err, tol);
         int bad = 0;
-        for (int t = 0; t < n; t++)
-            bad += argmax(lg + (size_t)t * V, V) != argmax((const float *)full->data + (size_t)t * V, V);
+        for (int t = 0; t < n; t++) {
+            const float *ref_row = (const float *)full->data + (size_t)t * V;
+            if (clear_margin(margin(ref_row, V), ref_row, V))
+                bad += argmax(lg + (size_t)t * V, V) != argmax(ref_row, V);
+        }
         CHECK(bad == 0, "%s: argmax differs at %d of %d positions", prompt, bad, n);
         printf("%-8s %-22s rel L2 %.2e over %d positions\n", prompt, key, err, n);
         free(lg);
@@ -128,8 +163,9 @@ static void check_prompt(Model *m, Engine *e, StModel *ref, const char *prompt, 
         float *lg = malloc((size_t)V * sizeof(float));
         prefill(m, ids, n, chunk, false, lg);
         double err = rel_l2(lg, last->data, (size_t)V);
-        CHECK(err <= 1e-4, "%s %s: relative L2 %.3g > 1e-4", prompt, key, err);
-        CHECK(argmax(lg, V) == argmax(last->data, V), "%s: last argmax differs", prompt);
+        CHECK(err <= tol, "%s %s: relative L2 %.3g > %g", prompt, key, err, tol);
+        CHECK(!clear_margin(margin(last->data, V), last->data, V) || argmax(lg, V) == argmax(last->data, V),
+              "%s: last argmax differs", prompt);
         printf("%-8s %-22s rel L2 %.2e (len %d)\n", prompt, key, err, n);
         free(lg);
     }
@@ -145,14 +181,14 @@ static void check_prompt(Model *m, Engine *e, StModel *ref, const char *prompt, 
         for (int t = 0; t < n; t++) {
             const int32_t *ti = (const int32_t *)top_ids->data + t * 8;
             const float *tl = (const float *)top_lg->data + t * 8;
-            bad += argmax(lg + (size_t)t * V, V) != ti[0];
+            if (clear_margin(tl[0] - tl[1], lg + (size_t)t * V, V)) bad += argmax(lg + (size_t)t * V, V) != ti[0];
             for (int j = 0; j < 8; j++) {
                 double d = lg[(size_t)t * V + ti[j]] - tl[j];
                 num += d * d;
                 den += (double)tl[j] * tl[j];
             }
         }
-        CHECK(sqrt(num / den) <= 1e-4, "%s top8 logits: relative L2 %.3g", prompt, sqrt(num / den));
+        CHECK(sqrt(num / den) <= tol, "%s top8 logits: relative L2 %.3g", prompt, sqrt(num / den));
         CHECK(bad == 0, "%s: top-1 differs at %d positions", prompt, bad);
         printf("%-8s %-22s rel L2 %.2e over %d positions\n", prompt, "top8_logits", sqrt(num / den), n);
         free(lg);
@@ -163,7 +199,24 @@ static void check_prompt(Model *m, Engine *e, StModel *ref, const char *prompt, 
         Collect c;
         greedy(e, ids, n, &c);
         int same = c.n == 32 && !memcmp(c.ids, g->data, 32 * sizeof(int32_t));
-        CHECK(same, "%s %s: greedy continuation differs", prompt, key);
+        const int32_t *want = g->data;
+        int agree = 0;
+        while (agree < c.n && agree < 32 && c.ids[agree] == want[agree]) agree++;
+        if (on_gpu && !same && agree < c.n) {
+            /* bf16: a divergence is allowed at a near-tie of our own logits after the shared prefix */
+            int32_t *seq = malloc((size_t)(n + agree) * sizeof *seq);
+            float *lg = malloc((size_t)V * sizeof *lg);
+            memcpy(seq, ids, (size_t)n * sizeof *seq);
+            memcpy(seq + n, want, (size_t)agree * sizeof *seq);
+            prefill(m, seq, n + agree, chunk, false, lg);
+            double gap = fabs((double)lg[c.ids[agree]] - lg[want[agree]]);
+            same = gap <= 0.1 * rms(lg, V);
+            printf("%-8s %-22s agrees for %d tokens, then a near-tie (gap %.3g, row RMS %.3g)\n", prompt, key, agree,
+                   gap, rms(lg, V));
+            free(seq);
+            free(lg);
+        }
+        CHECK(same, "%s %s: greedy continuation differs after %d tokens", prompt, key, agree);
         if (!same) {
             for (int i = 0; i < c.n; i++) fprintf(stderr, "%d%s", c.ids[i], i + 1 < c.n ? "," : "\n");
             for (int i = 0; i < 32; i++) fprintf(stderr, "%d%s", ((const int32_t *)g->data)[i], i < 31 ? "," : "\n");
@@ -175,8 +228,13 @@ static void check_prompt(Model *m, Engine *e, StModel *ref, const char *prompt, 
 static void check_model(const char *model_dir, const char *ref_file, const char *const *prompts, int n_prompts,
                         bool int4) {
     QErr err;
-    Backend *be = cpu_backend_create(0, &err);
-    CHECK(be != NULL, "cpu backend: %s", err.msg);
+    Backend *be = NULL;
+#ifdef QUILL_HAVE_CUDA
+    if (on_gpu) be = cuda_backend_create(0, &err);
+#endif
+    if (!on_gpu) be = cpu_backend_create(0, &err);
+    CHECK(be != NULL, "%s backend: %s", on_gpu ? "cuda" : "cpu", err.msg);
+    if (!be) return;
     StModel *ref = st_open_file(shared_path(ref_file), &err);
     CHECK(ref != NULL, "%s", err.msg);
     /* Small steps (64 tokens) so the 513-token prompt goes through chunked prefill. */
@@ -195,6 +253,9 @@ static void check_model(const char *model_dir, const char *ref_file, const char 
     engine_free(e);
     model_free(m);
     st_close(ref);
+#ifdef QUILL_HAVE_CUDA
+    if (on_gpu) CHECK(cuda_backend_error(be) == NULL, "CUDA error: %s", cuda_backend_error(be));
+#endif
     be->ops->destroy(be);
 }
 
@@ -252,6 +313,20 @@ static bool make_int4_ref(const char *bf16_dir, const char *hqq_file, char *out,
 }
 
 int main(void) {
+    const char *dev = getenv("QUILL_TEST_DEVICE");
+    on_gpu = dev && !strcmp(dev, "cuda");
+    if (on_gpu) {
+#ifdef QUILL_HAVE_CUDA
+        if (!cuda_backend_available()) {
+            printf("QUILL_TEST_DEVICE=cuda but no CUDA device: skipped\n");
+            return 77;
+        }
+        tol = 2e-2;
+#else
+        printf("QUILL_TEST_DEVICE=cuda but built without the CUDA backend: skipped\n");
+        return 77;
+#endif
+    }
     char small[512], tiny[512], q[600];
     static const char *const small_prompts[] = {"len1", "len5", "len64", "len513"};
     static const char *const tiny_prompts[] = {"chat", "raw", "long"};

@@ -46,6 +46,10 @@
  * specialisation touches only [mr][nr]. */
 #define TILE_MMAX 8
 #define TILE_NMAX 4
+#define TILE_UMAX 4
+/* Independent accumulators per (row of x, row of W): enough FMA chains in flight for small tiles
+ * (an FMA has ~4 cycles of latency); 1 for tiles of 4 or more. */
+#define TILE_U(MR, NR) ((MR) * (NR) >= 4 ? 1 : (MR) * (NR) == 1 ? 4 : 2)
 
 /* One product: shared by all tasks of a call. */
 typedef struct MmJob MmJob;
@@ -90,9 +94,17 @@ static inline int imin(int a, int b) { return a < b ? a : b; }
         default: break;                                   \
     }
 
-/* A panel: rows [n0, n1) of W against all M rows of x, in tiles of at most MR x NR. */
+/* A panel: rows [n0, n1) of W against all M rows of x. Up to TILE_MMAX rows of x (decode, bound
+ * by weight bandwidth) go one weight row at a time, so the weights are read as a single
+ * sequential stream, which hardware prefetchers follow best; larger M (prefill, bound by
+ * arithmetic) uses MR x NR tiles, each weight row reused for MR rows of x from registers. */
 #define DEFINE_PANEL(NAME, TILE, MR, NR)                                   \
     static void NAME(const MmJob *job, int n0, int n1) {                   \
+        if (job->M <= TILE_MMAX) {                                         \
+            for (int n = n0; n < n1; n++)                                  \
+                DISPATCH(TILE, TILE_MMAX, 1, job->M, 1, job, 0, n)         \
+            return;                                                        \
+        }                                                                  \
         for (int m0 = 0; m0 < job->M; m0 += (MR)) {                        \
             int mr = imin((MR), job->M - m0);                              \
             for (int n = n0; n < n1; n += (NR)) {                          \
@@ -106,6 +118,28 @@ static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline unsigned q4_code(const uint8_t *blk, int c) {
     int j = c >> 4, d = c & 15;
     return (blk[4 * d + (j >> 1)] >> ((j & 1) * 4)) & 15u;
+}
+
+/* Walking a row of int4 blocks without divisions in the loop: bit j of `starts` says that the
+ * j-th 16-column vector of a block begins a group, whose index is gbase + (j >> jshift); gbase
+ * grows by gpb every bpg blocks. */
+typedef struct Q4Groups {
+    unsigned starts;
+    int jshift, gpb, bpg;
+} Q4Groups;
+
+static inline Q4Groups q4_groups(int group) {
+    if (group >= Q4_BLOCK) return (Q4Groups){1u, 3, 1, group / Q4_BLOCK};
+    return group == 64 ? (Q4Groups){0x11u, 2, 2, 1} : (Q4Groups){0x55u, 1, 4, 1};
+}
+
+/* Single-row tiles read one weight stream; hardware prefetchers ramp up too slowly on the
+ * short rows (2-6 KiB) and leave about a fifth of the bandwidth unused, so the kernels ask for
+ * the bytes PREFETCH_AHEAD further along as they go (distances of 2-6 KiB measured alike). */
+#define PREFETCH_AHEAD 4096
+MM_INLINE void prefetch_row(const void *p, const int bytes) {
+#pragma GCC unroll 4
+    for (int o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + PREFETCH_AHEAD + o, 0, 3);
 }
 
 /* Scalar tail of a bf16/f32 dot product: columns [k0, K). */
@@ -139,12 +173,11 @@ static void panel_q4_scalar(const MmJob *job, int n0, int n1) {
         for (int m = 0; m < job->M; m++) {
             const float *x = job->x + (size_t)m * K;
             float acc = 0.f;
-            for (int k = 0; k < K; k++) {
-                int g = k / q->group;
-                float s = bf16_to_f32(q->scales[(size_t)n * G + g]);
-                float z = bf16_to_f32(q->zeros[(size_t)n * G + g]);
-                float wv = ((float)q4_code(codes + (k / Q4_BLOCK) * 64, k % Q4_BLOCK) - 8.f) * s + z;
-                acc += x[k] * wv;
+            for (int g = 0; g < G; g++) {
+                uint32_t sz = q->sz[(size_t)n * G + g];
+                float s = bf16_to_f32((uint16_t)sz), z = bf16_to_f32((uint16_t)(sz >> 16));
+                for (int k = g * q->group; k < (g + 1) * q->group; k++)
+                    acc += x[k] * (((float)q4_code(codes + (k / Q4_BLOCK) * 64, k % Q4_BLOCK) - 8.f) * s + z);
             }
             job->y[(size_t)m * job->N + n] = acc;
         }
@@ -163,16 +196,36 @@ MM_INLINE __m512 ld16_bf16(const uint16_t *w) {
 
 /* MR x NR tile of a dense product; wide = 1 for f32 weights, 0 for bf16. */
 MM_INLINE void tile_dense_512(const MmJob *job, int m0, int n0, int wide, const int MR, const int NR) {
-    const int K = job->K;
+    const int K = job->K, U = TILE_U(MR, NR);
     const float *x = job->x + (size_t)m0 * K;
     const uint16_t *wb = (const uint16_t *)job->w + (size_t)n0 * K;
     const float *wf = (const float *)job->w + (size_t)n0 * K;
-    __m512 acc[TILE_MMAX][TILE_NMAX];
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; i++)
+    __m512 acc[TILE_UMAX][TILE_MMAX][TILE_NMAX];
 #pragma GCC unroll 4
-        for (int r = 0; r < NR; r++) acc[i][r] = _mm512_setzero_ps();
+    for (int u = 0; u < U; u++)
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++) acc[u][i][r] = _mm512_setzero_ps();
     int k = 0;
+    for (; k + 16 * U <= K; k += 16 * U) {
+        if (NR == 1) prefetch_row(wide ? (const void *)(wf + k) : (const void *)(wb + k), 16 * U * (wide ? 4 : 2));
+#pragma GCC unroll 4
+        for (int u = 0; u < U; u++) {
+            const int ku = k + 16 * u;
+            __m512 wv[TILE_NMAX];
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++)
+                wv[r] = wide ? _mm512_loadu_ps(wf + (size_t)r * K + ku) : ld16_bf16(wb + (size_t)r * K + ku);
+#pragma GCC unroll 8
+            for (int i = 0; i < MR; i++) {
+                __m512 xv = _mm512_loadu_ps(x + (size_t)i * K + ku);
+                if (NR > 1) __asm__("" : "+v"(xv));
+#pragma GCC unroll 4
+                for (int r = 0; r < NR; r++) acc[u][i][r] = _mm512_fmadd_ps(xv, wv[r], acc[u][i][r]);
+            }
+        }
+    }
     for (; k + 16 <= K; k += 16) {
         __m512 wv[TILE_NMAX];
 #pragma GCC unroll 4
@@ -182,7 +235,7 @@ MM_INLINE void tile_dense_512(const MmJob *job, int m0, int n0, int wide, const 
         for (int i = 0; i < MR; i++) {
             __m512 xv = _mm512_loadu_ps(x + (size_t)i * K + k);
 #pragma GCC unroll 4
-            for (int r = 0; r < NR; r++) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
+            for (int r = 0; r < NR; r++) acc[0][i][r] = _mm512_fmadd_ps(xv, wv[r], acc[0][i][r]);
         }
     }
 #pragma GCC unroll 8
@@ -191,7 +244,10 @@ MM_INLINE void tile_dense_512(const MmJob *job, int m0, int n0, int wide, const 
         for (int r = 0; r < NR; r++) {
             const void *wr = wide ? (const void *)(wf + (size_t)r * K) : (const void *)(wb + (size_t)r * K);
             float t = k < K ? dot_tail(x + (size_t)i * K, wr, wide, k, K) : 0.f;
-            job->y[(size_t)(m0 + i) * job->N + n0 + r] = _mm512_reduce_add_ps(acc[i][r]) + t;
+            __m512 a = acc[0][i][r];
+#pragma GCC unroll 4
+            for (int u = 1; u < U; u++) a = _mm512_add_ps(a, acc[u][i][r]);
+            job->y[(size_t)(m0 + i) * job->N + n0 + r] = _mm512_reduce_add_ps(a) + t;
         }
 }
 
@@ -204,30 +260,36 @@ DEFINE_PANEL(panel_f32_avx512, TILE_F32_512, 4, 4)
  * per 16 columns, one shift of the block's words and one vpermps give the weights. */
 MM_INLINE void tile_q4_512(const MmJob *job, int m0, int n0, const int MR, const int NR) {
     const Q4Weights *q = job->w;
-    const int K = job->K, group = q->group, G = K / group;
-    const int vpg = group < Q4_BLOCK ? group / 16 : 8; /* 16-column vectors per table */
+    const int K = job->K, group = q->group, G = K / group, U = TILE_U(MR, NR);
+    const Q4Groups qg = q4_groups(group);
     const float *x = job->x + (size_t)m0 * K;
     const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    __m512 acc[TILE_MMAX][TILE_NMAX];
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; i++)
+    const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 acc[TILE_UMAX][TILE_MMAX][TILE_NMAX];
 #pragma GCC unroll 4
-        for (int r = 0; r < NR; r++) acc[i][r] = _mm512_setzero_ps();
+    for (int u = 0; u < U; u++)
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++) acc[u][i][r] = _mm512_setzero_ps();
+    int gbase = 0, bcount = 0;
     for (int b = 0; b < K / Q4_BLOCK; b++) {
         __m512i v[TILE_NMAX];
         __m512 tbl[TILE_NMAX];
 #pragma GCC unroll 4
         for (int r = 0; r < NR; r++)
             v[r] = _mm512_loadu_si512(q->codes + (size_t)(n0 + r) * (K / 2) + (size_t)b * 64);
+        if (NR == 1) prefetch_row(q->codes + (size_t)n0 * (K / 2) + (size_t)b * 64, 64);
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
-            if (j % vpg == 0) {
-                int g = (b * Q4_BLOCK + 16 * j) / group;
+            if (qg.starts >> j & 1) {
+                int g = gbase + (j >> qg.jshift);
 #pragma GCC unroll 4
                 for (int r = 0; r < NR; r++) {
-                    size_t o = (size_t)(n0 + r) * G + g;
-                    tbl[r] = _mm512_fmadd_ps(lut, _mm512_set1_ps(bf16_to_f32(q->scales[o])),
-                                             _mm512_set1_ps(bf16_to_f32(q->zeros[o])));
+                    __m512i sz = _mm512_set1_epi32((int)q->sz[(size_t)(n0 + r) * G + g]);
+                    __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(sz, 16));
+                    __m512 z = _mm512_castsi512_ps(_mm512_and_si512(sz, hi16));
+                    tbl[r] = _mm512_fmadd_ps(lut, s, z);
                 }
             }
             __m512 wv[TILE_NMAX];
@@ -237,23 +299,32 @@ MM_INLINE void tile_q4_512(const MmJob *job, int m0, int n0, const int MR, const
 #pragma GCC unroll 8
             for (int i = 0; i < MR; i++) {
                 __m512 xv = _mm512_loadu_ps(x + (size_t)i * K + b * Q4_BLOCK + 16 * j);
+                if (NR > 1) __asm__("" : "+v"(xv));
 #pragma GCC unroll 4
-                for (int r = 0; r < NR; r++) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
+                for (int r = 0; r < NR; r++) acc[j % U][i][r] = _mm512_fmadd_ps(xv, wv[r], acc[j % U][i][r]);
             }
+        }
+        if (++bcount == qg.bpg) {
+            bcount = 0;
+            gbase += qg.gpb;
         }
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
-        for (int r = 0; r < NR; r++)
-            job->y[(size_t)(m0 + i) * job->N + n0 + r] = _mm512_reduce_add_ps(acc[i][r]);
+        for (int r = 0; r < NR; r++) {
+            __m512 a = acc[0][i][r];
+#pragma GCC unroll 4
+            for (int u = 1; u < U; u++) a = _mm512_add_ps(a, acc[u][i][r]);
+            job->y[(size_t)(m0 + i) * job->N + n0 + r] = _mm512_reduce_add_ps(a);
+        }
 }
 
 DEFINE_PANEL(panel_q4_avx512, tile_q4_512, 4, 4)
 #endif
 
 /* ---------------------------------------------------------------------------------------------
- * AVX2 + FMA */
+ * AVX2 + FMA: the same tiles with 8-wide vectors and 16 registers. */
 #ifdef MM_HAVE_AVX2
 
 MM_INLINE float hsum256(__m256 v) {
@@ -269,16 +340,36 @@ MM_INLINE __m256 ld8_bf16(const uint16_t *w) {
 }
 
 MM_INLINE void tile_dense_avx2(const MmJob *job, int m0, int n0, int wide, const int MR, const int NR) {
-    const int K = job->K;
+    const int K = job->K, U = TILE_U(MR, NR);
     const float *x = job->x + (size_t)m0 * K;
     const uint16_t *wb = (const uint16_t *)job->w + (size_t)n0 * K;
     const float *wf = (const float *)job->w + (size_t)n0 * K;
-    __m256 acc[TILE_MMAX][TILE_NMAX];
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; i++)
+    __m256 acc[TILE_UMAX][TILE_MMAX][TILE_NMAX];
 #pragma GCC unroll 4
-        for (int r = 0; r < NR; r++) acc[i][r] = _mm256_setzero_ps();
+    for (int u = 0; u < U; u++)
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++) acc[u][i][r] = _mm256_setzero_ps();
     int k = 0;
+    for (; k + 8 * U <= K; k += 8 * U) {
+        if (NR == 1) prefetch_row(wide ? (const void *)(wf + k) : (const void *)(wb + k), 8 * U * (wide ? 4 : 2));
+#pragma GCC unroll 4
+        for (int u = 0; u < U; u++) {
+            const int ku = k + 8 * u;
+            __m256 wv[TILE_NMAX];
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++)
+                wv[r] = wide ? _mm256_loadu_ps(wf + (size_t)r * K + ku) : ld8_bf16(wb + (size_t)r * K + ku);
+#pragma GCC unroll 8
+            for (int i = 0; i < MR; i++) {
+                __m256 xv = _mm256_loadu_ps(x + (size_t)i * K + ku);
+                if (NR > 1) __asm__("" : "+x"(xv));
+#pragma GCC unroll 4
+                for (int r = 0; r < NR; r++) acc[u][i][r] = _mm256_fmadd_ps(xv, wv[r], acc[u][i][r]);
+            }
+        }
+    }
     for (; k + 8 <= K; k += 8) {
         __m256 wv[TILE_NMAX];
 #pragma GCC unroll 4
@@ -288,7 +379,7 @@ MM_INLINE void tile_dense_avx2(const MmJob *job, int m0, int n0, int wide, const
         for (int i = 0; i < MR; i++) {
             __m256 xv = _mm256_loadu_ps(x + (size_t)i * K + k);
 #pragma GCC unroll 4
-            for (int r = 0; r < NR; r++) acc[i][r] = _mm256_fmadd_ps(xv, wv[r], acc[i][r]);
+            for (int r = 0; r < NR; r++) acc[0][i][r] = _mm256_fmadd_ps(xv, wv[r], acc[0][i][r]);
         }
     }
 #pragma GCC unroll 8
@@ -297,7 +388,10 @@ MM_INLINE void tile_dense_avx2(const MmJob *job, int m0, int n0, int wide, const
         for (int r = 0; r < NR; r++) {
             const void *wr = wide ? (const void *)(wf + (size_t)r * K) : (const void *)(wb + (size_t)r * K);
             float t = k < K ? dot_tail(x + (size_t)i * K, wr, wide, k, K) : 0.f;
-            job->y[(size_t)(m0 + i) * job->N + n0 + r] = hsum256(acc[i][r]) + t;
+            __m256 a = acc[0][i][r];
+#pragma GCC unroll 4
+            for (int u = 1; u < U; u++) a = _mm256_add_ps(a, acc[u][i][r]);
+            job->y[(size_t)(m0 + i) * job->N + n0 + r] = hsum256(a) + t;
         }
 }
 
@@ -307,67 +401,65 @@ DEFINE_PANEL(panel_bf16_avx2, TILE_BF16_AVX2, 4, 3)
 DEFINE_PANEL(panel_f32_avx2, TILE_F32_AVX2, 4, 3)
 
 /* Int4 with 8-wide vectors: the block's 16 words are two registers (words 0-7 -> columns
- * 16j + 0..7, words 8-15 -> 16j + 8..15); w = q * scale + (zero - 8 * scale). */
+ * 16j + 0..7, words 8-15 -> 16j + 8..15); w = q * scale + (zero - 8 * scale). One weight row per
+ * tile (a row's codes, scale and zero take 4 of the 16 registers). */
 MM_INLINE void tile_q4_avx2(const MmJob *job, int m0, int n0, const int MR, const int NR) {
     const Q4Weights *q = job->w;
-    const int K = job->K, group = q->group, G = K / group;
-    const int vpg = group < Q4_BLOCK ? group / 16 : 8;
+    const int K = job->K, G = K / q->group, U = TILE_U(MR, 1);
+    const Q4Groups qg = q4_groups(q->group);
     const float *x = job->x + (size_t)m0 * K;
-    const __m256i mask = _mm256_set1_epi32(15);
-    __m256 acc[TILE_MMAX][TILE_NMAX];
+    const uint8_t *codes = q->codes + (size_t)n0 * (K / 2);
+    const __m256i mask = _mm256_set1_epi32(15), hi16 = _mm256_set1_epi32((int)0xffff0000u);
+    const __m256 eight = _mm256_set1_ps(8.f);
+    (void)NR; /* always 1 */
+    __m256 acc[TILE_UMAX][TILE_MMAX];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; u++)
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; i++)
-#pragma GCC unroll 4
-        for (int r = 0; r < NR; r++) acc[i][r] = _mm256_setzero_ps();
+        for (int i = 0; i < MR; i++) acc[u][i] = _mm256_setzero_ps();
+    int gbase = 0, bcount = 0;
+    __m256 sc = _mm256_setzero_ps(), zb = _mm256_setzero_ps();
     for (int b = 0; b < K / Q4_BLOCK; b++) {
-        __m256i v[TILE_NMAX][2];
-        __m256 sc[TILE_NMAX], zb[TILE_NMAX];
-#pragma GCC unroll 4
-        for (int r = 0; r < NR; r++) {
-            const uint8_t *blk = q->codes + (size_t)(n0 + r) * (K / 2) + (size_t)b * 64;
-            v[r][0] = _mm256_loadu_si256((const __m256i *)blk);
-            v[r][1] = _mm256_loadu_si256((const __m256i *)(blk + 32));
-        }
+        prefetch_row(codes + (size_t)b * 64, 64);
+        __m256i v[2] = {_mm256_loadu_si256((const __m256i *)(codes + (size_t)b * 64)),
+                        _mm256_loadu_si256((const __m256i *)(codes + (size_t)b * 64 + 32))};
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
-            if (j % vpg == 0) {
-                int g = (b * Q4_BLOCK + 16 * j) / group;
-#pragma GCC unroll 4
-                for (int r = 0; r < NR; r++) {
-                    size_t o = (size_t)(n0 + r) * G + g;
-                    float s = bf16_to_f32(q->scales[o]);
-                    sc[r] = _mm256_set1_ps(s);
-                    zb[r] = _mm256_set1_ps(bf16_to_f32(q->zeros[o]) - 8.f * s);
-                }
+            if (qg.starts >> j & 1) {
+                __m256i sz = _mm256_set1_epi32((int)q->sz[(size_t)n0 * G + gbase + (j >> qg.jshift)]);
+                sc = _mm256_castsi256_ps(_mm256_slli_epi32(sz, 16));
+                zb = _mm256_fnmadd_ps(eight, sc, _mm256_castsi256_ps(_mm256_and_si256(sz, hi16)));
             }
 #pragma GCC unroll 2
             for (int h = 0; h < 2; h++) {
-                __m256 wv[TILE_NMAX];
-#pragma GCC unroll 4
-                for (int r = 0; r < NR; r++) {
-                    __m256i c = _mm256_and_si256(_mm256_srli_epi32(v[r][h], 4 * j), mask);
-                    wv[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), sc[r], zb[r]);
-                }
+                __m256i c = _mm256_and_si256(_mm256_srli_epi32(v[h], 4 * j), mask);
+                __m256 wv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), sc, zb);
 #pragma GCC unroll 8
                 for (int i = 0; i < MR; i++) {
                     __m256 xv = _mm256_loadu_ps(x + (size_t)i * K + b * Q4_BLOCK + 16 * j + 8 * h);
-#pragma GCC unroll 4
-                    for (int r = 0; r < NR; r++) acc[i][r] = _mm256_fmadd_ps(xv, wv[r], acc[i][r]);
+                    acc[(2 * j + h) % U][i] = _mm256_fmadd_ps(xv, wv, acc[(2 * j + h) % U][i]);
                 }
             }
         }
+        if (++bcount == qg.bpg) {
+            bcount = 0;
+            gbase += qg.gpb;
+        }
     }
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; i++)
+    for (int i = 0; i < MR; i++) {
+        __m256 a = acc[0][i];
 #pragma GCC unroll 4
-        for (int r = 0; r < NR; r++) job->y[(size_t)(m0 + i) * job->N + n0 + r] = hsum256(acc[i][r]);
+        for (int u = 1; u < U; u++) a = _mm256_add_ps(a, acc[u][i]);
+        job->y[(size_t)(m0 + i) * job->N + n0] = hsum256(a);
+    }
 }
 
-DEFINE_PANEL(panel_q4_avx2, tile_q4_avx2, 2, 2)
+DEFINE_PANEL(panel_q4_avx2, tile_q4_avx2, 8, 1)
 #endif
 
 /* ---------------------------------------------------------------------------------------------
- * NEON (aarch64) */
+ * NEON (aarch64): 4-wide vectors, 32 registers. */
 #ifdef MM_HAVE_NEON
 
 MM_INLINE float32x4_t ld4_bf16(const uint16_t *w) {
@@ -375,16 +467,35 @@ MM_INLINE float32x4_t ld4_bf16(const uint16_t *w) {
 }
 
 MM_INLINE void tile_dense_neon(const MmJob *job, int m0, int n0, int wide, const int MR, const int NR) {
-    const int K = job->K;
+    const int K = job->K, U = TILE_U(MR, NR);
     const float *x = job->x + (size_t)m0 * K;
     const uint16_t *wb = (const uint16_t *)job->w + (size_t)n0 * K;
     const float *wf = (const float *)job->w + (size_t)n0 * K;
-    float32x4_t acc[TILE_MMAX][TILE_NMAX];
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; i++)
+    float32x4_t acc[TILE_UMAX][TILE_MMAX][TILE_NMAX];
 #pragma GCC unroll 4
-        for (int r = 0; r < NR; r++) acc[i][r] = vdupq_n_f32(0.f);
+    for (int u = 0; u < U; u++)
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++) acc[u][i][r] = vdupq_n_f32(0.f);
     int k = 0;
+    for (; k + 4 * U <= K; k += 4 * U) {
+        if (NR == 1) prefetch_row(wide ? (const void *)(wf + k) : (const void *)(wb + k), 4 * U * (wide ? 4 : 2));
+#pragma GCC unroll 4
+        for (int u = 0; u < U; u++) {
+            const int ku = k + 4 * u;
+            float32x4_t wv[TILE_NMAX];
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++)
+                wv[r] = wide ? vld1q_f32(wf + (size_t)r * K + ku) : ld4_bf16(wb + (size_t)r * K + ku);
+#pragma GCC unroll 8
+            for (int i = 0; i < MR; i++) {
+                float32x4_t xv = vld1q_f32(x + (size_t)i * K + ku);
+#pragma GCC unroll 4
+                for (int r = 0; r < NR; r++) acc[u][i][r] = vfmaq_f32(acc[u][i][r], xv, wv[r]);
+            }
+        }
+    }
     for (; k + 4 <= K; k += 4) {
         float32x4_t wv[TILE_NMAX];
 #pragma GCC unroll 4
@@ -394,7 +505,7 @@ MM_INLINE void tile_dense_neon(const MmJob *job, int m0, int n0, int wide, const
         for (int i = 0; i < MR; i++) {
             float32x4_t xv = vld1q_f32(x + (size_t)i * K + k);
 #pragma GCC unroll 4
-            for (int r = 0; r < NR; r++) acc[i][r] = vfmaq_f32(acc[i][r], xv, wv[r]);
+            for (int r = 0; r < NR; r++) acc[0][i][r] = vfmaq_f32(acc[0][i][r], xv, wv[r]);
         }
     }
 #pragma GCC unroll 8
@@ -403,7 +514,10 @@ MM_INLINE void tile_dense_neon(const MmJob *job, int m0, int n0, int wide, const
         for (int r = 0; r < NR; r++) {
             const void *wr = wide ? (const void *)(wf + (size_t)r * K) : (const void *)(wb + (size_t)r * K);
             float t = k < K ? dot_tail(x + (size_t)i * K, wr, wide, k, K) : 0.f;
-            job->y[(size_t)(m0 + i) * job->N + n0 + r] = vaddvq_f32(acc[i][r]) + t;
+            float32x4_t a = acc[0][i][r];
+#pragma GCC unroll 4
+            for (int u = 1; u < U; u++) a = vaddq_f32(a, acc[u][i][r]);
+            job->y[(size_t)(m0 + i) * job->N + n0 + r] = vaddvq_f32(a) + t;
         }
 }
 
@@ -416,34 +530,37 @@ DEFINE_PANEL(panel_f32_neon, TILE_F32_NEON, 4, 4)
  * 16j + 4c..4c+3); w = q * scale + (zero - 8 * scale). */
 MM_INLINE void tile_q4_neon(const MmJob *job, int m0, int n0, const int MR, const int NR) {
     const Q4Weights *q = job->w;
-    const int K = job->K, group = q->group, G = K / group;
-    const int vpg = group < Q4_BLOCK ? group / 16 : 8;
+    const int K = job->K, G = K / q->group, U = TILE_U(MR, NR);
+    const Q4Groups qg = q4_groups(q->group);
     const float *x = job->x + (size_t)m0 * K;
-    const uint32x4_t mask = vdupq_n_u32(15);
-    float32x4_t acc[TILE_MMAX][TILE_NMAX];
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; i++)
+    const uint32x4_t mask = vdupq_n_u32(15), hi16 = vdupq_n_u32(0xffff0000u);
+    const float32x4_t eight = vdupq_n_f32(8.f);
+    float32x4_t acc[TILE_UMAX][TILE_MMAX][TILE_NMAX];
 #pragma GCC unroll 4
-        for (int r = 0; r < NR; r++) acc[i][r] = vdupq_n_f32(0.f);
+    for (int u = 0; u < U; u++)
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++) acc[u][i][r] = vdupq_n_f32(0.f);
+    int gbase = 0, bcount = 0;
+    float32x4_t sc[TILE_NMAX], zb[TILE_NMAX];
     for (int b = 0; b < K / Q4_BLOCK; b++) {
         uint32x4_t v[TILE_NMAX][4];
-        float32x4_t sc[TILE_NMAX], zb[TILE_NMAX];
 #pragma GCC unroll 4
         for (int r = 0; r < NR; r++) {
             const uint8_t *blk = q->codes + (size_t)(n0 + r) * (K / 2) + (size_t)b * 64;
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++) v[r][c] = vreinterpretq_u32_u8(vld1q_u8(blk + 16 * c));
         }
+        if (NR == 1) prefetch_row(q->codes + (size_t)n0 * (K / 2) + (size_t)b * 64, 64);
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
-            if (j % vpg == 0) {
-                int g = (b * Q4_BLOCK + 16 * j) / group;
+            if (qg.starts >> j & 1) {
 #pragma GCC unroll 4
                 for (int r = 0; r < NR; r++) {
-                    size_t o = (size_t)(n0 + r) * G + g;
-                    float s = bf16_to_f32(q->scales[o]);
-                    sc[r] = vdupq_n_f32(s);
-                    zb[r] = vdupq_n_f32(bf16_to_f32(q->zeros[o]) - 8.f * s);
+                    uint32x4_t sz = vdupq_n_u32(q->sz[(size_t)(n0 + r) * G + gbase + (j >> qg.jshift)]);
+                    sc[r] = vreinterpretq_f32_u32(vshlq_n_u32(sz, 16));
+                    zb[r] = vfmsq_f32(vreinterpretq_f32_u32(vandq_u32(sz, hi16)), sc[r], eight);
                 }
             }
             const int32x4_t shift = vdupq_n_s32(-4 * j);
@@ -459,15 +576,24 @@ MM_INLINE void tile_q4_neon(const MmJob *job, int m0, int n0, const int MR, cons
                 for (int i = 0; i < MR; i++) {
                     float32x4_t xv = vld1q_f32(x + (size_t)i * K + b * Q4_BLOCK + 16 * j + 4 * c);
 #pragma GCC unroll 4
-                    for (int r = 0; r < NR; r++) acc[i][r] = vfmaq_f32(acc[i][r], xv, wv[r]);
+                    for (int r = 0; r < NR; r++) acc[c % U][i][r] = vfmaq_f32(acc[c % U][i][r], xv, wv[r]);
                 }
             }
+        }
+        if (++bcount == qg.bpg) {
+            bcount = 0;
+            gbase += qg.gpb;
         }
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
-        for (int r = 0; r < NR; r++) job->y[(size_t)(m0 + i) * job->N + n0 + r] = vaddvq_f32(acc[i][r]);
+        for (int r = 0; r < NR; r++) {
+            float32x4_t a = acc[0][i][r];
+#pragma GCC unroll 4
+            for (int u = 1; u < U; u++) a = vaddq_f32(a, acc[u][i][r]);
+            job->y[(size_t)(m0 + i) * job->N + n0 + r] = vaddvq_f32(a);
+        }
 }
 
 DEFINE_PANEL(panel_q4_neon, tile_q4_neon, 4, 2)
@@ -570,19 +696,21 @@ int q4_check(int N, int K, int group, QErr *err) {
     return 0;
 }
 
-int q4_repack(uint8_t *dst, const uint8_t *src, int N, int K, int group, QErr *err) {
+int q4_repack(uint8_t *codes, uint32_t *sz, const uint8_t *qweight, const uint16_t *scales,
+              const uint16_t *zeros, int N, int K, int group, QErr *err) {
     if (q4_check(N, K, group, err) != 0) return -1;
     size_t n_blocks = (size_t)N * (K / Q4_BLOCK);
     for (size_t b = 0; b < n_blocks; b++) {
-        const uint8_t *s = src + b * 64;
+        const uint8_t *s = qweight + b * 64;
         uint8_t t[64] = {0};
         for (int c = 0; c < Q4_BLOCK; c++) {
             unsigned code = (s[c >> 1] >> ((c & 1) * 4)) & 15u;
             int j = c >> 4, d = c & 15;
             t[4 * d + (j >> 1)] |= (uint8_t)(code << ((j & 1) * 4));
         }
-        memcpy(dst + b * 64, t, 64);
+        memcpy(codes + b * 64, t, 64);
     }
+    for (size_t i = 0; i < (size_t)N * (K / group); i++) sz[i] = (uint32_t)scales[i] | (uint32_t)zeros[i] << 16;
     return 0;
 }
 
@@ -590,8 +718,8 @@ void q4_dequant_row(float *dst, const Q4Weights *w, int K, int n) {
     int G = K / w->group;
     const uint8_t *codes = w->codes + (size_t)n * (K / 2);
     for (int k = 0; k < K; k++) {
-        size_t o = (size_t)n * G + k / w->group;
-        float s = bf16_to_f32(w->scales[o]), z = bf16_to_f32(w->zeros[o]);
+        uint32_t sz = w->sz[(size_t)n * G + k / w->group];
+        float s = bf16_to_f32((uint16_t)sz), z = bf16_to_f32((uint16_t)(sz >> 16));
         dst[k] = ((float)q4_code(codes + (k / Q4_BLOCK) * 64, k % Q4_BLOCK) - 8.f) * s + z;
     }
 }

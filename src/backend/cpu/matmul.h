@@ -7,8 +7,8 @@
  * reuses each block of W for all rows of x while it sits in cache.
  *
  * Int4 weights follow ../shared/spec/int4-checkpoint.md — w = (q - 8) * scale + zero per group —
- * except that the codes are repacked once at load time by q4_repack() into the order the kernels
- * read (see Q4Weights). Scales and zeros stay as in the file (bf16). */
+ * except that the tensors are repacked once at load time by q4_repack() into the order the
+ * kernels read (see Q4Weights). */
 #ifndef QUILL_CPU_MATMUL_H
 #define QUILL_CPU_MATMUL_H
 
@@ -18,18 +18,19 @@
 #include "util/qerr.h"
 #include "util/threadpool.h"
 
-/* Int4 weights of a [N][K] linear layer, group size `group` along K. All pointers are borrowed
- * (the backend owns the memory). K must be a multiple of 128 and of the group (q4_check).
+/* Int4 weights of a [N][K] linear layer, group size `group` along K, in the layout q4_repack()
+ * writes. Pointers are borrowed (the backend owns the memory). K must be a multiple of 128 and
+ * of the group (q4_check).
  *
- * codes: N * K / 2 bytes, the output of q4_repack(). Each row is K/128 blocks of 64 bytes; in a
- *        block, 32-bit little-endian word d (d = 0..15) holds in bits 4j..4j+3 the code of
- *        column 16*j + d of the block (j = 0..7). Lane d of "word >> 4j" is then column 16j + d,
- *        so a vector of 16 words yields 16 consecutive columns per shift.
- * scales, zeros: bf16 [N][K / group], as in the checkpoint. */
+ * codes: N * K / 2 bytes. Each row is K/128 blocks of 64 bytes; in a block, 32-bit little-endian
+ *        word d (d = 0..15) holds in bits 4j..4j+3 the code of column 16*j + d of the block
+ *        (j = 0..7). Lane d of "word >> 4j" is then column 16j + d, so a vector of 16 words
+ *        yields 16 consecutive columns per shift.
+ * sz:    [N][K / group] 32-bit words: the group's bf16 scale in bits 0..15, its bf16 zero in bits
+ *        16..31 (one load gives both; one stream instead of two). */
 typedef struct Q4Weights {
     const uint8_t *codes;
-    const uint16_t *scales;
-    const uint16_t *zeros;
+    const uint32_t *sz;
     int group;
 } Q4Weights;
 
@@ -38,11 +39,13 @@ typedef struct Q4Weights {
  * Returns 0, or -1 with a message in err. */
 int q4_check(int N, int K, int group, QErr *err);
 
-/* Converts the checkpoint's `qweight` codes (U8 [N][K/2], column 2j in the low nibble of byte j)
- * into the kernel layout described at Q4Weights. dst and src hold N*K/2 bytes each; dst == src
- * converts in place, other overlaps are not allowed. Returns 0, or -1 with a message in err when
- * q4_check(N, K, group) fails (dst is then untouched). */
-int q4_repack(uint8_t *dst, const uint8_t *src, int N, int K, int group, QErr *err);
+/* Converts checkpoint tensors (../shared/spec/int4-checkpoint.md) into the kernel layout:
+ * qweight U8 [N][K/2] (column 2j in the low nibble of byte j) into codes (N*K/2 bytes; codes ==
+ * qweight converts in place, other overlaps are not allowed), and scales and zeros, bf16
+ * [N][K/group], into sz (N*(K/group) words). Returns 0, or -1 with a message in err when
+ * q4_check(N, K, group) fails (nothing is written then). */
+int q4_repack(uint8_t *codes, uint32_t *sz, const uint8_t *qweight, const uint16_t *scales,
+              const uint16_t *zeros, int N, int K, int group, QErr *err);
 
 /* Writes row n of the dequantized weight (K floats, (q - 8) * scale + zero in float32) to dst,
  * reading the repacked layout: for a tied, quantized embedding, and as the int4 oracle in tests. */

@@ -1,0 +1,149 @@
+/* cuda_common.cuh — what the CUDA backend's translation units share: the launch helper (every
+ * kernel is launched with programmatic dependent launch), the device-side halves of that
+ * protocol, small numeric helpers, and the launchers each kernel file exports to
+ * cuda_backend.cu.
+ *
+ * Programmatic dependent launch (PDL, sm_90): a kernel may start while its predecessor in the
+ * stream is still running. Every kernel here calls pdl_trigger() first (letting its successor be
+ * scheduled early) and pdl_wait() before it touches anything a predecessor wrote or may still
+ * read; the only work allowed before pdl_wait() is reading weights, which never change. Since
+ * each kernel waits for the full completion of its predecessor, completion is transitive down
+ * the stream. This hides the launch gap between the ~400 small kernels of a decode step. */
+#ifndef QUILL_CUDA_COMMON_CUH
+#define QUILL_CUDA_COMMON_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+extern "C" {
+#include "backend/backend.h"
+}
+
+#define CU_DEV static __device__ __forceinline__
+
+CU_DEV void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+CU_DEV void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/* Whether launches ask for programmatic stream serialization: set once by cuda_backend_create,
+ * only for a device of compute capability >= 9.0 running code built for it (code built for an
+ * older target has no pdl_wait(), so its kernels must not start early). */
+extern bool cu_pdl;
+
+/* Launches kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream
+ * serialization allowed when cu_pdl (see above). Returns the launch's error code. */
+template <typename... KArgs, typename... Args>
+static inline cudaError_t cu_launch(cudaStream_t st, dim3 grid, dim3 block, size_t smem, void (*kernel)(KArgs...),
+                                    Args... args) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cfg.attrs = attr;
+    cfg.numAttrs = cu_pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+CU_DEV float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+CU_DEV float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+CU_DEV float bf16f(__nv_bfloat16 h) { return __bfloat162float(h); }
+
+CU_DEV float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+CU_DEV float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Sum over a block of blockDim.x threads (a multiple of 32, at most 1024); every thread gets the
+ * result. red must hold 32 floats; the call contains two __syncthreads(). */
+CU_DEV float block_sum(float v, float *red) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = lane < nw ? red[lane] : 0.0f;
+    t = warp_sum(t);
+    __syncthreads();
+    return t;
+}
+
+/* ---- launchers (each returns the launch's error; nothing is launched for empty shapes) ---- */
+
+/* One weight matrix (a stacked part of a Linear) on the device. */
+typedef struct CuMat {
+    int n0, n;           /* first output column in y, and rows (output features) of this part */
+    int k, k_pad;        /* in_features, and the row stride of bf16 weights (k rounded up to 8) */
+    int group;           /* int4 group size (32..256), or 0 for bf16 */
+    const void *w;       /* bf16 [n][k_pad], or int4 codes [n][k/2] (the checkpoint's nibbles) */
+    const uint32_t *sz;  /* int4: [n][k/group] words, scale bf16 in the low half, zero in the high */
+} CuMat;
+
+/* y[m][n0 + j] = sum_k x[m][k] * W[j][k] for m < M (M <= CU_GEMV_MAX_M), x row stride k, y row
+ * stride ldy. sms: multiprocessor count (sizes the grid). */
+#define CU_GEMV_MAX_M 8
+cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, int M, float *y, int ldy, int sms);
+/* out[i] = bf16(x[i]) (round to nearest even) for i < n. */
+cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size_t n);
+/* Rows r0 .. r0+rows-1 of an int4 matrix dequantized to bf16 into out[rows][k]. */
+cudaError_t cu_dequant_q4(cudaStream_t st, const CuMat *w, int r0, int rows, __nv_bfloat16 *out);
+
+cudaError_t cu_rmsnorm(cudaStream_t st, float *y, const float *x, const float *w, int M, int D, float eps);
+cudaError_t cu_add(cudaStream_t st, float *y, const float *x, size_t n);
+cudaError_t cu_swiglu(cudaStream_t st, float *h, const float *gate_up, int M, int I);
+cudaError_t cu_gather_rows(cudaStream_t st, float *dst, const float *src, const int32_t *rows, int n, int width);
+cudaError_t cu_rope_cos_sin(cudaStream_t st, float *cs, const int32_t *pos, int M, const float *inv_freq, int half);
+
+/* kc / vc point at the layer's K and V pools ([n_blocks * block_size][nkv][hd] bf16). */
+cudaError_t cu_qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_norm, const float *k_norm,
+                                  const float *cs, int M, int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc,
+                                  __nv_bfloat16 *vc, const int32_t *slots);
+
+/* Device scratch of the split-KV decode attention: per (sequence, kv head, split) partial
+ * results and one arrival counter per (sequence, kv head), zero between launches. */
+typedef struct CuAttnScratch {
+    float *part;         /* [units][G][hd + 2]: unnormalised output, running max, running sum */
+    size_t part_floats;  /* capacity of part */
+    int *counters;       /* [n_counters], all zero */
+    int n_counters;
+} CuAttnScratch;
+
+/* head_dim values the attention kernels are built for (64, 128, 256). */
+bool cu_attention_supports(int hd);
+cudaError_t cu_attention(cudaStream_t st, float *out, const float *qkv, int nh, int nkv, int hd,
+                         const __nv_bfloat16 *kc, const __nv_bfloat16 *vc, int block_size, const AttnMeta *meta,
+                         const CuAttnScratch *scr, int sms);
+
+/* One row's sampling parameters as the sampling kernel reads them. */
+typedef struct CuSampleRow {
+    float temperature; /* > 0 (greedy rows have greedy = 1) */
+    float top_p;       /* 1: off */
+    float min_p;       /* 0: off */
+    float u;           /* the row's uniform draw in [0, 1) */
+    int top_k;         /* 0: off (or >= vocab) */
+    int greedy;        /* argmax, nothing else */
+} CuSampleRow;
+
+cudaError_t cu_sample(cudaStream_t st, const float *logits, int rows, int vocab, const CuSampleRow *params,
+                      int32_t *out_ids);
+
+#endif

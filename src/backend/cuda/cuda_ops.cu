@@ -1,0 +1,168 @@
+/* cuda_ops.cu — the small kernels of a layer: RMSNorm, residual add, SwiGLU, row gather, the RoPE
+ * table, and q/k-norm + RoPE + KV-cache store fused into one pass over the qkv row.
+ *
+ * These move a few KB per token, so at decode they cost launch latency, not bandwidth: each is a
+ * single launch over all M rows with one block (or one warp) per row, and each follows the
+ * programmatic-dependent-launch protocol of cuda_common.cuh so its launch overlaps the previous
+ * kernel. Arithmetic is float32 as on the CPU (the reference); sums use a fixed tree order, so
+ * results differ from the CPU's serial sums only by rounding. cos/sin of the RoPE angle are taken
+ * in double from the float32 angle (as transformers rounds it), because the fast-math float
+ * versions lose accuracy at the angles of long contexts. */
+#include "backend/cuda/cuda_common.cuh"
+
+namespace {
+
+__global__ void rmsnorm_kernel(float *y, const float *x, const float *w, int D, float eps) {
+    __shared__ float red[32];
+    pdl_trigger();
+    pdl_wait();
+    const float *xr = x + (size_t)blockIdx.x * D;
+    float *yr = y + (size_t)blockIdx.x * D;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+    ss = block_sum(ss, red);
+    const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) yr[i] = w[i] * (xr[i] * inv);
+}
+
+__global__ void add_kernel(float *y, const float *x, size_t n) {
+    pdl_trigger();
+    pdl_wait();
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] += x[i];
+}
+
+__global__ void swiglu_kernel(float *h, const float *gu, int M, int I) {
+    pdl_trigger();
+    pdl_wait();
+    const size_t n = (size_t)M * I;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t m = i / I, j = i % I;
+        const float g = gu[m * 2 * I + j], u = gu[m * 2 * I + I + j];
+        h[i] = g / (1.0f + expf(-g)) * u;
+    }
+}
+
+/* One block per output row. In place (dst == src) the rows are copied in order by one block, which
+ * is safe because rows are ascending and rows[r] >= r. */
+__global__ void gather_kernel(float *dst, const float *src, const int32_t *rows, int n, int width, int serial) {
+    pdl_trigger();
+    pdl_wait();
+    for (int r = serial ? 0 : blockIdx.x; r < (serial ? n : blockIdx.x + 1); r++) {
+        const float *s = src + (size_t)rows[r] * width;
+        float *d = dst + (size_t)r * width;
+        float v[8];
+        /* read a slice of the row before writing it (in place, d may overlap s only when r == rows[r]) */
+        for (int i0 = 0; i0 < width; i0 += 8 * blockDim.x) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                int i = i0 + j * blockDim.x + threadIdx.x;
+                v[j] = i < width ? s[i] : 0.0f;
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                int i = i0 + j * blockDim.x + threadIdx.x;
+                if (i < width) d[i] = v[j];
+            }
+        }
+        if (serial) __syncthreads();
+    }
+}
+
+__global__ void rope_kernel(float *cs, const int32_t *pos, int M, const float *inv_freq, int half) {
+    pdl_trigger();
+    pdl_wait();
+    const size_t n = (size_t)M * half;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const int m = (int)(i / half), j = (int)(i % half);
+        const float a = (float)pos[m] * inv_freq[j];
+        double s, c;
+        sincos((double)a, &s, &c);
+        cs[(size_t)m * 2 * half + j] = (float)c;
+        cs[(size_t)m * 2 * half + half + j] = (float)s;
+    }
+}
+
+/* Block = one token; warp w handles heads w, w + nwarps, ...: q and k heads get RMSNorm over hd
+ * with their weight, then rotate-half RoPE (lane holds the pairs (i, i + half) for i = lane,
+ * lane + 32, ...), written back in place; k and v heads are also stored (bf16) at the token's
+ * cache slot. */
+__global__ void qk_norm_rope_store_kernel(float *qkv, const float *q_norm, const float *k_norm, const float *cs,
+                                          int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
+                                          const int32_t *slots) {
+    pdl_trigger();
+    pdl_wait();
+    const int m = blockIdx.x, lane = threadIdx.x & 31, nw = blockDim.x >> 5, half = hd / 2;
+    const int heads = nh + 2 * nkv;
+    float *row = qkv + (size_t)m * heads * hd;
+    const float *c = cs + (size_t)m * hd;
+    const size_t slot = (size_t)slots[m];
+    for (int h = threadIdx.x >> 5; h < heads; h += nw) {
+        float *x = row + (size_t)h * hd;
+        if (h < nh + nkv) {
+            const float *w = h < nh ? q_norm : k_norm;
+            float ss = 0.0f;
+            for (int i = lane; i < hd; i += 32) ss = fmaf(x[i], x[i], ss);
+            ss = warp_sum(ss);
+            const float inv = 1.0f / sqrtf(ss / (float)hd + eps);
+            for (int i = lane; i < half; i += 32) {
+                const float a = w[i] * (x[i] * inv), b = w[i + half] * (x[i + half] * inv);
+                const float co = c[i], si = c[half + i];
+                const float ra = a * co - b * si, rb = b * co + a * si;
+                x[i] = ra;
+                x[i + half] = rb;
+                if (h >= nh) {
+                    __nv_bfloat16 *k = kc + (slot * nkv + (h - nh)) * hd;
+                    k[i] = __float2bfloat16_rn(ra);
+                    k[i + half] = __float2bfloat16_rn(rb);
+                }
+            }
+        } else {
+            __nv_bfloat16 *v = vc + (slot * nkv + (h - nh - nkv)) * hd;
+            for (int i = lane; i < hd; i += 32) v[i] = __float2bfloat16_rn(x[i]);
+        }
+    }
+}
+
+int grid_for(size_t n, int threads) {
+    size_t b = (n + threads - 1) / threads;
+    return (int)(b < 4096 ? (b ? b : 1) : 4096);
+}
+
+} // namespace
+
+cudaError_t cu_rmsnorm(cudaStream_t st, float *y, const float *x, const float *w, int M, int D, float eps) {
+    if (M <= 0 || D <= 0) return cudaSuccess;
+    int threads = D >= 4096 ? 1024 : D >= 1024 ? 512 : 256;
+    return cu_launch(st, dim3(M), dim3(threads), 0, rmsnorm_kernel, y, x, w, D, eps);
+}
+
+cudaError_t cu_add(cudaStream_t st, float *y, const float *x, size_t n) {
+    if (!n) return cudaSuccess;
+    return cu_launch(st, dim3(grid_for(n, 256)), dim3(256), 0, add_kernel, y, x, n);
+}
+
+cudaError_t cu_swiglu(cudaStream_t st, float *h, const float *gate_up, int M, int I) {
+    if (M <= 0 || I <= 0) return cudaSuccess;
+    return cu_launch(st, dim3(grid_for((size_t)M * I, 256)), dim3(256), 0, swiglu_kernel, h, gate_up, M, I);
+}
+
+cudaError_t cu_gather_rows(cudaStream_t st, float *dst, const float *src, const int32_t *rows, int n, int width) {
+    if (n <= 0 || width <= 0) return cudaSuccess;
+    const int serial = dst == src;
+    return cu_launch(st, dim3(serial ? 1 : n), dim3(256), 0, gather_kernel, dst, src, rows, n, width, serial);
+}
+
+cudaError_t cu_rope_cos_sin(cudaStream_t st, float *cs, const int32_t *pos, int M, const float *inv_freq, int half) {
+    if (M <= 0 || half <= 0) return cudaSuccess;
+    return cu_launch(st, dim3(grid_for((size_t)M * half, 128)), dim3(128), 0, rope_kernel, cs, pos, M, inv_freq, half);
+}
+
+cudaError_t cu_qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_norm, const float *k_norm,
+                                  const float *cs, int M, int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc,
+                                  __nv_bfloat16 *vc, const int32_t *slots) {
+    if (M <= 0) return cudaSuccess;
+    int heads = nh + 2 * nkv, warps = heads < 16 ? heads : 16;
+    return cu_launch(st, dim3(M), dim3(32 * warps), 0, qk_norm_rope_store_kernel, qkv, q_norm, k_norm, cs, nh, nkv,
+                     hd, eps, kc, vc, slots);
+}

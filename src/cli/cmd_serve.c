@@ -1,0 +1,138 @@
+/* cmd_serve.c — `quill serve`: the OpenAI-compatible HTTP server (src/server) over one engine,
+ * with vLLM's flag names. SIGINT and SIGTERM are blocked in every thread and taken by sigwait() on
+ * the main thread, so shutdown runs as ordinary code (no async-signal-safety games): stop
+ * listening, cut open streams, let the engine drop their requests, free everything. */
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli_common.h"
+#include "cli/commands.h"
+#include "io/config.h"
+#include "server/server.h"
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: quill serve MODEL_DIR [options]\n"
+            "  --host HOST                  address to bind (default 127.0.0.1)\n"
+            "  --port PORT                  port (default 8000; 0 picks a free one)\n"
+            "  --api-key KEY                require \"Authorization: Bearer KEY\" on /v1/*\n"
+            "  --served-model-name NAME     the model name clients use (default MODEL_DIR)\n"
+            "  --max-model-len N            prompt + output tokens per request (default: the model's)\n"
+            "  --max-num-seqs N             sequences in the running batch (default 256)\n"
+            "  --max-num-batched-tokens N   tokens per engine step, the prefill chunk (default 512)\n"
+            "  --device cpu|cuda            where to run (default: cuda if available)\n"
+            "  -t, --threads N              CPU threads (default: all cores)\n"
+            "  --disable-log-requests       do not log one line per request\n"
+            "\n"
+            "Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,\n"
+            "GET /health, GET /metrics. SIGINT or SIGTERM stops the server.\n");
+}
+
+int cmd_serve(int argc, char **argv) {
+    const char *dir = NULL;
+    RuntimeArgs ra = {.max_seqs = 256, .need_tokenizer = true};
+    ServerOptions so = {.host = "127.0.0.1", .port = 8000, .log = stderr};
+    QErr err;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        bool takes_value = true;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            return 0;
+        } else if (!strcmp(a, "--host")) {
+            so.host = v;
+        } else if (!strcmp(a, "--port")) {
+            if (parse_int(a, v, 0, 65535, &so.port, &err)) goto bad;
+        } else if (!strcmp(a, "--api-key")) {
+            so.api_key = v;
+        } else if (!strcmp(a, "--served-model-name")) {
+            so.model_name = v;
+        } else if (!strcmp(a, "--max-model-len")) {
+            if (parse_int(a, v, 2, 1 << 24, &ra.max_model_len, &err)) goto bad;
+        } else if (!strcmp(a, "--max-num-seqs")) {
+            if (parse_int(a, v, 1, 4096, &ra.max_seqs, &err)) goto bad;
+        } else if (!strcmp(a, "--max-num-batched-tokens")) {
+            if (parse_int(a, v, 16, 1 << 20, &ra.max_step_tokens, &err)) goto bad;
+        } else if (!strcmp(a, "--device")) {
+            ra.device = v;
+        } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
+            if (parse_int(a, v, 0, 4096, &ra.threads, &err)) goto bad;
+        } else if (!strcmp(a, "--disable-log-requests")) {
+            so.log = NULL;
+            takes_value = false;
+        } else if (a[0] == '-' && a[1]) {
+            fprintf(stderr, "quill serve: unknown option '%s'\n", a);
+            usage(stderr);
+            return 2;
+        } else if (!dir) {
+            dir = a;
+            takes_value = false;
+        } else {
+            fprintf(stderr, "quill serve: unexpected argument '%s'\n", a);
+            return 2;
+        }
+        if (takes_value) {
+            if (!v) {
+                fprintf(stderr, "quill serve: %s needs a value\n", a);
+                return 2;
+            }
+            i++;
+        }
+    }
+    if (!dir) {
+        usage(stderr);
+        return 2;
+    }
+    if (!so.model_name) so.model_name = dir;
+    so.model_root = dir;
+    if (!ra.max_model_len) {
+        /* vLLM's default: the model's whole context, not the CLI's 32768 cap. */
+        QwenConfig cfg;
+        if (config_load(&cfg, dir, &err)) {
+            fprintf(stderr, "quill serve: %s\n", err.msg);
+            return 1;
+        }
+        ra.max_model_len = cfg.max_position_embeddings;
+    }
+
+    /* Block the stop signals before any thread exists, so every thread inherits the mask. */
+    sigset_t stop;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGINT);
+    sigaddset(&stop, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &stop, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    Runtime rt;
+    if (runtime_open(&rt, dir, &ra, &err)) {
+        fprintf(stderr, "quill serve: %s\n", err.msg);
+        return 1;
+    }
+    so.max_model_len = rt.eopt.max_model_len;
+    Server *s = server_start(rt.engine, rt.tok, &so, &err);
+    if (!s) {
+        fprintf(stderr, "quill serve: %s\n", err.msg);
+        runtime_close(&rt);
+        return 1;
+    }
+    fprintf(stderr,
+            "quill serve: model %s (max_model_len %d, max_num_seqs %d, %d KV blocks of %d tokens)\n"
+            "quill serve: listening on http://%s%s%s:%d\n",
+            so.model_name, rt.eopt.max_model_len, rt.eopt.max_seqs, engine_stats(rt.engine).kv_blocks_total,
+            rt.eopt.block_size, strchr(so.host, ':') ? "[" : "", so.host, strchr(so.host, ':') ? "]" : "",
+            server_port(s));
+    fflush(stderr);
+    int sig = 0;
+    sigwait(&stop, &sig);
+    fprintf(stderr, "quill serve: %s received, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    server_stop(s);
+    runtime_close(&rt);
+    fprintf(stderr, "quill serve: stopped\n");
+    return 0;
+bad:
+    fprintf(stderr, "quill serve: %s\n", err.msg);
+    return 2;
+}

@@ -1,0 +1,772 @@
+/* test_cuda_ops.c — every op of the CUDA backend against the CPU backend (the reference
+ * semantics) on random inputs of odd sizes: matmul (bf16, f16, f32 and int4 with groups 32..256,
+ * stacked and mixed parts; the GEMV path M <= 8 and the cuBLAS path M > 8; outputs poisoned
+ * first, canaries after them), rmsnorm (also in place), add, swiglu, gather_rows (also in
+ * place), rope_cos_sin, qk_norm_rope_store + attention over a paged cache with shuffled block
+ * tables (prefill, chunked prefill, mixed steps and split-KV decode, at head_dim 64, 128 and 256
+ * and GQA 1..8), embed, CUDA graph capture and replay of a decode step (with new metadata, and
+ * with cuBLAS inside the capture), device sampling against the host sampler with the same
+ * uniforms, memory accounting, and that no CUDA error was recorded.
+ *
+ * Exit code 77 (skipped) when the build has no CUDA backend or no GPU is present. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "../test_util.h"
+#include "backend/backend.h"
+
+#ifndef QUILL_HAVE_CUDA
+int main(void) {
+    printf("built without the CUDA backend: skipped\n");
+    return 77;
+}
+#else
+#include "backend/cuda/cuda_backend.h"
+#include "model/sampler.h"
+#include "util/bf16.h"
+
+static Backend *cpu, *gpu;
+
+static uint64_t rng_state = 0x2545f4914f6cdd1dull;
+static uint64_t rng_u64(void) {
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+static double rng_unit(void) { return (double)(rng_u64() >> 11) * 0x1.0p-53; }
+/* Uniform in [-1, 1), 1% of values 16x larger (outliers, as real activations have). */
+static float rng_val(void) {
+    double v = rng_unit() * 2 - 1;
+    if (rng_u64() % 100 == 0) v *= 16;
+    return (float)v;
+}
+static float *rand_f32(size_t n) {
+    float *a = malloc(n * sizeof *a);
+    for (size_t i = 0; i < n; i++) a[i] = rng_val();
+    return a;
+}
+
+/* A copy of src in an unlinked temporary file, mapped read-only: loaders may drop the pages of
+ * weights they have copied (madvise), which is only harmless for file-backed memory. */
+static void *file_backed(const void *src, size_t n) {
+    char path[] = "/tmp/quill-cuda-test-XXXXXX";
+    int fd = mkstemp(path);
+    if (fd < 0) return NULL;
+    unlink(path);
+    size_t done = 0;
+    while (done < n) {
+        ssize_t w = write(fd, (const char *)src + done, n - done);
+        if (w <= 0) break;
+        done += (size_t)w;
+    }
+    void *p = done == n ? mmap(NULL, n, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+    close(fd);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void *upload(Backend *be, const void *src, size_t n) {
+    void *p = be->ops->alloc(be, n);
+    be->ops->to_device(be, p, src, n);
+    return p;
+}
+
+static float *download(Backend *be, const float *d, size_t n) {
+    float *h = malloc(n * sizeof *h);
+    be->ops->to_host(be, h, d, n * sizeof *h);
+    return h;
+}
+
+/* max |a - b| / (max |b| + tiny); NaN anywhere gives infinity. */
+static double max_rel(const float *a, const float *b, size_t n) {
+    double worst = 0, scale = 1e-30;
+    for (size_t i = 0; i < n; i++) scale = fmax(scale, fabs(b[i]));
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (!(d <= worst)) worst = isnan(d) ? INFINITY : d;
+    }
+    return worst / scale;
+}
+
+static double rel_l2(const float *a, const float *b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - b[i];
+        num += d * d;
+        den += (double)b[i] * b[i];
+    }
+    double r = sqrt(num / (den > 0 ? den : 1e-300));
+    return isnan(r) ? INFINITY : r;
+}
+
+/* ---- matmul ------------------------------------------------------------------------------- */
+
+typedef struct Part {
+    StTensor dense, qw, sc, ze;
+    LinearSource src;
+    float *wf; /* dequantized / widened weights [n][k] for the error scale */
+} Part;
+
+static void f32_to_dtype(void *dst, const float *src, size_t n, DType dt) {
+    for (size_t i = 0; i < n; i++) {
+        if (dt == DT_BF16) {
+            ((uint16_t *)dst)[i] = f32_to_bf16_rne(src[i]);
+        } else if (dt == DT_F16) {
+            _Float16 h = (_Float16)src[i];
+            memcpy((uint16_t *)dst + i, &h, 2);
+        } else {
+            ((float *)dst)[i] = src[i];
+        }
+    }
+}
+
+static float dtype_value(const void *p, size_t i, DType dt) {
+    if (dt == DT_BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    if (dt == DT_F16) {
+        _Float16 h;
+        memcpy(&h, (const uint16_t *)p + i, 2);
+        return (float)h;
+    }
+    return ((const float *)p)[i];
+}
+
+static void make_dense(Part *p, const char *name, int n, int k, DType dt) {
+    memset(p, 0, sizeof *p);
+    size_t cnt = (size_t)n * k, es = dt == DT_F32 ? 4 : 2;
+    float *w = rand_f32(cnt);
+    void *buf = malloc(cnt * es);
+    f32_to_dtype(buf, w, cnt, dt);
+    p->wf = w;
+    for (size_t i = 0; i < cnt; i++) p->wf[i] = dtype_value(buf, i, dt);
+    p->dense = (StTensor){.name = name, .dtype = dt, .ndim = 2, .shape = {n, k}, .data = file_backed(buf, cnt * es),
+                          .nbytes = cnt * es, .file = "test"};
+    free(buf);
+    p->src = (LinearSource){.name = name, .n = n, .k = k, .dense = &p->dense};
+}
+
+static void make_q4(Part *p, const char *name, int n, int k, int g) {
+    memset(p, 0, sizeof *p);
+    size_t groups = (size_t)n * (k / g);
+    uint8_t *codes = malloc((size_t)n * k / 2);
+    uint16_t *sc = malloc(groups * 2), *ze = malloc(groups * 2);
+    for (size_t i = 0; i < (size_t)n * k / 2; i++) codes[i] = (uint8_t)rng_u64();
+    for (size_t i = 0; i < groups; i++) {
+        sc[i] = f32_to_bf16_rne((float)(0.005 + 0.02 * rng_unit()));
+        ze[i] = f32_to_bf16_rne((float)(0.05 * (rng_unit() * 2 - 1)));
+    }
+    p->wf = malloc((size_t)n * k * sizeof(float));
+    for (int r = 0; r < n; r++)
+        for (int c = 0; c < k; c++) {
+            uint8_t b = codes[(size_t)r * k / 2 + c / 2];
+            int q = c & 1 ? b >> 4 : b & 15;
+            size_t gi = (size_t)r * (k / g) + c / g;
+            p->wf[(size_t)r * k + c] = (float)(q - 8) * bf16_to_f32(sc[gi]) + bf16_to_f32(ze[gi]);
+        }
+    p->qw = (StTensor){.name = name, .dtype = DT_U8, .ndim = 2, .shape = {n, k / 2},
+                       .data = file_backed(codes, (size_t)n * k / 2), .nbytes = (size_t)n * k / 2, .file = "test"};
+    p->sc = (StTensor){.name = name, .dtype = DT_BF16, .ndim = 2, .shape = {n, k / g}, .data = file_backed(sc, groups * 2),
+                       .nbytes = groups * 2, .file = "test"};
+    p->ze = (StTensor){.name = name, .dtype = DT_BF16, .ndim = 2, .shape = {n, k / g}, .data = file_backed(ze, groups * 2),
+                       .nbytes = groups * 2, .file = "test"};
+    free(codes);
+    free(sc);
+    free(ze);
+    p->src = (LinearSource){.name = name, .n = n, .k = k, .q4 = true, .qweight = &p->qw, .scales = &p->sc,
+                            .zeros = &p->ze, .group_size = g};
+}
+
+static void free_part(Part *p) {
+    free(p->wf);
+    if (p->src.q4) {
+        munmap(p->qw.data, p->qw.nbytes);
+        munmap(p->sc.data, p->sc.nbytes);
+        munmap(p->ze.data, p->ze.nbytes);
+    } else {
+        munmap(p->dense.data, p->dense.nbytes);
+    }
+}
+
+#define CANARY 12345.678f
+
+/* y = x W^T for each M on both backends; error of each element relative to sum_k |x_k w_k|. */
+static void check_matmul(const char *what, Part *parts, int n_parts, const int *Ms, int n_M) {
+    QErr err;
+    LinearSource src[3];
+    int N = 0, K = (int)parts[0].src.k;
+    for (int i = 0; i < n_parts; i++) src[i] = parts[i].src, N += (int)parts[i].src.n;
+    Linear *lc = cpu->ops->linear_load(cpu, src, n_parts, &err);
+    CHECK(lc != NULL, "%s: cpu load: %s", what, err.msg);
+    Linear *lg = gpu->ops->linear_load(gpu, src, n_parts, &err);
+    CHECK(lg != NULL, "%s: cuda load: %s", what, err.msg);
+    if (!lc || !lg) return;
+    for (int t = 0; t < n_M; t++) {
+        int M = Ms[t];
+        float *x = rand_f32((size_t)M * K);
+        float *yc = malloc((size_t)M * N * sizeof *yc);
+        cpu->ops->matmul(cpu, yc, x, M, lc);
+        float *poison = malloc(((size_t)M * N + 64) * sizeof *poison);
+        for (size_t i = 0; i < (size_t)M * N + 64; i++) poison[i] = i < (size_t)M * N ? NAN : CANARY;
+        float *dx = upload(gpu, x, (size_t)M * K * sizeof *x);
+        float *dy = upload(gpu, poison, ((size_t)M * N + 64) * sizeof *poison);
+        gpu->ops->matmul(gpu, dy, dx, M, lg);
+        float *yg = download(gpu, dy, (size_t)M * N + 64);
+        double worst = 0;
+        for (int m = 0; m < M; m++) {
+            int n = 0;
+            for (int p = 0; p < n_parts; p++)
+                for (int j = 0; j < (int)parts[p].src.n; j++, n++) {
+                    double mag = 1e-30;
+                    for (int kk = 0; kk < K; kk++) mag += fabs((double)x[(size_t)m * K + kk] * parts[p].wf[(size_t)j * K + kk]);
+                    double e = fabs((double)yg[(size_t)m * N + n] - yc[(size_t)m * N + n]) / mag;
+                    if (!(e <= worst)) worst = isnan(e) ? INFINITY : e;
+                }
+        }
+        int canaries = 0;
+        for (int i = 0; i < 64; i++) canaries += yg[(size_t)M * N + i] == CANARY;
+        /* GEMV: float32 throughout (only summation order differs); cuBLAS: x and dequantized int4
+         * weights rounded to bf16 (2^-9 relative each). */
+        double tol = M <= 8 ? 2e-5 : 1e-2;
+        CHECK(worst <= tol, "%s M=%d: error %.3g > %.1g (relative to sum |x w|)", what, M, worst, tol);
+        CHECK(canaries == 64, "%s M=%d: wrote past y (%d of 64 canaries intact)", what, M, canaries);
+        printf("matmul %-28s M=%-3d N=%-5d K=%-5d err %.2e\n", what, M, N, K, worst);
+        gpu->ops->free(gpu, dx);
+        gpu->ops->free(gpu, dy);
+        free(x);
+        free(yc);
+        free(yg);
+        free(poison);
+    }
+    cpu->ops->linear_free(cpu, lc);
+    gpu->ops->linear_free(gpu, lg);
+}
+
+static void test_matmul(void) {
+    static const int Ms[] = {1, 2, 3, 5, 8, 9, 33};
+    const int nM = sizeof Ms / sizeof Ms[0];
+    Part p[3];
+    make_dense(&p[0], "bf16 37x45", 37, 45, DT_BF16);
+    check_matmul("bf16 odd K", p, 1, Ms, nM);
+    free_part(&p[0]);
+    make_dense(&p[0], "bf16 1000x1024", 1000, 1024, DT_BF16);
+    check_matmul("bf16", p, 1, Ms, nM);
+    free_part(&p[0]);
+    make_dense(&p[0], "f16 65x96", 65, 96, DT_F16);
+    check_matmul("f16", p, 1, Ms, 3);
+    free_part(&p[0]);
+    make_dense(&p[0], "f32 33x70", 33, 70, DT_F32);
+    check_matmul("f32 odd K", p, 1, Ms, 3);
+    free_part(&p[0]);
+    static const int groups[] = {32, 64, 128, 256};
+    static const int rows[] = {77, 130, 257, 64};
+    static const int cols[] = {128, 384, 1024, 512};
+    for (int i = 0; i < 4; i++) {
+        char what[64];
+        snprintf(what, sizeof what, "int4 g%d", groups[i]);
+        make_q4(&p[0], what, rows[i], cols[i], groups[i]);
+        check_matmul(what, p, 1, Ms, nM);
+        free_part(&p[0]);
+    }
+    make_q4(&p[0], "q", 128, 256, 128);
+    make_q4(&p[1], "k", 32, 256, 128);
+    make_q4(&p[2], "v", 32, 256, 128);
+    check_matmul("int4 stacked q|k|v", p, 3, Ms, nM);
+    for (int i = 0; i < 3; i++) free_part(&p[i]);
+    make_q4(&p[0], "gate", 200, 512, 64);
+    make_q4(&p[1], "up", 200, 512, 64);
+    check_matmul("int4 stacked gate|up", p, 2, Ms, nM);
+    for (int i = 0; i < 2; i++) free_part(&p[i]);
+    make_q4(&p[0], "int4 part", 64, 256, 128);
+    make_dense(&p[1], "bf16 part", 48, 256, DT_BF16);
+    check_matmul("mixed int4|bf16", p, 2, Ms, nM);
+    for (int i = 0; i < 2; i++) free_part(&p[i]);
+}
+
+/* ---- elementwise ops ---------------------------------------------------------------------- */
+
+static float *vec_on(Backend *be, const float *v, int n, StTensor *t) {
+    *t = (StTensor){.name = "vec", .dtype = DT_F32, .ndim = 1, .shape = {n}, .data = (void *)v,
+                    .nbytes = (size_t)n * 4, .file = NULL};
+    QErr err;
+    float *d = be->ops->vector_load(be, t, &err);
+    CHECK(d != NULL, "vector_load: %s", err.msg);
+    return d;
+}
+
+static void test_rmsnorm(int M, int D, bool in_place) {
+    float *x = rand_f32((size_t)M * D), *w = rand_f32((size_t)D), ref[1];
+    (void)ref;
+    StTensor t;
+    float *wc = vec_on(cpu, w, D, &t), *wg = vec_on(gpu, w, D, &t);
+    float *yc = malloc((size_t)M * D * sizeof *yc);
+    memcpy(yc, x, (size_t)M * D * sizeof *yc);
+    float *xc = in_place ? yc : x;
+    cpu->ops->rmsnorm(cpu, yc, xc, wc, M, D, 1e-6f);
+    float *dx = upload(gpu, x, (size_t)M * D * 4), *dy = in_place ? dx : gpu->ops->alloc(gpu, (size_t)M * D * 4);
+    gpu->ops->rmsnorm(gpu, dy, dx, wg, M, D, 1e-6f);
+    float *yg = download(gpu, dy, (size_t)M * D);
+    double e = max_rel(yg, yc, (size_t)M * D);
+    CHECK(e <= 1e-5, "rmsnorm M=%d D=%d%s: error %.3g", M, D, in_place ? " in place" : "", e);
+    printf("rmsnorm M=%d D=%d%s err %.2e\n", M, D, in_place ? " in place" : "", e);
+    cpu->ops->free(cpu, wc);
+    gpu->ops->free(gpu, wg);
+    gpu->ops->free(gpu, dx);
+    if (!in_place) gpu->ops->free(gpu, dy);
+    free(x), free(w), free(yc), free(yg);
+}
+
+static void test_elementwise(void) {
+    test_rmsnorm(3, 1000, false);
+    test_rmsnorm(2, 4096, true);
+    test_rmsnorm(1, 77, false);
+
+    size_t n = 12345;
+    float *y = rand_f32(n), *x = rand_f32(n);
+    float *dy = upload(gpu, y, n * 4), *dx = upload(gpu, x, n * 4);
+    cpu->ops->add(cpu, y, x, n);
+    gpu->ops->add(gpu, dy, dx, n);
+    float *g = download(gpu, dy, n);
+    CHECK(max_rel(g, y, n) == 0, "add differs");
+    free(g), free(y), free(x);
+    gpu->ops->free(gpu, dy), gpu->ops->free(gpu, dx);
+
+    int M = 3, I = 777;
+    float *gu = rand_f32((size_t)M * 2 * I), *h = malloc((size_t)M * I * 4);
+    float *dgu = upload(gpu, gu, (size_t)M * 2 * I * 4), *dh = gpu->ops->alloc(gpu, (size_t)M * I * 4);
+    cpu->ops->swiglu(cpu, h, gu, M, I);
+    gpu->ops->swiglu(gpu, dh, dgu, M, I);
+    g = download(gpu, dh, (size_t)M * I);
+    double e = max_rel(g, h, (size_t)M * I);
+    CHECK(e <= 1e-5, "swiglu: error %.3g", e);
+    free(g), free(gu), free(h);
+    gpu->ops->free(gpu, dgu), gpu->ops->free(gpu, dh);
+
+    /* gather: 3 of 7 rows, then in place */
+    int width = 333, rows[3] = {1, 4, 6};
+    float *src = rand_f32(7 * (size_t)width), *dst = malloc(3 * (size_t)width * 4);
+    float *dsrc = upload(gpu, src, 7 * (size_t)width * 4), *ddst = gpu->ops->alloc(gpu, 3 * (size_t)width * 4);
+    int32_t *drows = upload(gpu, rows, sizeof rows);
+    cpu->ops->gather_rows(cpu, dst, src, rows, 3, width);
+    gpu->ops->gather_rows(gpu, ddst, dsrc, drows, 3, width);
+    g = download(gpu, ddst, 3 * (size_t)width);
+    CHECK(max_rel(g, dst, 3 * (size_t)width) == 0, "gather_rows differs");
+    free(g);
+    cpu->ops->gather_rows(cpu, src, src, rows, 3, width);
+    gpu->ops->gather_rows(gpu, dsrc, dsrc, drows, 3, width);
+    g = download(gpu, dsrc, 7 * (size_t)width);
+    CHECK(max_rel(g, src, 7 * (size_t)width) == 0, "gather_rows in place differs");
+    free(g), free(src), free(dst);
+    gpu->ops->free(gpu, dsrc), gpu->ops->free(gpu, ddst), gpu->ops->free(gpu, drows);
+
+    /* RoPE table at positions up to 40000 (where fast float cos/sin would be off) */
+    int half = 64, P = 9;
+    int32_t pos[9] = {0, 1, 2, 17, 511, 4095, 12345, 32767, 40959};
+    float inv[64];
+    for (int i = 0; i < half; i++) inv[i] = 1.0f / powf(1000000.0f, (float)(2 * i) / (float)(2 * half));
+    float *cs = malloc((size_t)P * 2 * half * 4);
+    cpu->ops->rope_cos_sin(cpu, cs, pos, P, inv, half);
+    int32_t *dpos = upload(gpu, pos, sizeof pos);
+    float *dinv = upload(gpu, inv, sizeof inv), *dcs = gpu->ops->alloc(gpu, (size_t)P * 2 * half * 4);
+    gpu->ops->rope_cos_sin(gpu, dcs, dpos, P, dinv, half);
+    g = download(gpu, dcs, (size_t)P * 2 * half);
+    double worst = 0;
+    for (int i = 0; i < P * 2 * half; i++) worst = fmax(worst, fabs((double)g[i] - cs[i]));
+    CHECK(worst <= 1e-6, "rope_cos_sin: max abs error %.3g", worst);
+    free(g), free(cs);
+    gpu->ops->free(gpu, dpos), gpu->ops->free(gpu, dinv), gpu->ops->free(gpu, dcs);
+}
+
+/* ---- qk-norm/rope/store + attention ------------------------------------------------------- */
+
+typedef struct SeqState {
+    int ctx;
+    int32_t table[64];
+} SeqState;
+
+typedef struct HostMeta {
+    int32_t q_start[8], ctx_len[8], tables[8 * 64], positions[1024], slots[1024];
+    AttnMeta cpu, gpu;
+    int32_t *d_arr; /* device copy of the five arrays, in this order */
+    bool owned;     /* d_arr allocated by build_meta (else the caller's buffer) */
+} HostMeta;
+
+enum { MAX_BLOCKS = 64, BS = 16 };
+
+/* Lays out one step (seq i gets n[i] new tokens) for both backends; the device copy goes to dst
+ * (large enough), or to a new allocation when dst is NULL. */
+static void build_meta(HostMeta *h, SeqState *seqs, const int *ids, const int *n, int S, int32_t *dst) {
+    int T = 0, max_ctx = 0, max_q = 0;
+    for (int s = 0; s < S; s++) {
+        SeqState *q = &seqs[ids[s]];
+        h->q_start[s] = T;
+        q->ctx += n[s];
+        h->ctx_len[s] = q->ctx;
+        memcpy(h->tables + s * MAX_BLOCKS, q->table, sizeof q->table);
+        for (int i = 0; i < n[s]; i++, T++) {
+            int p = q->ctx - n[s] + i;
+            h->positions[T] = p;
+            h->slots[T] = q->table[p / BS] * BS + p % BS;
+        }
+        if (q->ctx > max_ctx) max_ctx = q->ctx;
+        if (n[s] > max_q) max_q = n[s];
+    }
+    h->q_start[S] = T;
+    h->cpu = (AttnMeta){.n_seqs = S, .n_tokens = T, .max_blocks = MAX_BLOCKS, .max_ctx = max_ctx, .max_q = max_q,
+                        .q_start = h->q_start, .ctx_len = h->ctx_len, .block_tables = h->tables,
+                        .positions = h->positions, .slots = h->slots};
+    size_t sizes[5] = {S + 1, S, (size_t)S * MAX_BLOCKS, T, T};
+    const int32_t *src[5] = {h->q_start, h->ctx_len, h->tables, h->positions, h->slots};
+    size_t total = 0;
+    for (int i = 0; i < 5; i++) total += sizes[i];
+    int32_t *flat = malloc(total * 4), *f = flat;
+    for (int i = 0; i < 5; i++) memcpy(f, src[i], sizes[i] * 4), f += sizes[i];
+    h->owned = dst == NULL;
+    h->d_arr = dst ? dst : gpu->ops->alloc(gpu, total * 4);
+    gpu->ops->to_device(gpu, h->d_arr, flat, total * 4);
+    free(flat);
+    int32_t *d = h->d_arr;
+    h->gpu = h->cpu;
+    h->gpu.q_start = d;
+    h->gpu.ctx_len = d += sizes[0];
+    h->gpu.block_tables = d += sizes[1];
+    h->gpu.positions = d += sizes[2];
+    h->gpu.slots = d += sizes[3];
+}
+
+typedef struct AttnRig {
+    int nh, nkv, hd;
+    void *kv_c, *kv_g;
+    float *qn_c, *kn_c, *qn_g, *kn_g, *inv_c, *inv_g;
+    float qn[256], kn[256], inv[128];
+} AttnRig;
+
+static void rig_init(AttnRig *r, int nh, int nkv, int hd, int n_blocks) {
+    memset(r, 0, sizeof *r);
+    r->nh = nh, r->nkv = nkv, r->hd = hd;
+    QErr err;
+    KVShape ks = {.n_layers = 2, .n_blocks = n_blocks, .block_size = BS, .n_kv_heads = nkv, .head_dim = hd};
+    r->kv_c = cpu->ops->kv_alloc(cpu, &ks, &err);
+    CHECK(r->kv_c != NULL, "cpu kv: %s", err.msg);
+    r->kv_g = gpu->ops->kv_alloc(gpu, &ks, &err);
+    CHECK(r->kv_g != NULL, "cuda kv: %s", err.msg);
+    for (int i = 0; i < hd; i++) r->qn[i] = 1.0f + 0.3f * rng_val(), r->kn[i] = 1.0f + 0.3f * rng_val();
+    for (int i = 0; i < hd / 2; i++) r->inv[i] = 1.0f / powf(1000000.0f, (float)(2 * i) / (float)hd);
+    StTensor t;
+    r->qn_c = vec_on(cpu, r->qn, hd, &t), r->kn_c = vec_on(cpu, r->kn, hd, &t);
+    r->qn_g = vec_on(gpu, r->qn, hd, &t), r->kn_g = vec_on(gpu, r->kn, hd, &t);
+    r->inv_c = r->inv;
+    r->inv_g = upload(gpu, r->inv, (size_t)hd / 2 * 4);
+}
+
+static void rig_free(AttnRig *r) {
+    if (r->kv_c) cpu->ops->kv_free(cpu, r->kv_c);
+    if (r->kv_g) gpu->ops->kv_free(gpu, r->kv_g);
+    cpu->ops->free(cpu, r->qn_c), cpu->ops->free(cpu, r->kn_c);
+    gpu->ops->free(gpu, r->qn_g), gpu->ops->free(gpu, r->kn_g), gpu->ops->free(gpu, r->inv_g);
+}
+
+/* One step's rope table, q/k norm + rope + store and attention on both backends; compares. */
+static void attn_step(AttnRig *r, HostMeta *h, const char *what) {
+    int T = h->cpu.n_tokens, nh = r->nh, nkv = r->nkv, hd = r->hd, layer = 1;
+    size_t W = (size_t)(nh + 2 * nkv) * hd;
+    float *qkv = rand_f32((size_t)T * W), *cs = malloc((size_t)T * hd * 4), *out = malloc((size_t)T * nh * hd * 4);
+    float *dqkv = upload(gpu, qkv, (size_t)T * W * 4), *dcs = gpu->ops->alloc(gpu, (size_t)T * hd * 4);
+    float *dout = gpu->ops->alloc(gpu, (size_t)T * nh * hd * 4);
+    cpu->ops->rope_cos_sin(cpu, cs, h->cpu.positions, T, r->inv_c, hd / 2);
+    cpu->ops->qk_norm_rope_store(cpu, qkv, r->qn_c, r->kn_c, cs, T, nh, nkv, hd, 1e-6f, r->kv_c, layer, &h->cpu);
+    cpu->ops->attention(cpu, out, qkv, nh, nkv, hd, r->kv_c, layer, &h->cpu);
+    gpu->ops->rope_cos_sin(gpu, dcs, h->gpu.positions, T, r->inv_g, hd / 2);
+    gpu->ops->qk_norm_rope_store(gpu, dqkv, r->qn_g, r->kn_g, dcs, T, nh, nkv, hd, 1e-6f, r->kv_g, layer, &h->gpu);
+    gpu->ops->attention(gpu, dout, dqkv, nh, nkv, hd, r->kv_g, layer, &h->gpu);
+    float *gq = download(gpu, dqkv, (size_t)T * W), *go = download(gpu, dout, (size_t)T * nh * hd);
+    double eq = max_rel(gq, qkv, (size_t)T * W), worst = 0;
+    for (int t = 0; t < T; t++)
+        worst = fmax(worst, rel_l2(go + (size_t)t * nh * hd, out + (size_t)t * nh * hd, (size_t)nh * hd));
+    CHECK(eq <= 1e-5, "%s: qk_norm_rope_store error %.3g", what, eq);
+    /* K and V are bf16 in the GPU cache (2^-9 relative each) */
+    CHECK(worst <= 1e-2, "%s: attention worst row relative L2 %.3g", what, worst);
+    printf("attention %-40s T=%-4d qkv err %.2e, out worst row rel L2 %.2e\n", what, T, eq, worst);
+    free(qkv), free(cs), free(out), free(gq), free(go);
+    gpu->ops->free(gpu, dqkv), gpu->ops->free(gpu, dcs), gpu->ops->free(gpu, dout);
+    if (h->owned) gpu->ops->free(gpu, h->d_arr);
+}
+
+static void shuffled_tables(SeqState *seqs, int n_seqs, int n_blocks) {
+    int32_t perm[256];
+    for (int i = 0; i < n_blocks; i++) perm[i] = i;
+    for (int i = n_blocks - 1; i > 0; i--) {
+        int j = (int)(rng_u64() % (uint64_t)(i + 1));
+        int32_t t = perm[i];
+        perm[i] = perm[j], perm[j] = t;
+    }
+    int per = n_blocks / n_seqs;
+    for (int s = 0; s < n_seqs; s++) {
+        seqs[s].ctx = 0;
+        for (int j = 0; j < MAX_BLOCKS; j++) seqs[s].table[j] = j < per ? perm[s * per + j] : 0;
+    }
+}
+
+static void test_attention(int nh, int nkv, int hd) {
+    AttnRig r;
+    int n_blocks = 2 * 40;
+    rig_init(&r, nh, nkv, hd, n_blocks);
+    if (!r.kv_c || !r.kv_g) {
+        rig_free(&r);
+        return;
+    }
+    SeqState seqs[2];
+    shuffled_tables(seqs, 2, n_blocks); /* 40 blocks = 640 tokens each */
+    char what[96];
+    HostMeta h;
+    struct {
+        int S, ids[2], n[2];
+        const char *name;
+    } steps[] = {
+        {2, {0, 1}, {37, 300}, "prefill"},
+        {2, {0, 1}, {20, 250}, "chunked prefill"},
+        {2, {0, 1}, {1, 1}, "decode, 2 seqs"},
+        {1, {1}, {1}, "decode, 1 seq"},
+        {2, {1, 0}, {5, 1}, "mixed (5 + 1 tokens)"},
+        {1, {0}, {1}, "decode after mixed"},
+    };
+    for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
+        build_meta(&h, seqs, steps[i].ids, steps[i].n, steps[i].S, NULL);
+        snprintf(what, sizeof what, "nh=%d nkv=%d hd=%d %s", nh, nkv, hd, steps[i].name);
+        attn_step(&r, &h, what);
+    }
+    rig_free(&r);
+}
+
+/* ---- embed -------------------------------------------------------------------------------- */
+
+static void test_embed(void) {
+    int V = 1000, D = 96, M = 5;
+    float *w = rand_f32((size_t)V * D);
+    uint16_t *tb = malloc((size_t)V * D * 2);
+    f32_to_dtype(tb, w, (size_t)V * D, DT_BF16);
+    StTensor t = {.name = "embed", .dtype = DT_BF16, .ndim = 2, .shape = {V, D}, .data = tb, .nbytes = (size_t)V * D * 2};
+    QErr err;
+    Embedding *ec = cpu->ops->embedding_load(cpu, &t, &err), *eg = gpu->ops->embedding_load(gpu, &t, &err);
+    CHECK(ec && eg, "embedding_load: %s", err.msg);
+    int32_t ids[5] = {0, 999, 17, 17, 512};
+    float *xc = malloc((size_t)M * D * 4), *dx = gpu->ops->alloc(gpu, (size_t)M * D * 4);
+    cpu->ops->embed(cpu, xc, ids, M, ec);
+    gpu->ops->embed(gpu, dx, ids, M, eg);
+    float *xg = download(gpu, dx, (size_t)M * D);
+    CHECK(max_rel(xg, xc, (size_t)M * D) == 0, "embed differs");
+    cpu->ops->embedding_free(cpu, ec), gpu->ops->embedding_free(gpu, eg);
+    gpu->ops->free(gpu, dx);
+    free(w), free(tb), free(xc), free(xg);
+}
+
+/* ---- graph capture and replay ------------------------------------------------------------- */
+
+typedef struct MiniModel {
+    Linear *qkv, *o;
+    float *norm;
+} MiniModel;
+
+/* The attention half of a decode layer over the step in h: x += o(attn(rope(norm(x) qkv))). */
+static void mini_step(Backend *be, const MiniModel *mm, AttnRig *r, const AttnMeta *meta, float *x, float *xb,
+                      float *qkv, float *cs, float *attn, int H) {
+    const BackendOps *op = be->ops;
+    int T = meta->n_tokens;
+    bool is_gpu = be == gpu;
+    op->rope_cos_sin(be, cs, meta->positions, T, is_gpu ? r->inv_g : r->inv_c, r->hd / 2);
+    op->rmsnorm(be, xb, x, mm->norm, T, H, 1e-6f);
+    op->matmul(be, qkv, xb, T, mm->qkv);
+    op->qk_norm_rope_store(be, qkv, is_gpu ? r->qn_g : r->qn_c, is_gpu ? r->kn_g : r->kn_c, cs, T, r->nh, r->nkv, r->hd,
+                           1e-6f, is_gpu ? r->kv_g : r->kv_c, 1, meta);
+    op->attention(be, attn, qkv, r->nh, r->nkv, r->hd, is_gpu ? r->kv_g : r->kv_c, 1, meta);
+    op->matmul(be, xb, attn, T, mm->o);
+    op->add(be, x, xb, (size_t)T * H);
+}
+
+static void test_graphs(int S) {
+    int nh = 8, nkv = 2, hd = 128, H = 256, n_blocks = 16 * S;
+    AttnRig r;
+    rig_init(&r, nh, nkv, hd, n_blocks);
+    Part pq[3], po;
+    make_q4(&pq[0], "q", nh * hd, H, 128);
+    make_q4(&pq[1], "k", nkv * hd, H, 128);
+    make_q4(&pq[2], "v", nkv * hd, H, 128);
+    make_q4(&po, "o", H, nh * hd, 128);
+    float *nw = malloc((size_t)H * 4);
+    for (int i = 0; i < H; i++) nw[i] = 1.0f + 0.2f * rng_val();
+    LinearSource qs[3] = {pq[0].src, pq[1].src, pq[2].src};
+    QErr err;
+    StTensor t;
+    MiniModel mc = {cpu->ops->linear_load(cpu, qs, 3, &err), cpu->ops->linear_load(cpu, &po.src, 1, &err),
+                    vec_on(cpu, nw, H, &t)};
+    MiniModel mg = {gpu->ops->linear_load(gpu, qs, 3, &err), gpu->ops->linear_load(gpu, &po.src, 1, &err),
+                    vec_on(gpu, nw, H, &t)};
+    CHECK(mc.qkv && mc.o && mg.qkv && mg.o && r.kv_c && r.kv_g, "graph test setup: %s", err.msg);
+    if (!mc.qkv || !mc.o || !mg.qkv || !mg.o || !r.kv_c || !r.kv_g) return;
+    SeqState seqs[16];
+    shuffled_tables(seqs, S, n_blocks);
+    size_t W = (size_t)(nh + 2 * nkv) * hd;
+    float *cx = malloc((size_t)S * H * 4), *cxb = malloc((size_t)S * H * 4), *cqkv = malloc((size_t)S * W * 4);
+    float *ccs = malloc((size_t)S * hd * 4), *cattn = malloc((size_t)S * nh * hd * 4);
+    float *gx = gpu->ops->alloc(gpu, (size_t)S * H * 4), *gxb = gpu->ops->alloc(gpu, (size_t)S * H * 4);
+    float *gqkv = gpu->ops->alloc(gpu, (size_t)S * W * 4), *gcs = gpu->ops->alloc(gpu, (size_t)S * hd * 4);
+    float *gattn = gpu->ops->alloc(gpu, (size_t)S * nh * hd * 4);
+    /* first a prefill of a few tokens per sequence (not captured), then decode steps: the first
+     * captured, the others replayed with new metadata (uploaded to the same device addresses) */
+    int ids[16], n[16];
+    HostMeta h;
+    /* one metadata buffer for every step, as the model has (the captured graph reads it) */
+    int32_t *meta_buf = gpu->ops->alloc(gpu, (size_t)(2 * S + 1 + S * MAX_BLOCKS + 2 * 32 * S) * 4);
+    for (int step = 0; step < 4; step++) {
+        for (int s = 0; s < S; s++) ids[s] = s, n[s] = step == 0 ? 3 + s : 1;
+        build_meta(&h, seqs, ids, n, S, meta_buf);
+        int T = h.cpu.n_tokens;
+        float *x = rand_f32((size_t)T * H);
+        memcpy(cx, x, (size_t)T * H * 4);
+        gpu->ops->to_device(gpu, gx, x, (size_t)T * H * 4);
+        mini_step(cpu, &mc, &r, &h.cpu, cx, cxb, cqkv, ccs, cattn, H);
+        uint64_t key = 0xabc000u + (uint64_t)S;
+        if (step == 0) {
+            mini_step(gpu, &mg, &r, &h.gpu, gx, gxb, gqkv, gcs, gattn, H);
+        } else if (step == 1) {
+            CHECK(!gpu->ops->graph_replay(gpu, key), "graph_replay found a graph before capture");
+            gpu->ops->graph_begin(gpu, key);
+            mini_step(gpu, &mg, &r, &h.gpu, gx, gxb, gqkv, gcs, gattn, H);
+            gpu->ops->graph_end(gpu, key);
+        } else {
+            CHECK(gpu->ops->graph_replay(gpu, key), "graph_replay did not find the captured graph");
+        }
+        float *g = download(gpu, gx, (size_t)T * H);
+        double e = rel_l2(g, cx, (size_t)T * H);
+        CHECK(e <= 1e-2, "graph S=%d step %d: relative L2 %.3g", S, step, e);
+        printf("graph S=%-2d step %d (%s) rel L2 %.2e\n", S, step, step == 0 ? "eager prefill" : step == 1 ? "captured" : "replayed", e);
+        free(g), free(x);
+    }
+    cpu->ops->linear_free(cpu, mc.qkv), cpu->ops->linear_free(cpu, mc.o), cpu->ops->free(cpu, mc.norm);
+    gpu->ops->linear_free(gpu, mg.qkv), gpu->ops->linear_free(gpu, mg.o), gpu->ops->free(gpu, mg.norm);
+    CHECK(!gpu->ops->graph_replay(gpu, 0xabc000u + (uint64_t)S), "graphs survive freeing the weights they use");
+    gpu->ops->free(gpu, meta_buf);
+    float *bufs[] = {gx, gxb, gqkv, gcs, gattn};
+    for (int i = 0; i < 5; i++) gpu->ops->free(gpu, bufs[i]);
+    free(cx), free(cxb), free(cqkv), free(ccs), free(cattn), free(nw);
+    for (int i = 0; i < 3; i++) free_part(&pq[i]);
+    free_part(&po);
+    rig_free(&r);
+}
+
+/* ---- sampling ----------------------------------------------------------------------------- */
+
+/* The uniform the host sampler draws from an Rng in this state (sampler.c: splitmix64, 53 bits). */
+static float host_uniform(uint64_t state) {
+    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)((double)(z >> 11) * 0x1.0p-53);
+}
+
+static void test_sample(int V) {
+    enum { ROWS = 24 };
+    float *logits = malloc((size_t)ROWS * V * 4);
+    SamplingParams ps[ROWS];
+    float u[ROWS];
+    uint64_t states[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        SamplingParams p = sampling_greedy();
+        int kind = r % 8;
+        float *l = logits + (size_t)r * V;
+        /* peaked rows: 100 strong candidates (so the host's top-p candidate widening covers all
+         * the mass, as it must for the two to agree) */
+        bool peaked = kind >= 3;
+        for (int i = 0; i < V; i++) l[i] = peaked ? (float)(rng_val() - 12.0) : (float)(3.0 * rng_val());
+        if (peaked)
+            for (int j = 0; j < 100; j++) l[rng_u64() % (uint64_t)V] = (float)(8.0 + 2.0 * rng_val());
+        if (kind == 0) {
+            l[V / 3] = l[V / 2] = 50.0f; /* tie: the first index wins */
+        } else if (kind == 1) {
+            p.temperature = 0.7f;
+        } else if (kind == 2) {
+            p.temperature = 1.3f, p.min_p = 0.05f;
+        } else if (kind == 3) {
+            p.temperature = 1.0f, p.top_k = 40;
+        } else if (kind == 4) {
+            p.temperature = 0.8f, p.top_p = 0.9f;
+        } else if (kind == 5) {
+            p.temperature = 1.1f, p.top_k = 20, p.top_p = 0.8f, p.min_p = 0.02f;
+        } else if (kind == 6) {
+            p.temperature = 0.6f, p.top_k = 1; /* greedy by top-k */
+        } else {
+            p.temperature = 1.0f, p.min_p = 0.3f;
+        }
+        ps[r] = p;
+        states[r] = rng_u64();
+        u[r] = host_uniform(states[r]);
+    }
+    float *dl = upload(gpu, logits, (size_t)ROWS * V * 4);
+    int32_t ids[ROWS];
+    bool ok = gpu->ops->sample(gpu, dl, ROWS, V, ps, u, ids);
+    CHECK(ok, "sample refused plain parameters");
+    Sampler *s = sampler_create(V);
+    float *row = malloc((size_t)V * 4);
+    int agree = 0;
+    for (int r = 0; r < ROWS && ok; r++) {
+        memcpy(row, logits + (size_t)r * V, (size_t)V * 4);
+        Rng rng = {states[r]};
+        int32_t want = sampler_sample(s, row, &ps[r], NULL, 0, NULL, 0, &rng);
+        agree += want == ids[r];
+        CHECK(want == ids[r], "sample V=%d row %d (kind %d): cuda %d, host %d", V, r, r % 8, ids[r], want);
+    }
+    printf("sample V=%d: %d of %d rows agree with the host sampler\n", V, agree, ROWS);
+    SamplingParams pen = sampling_greedy();
+    pen.repetition_penalty = 1.1f;
+    CHECK(!gpu->ops->sample(gpu, dl, 1, V, &pen, u, ids), "sample accepted a penalty it cannot apply");
+    sampler_free(s);
+    free(row), free(logits);
+    gpu->ops->free(gpu, dl);
+}
+
+int main(void) {
+    if (!cuda_backend_available()) {
+        printf("no CUDA device: skipped\n");
+        return 77;
+    }
+    QErr err;
+    cpu = cpu_backend_create(0, &err);
+    CHECK(cpu != NULL, "cpu backend: %s", err.msg);
+    gpu = cuda_backend_create(0, &err);
+    CHECK(gpu != NULL, "cuda backend: %s", err.msg);
+    if (!cpu || !gpu) return test_finish();
+
+    size_t before = gpu->ops->mem_used(gpu, NULL);
+    void *p = gpu->ops->alloc(gpu, 1000);
+    size_t peak = 0, during = gpu->ops->mem_used(gpu, &peak);
+    CHECK(during >= before + 1000 && peak >= during, "mem_used: %zu -> %zu (peak %zu)", before, during, peak);
+    gpu->ops->free(gpu, p);
+    CHECK(gpu->ops->mem_used(gpu, NULL) == before, "mem_used after free: %zu, not %zu", gpu->ops->mem_used(gpu, NULL), before);
+
+    test_matmul();
+    test_elementwise();
+    test_attention(8, 2, 128);
+    test_attention(2, 1, 128);
+    test_attention(4, 4, 64);
+    test_attention(16, 2, 256);
+    test_embed();
+    test_graphs(1);
+    test_graphs(2);
+    test_graphs(12); /* 12 rows: cuBLAS inside the capture */
+    test_sample(151936);
+    test_sample(1001);
+    double bw = gpu->ops->probe_bandwidth(gpu);
+    printf("device-to-device copy: %.0f GB/s\n", bw);
+    CHECK(bw > 0, "bandwidth probe failed");
+
+    const char *e = cuda_backend_error(gpu);
+    CHECK(e == NULL, "CUDA error recorded: %s", e);
+    gpu->ops->destroy(gpu);
+    cpu->ops->destroy(cpu);
+    return test_finish();
+}
+#endif

@@ -1,0 +1,115 @@
+"""`quill run` end to end: greedy continuations equal transformers' (tiny_ref / small_ref greedy32)
+through the CLI, the --json report, chat formatting with the real tokenizer, thinking split, and
+every bad input answered with one clear message and a non-zero exit."""
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
+
+
+def run(quill_bin, *args, timeout=300):
+    return subprocess.run([str(quill_bin), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def run_json(quill_bin, *args):
+    r = run(quill_bin, *args, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("prompt", ["chat", "raw", "long"])
+def test_tiny_greedy_matches_transformers(quill_bin, tiny_model, shared_dir, prompt):
+    ref = load_file(str(shared_dir / "reference" / "tiny_ref.safetensors"))
+    ids = ",".join(str(i) for i in ref[f"{prompt}.input_ids"])
+    out = run_json(quill_bin, "run", tiny_model, "--ids", ids, "-n", 32, "--greedy", "--ignore-eos")
+    assert out["ids"] == ref[f"{prompt}.greedy32"].tolist()
+    assert out["prompt_ids"] == ref[f"{prompt}.input_ids"].tolist()
+    assert out["finish_reason"] == "length"
+    assert out["peak_rss_bytes"] > 0 and out["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("name", ["len5", "len513"])
+def test_small_greedy_matches_transformers(quill_bin, small_model, shared_dir, name):
+    ref = load_file(str(shared_dir / "reference" / "small_ref.safetensors"))
+    ids = ",".join(str(i) for i in ref[f"{name}.input_ids"])
+    out = run_json(quill_bin, "run", small_model, "--ids", ids, "-n", 32, "--greedy", "--ignore-eos")
+    assert out["ids"] == ref[f"{name}.greedy32"].tolist()
+
+
+def test_chat_prompt_is_the_template_tokenized(quill_bin, tiny_model, shared_dir):
+    ref = load_file(str(shared_dir / "reference" / "tiny_ref.safetensors"))
+    out = run_json(quill_bin, "run", tiny_model, "-p", "Give me a short introduction to large language models.",
+                   "-n", 4, "--greedy")
+    assert out["prompt_ids"] == ref["chat.input_ids"].tolist()
+    raw = run_json(quill_bin, "run", tiny_model, "-p", "The capital of France is", "--raw", "-n", 4, "--greedy")
+    assert raw["prompt_ids"] == ref["raw.input_ids"].tolist()
+
+
+def test_reasoning_and_content_are_the_decoded_ids(quill_bin, tiny_model, shared_dir):
+    tok = Tokenizer.from_file(str(shared_dir / "tokenizer" / "qwen3" / "tokenizer.json"))
+    out = run_json(quill_bin, "run", tiny_model, "-p", "Hi", "-n", 24, "--seed", 7, "--temperature", 1.0)
+    text = tok.decode(out["ids"], skip_special_tokens=True)
+    # Thinking mode: with no </think> generated, everything is reasoning (as vLLM's parser does).
+    assert out["content"] == "" and out["reasoning"] == text.removeprefix("<think>")
+    off = run_json(quill_bin, "run", tiny_model, "-p", "Hi", "--no-think", "-n", 24, "--seed", 7)
+    assert off["reasoning"] == "" and off["content"] == tok.decode(off["ids"], skip_special_tokens=True)
+
+
+def test_same_seed_same_output(quill_bin, tiny_model):
+    a = run_json(quill_bin, "run", tiny_model, "-p", "Hello", "-n", 16, "--seed", 3, "--temperature", 1.2)
+    b = run_json(quill_bin, "run", tiny_model, "-p", "Hello", "-n", 16, "--seed", 3, "--temperature", 1.2)
+    c = run_json(quill_bin, "run", tiny_model, "-p", "Hello", "-n", 16, "--seed", 4, "--temperature", 1.2)
+    assert a["ids"] == b["ids"] and a["ids"] != c["ids"]
+
+
+def test_streams_text_and_reports_speed(quill_bin, tiny_model):
+    r = run(quill_bin, "run", tiny_model, "-p", "Hello", "-n", 8, "--greedy")
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s" in r.stderr and r.stdout.strip()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ids", "1,2,999999"], "999999"),
+    (["--ids", "1,x"], "--ids"),
+    (["-p", "hi", "--temperature", "-1"], "--temperature"),
+    (["-p", "hi", "--top-p", "0"], "--top-p"),
+    (["-p", "hi", "-n", "0"], "-n"),
+    (["-p", "hi", "--bogus"], "--bogus"),
+])
+def test_bad_arguments(quill_bin, tiny_model, args, needle):
+    r = run(quill_bin, "run", tiny_model, *args)
+    assert r.returncode != 0
+    assert needle in r.stderr
+
+
+def test_bad_model_directories(quill_bin, tiny_model, tmp_path):
+    r = run(quill_bin, "run", tmp_path / "nope", "-p", "hi")
+    assert r.returncode != 0 and "config.json" in r.stderr
+    bad = tmp_path / "llama"
+    shutil.copytree(tiny_model, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    cfg["model_type"] = "llama"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = run(quill_bin, "run", bad, "-p", "hi")
+    assert r.returncode != 0 and "LlamaForCausalLM" in r.stderr
+    trunc = tmp_path / "trunc"
+    shutil.copytree(tiny_model, trunc)
+    st = trunc / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    r = run(quill_bin, "run", trunc, "-p", "hi")
+    assert r.returncode != 0 and "model.safetensors" in r.stderr
+
+
+def test_prompt_beyond_context(quill_bin, tiny_model, tmp_path):
+    small = tmp_path / "short-ctx"
+    shutil.copytree(tiny_model, small)
+    cfg = json.loads((small / "config.json").read_text())
+    cfg["max_position_embeddings"] = 16
+    (small / "config.json").write_text(json.dumps(cfg))
+    r = run(quill_bin, "run", small, "--ids", ",".join(["100"] * 20))
+    assert r.returncode != 0 and "context" in r.stderr

@@ -1,0 +1,555 @@
+"""`quill serve` end to end, through real clients: the official `openai` Python client, `requests`
+and curl.
+
+Two models are served. The random tiny-qwen3 (conftest's `tiny_model`) exercises real compute:
+batched greedy requests must give exactly the tokens each gives alone, and a client that hangs up
+must have its sequence and KV blocks freed. A *crafted* checkpoint with tiny-qwen3's shapes makes
+the expected output known in advance: every layer's output projection is zero, so the residual
+stream is the token's embedding, and the untied lm_head maps the embedding slot of token t onto
+the token chosen to follow it. The model is therefore a bigram machine whose greedy continuations
+are fixed chains of real Qwen3 tokens (reasoning, a tool call, a sentence) and whose logprobs have
+a closed form: log_softmax over logits that are `a` for the successor and 0 elsewhere,
+a = 1/sqrt(1/128 + eps) (the final RMSNorm of a one-hot vector). Tokens outside the chains have a
+zero embedding, hence uniform logprobs -log(vocab)."""
+import concurrent.futures
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+openai = pytest.importorskip("openai")
+tokenizers = pytest.importorskip("tokenizers")
+
+VOCAB = 151936
+HIDDEN = 128
+EPS = 1e-6
+A = 1.0 / math.sqrt(1.0 / HIDDEN + EPS)
+LP_NEXT = A - math.log(math.exp(A) + VOCAB - 1)  # the chain successor
+LP_OTHER = -math.log(math.exp(A) + VOCAB - 1)    # anything else after a chain token
+LP_UNIFORM = -math.log(VOCAB)                    # anything after a token outside the chains
+
+TOOL_JSON = '{"name":"get_weather","arguments":{"city": "Paris"}}'
+# Greedy chains, as token texts. A: after "assistant\n" (thinking on); B: after the empty think
+# block of enable_thinking=false; C: plain text for /v1/completions.
+CHAIN_A = ["\n", "<think>", "Hmm", " okay", "</think>", "Hello", " there", "<|im_end|>"]
+CHAIN_B = ["\n\n", "<tool_call>", '{"', "name", '":"', "get", "_weather", '","', "arguments", '":{"', "city",
+           '":', ' "', "Paris", '"}}', "</tool_call>", "<|im_end|>"]
+CHAIN_C = [" is", " forty", "-two", ".", "<|endoftext|>"]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+# ------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def hf_tok(shared_dir):
+    return tokenizers.Tokenizer.from_file(str(shared_dir / "tokenizer" / "qwen3" / "tokenizer.json"))
+
+
+def encode(tok, text):
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def one_token(tok, text):
+    ids = encode(tok, text)
+    assert len(ids) == 1, f"{text!r} is {len(ids)} tokens"
+    return ids[0]
+
+
+def write_bf16_safetensors(path, tensors):
+    """tensors: name -> float32 array; written as BF16 (the values used here are exact in bf16)."""
+    header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name], dtype=np.float32)
+        b = (a.view(np.uint32) >> 16).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+
+
+@pytest.fixture(scope="module")
+def crafted_model(tiny_model, hf_tok, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "crafted-qwen3"
+    out.mkdir(exist_ok=True)
+    for name in os.listdir(tiny_model):
+        if name != "model.safetensors":
+            shutil.copy(tiny_model / name, out / name)
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    with open(tiny_model / "model.safetensors", "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        tensors[name] = (np.ones if name.endswith("norm.weight") else np.zeros)(info["shape"], np.float32)
+    embed = tensors["model.embed_tokens.weight"]
+    lm_head = np.zeros_like(embed)
+    nxt = {}
+    for chain in (CHAIN_A, CHAIN_B, CHAIN_C):
+        ids = [one_token(hf_tok, t) for t in chain]
+        for a, b in zip(ids, ids[1:]):
+            assert a not in nxt, f"token {a} is in two chains"
+            nxt[a] = b
+    for slot, (a, b) in enumerate(nxt.items()):
+        embed[a, slot] = 1.0
+        lm_head[b, slot] = 1.0
+    tensors["lm_head.weight"] = lm_head
+    write_bf16_safetensors(out / "model.safetensors", tensors)
+    return out
+
+
+class Server:
+    """`quill serve` on a free port (--port 0); stderr is collected in self.lines."""
+
+    def __init__(self, quill_bin, model, *args):
+        self.proc = subprocess.Popen([str(quill_bin), "serve", str(model), "--port", "0", *map(str, args)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines, self.url = [], None
+        ready = threading.Event()
+
+        def pump():
+            for line in self.proc.stderr:
+                self.lines.append(line.rstrip("\n"))
+                m = re.search(r"listening on (http://\S+)", line)
+                if m:
+                    self.url = m.group(1)
+                    ready.set()
+            ready.set()
+
+        self.reader = threading.Thread(target=pump, daemon=True)
+        self.reader.start()
+        ready.wait(120)
+        if not self.url:
+            self.proc.kill()
+            raise RuntimeError("quill serve did not start:\n" + "\n".join(self.lines))
+
+    def stop(self, sig=signal.SIGTERM, timeout=60):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.reader.join(10)
+        return rc
+
+    def metrics(self):
+        text = requests.get(self.url + "/metrics", timeout=30).text
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            key, value = line.rsplit(" ", 1)
+            key = re.sub(r'model_name="[^"]*",?', "", key).replace("{}", "")
+            out[key] = float(value)
+        return out
+
+    def client(self, api_key="none"):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def craft(quill_bin, crafted_model):
+    s = Server(quill_bin, crafted_model, "--max-num-seqs", 16, "--served-model-name", "crafted")
+    yield s
+    assert s.stop() == 0, "\n".join(s.lines[-30:])
+
+
+@pytest.fixture(scope="module")
+def rand(quill_bin, tiny_model):
+    s = Server(quill_bin, tiny_model, "--max-num-seqs", 32, "--max-model-len", 4096, "--served-model-name", "tiny")
+    yield s
+    assert s.stop() == 0, "\n".join(s.lines[-30:])
+
+
+def chat_prompt_tokens(tok, user, thinking=True):
+    text = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    if not thinking:
+        text += "<think>\n\n</think>\n\n"
+    return len(encode(tok, text))
+
+
+# ------------------------------------------------------------------ chat
+
+def test_models_and_health(craft):
+    assert requests.get(craft.url + "/health", timeout=30).status_code == 200
+    models = craft.client().models.list()
+    assert [m.id for m in models.data] == ["crafted"]
+
+
+def test_chat_reasoning_split(craft, hf_tok):
+    r = craft.client().chat.completions.create(model="crafted", messages=[{"role": "user", "content": "hi"}],
+                                               temperature=0, max_tokens=64)
+    m = r.choices[0].message
+    assert m.content == "Hello there"
+    assert m.reasoning_content == "Hmm okay" and m.reasoning == "Hmm okay"
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == len(CHAIN_A) - 1  # <|im_end|> counts, as in vLLM
+    assert r.usage.prompt_tokens == chat_prompt_tokens(hf_tok, "hi")
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream(craft):
+    stream = craft.client().chat.completions.create(
+        model="crafted", messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=64, stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert reasoning == "Hmm okay" and content == "Hello there"
+    # no delta mixes the two: "</think>" splits them exactly
+    for c in chunks:
+        if c.choices and c.choices[0].delta.content:
+            assert not getattr(c.choices[0].delta, "reasoning_content", None)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(CHAIN_A) - 1
+
+
+def test_enable_thinking_false(craft):
+    r = craft.client().chat.completions.create(
+        model="crafted", messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=64,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    m = r.choices[0].message
+    # without tools the tool call is plain content, tags included
+    assert m.content == f"<tool_call>{TOOL_JSON}</tool_call>"
+    assert m.reasoning_content is None and not m.tool_calls
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_tool_call_round_trip(craft):
+    client = craft.client()
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model="crafted", messages=msgs, tools=TOOLS, temperature=0, max_tokens=64,
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls"
+    assert c.message.content is None
+    [call] = c.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.id.startswith("chatcmpl-tool-")
+    msgs.append(c.message.model_dump(exclude_none=True))
+    msgs.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 21})})
+    r2 = client.chat.completions.create(model="crafted", messages=msgs, tools=TOOLS, temperature=0, max_tokens=64)
+    assert r2.choices[0].message.content == "Hello there"
+    assert r2.choices[0].finish_reason == "stop"
+    # the tool result reached the prompt: it is longer than the first one by at least its tokens
+    assert r2.usage.prompt_tokens > r.usage.prompt_tokens + 10
+
+
+def test_tool_call_streamed_and_tool_choice_none(craft):
+    client = craft.client()
+    kw = dict(model="crafted", messages=[{"role": "user", "content": "weather?"}], tools=TOOLS, temperature=0,
+              max_tokens=64, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    r = client.chat.completions.create(tool_choice="none", **kw)
+    assert not r.choices[0].message.tool_calls
+    assert r.choices[0].message.content == f"<tool_call>{TOOL_JSON}</tool_call>"
+
+
+def test_chat_logprobs_and_n(craft, hf_tok):
+    r = craft.client().chat.completions.create(model="crafted", messages=[{"role": "user", "content": "hi"}],
+                                               temperature=0, max_tokens=64, logprobs=True, top_logprobs=2, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for c in r.choices:
+        assert c.message.content == "Hello there"
+        entries = c.logprobs.content
+        assert [e.token for e in entries] == CHAIN_A[1:]  # <|im_end|> counts, though not in the text
+        for e in entries:
+            assert e.logprob == pytest.approx(LP_NEXT, abs=1e-3)
+            assert e.top_logprobs[0].token == e.token and len(e.top_logprobs) == 2
+            assert e.top_logprobs[1].logprob == pytest.approx(LP_OTHER, abs=1e-3)
+        assert bytes(entries[1].bytes) == b"Hmm"
+    assert r.usage.completion_tokens == 3 * (len(CHAIN_A) - 1)
+
+
+def test_model_card_example_with_curl(craft):
+    body = {"model": "crafted", "messages": [{"role": "user", "content": "Give me a short introduction."}],
+            "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_tokens": 32768}
+    out = subprocess.run(["curl", "-sS", craft.url + "/v1/chat/completions", "-H", "Content-Type: application/json",
+                          "-d", json.dumps(body)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["model"] == "crafted" and r["object"] == "chat.completion"
+    # at temperature 0.6 the successor's probability is 1 - 1e-7: sampling follows the chain
+    assert r["choices"][0]["message"]["content"] == "Hello there"
+    assert r["choices"][0]["message"]["reasoning_content"] == "Hmm okay"
+
+
+# ------------------------------------------------------------------ completions
+
+def test_completions_echo_logprobs_for_lm_eval(craft, hf_tok):
+    """The request lm-eval's local-completions sends for loglikelihood, and its parse_logprobs."""
+    full = [encode(hf_tok, "The answer is forty-two."), encode(hf_tok, "The answer is forty.")]
+    ctxlen = len(encode(hf_tok, "The answer is"))
+    r = requests.post(craft.url + "/v1/completions", timeout=120, json={
+        "model": "crafted", "prompt": full, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+        "echo": True}).json()
+    choices = sorted(r["choices"], key=lambda c: c["index"])
+    assert len(choices) == 2
+    results = []
+    for ch, ids in zip(choices, full):
+        lp = ch["logprobs"]
+        assert len(lp["tokens"]) == len(ids) + 1  # the prompt, then the one generated token
+        assert lp["tokens"][:len(ids)] == [hf_tok.decode([i]) for i in ids]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert ch["text"].startswith(hf_tok.decode(ids))
+        offsets = [0]
+        for t in lp["tokens"][:-1]:
+            offsets.append(offsets[-1] + len(t))
+        assert lp["text_offset"] == offsets
+        # lm-eval's parse_logprobs
+        results.append((sum(lp["token_logprobs"][ctxlen:-1]),
+                        all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][ctxlen:-1],
+                                                                       lp["top_logprobs"][ctxlen:-1]))))
+        # every prompt position against the closed form
+        for i in range(1, len(ids)):
+            prev, cur = hf_tok.decode([ids[i - 1]]), ids[i]
+            follows = {CHAIN_C[k]: CHAIN_C[k + 1] for k in range(len(CHAIN_C) - 1)}
+            if prev in follows:
+                want = LP_NEXT if hf_tok.decode([cur]) == follows[prev] else LP_OTHER
+            else:
+                want = LP_UNIFORM
+            assert lp["token_logprobs"][i] == pytest.approx(want, abs=1e-3), (i, prev)
+    assert results[0][0] == pytest.approx(3 * LP_NEXT, abs=3e-3) and results[0][1] is True
+    assert results[1][0] == pytest.approx(LP_NEXT + LP_OTHER, abs=3e-3) and results[1][1] is False
+
+
+def test_completions_text_stop_and_length(craft):
+    c = craft.client()
+    r = c.completions.create(model="crafted", prompt="The answer is", temperature=0, max_tokens=16)
+    assert r.choices[0].text == " forty-two." and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == 4  # " forty", "-two", ".", <|endoftext|>
+    r = c.completions.create(model="crafted", prompt="The answer is", temperature=0, max_tokens=2)
+    assert r.choices[0].text == " forty-two" and r.choices[0].finish_reason == "length"
+    # a stop string spanning the " forty" / "-two" boundary; the output stops before it
+    r = c.completions.create(model="crafted", prompt="The answer is", temperature=0, max_tokens=16, stop=["zzz", "rty-t"])
+    assert r.choices[0].text == " fo" and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].model_extra["stop_reason"] == "rty-t"
+    chunks = list(c.completions.create(model="crafted", prompt="The answer is", temperature=0, max_tokens=16,
+                                       stop="rty-t", stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == " fo"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    r = c.completions.create(model="crafted", prompt="The answer is", temperature=0, max_tokens=16,
+                             extra_body={"stop_token_ids": [37402]})  # "-two": not in the output
+    assert r.choices[0].text == " forty" and r.choices[0].model_extra["stop_reason"] == 37402
+    r = c.completions.create(model="crafted", prompt="The answer is", temperature=0, max_tokens=6,
+                             extra_body={"ignore_eos": True, "min_tokens": 6})
+    assert r.choices[0].text.startswith(" forty-two.") and r.usage.completion_tokens == 6
+    r = c.completions.create(model="crafted", prompt=["The answer is", "x"], temperature=0, max_tokens=3, echo=True)
+    assert [ch.text for ch in sorted(r.choices, key=lambda x: x.index)] == ["The answer is forty-two.", "x!!!"]
+
+
+# ------------------------------------------------------------------ batching, disconnects
+
+def test_concurrent_greedy_equals_alone(rand):
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 151000, size=int(n)).tolist() for n in rng.integers(3, 60, size=20)]
+
+    def run(p):
+        r = requests.post(rand.url + "/v1/completions", timeout=600, json={
+            "model": "tiny", "prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 0,
+            "return_tokens_as_token_ids": True}).json()
+        return [int(t.split(":")[1]) for t in r["choices"][0]["logprobs"]["tokens"]]
+
+    alone = [run(p) for p in prompts]
+    assert len({tuple(a) for a in alone}) >= 5, "the prompts should not all continue the same way"
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(run, prompts))
+    assert together == alone
+
+
+def test_disconnect_frees_resources(rand):
+    before = rand.metrics()
+    r = requests.post(rand.url + "/v1/completions", stream=True, timeout=600, json={
+        "model": "tiny", "prompt": "Tell me everything.", "max_tokens": 3000, "ignore_eos": True, "stream": True})
+    lines = r.iter_lines()
+    got = 0
+    for line in lines:
+        if line.startswith(b"data: {"):
+            got += 1
+            if got == 5:
+                break
+    during = rand.metrics()
+    assert during["quill:num_requests_running"] == 1
+    assert during["quill:kv_cache_blocks_used"] > 0
+    assert during["quill:num_http_requests_active"] == 1
+    r.close()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        after = rand.metrics()
+        if (after["quill:num_requests_running"] == 0 and after["quill:kv_cache_blocks_used"] == 0 and
+                after["quill:num_http_requests_active"] == 0):
+            break
+        time.sleep(0.1)
+    assert after["quill:num_requests_running"] == 0 and after["quill:num_requests_waiting"] == 0
+    assert after["quill:kv_cache_blocks_used"] == 0 and after["quill:num_http_requests_active"] == 0
+    key = 'quill:request_success_total{finished_reason="abort"}'
+    assert after[key] == before[key] + 1
+    # it stopped early: far fewer than 3000 tokens were generated
+    assert after["quill:generation_tokens_total"] - before["quill:generation_tokens_total"] < 2000
+
+
+def test_metrics_exposition(craft):
+    craft.client().completions.create(model="crafted", prompt="The answer is", temperature=0, max_tokens=4)
+    text = requests.get(craft.url + "/metrics", timeout=30).text
+    for name in ["quill:num_requests_running", "quill:num_requests_waiting", "quill:kv_cache_usage_perc",
+                 "quill:prompt_tokens_total", "quill:generation_tokens_total", "quill:http_requests_total",
+                 "quill:time_to_first_token_seconds", "quill:inter_token_latency_seconds"]:
+        assert f"# TYPE {name} " in text
+    m = craft.metrics()
+    assert m['quill:http_requests_total{code="200"}'] >= 1
+    assert m["quill:time_to_first_token_seconds_count"] >= 1
+    assert m['quill:time_to_first_token_seconds_bucket{le="+Inf"}'] == m["quill:time_to_first_token_seconds_count"]
+
+
+# ------------------------------------------------------------------ errors
+
+def error_of(resp, status):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status and err["message"]
+    return err
+
+
+BAD_CHAT = [
+    ("temperature", {"temperature": "hot"}),
+    ("temperature", {"temperature": -1}),
+    ("top_p", {"top_p": 0}),
+    ("top_p", {"top_p": 1.5}),
+    ("top_k", {"top_k": -5}),
+    ("min_p", {"min_p": 2}),
+    ("presence_penalty", {"presence_penalty": 3}),
+    ("frequency_penalty", {"frequency_penalty": -2.5}),
+    ("repetition_penalty", {"repetition_penalty": 0}),
+    ("n", {"n": 0}),
+    ("max_tokens", {"max_tokens": 0}),
+    ("max_tokens", {"max_tokens": "ten"}),
+    ("max_tokens", {"max_tokens": 40960}),  # prompt + max_tokens > max_model_len
+    ("seed", {"seed": 1.5}),
+    ("stop", {"stop": 5}),
+    ("stop", {"stop": [""]}),
+    ("stop_token_ids", {"stop_token_ids": [10 ** 7]}),
+    ("min_tokens", {"min_tokens": 10, "max_tokens": 5}),
+    ("top_logprobs", {"logprobs": True, "top_logprobs": 21}),
+    ("top_logprobs", {"top_logprobs": 2}),
+    ("stream", {"stream": "yes"}),
+    ("stream_options", {"stream_options": {"include_usage": True}}),
+    ("tool_choice", {"tool_choice": "required", "tools": TOOLS}),
+    ("tools", {"tools": [{"type": "function"}]}),
+    ("messages", {"messages": []}),
+    ("messages", {"messages": "hello"}),
+    ("messages", {"messages": [{"role": "bot", "content": "x"}]}),
+    ("chat_template_kwargs", {"chat_template_kwargs": {"enable_thinking": "no"}}),
+    ("logit_bias", {"logit_bias": {"5": 10}}),
+]
+
+
+@pytest.mark.parametrize("param,patch", BAD_CHAT, ids=[f"{p}-{i}" for i, (p, _) in enumerate(BAD_CHAT)])
+def test_bad_chat_fields(craft, param, patch):
+    body = {"model": "crafted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **patch}
+    err = error_of(requests.post(craft.url + "/v1/chat/completions", json=body, timeout=60), 400)
+    assert err["param"] == param and err["type"] == "BadRequestError"
+
+
+def test_request_errors(craft):
+    u = craft.url
+    err = error_of(requests.post(u + "/v1/chat/completions", data=b'{"messages": [', timeout=60), 400)
+    assert "JSON" in err["message"]
+    error_of(requests.post(u + "/v1/chat/completions", data=b"[1, 2]", timeout=60), 400)
+    err = error_of(requests.post(u + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                   "model": "gpt-4"}, timeout=60), 404)
+    assert err["param"] == "model" and "gpt-4" in err["message"]
+    error_of(requests.post(u + "/v1/completions", json={"model": "crafted"}, timeout=60), 400)
+    error_of(requests.post(u + "/v1/completions", json={"prompt": [[1, 2], "x"]}, timeout=60), 400)
+    error_of(requests.post(u + "/v1/completions", json={"prompt": [10 ** 9]}, timeout=60), 400)
+    error_of(requests.post(u + "/v1/completions", json={"prompt": "x", "logprobs": 50}, timeout=60), 400)
+    error_of(requests.post(u + "/v1/completions", json={"prompt": " hello" * 41000, "max_tokens": 1}, timeout=60), 400)
+    error_of(requests.get(u + "/v1/chat/completions", timeout=60), 405)
+    error_of(requests.get(u + "/v2/nothing", timeout=60), 404)
+    big = b'{"prompt": "' + b"a" * (17 << 20) + b'"}'
+    error_of(requests.post(u + "/v1/completions", data=big, timeout=120), 413)
+    # the server keeps serving
+    r = craft.client().chat.completions.create(model="crafted", messages=[{"role": "user", "content": "hi"}],
+                                               temperature=0, max_tokens=64)
+    assert r.choices[0].message.content == "Hello there"
+
+
+def test_api_key(quill_bin, crafted_model):
+    s = Server(quill_bin, crafted_model, "--api-key", "sekrit", "--served-model-name", "crafted")
+    try:
+        body = {"model": "crafted", "prompt": "The answer is", "max_tokens": 2, "temperature": 0}
+        error_of(requests.post(s.url + "/v1/completions", json=body, timeout=60), 401)
+        error_of(requests.post(s.url + "/v1/completions", json=body, timeout=60,
+                               headers={"Authorization": "Bearer wrong"}), 401)
+        with pytest.raises(openai.AuthenticationError):
+            s.client("wrong").models.list()
+        assert requests.get(s.url + "/health", timeout=60).status_code == 200  # open, as in vLLM
+        r = s.client("sekrit").completions.create(**body)
+        assert r.choices[0].text == " forty-two"
+    finally:
+        assert s.stop(signal.SIGINT) == 0
+    assert any("SIGINT" in line for line in s.lines)
+
+
+def test_request_log_and_clean_stop_mid_stream(quill_bin, tiny_model):
+    s = Server(quill_bin, tiny_model, "--max-model-len", 2048)
+    r = requests.post(s.url + "/v1/completions", stream=True, timeout=600, json={
+        "prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True})
+    next(r.iter_lines())
+    t0 = time.time()
+    assert s.stop(signal.SIGTERM) == 0, "\n".join(s.lines[-30:])
+    assert time.time() - t0 < 30
+    r.close()
+    assert any(re.search(r'"POST /v1/completions HTTP/1.1" 200 .*prompt_tokens=1', ln) for ln in s.lines), s.lines
+    assert s.lines[-1] == "quill serve: stopped"
+
+
+# ------------------------------------------------------------------ bench serve
+
+def test_bench_serve(quill_bin, rand, tmp_path):
+    help_ = subprocess.run([str(quill_bin), "bench", "serve", "--help"], capture_output=True, text=True, timeout=60)
+    if help_.returncode != 0:
+        pytest.skip("`quill bench serve` is not dispatched by this build")
+    out = tmp_path / "bench.json"
+    p = subprocess.run([str(quill_bin), "bench", "serve", "--base-url", rand.url, "--model", "tiny", "--dataset",
+                        "random", "--input-len", "32", "--output-len", "8", "--num-prompts", "12",
+                        "--max-concurrency", "4", "--ignore-eos", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(out.read_text())
+    assert res["completed"] == 12 and res["failed"] == 0
+    assert res["total_input_tokens"] == 12 * 32 and res["total_output_tokens"] == 12 * 8
+    assert 0 < res["mean_ttft_ms"] <= res["mean_e2el_ms"]
+    assert res["mean_tpot_ms"] > 0 and res["mean_itl_ms"] > 0 and res["max_concurrent_requests"] <= 4
+    assert "Successful requests:" in p.stdout and "Mean TTFT (ms):" in p.stdout
