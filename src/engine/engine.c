@@ -245,9 +245,11 @@ static void take_inbox(Engine *e) {
     int n_aborts = e->n_aborts;
     uint64_t aborts[64];
     if (n_aborts > 64) n_aborts = 64;
-    memcpy(aborts, e->aborts, (size_t)n_aborts * sizeof *aborts);
-    memmove(e->aborts, e->aborts + n_aborts, (size_t)(e->n_aborts - n_aborts) * sizeof *aborts);
-    e->n_aborts -= n_aborts;
+    if (n_aborts) { /* e->aborts is NULL until the first abort: memcpy(NULL, 0) is undefined */
+        memcpy(aborts, e->aborts, (size_t)n_aborts * sizeof *aborts);
+        memmove(e->aborts, e->aborts + n_aborts, (size_t)(e->n_aborts - n_aborts) * sizeof *aborts);
+        e->n_aborts -= n_aborts;
+    }
     pthread_mutex_unlock(&e->mu);
     for (int a = 0; a < n_aborts; a++)
         for (int i = 0; i < e->n_live; i++)

@@ -208,14 +208,27 @@ static int alloc_scratch(Model *m, QErr *err) {
 }
 
 Model *model_load(const char *dir, Backend *be, const ModelOptions *opt, QErr *err) {
+    QwenConfig cfg;
+    GenConfig gen;
+    if (config_load(&cfg, dir, err) || gen_config_load(&gen, &cfg, dir, err)) return NULL;
+    StModel *st = st_open_dir(dir, err);
+    if (!st) return NULL;
+    return model_create(&cfg, &gen, st, be, opt, dir, err);
+}
+
+Model *model_create(const QwenConfig *cfg, const GenConfig *gen, StModel *st, Backend *be, const ModelOptions *opt,
+                    const char *dir, QErr *err) {
     Model *m = calloc(1, sizeof *m);
     if (!m) {
+        st_close(st);
         qerr_set(err, "out of memory");
         return NULL;
     }
     m->be = be;
+    m->st = st;
+    m->cfg = *cfg;
+    m->gen = *gen;
     Loader L = {.m = m, .dir = dir, .err = err};
-    if (config_load(&m->cfg, dir, err) || gen_config_load(&m->gen, &m->cfg, dir, err)) goto fail;
     const QwenConfig *c = &m->cfg;
     m->opt = opt ? *opt : model_default_options(c);
     if (m->opt.max_ctx > c->max_position_embeddings) m->opt.max_ctx = c->max_position_embeddings;
@@ -228,7 +241,6 @@ Model *model_load(const char *dir, Backend *be, const ModelOptions *opt, QErr *e
         qerr_set(err, "%s/config.json: head_dim %d must be even for RoPE", dir, c->head_dim);
         goto fail;
     }
-    if (!(m->st = st_open_dir(dir, err))) goto fail;
 
     const StTensor *emb = need(&L, "model.embed_tokens.weight", 2, c->vocab_size, c->hidden_size);
     if (!emb || !(m->embed = be->ops->embedding_load(be, emb, err))) goto fail;

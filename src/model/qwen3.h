@@ -57,6 +57,11 @@ typedef struct Model {
  * backend be. Validates every tensor's presence, dtype and shape against the config (missing or
  * extra tensors are errors naming them). Returns NULL with err set. */
 Model *model_load(const char *dir, Backend *be, const ModelOptions *opt, QErr *err);
+/* Builds a model from a checkpoint already open (files, or tensors made in memory such as
+ * random weights for benchmarks). Takes ownership of st (closed on failure too); `name` is used
+ * in error messages (the directory, or e.g. "random qwen3-8b"). */
+Model *model_create(const QwenConfig *cfg, const GenConfig *gen, StModel *st, Backend *be, const ModelOptions *opt,
+                    const char *name, QErr *err);
 void model_free(Model *m);
 
 /* Default options for a config: step of 512 tokens, 1 sequence, context = min(4096, max pos). */

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 
 #include "quant/q4.h"
+#include "quant/q4_simd.h"
 #include "util/bf16.h"
 
 #define MINMAX_EPS 1e-6f
@@ -31,6 +32,25 @@ typedef struct MinmaxJob {
 /* The bf16 rounding every torch bf16 op applies to its float result. */
 static inline float bf16r(float x) { return bf16_to_f32(f32_to_bf16_rne(x)); }
 
+/* Codes of one group: clamp(round(bf16(bf16(w - lo) / scale)), 0, 15), two per byte. */
+static void minmax_group_codes(const uint16_t *w, int gs, float lo, float scale, uint8_t *codes) {
+#if defined(Q4_AVX2)
+    const __m256 LO = _mm256_set1_ps(lo), S = _mm256_set1_ps(scale);
+    for (int i = 0; i < gs; i += 8) {
+        __m256 a = q4v_round_bf16(_mm256_sub_ps(q4v_load_bf16(w + i), LO));
+        q4v_store_codes(codes + i / 2, q4v_round_clamp(q4v_round_bf16(_mm256_div_ps(a, S))));
+    }
+#else
+    for (int i = 0; i < gs; i += 2) {
+        float q0 = rintf(bf16r(bf16r(bf16_to_f32(w[i]) - lo) / scale));
+        float q1 = rintf(bf16r(bf16r(bf16_to_f32(w[i + 1]) - lo) / scale));
+        q0 = q0 < 0.0f ? 0.0f : (q0 > (float)Q4_QMAX ? (float)Q4_QMAX : q0);
+        q1 = q1 < 0.0f ? 0.0f : (q1 > (float)Q4_QMAX ? (float)Q4_QMAX : q1);
+        codes[i / 2] = (uint8_t)((unsigned)q0 | ((unsigned)q1 << 4));
+    }
+#endif
+}
+
 static void minmax_task(void *ctx, int task, int thread) {
     (void)thread;
     MinmaxJob *j = ctx;
@@ -40,14 +60,8 @@ static void minmax_task(void *ctx, int task, int thread) {
     for (int64_t r = r0; r < r1; r++) {
         for (int64_t g = 0; g < j->gpr; g++) {
             const uint16_t *w = j->w + r * j->cols + g * j->gs;
-            float mn = bf16_to_f32(w[0]), mx = mn;
-            int bad = -1;
-            for (int i = 0; i < j->gs; i++) {
-                float x = bf16_to_f32(w[i]);
-                if ((w[i] & 0x7f80) == 0x7f80 && bad < 0) bad = i;
-                mn = x < mn ? x : mn;
-                mx = x > mx ? x : mx;
-            }
+            float mn, mx;
+            int bad = q4_group_minmax(w, j->gs, &mn, &mx);
             if (bad >= 0) {
                 if (j->task_bad[task] < 0) j->task_bad[task] = r * j->cols + g * j->gs + bad;
                 continue;
@@ -57,14 +71,7 @@ static void minmax_task(void *ctx, int task, int thread) {
             float mid = bf16r(scale * (float)Q4_MID);
             float zero = bf16r(mn + mid);
             float lo = bf16r(zero - mid); /* torchao's min_val, recomputed from the bf16 zero */
-            uint8_t *c = j->codes + r * (j->cols / 2) + g * j->gs / 2;
-            for (int i = 0; i < j->gs; i += 2) {
-                float q0 = rintf(bf16r(bf16r(bf16_to_f32(w[i]) - lo) / scale));
-                float q1 = rintf(bf16r(bf16r(bf16_to_f32(w[i + 1]) - lo) / scale));
-                q0 = q0 < 0.0f ? 0.0f : (q0 > (float)Q4_QMAX ? (float)Q4_QMAX : q0);
-                q1 = q1 < 0.0f ? 0.0f : (q1 > (float)Q4_QMAX ? (float)Q4_QMAX : q1);
-                c[i / 2] = (uint8_t)((unsigned)q0 | ((unsigned)q1 << 4));
-            }
+            minmax_group_codes(w, j->gs, lo, scale, j->codes + r * (j->cols / 2) + g * j->gs / 2);
             j->scales[r * j->gpr + g] = f32_to_bf16_rne(scale);
             j->zeros[r * j->gpr + g] = f32_to_bf16_rne(zero);
         }

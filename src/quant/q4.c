@@ -8,6 +8,7 @@
 
 #include "quant/hqq.h"
 #include "quant/minmax.h"
+#include "quant/q4_simd.h"
 #include "util/bf16.h"
 
 const char *q4_algorithm_name(Q4Algorithm alg) { return alg == Q4_MINMAX ? "minmax" : "hqq"; }
@@ -62,6 +63,38 @@ typedef struct RelErrJob {
     double *num, *den; /* [n_tasks] */
 } RelErrJob;
 
+/* Sums of (dequant - w)^2 and w^2 over one group: per 8-lane float accumulators, then double. */
+static void group_sq_sums(const uint16_t *w, const uint8_t *c, int gs, float s, float z,
+                          double *num, double *den) {
+    float dl[8] = {0}, wl[8] = {0};
+#if defined(Q4_AVX2)
+    const __m256 S = _mm256_set1_ps(s), Z = _mm256_set1_ps(z), MID = _mm256_set1_ps(Q4_MID);
+    __m256 dacc = _mm256_setzero_ps(), wacc = dacc;
+    for (int i = 0; i < gs; i += 8) {
+        __m256 x = q4v_load_bf16(w + i);
+        __m256 deq = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(q4v_load_codes(c + i / 2), MID), S), Z);
+        __m256 d = _mm256_sub_ps(deq, x);
+        dacc = _mm256_add_ps(dacc, _mm256_mul_ps(d, d));
+        wacc = _mm256_add_ps(wacc, _mm256_mul_ps(x, x));
+    }
+    _mm256_storeu_ps(dl, dacc);
+    _mm256_storeu_ps(wl, wacc);
+#else
+    for (int i = 0; i < gs; i += 8)
+        for (int l = 0; l < 8; l++) {
+            int k = i + l;
+            float x = bf16_to_f32(w[k]);
+            float d = ((float)(((c[k / 2] >> (4 * (k & 1))) & 0xf) - Q4_MID) * s + z) - x;
+            dl[l] += d * d;
+            wl[l] += x * x;
+        }
+#endif
+    for (int l = 0; l < 8; l++) {
+        *num += dl[l];
+        *den += wl[l];
+    }
+}
+
 static void rel_error_task(void *ctx, int task, int thread) {
     (void)thread;
     const RelErrJob *j = ctx;
@@ -69,20 +102,12 @@ static void rel_error_task(void *ctx, int task, int thread) {
     int64_t r0 = (int64_t)task * j->rows_per_task;
     int64_t r1 = r0 + j->rows_per_task < j->rows ? r0 + j->rows_per_task : j->rows;
     double num = 0.0, den = 0.0;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *c = j->codes + r * (j->cols / 2);
-        const uint16_t *w = j->w + r * j->cols;
-        for (int64_t g = 0; g < gpr; g++) {
-            float s = bf16_to_f32(j->scales[r * gpr + g]), z = bf16_to_f32(j->zeros[r * gpr + g]);
-            for (int64_t k = g * j->gs; k < (g + 1) * j->gs; k++) {
-                int q = (c[k / 2] >> (4 * (k & 1))) & 0xf;
-                double x = bf16_to_f32(w[k]);
-                double d = (double)((float)(q - Q4_MID) * s + z) - x;
-                num += d * d;
-                den += x * x;
-            }
-        }
-    }
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t g = 0; g < gpr; g++)
+            group_sq_sums(j->w + r * j->cols + g * j->gs,
+                          j->codes + r * (j->cols / 2) + g * j->gs / 2, j->gs,
+                          bf16_to_f32(j->scales[r * gpr + g]), bf16_to_f32(j->zeros[r * gpr + g]),
+                          &num, &den);
     j->num[task] = num;
     j->den[task] = den;
 }

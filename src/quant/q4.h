@@ -48,8 +48,8 @@ void q4_dequantize_row(const uint8_t *codes, const uint16_t *scales, const uint1
                        int64_t cols, int group_size, float *dst);
 
 /* Relative L2 error ||dequant(codes, scales, zeros) - w|| / ||w|| of a whole quantized matrix
- * (dequantized in float32 as q4_dequantize_row does, accumulated in double; 0 when both are all
- * zeros). Rows are spread over `pool` (NULL: the calling thread); the result does not depend on
+ * (dequantized in float32 as q4_dequantize_row does; squares summed in float within a group, in
+ * double across groups; 0 when both are all zeros). Rows are spread over `pool` (NULL: the calling thread); the result does not depend on
  * the thread count. Cannot fail. */
 double q4_rel_error(const uint16_t *w, int64_t rows, int64_t cols, int group_size,
                     const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros,

@@ -9,8 +9,10 @@
  * - BPE runs on raw bytes: vocabulary strings are mapped back from the GPT-2 byte alphabet at
  *   load, so encoding never builds the Ġ-strings. Merges live in an open-addressing table keyed
  *   by the id pair (rank + result id), with bitsets of ids that start/end any merge to skip most
- *   failing lookups. Merging uses a min-heap of (rank, position) over a linked list, which is
- *   tokenizers' own order (lowest rank, then leftmost), so results are identical.
+ *   failing lookups, and a direct 256x256 table for the first round (pairs of bytes). Merging
+ *   uses a min-heap of (rank, position) over a linked list, which is tokenizers' own order
+ *   (lowest rank, then leftmost), so results are identical. The cost is cache misses in the
+ *   4 MB merge table, hence the per-call cache below.
  * - A per-call cache maps repeated pieces to their ids; it is private to the call, so concurrent
  *   encodes share nothing mutable and need no lock. Short prompts pay one small allocation.
  * - NFC (utf8proc) is skipped for ASCII and applied only to the runs around non-ASCII bytes:
@@ -22,6 +24,7 @@
 #include "text/tokenizer.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
+#include <assert.h>
 #include <pcre2.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,11 +53,13 @@ typedef struct StrMap {
     uint32_t mask;
 } StrMap;
 
-/* The merge table's slots are 8 bytes, to keep it small enough to stay in cache: the id pair
- * (a << 20 | b) in the high 40 bits, the merge's rank in the low 24. The merged token's id is
- * merge_id[rank]. */
-#define ID_BITS 20
-#define RANK_BITS 24
+/* One merge: the pair of ids (a << 32 | b; MERGE_EMPTY when the slot is free), its rank and
+ * the merged token. */
+typedef struct MergeSlot {
+    uint64_t key;
+    uint32_t rank;
+    int32_t id;
+} MergeSlot;
 #define MERGE_EMPTY UINT64_MAX
 
 typedef struct AddedTok {
@@ -83,9 +88,9 @@ struct Tok {
     uint8_t *flags;              /* per id: F_VALID, F_SPECIAL */
     StrMap vocab;                /* model vocabulary, decoded bytes -> id */
     StrMap added;                /* added tokens, content -> id */
-    uint64_t *merges; /* open addressing, MERGE_EMPTY when free */
+    MergeSlot *merges; /* open addressing */
     uint32_t merge_mask;
-    int32_t *merge_id; /* per rank: the merged token */
+    uint64_t *byte_pairs; /* [x << 8 | y]: rank << 32 | id of merging the tokens of bytes x, y */
     uint64_t *left_bits, *right_bits; /* ids that are the left / right part of some merge */
     int32_t byte_id[256];
     Matcher raw, norm; /* added tokens matched before / after normalization */
@@ -383,19 +388,19 @@ static inline void strmap_prefetch(const StrMap *m, uint64_t h) {
     __builtin_prefetch(&m->slots[(uint32_t)h & m->mask]);
 }
 
-static inline uint64_t pair_key(int32_t a, int32_t b) { return (uint64_t)a << ID_BITS | (uint64_t)b; }
+static inline uint64_t pair_key(int32_t a, int32_t b) { return (uint64_t)(uint32_t)a << 32 | (uint32_t)b; }
 
 static inline uint32_t pair_slot(uint64_t key, uint32_t mask) { return (uint32_t)mix64(key) & mask; }
 
-/* The rank of merging a then b, or -1 if they do not merge. */
-static inline int32_t merge_rank(const Tok *t, int32_t a, int32_t b) {
+/* The merge of a then b, or NULL if they do not merge. */
+static inline const MergeSlot *merge_find(const Tok *t, int32_t a, int32_t b) {
     if (!(t->left_bits[a >> 6] >> (a & 63) & 1) || !(t->right_bits[b >> 6] >> (b & 63) & 1))
-        return -1;
+        return NULL;
     uint64_t key = pair_key(a, b);
     for (uint32_t i = pair_slot(key, t->merge_mask);; i = (i + 1) & t->merge_mask) {
-        uint64_t s = t->merges[i];
-        if (s == MERGE_EMPTY) return -1;
-        if (s >> RANK_BITS == key) return (int32_t)(s & ((1u << RANK_BITS) - 1));
+        const MergeSlot *s = &t->merges[i];
+        if (s->key == key) return s;
+        if (s->key == MERGE_EMPTY) return NULL;
     }
 }
 
@@ -538,19 +543,18 @@ static int load_merges(Tok *t, const TjVal *merges, const char *path, QErr *err)
     MergeLoad *ml = malloc((n + 1) * sizeof *ml);
     Buf tmp = {0};
     int rc = 0;
-    uint32_t cap = pow2_at_least(n * 3 + 1);
+    uint32_t cap = pow2_at_least(n + n / 2 + 1);
     size_t words = ((size_t)t->n_ids + 63) / 64;
     t->merges = malloc((size_t)cap * sizeof *t->merges);
-    t->merge_id = malloc((n + 1) * sizeof *t->merge_id);
+    t->byte_pairs = malloc(65536 * sizeof *t->byte_pairs);
     t->left_bits = calloc(words, 8);
     t->right_bits = calloc(words, 8);
-    if (!ml || !t->merges || !t->merge_id || !t->left_bits || !t->right_bits) {
+    if (!ml || !t->merges || !t->byte_pairs || !t->left_bits || !t->right_bits) {
         rc = LFAIL("%s: out of memory", path);
         goto out;
     }
-    if (n >= (1u << RANK_BITS)) {
-        rc = LFAIL("%s: model.merges: %zu merges, more than quill supports (%u)", path, n,
-                   (1u << RANK_BITS) - 1);
+    if (n > UINT32_MAX) {
+        rc = LFAIL("%s: model.merges: too many merges", path);
         goto out;
     }
     memset(t->merges, 0xFF, (size_t)cap * sizeof *t->merges);
@@ -636,15 +640,20 @@ static int load_merges(Tok *t, const TjVal *merges, const char *path, QErr *err)
         int32_t a = ml[r].a, b = ml[r].b;
         uint64_t key = pair_key(a, b);
         for (uint32_t i = pair_slot(key, t->merge_mask);; i = (i + 1) & t->merge_mask) {
-            uint64_t *s = &t->merges[i];
-            if (*s == MERGE_EMPTY || *s >> RANK_BITS == key) {
-                *s = key << RANK_BITS | r; /* a repeated pair keeps its last rank */
+            MergeSlot *s = &t->merges[i];
+            if (s->key == MERGE_EMPTY || s->key == key) {
+                *s = (MergeSlot){key, (uint32_t)r, id}; /* a repeated pair keeps its last rank */
                 break;
             }
         }
-        t->merge_id[r] = id;
         t->left_bits[a >> 6] |= 1ull << (a & 63);
         t->right_bits[b >> 6] |= 1ull << (b & 63);
+    }
+    for (int x = 0; x < 256; x++) {
+        for (int y = 0; y < 256; y++) {
+            const MergeSlot *m = merge_find(t, t->byte_id[x], t->byte_id[y]);
+            t->byte_pairs[x << 8 | y] = m ? (uint64_t)m->rank << 32 | (uint32_t)m->id : MERGE_EMPTY;
+        }
     }
 out:
     free(ml);
@@ -686,9 +695,8 @@ static int load_model(Tok *t, const TjVal *model, const char *path, uint32_t n_a
     t->n_vocab_ids = max_id + 1;
     /* new added ids start at vocab_count or after the largest one so far, one per entry */
     int64_t room = (int64_t)(max_id > t->vocab_count ? max_id : t->vocab_count) + n_added + 1;
-    if (room >= (1 << ID_BITS) - 1)
-        return LFAIL("%s: %lld token ids, more than quill supports (%d)", path, (long long)room,
-                     (1 << ID_BITS) - 2);
+    if (room >= INT32_MAX / 2)
+        return LFAIL("%s: %lld token ids, more than quill supports", path, (long long)room);
     t->n_ids = (int32_t)room;
     t->dec_off = calloc((size_t)t->n_ids, sizeof *t->dec_off);
     t->dec_len = calloc((size_t)t->n_ids, sizeof *t->dec_len);
@@ -745,10 +753,7 @@ static int load_added(Tok *t, const TjVal *added, const char *path, QErr *err) {
         }
         if (id < 0 && bl > 0) id = strmap_get(&t->vocab, t->pool, tmp.p, tmp.n);
         if (id < 0) id = max_added < 0 || max_added < vocab_count ? vocab_count : max_added + 1;
-        if (id >= t->n_ids) { /* cannot happen: n_ids leaves room for one new id per entry */
-            rc = LFAIL("%s: added_tokens[%u]: id out of range", path, i);
-            goto out;
-        }
+        assert(id < t->n_ids); /* load_model left room for one new id per entry */
         if (id > max_added) max_added = id;
         /* Decoding: the byte-level mapping if every character is in the alphabet, else the
          * content's own bytes (tokenizers' ByteLevel decoder does the same). */
@@ -758,10 +763,9 @@ static int load_added(Tok *t, const TjVal *added, const char *path, QErr *err) {
             rc = LFAIL("%s: out of memory", path);
             goto out;
         }
-        int was_special = (t->flags[id] & F_SPECIAL) && entry_of[id] >= 0;
         t->dec_off[id] = dec_off;
         t->dec_len[id] = (uint32_t)tmp.n;
-        t->flags[id] = (uint8_t)(F_VALID | (special || was_special ? F_SPECIAL : 0));
+        t->flags[id] |= (uint8_t)(F_VALID | (special ? F_SPECIAL : 0));
         strmap_put(&t->added, t->pool, hash_bytes(content->u.str, content->n), text_off, content->n, id);
         if (entry_of[id] < 0) entry_of[id] = (int32_t)n_all++;
         uint32_t e = (uint32_t)entry_of[id];
@@ -986,7 +990,7 @@ void tok_free(Tok *t) {
     free(t->vocab.slots);
     free(t->added.slots);
     free(t->merges);
-    free(t->merge_id);
+    free(t->byte_pairs);
     free(t->left_bits);
     free(t->right_bits);
     free(t->raw.toks);
@@ -1145,6 +1149,12 @@ static int bpe(Enc *E, const unsigned char *s, size_t n) {
         int32_t id = strmap_get(&t->vocab, t->pool, s, n);
         if (id >= 0) return emit(E, &id, 1);
     }
+    if (n == 2) { /* one pair: merged or not */
+        uint64_t m = t->byte_pairs[s[0] << 8 | s[1]];
+        int32_t two[2] = {t->byte_id[s[0]], t->byte_id[s[1]]};
+        if (m != MERGE_EMPTY) two[0] = (int32_t)(uint32_t)m;
+        return emit(E, two, m != MERGE_EMPTY ? 1 : 2);
+    }
     uint64_t h = 0;
     if (n <= CACHE_MAX_KEY) {
         h = hash_bytes(s, n);
@@ -1174,26 +1184,28 @@ static int bpe(Enc *E, const unsigned char *s, size_t n) {
         prev[i] = (int32_t)i - 1;
         next[i] = i + 1 < n ? (int32_t)i + 1 : -1;
     }
-    for (size_t i = 0; i + 1 < n; i++) {
-        int32_t r = merge_rank(t, sym[i], sym[i + 1]);
-        if (r >= 0) heap_push(heap, &nh, (uint64_t)r << 32 | i);
+    for (size_t i = 0; i + 1 < n; i++) { /* pairs of bytes: a small table, no hashing */
+        uint64_t m = t->byte_pairs[s[i] << 8 | s[i + 1]];
+        if (m != MERGE_EMPTY) heap_push(heap, &nh, (m & 0xFFFFFFFF00000000ull) | i);
     }
     while (nh) {
         uint64_t top = heap_pop(heap, &nh);
-        int32_t rank = (int32_t)(top >> 32), pos = (int32_t)(uint32_t)top, nx = next[pos];
+        uint32_t rank = (uint32_t)(top >> 32);
+        int32_t pos = (int32_t)(uint32_t)top, nx = next[pos];
         if (sym[pos] < 0 || nx < 0) continue; /* merged away, or now last */
-        if (merge_rank(t, sym[pos], sym[nx]) != rank) continue; /* stale: a neighbour changed */
-        sym[pos] = t->merge_id[rank];
+        const MergeSlot *m = merge_find(t, sym[pos], sym[nx]);
+        if (!m || m->rank != rank) continue; /* stale: a neighbour changed */
+        sym[pos] = m->id;
         sym[nx] = -1;
         next[pos] = next[nx];
         if (next[pos] >= 0) prev[next[pos]] = pos;
         if (prev[pos] >= 0) {
-            int32_t l = merge_rank(t, sym[prev[pos]], sym[pos]);
-            if (l >= 0) heap_push(heap, &nh, (uint64_t)l << 32 | (uint32_t)prev[pos]);
+            const MergeSlot *l = merge_find(t, sym[prev[pos]], sym[pos]);
+            if (l) heap_push(heap, &nh, (uint64_t)l->rank << 32 | (uint32_t)prev[pos]);
         }
         if (next[pos] >= 0) {
-            int32_t r = merge_rank(t, sym[pos], sym[next[pos]]);
-            if (r >= 0) heap_push(heap, &nh, (uint64_t)r << 32 | (uint32_t)pos);
+            const MergeSlot *r = merge_find(t, sym[pos], sym[next[pos]]);
+            if (r) heap_push(heap, &nh, (uint64_t)r->rank << 32 | (uint32_t)pos);
         }
     }
     size_t k = 0; /* compact the surviving symbols to the front of sym */

@@ -194,7 +194,7 @@ static void free_part(Part *p) {
 #define CANARY 12345.678f
 
 /* y = x W^T for each M on both backends; error of each element relative to sum_k |x_k w_k|. */
-static void check_matmul(const char *what, Part *parts, int n_parts, const int *Ms, int n_M) {
+static void check_matmul(const char *what, Part *parts, int n_parts, const int *Ms, int n_M, bool bf16_exact) {
     QErr err;
     LinearSource src[3];
     int N = 0, K = (int)parts[0].src.k;
@@ -228,9 +228,10 @@ static void check_matmul(const char *what, Part *parts, int n_parts, const int *
         }
         int canaries = 0;
         for (int i = 0; i < 64; i++) canaries += yg[(size_t)M * N + i] == CANARY;
-        /* GEMV: float32 throughout (only summation order differs); cuBLAS: x and dequantized int4
-         * weights rounded to bf16 (2^-9 relative each). */
-        double tol = M <= 8 ? 2e-5 : 1e-2;
+        /* GEMV: float32 throughout (only summation order differs) when the weights are bf16 or
+         * int4; f16/f32 weights are rounded to bf16 on the GPU, and cuBLAS also rounds x and the
+         * dequantized int4 weights to bf16 (2^-9 relative each). */
+        double tol = M <= 8 && bf16_exact ? 2e-5 : 1e-2;
         CHECK(worst <= tol, "%s M=%d: error %.3g > %.1g (relative to sum |x w|)", what, M, worst, tol);
         CHECK(canaries == 64, "%s M=%d: wrote past y (%d of 64 canaries intact)", what, M, canaries);
         printf("matmul %-28s M=%-3d N=%-5d K=%-5d err %.2e\n", what, M, N, K, worst);
@@ -250,16 +251,16 @@ static void test_matmul(void) {
     const int nM = sizeof Ms / sizeof Ms[0];
     Part p[3];
     make_dense(&p[0], "bf16 37x45", 37, 45, DT_BF16);
-    check_matmul("bf16 odd K", p, 1, Ms, nM);
+    check_matmul("bf16 odd K", p, 1, Ms, nM, true);
     free_part(&p[0]);
     make_dense(&p[0], "bf16 1000x1024", 1000, 1024, DT_BF16);
-    check_matmul("bf16", p, 1, Ms, nM);
+    check_matmul("bf16", p, 1, Ms, nM, true);
     free_part(&p[0]);
     make_dense(&p[0], "f16 65x96", 65, 96, DT_F16);
-    check_matmul("f16", p, 1, Ms, 3);
+    check_matmul("f16", p, 1, Ms, 3, false);
     free_part(&p[0]);
     make_dense(&p[0], "f32 33x70", 33, 70, DT_F32);
-    check_matmul("f32 odd K", p, 1, Ms, 3);
+    check_matmul("f32 odd K", p, 1, Ms, 3, false);
     free_part(&p[0]);
     static const int groups[] = {32, 64, 128, 256};
     static const int rows[] = {77, 130, 257, 64};
@@ -268,21 +269,21 @@ static void test_matmul(void) {
         char what[64];
         snprintf(what, sizeof what, "int4 g%d", groups[i]);
         make_q4(&p[0], what, rows[i], cols[i], groups[i]);
-        check_matmul(what, p, 1, Ms, nM);
+        check_matmul(what, p, 1, Ms, nM, true);
         free_part(&p[0]);
     }
     make_q4(&p[0], "q", 128, 256, 128);
     make_q4(&p[1], "k", 32, 256, 128);
     make_q4(&p[2], "v", 32, 256, 128);
-    check_matmul("int4 stacked q|k|v", p, 3, Ms, nM);
+    check_matmul("int4 stacked q|k|v", p, 3, Ms, nM, true);
     for (int i = 0; i < 3; i++) free_part(&p[i]);
     make_q4(&p[0], "gate", 200, 512, 64);
     make_q4(&p[1], "up", 200, 512, 64);
-    check_matmul("int4 stacked gate|up", p, 2, Ms, nM);
+    check_matmul("int4 stacked gate|up", p, 2, Ms, nM, true);
     for (int i = 0; i < 2; i++) free_part(&p[i]);
     make_q4(&p[0], "int4 part", 64, 256, 128);
     make_dense(&p[1], "bf16 part", 48, 256, DT_BF16);
-    check_matmul("mixed int4|bf16", p, 2, Ms, nM);
+    check_matmul("mixed int4|bf16", p, 2, Ms, nM, true);
     for (int i = 0; i < 2; i++) free_part(&p[i]);
 }
 
@@ -298,8 +299,7 @@ static float *vec_on(Backend *be, const float *v, int n, StTensor *t) {
 }
 
 static void test_rmsnorm(int M, int D, bool in_place) {
-    float *x = rand_f32((size_t)M * D), *w = rand_f32((size_t)D), ref[1];
-    (void)ref;
+    float *x = rand_f32((size_t)M * D), *w = rand_f32((size_t)D);
     StTensor t;
     float *wc = vec_on(cpu, w, D, &t), *wg = vec_on(gpu, w, D, &t);
     float *yc = malloc((size_t)M * D * sizeof *yc);

@@ -537,19 +537,78 @@ def test_request_log_and_clean_stop_mid_stream(quill_bin, tiny_model):
 
 # ------------------------------------------------------------------ bench serve
 
-def test_bench_serve(quill_bin, rand, tmp_path):
+def bench_serve(quill_bin, *args):
     help_ = subprocess.run([str(quill_bin), "bench", "serve", "--help"], capture_output=True, text=True, timeout=60)
     if help_.returncode != 0:
         pytest.skip("`quill bench serve` is not dispatched by this build")
+    return subprocess.run([str(quill_bin), "bench", "serve", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_bench_serve_against_quill(quill_bin, rand, tmp_path):
     out = tmp_path / "bench.json"
-    p = subprocess.run([str(quill_bin), "bench", "serve", "--base-url", rand.url, "--model", "tiny", "--dataset",
-                        "random", "--input-len", "32", "--output-len", "8", "--num-prompts", "12",
-                        "--max-concurrency", "4", "--ignore-eos", "--json", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    p = bench_serve(quill_bin, "--base-url", rand.url, "--model", "tiny", "--dataset", "random", "--input-len", 32,
+                    "--output-len", 8, "--num-prompts", 12, "--max-concurrency", 4, "--ignore-eos", "--json", out)
     assert p.returncode == 0, p.stdout + p.stderr
     res = json.loads(out.read_text())
     assert res["completed"] == 12 and res["failed"] == 0
     assert res["total_input_tokens"] == 12 * 32 and res["total_output_tokens"] == 12 * 8
     assert 0 < res["mean_ttft_ms"] <= res["mean_e2el_ms"]
     assert res["mean_tpot_ms"] > 0 and res["mean_itl_ms"] > 0 and res["max_concurrent_requests"] <= 4
-    assert "Successful requests:" in p.stdout and "Mean TTFT (ms):" in p.stdout
+    for line in ["Successful requests:", "Benchmark duration (s):", "Request throughput (req/s):",
+                 "Output token throughput (tok/s):", "Total token throughput (tok/s):", "Mean TTFT (ms):",
+                 "Median TPOT (ms):", "P99 ITL (ms):", "Mean E2EL (ms):"]:
+        assert line in p.stdout
+
+
+def test_bench_serve_timings(quill_bin, tmp_path):
+    """Against a scripted server whose timings are known: first token after 300 ms, then one chunk
+    every 100 ms, 5 tokens; the figures must match what the script did."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert body["stream"] is True and body["model"] == "scripted"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+
+            def send(obj):
+                data = f"data: {obj}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            time.sleep(0.3)
+            for i in range(5):
+                if i:
+                    time.sleep(0.1)
+                send(json.dumps({"choices": [{"index": 0, "text": f"t{i}", "finish_reason": None}]}))
+            send(json.dumps({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 5}}))
+            send("[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "b.json"
+        p = bench_serve(quill_bin, "--base-url", f"http://127.0.0.1:{srv.server_port}", "--model", "scripted",
+                        "--input-len", 4, "--output-len", 5, "--num-prompts", 4, "--max-concurrency", 2, "--json", out)
+    finally:
+        srv.shutdown()
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.loads(out.read_text())
+    assert r["completed"] == 4 and r["total_output_tokens"] == 20
+    assert r["mean_ttft_ms"] == pytest.approx(300, abs=60)
+    assert r["mean_itl_ms"] == pytest.approx(100, abs=25) and len(r["itls"][0]) == 4
+    assert r["mean_tpot_ms"] == pytest.approx(100, abs=25)
+    assert r["mean_e2el_ms"] == pytest.approx(700, abs=100)
+    assert r["duration"] == pytest.approx(1.4, abs=0.4)  # two waves of two
+    assert r["request_throughput"] == pytest.approx(4 / r["duration"], rel=1e-6)
+    assert r["max_concurrent_requests"] == 2

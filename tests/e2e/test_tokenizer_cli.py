@@ -167,6 +167,8 @@ def variant(tmp_path, name, edit):
 
 
 def add_flagged_tokens(data):
+    """Tokens with every flag combination; "word" and "Å" are already vocabulary strings (so
+    tokenizers gives them those ids, not the ones written here) and "[R]" comes twice."""
     base = 151669
     specs = [
         ("<mask>", dict(lstrip=True, rstrip=True, single_word=True, normalized=False, special=True)),
@@ -178,6 +180,7 @@ def add_flagged_tokens(data):
         ("Å", dict(normalized=True, special=True)),
         (" sp ace", dict(normalized=False, special=False)),
         ("<mask>long", dict(normalized=False, special=False)),
+        ("[R]", dict(lstrip=True, normalized=False, special=True)),  # again, new flags
     ]
     for i, (content, flags) in enumerate(specs):
         tok = dict(id=base + i, content=content, single_word=False, lstrip=False, rstrip=False,

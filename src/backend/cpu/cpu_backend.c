@@ -107,6 +107,7 @@ struct Linear {
         const void *w;     /* dense weights, or NULL for int4 */
         float *owned;      /* F16 sources converted to float32 (owned) */
         uint8_t *codes;    /* int4 codes repacked for the kernels (owned) */
+        uint32_t *sz;      /* int4 scale|zero pairs (owned) */
         Q4Weights q4;
     } part[MAX_PARTS];
 };
@@ -130,6 +131,7 @@ static void cpu_linear_free(Backend *be, Linear *l) {
     for (int i = 0; i < l->n_parts; i++) {
         free(l->part[i].owned);
         free(l->part[i].codes);
+        free(l->part[i].sz);
     }
     free(l);
 }
@@ -156,25 +158,24 @@ static Linear *cpu_linear_load(Backend *be, const LinearSource *parts, int n_par
         l->n += s->n;
         if (s->q4) {
             l->part[i].dtype = DT_U8;
-            size_t bytes = (size_t)(s->n * s->k / 2);
+            size_t bytes = (size_t)(s->n * s->k / 2), groups = (size_t)(s->n * (s->k / s->group_size));
             l->part[i].codes = malloc(bytes);
-            if (!l->part[i].codes) {
+            l->part[i].sz = malloc(groups * sizeof(uint32_t));
+            if (!l->part[i].codes || !l->part[i].sz) {
                 cpu_linear_free(be, l);
                 qerr_set(err, "out of memory repacking %s", s->name);
                 return NULL;
             }
-            if (q4_repack(l->part[i].codes, s->qweight->data, (int)s->n, (int)s->k, s->group_size, err)) {
+            if (q4_repack(l->part[i].codes, l->part[i].sz, s->qweight->data, s->scales->data, s->zeros->data, (int)s->n,
+                          (int)s->k, s->group_size, err)) {
                 cpu_linear_free(be, l);
                 qerr_prefix(err, "%s", s->name);
                 return NULL;
             }
             release_pages(s->qweight->data, bytes);
-            l->part[i].q4 = (Q4Weights){
-                .codes = l->part[i].codes,
-                .scales = s->scales->data,
-                .zeros = s->zeros->data,
-                .group = s->group_size,
-            };
+            release_pages(s->scales->data, groups * 2);
+            release_pages(s->zeros->data, groups * 2);
+            l->part[i].q4 = (Q4Weights){.codes = l->part[i].codes, .sz = l->part[i].sz, .group = s->group_size};
         } else if (s->dense->dtype == DT_F16) {
             l->part[i].dtype = DT_F32;
             l->part[i].owned = to_f32_copy(s->dense, (size_t)(s->n * s->k));

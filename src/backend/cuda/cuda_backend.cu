@@ -240,9 +240,11 @@ float elem_f32(const StTensor *t, size_t i) {
     }
 }
 
-/* Drops the mapped pages of a host region we have uploaded, so they stop counting as resident
- * (they are read from the file again if ever touched). */
-void release_pages(const void *p, size_t bytes) {
+/* Drops the mapped pages of a tensor's bytes once uploaded, so they stop counting as resident
+ * (they are read from the file again if ever touched). Only for tensors of a checkpoint file:
+ * on anonymous memory this would zero the caller's data. */
+void release_pages(const StTensor *t, const void *p, size_t bytes) {
+    if (!t->file) return;
     uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
     uintptr_t a = ((uintptr_t)p + page - 1) & ~(page - 1), b = ((uintptr_t)p + bytes) & ~(page - 1);
     if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
@@ -260,7 +262,7 @@ int upload_dense(CudaBackend *c, uint16_t *dst, const StTensor *t, int64_t n, in
                  const char *name, QErr *err) {
     if (t->dtype == DT_BF16 && k == k_pad) {
         if (upload(c, dst, t->data, (size_t)(n * k) * 2, name, err)) return -1;
-        release_pages(t->data, (size_t)(n * k) * 2);
+        release_pages(t, t->data, (size_t)(n * k) * 2);
         return 0;
     }
     int64_t rows = (int64_t)(kDequantElems / (size_t)k_pad);
@@ -406,7 +408,7 @@ Linear *cu_linear_load(Backend *be, const LinearSource *parts, int n_parts, QErr
             if (s->q4) {
                 rc = upload(c, static_cast<uint8_t *>(l->w[mi]) + (size_t)(r * k / 2), s->qweight->data,
                             (size_t)(s->n * k / 2), s->name, err);
-                if (!rc) release_pages(s->qweight->data, (size_t)(s->n * k / 2));
+                if (!rc) release_pages(s->qweight, s->qweight->data, (size_t)(s->n * k / 2));
                 if (!rc) rc = upload_sz(c, static_cast<uint32_t *>(l->sz[mi]) + (size_t)(r * (k / s->group_size)), s, err);
             } else {
                 rc = upload_dense(c, static_cast<uint16_t *>(l->w[mi]) + (size_t)(r * k_pad), s->dense, s->n, k, k_pad,

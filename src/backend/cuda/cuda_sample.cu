@@ -12,6 +12,7 @@
  * logits' order-preserving 32-bit keys, 8 bits per pass (4 passes over the row, each a 256-bin
  * histogram of counts or masses in shared memory). Ties between equal logits are broken by index
  * where the host's order is itself arbitrary. */
+#include <limits.h>
 #include <math.h>
 
 #include "backend/cuda/cuda_common.cuh"
@@ -160,7 +161,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
     auto w2 = [=](int i, uint32_t key) -> float { return key < pth ? 0.0f : w1(i, key); };
     const float r = P.u * total_weight(l, V, w2, sh);
 
-    if (tid == 0) sh.idx = V;
+    if (tid == 0) sh.idx = INT_MAX;
     __syncthreads();
     if (top_k || top_p) {
         const uint32_t v = select_key(l, V, w2, r, true, sh);
@@ -169,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
             if (key == v && w2(i, key) > 0.0f) atomicMin(&sh.idx, i);
         }
         __syncthreads();
-        if (tid == 0) out[blockIdx.x] = sh.idx < V ? sh.idx : wbi[0];
+        if (tid == 0) out[blockIdx.x] = sh.idx != INT_MAX ? sh.idx : wbi[0];
         return;
     }
 
@@ -205,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
     const float exc = sh.red[warp] + inc - mine;
     if (mine > 0.0f && exc + mine > r) atomicMin(&sh.idx, tid);
     __syncthreads();
-    if (tid == sh.idx) {
+    if (sh.idx != INT_MAX && tid == sh.idx) {
         float c = exc;
         int pick = last_kept;
         for (int i = b; i < e; i++) {
@@ -217,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
             }
         }
         out[blockIdx.x] = pick;
-    } else if (tid == 0 && sh.idx == V) {
+    } else if (tid == 0 && sh.idx == INT_MAX) {
         out[blockIdx.x] = last_any >= 0 ? last_any : wbi[0];
     }
 }
