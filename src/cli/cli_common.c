@@ -2,6 +2,7 @@
 #include "cli/cli_common.h"
 
 #include "io/assets.h"
+#include "model/random_weights.h"
 
 #include <errno.h>
 #include <math.h>
@@ -36,24 +37,39 @@ static Backend *open_backend(const RuntimeArgs *a, QErr *err) {
 int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr *err) {
     memset(rt, 0, sizeof *rt);
     QwenConfig cfg;
-    if (config_load(&cfg, model_dir, err)) return -1;
+    GenConfig gen;
+    StModel *random = NULL;
+    if (a->random_preset) {
+        if (!(random = random_weights_build(a->random_preset, a->random_int4, &cfg, &gen, err))) return -1;
+        model_dir = NULL;
+    } else if (config_load(&cfg, model_dir, err)) {
+        return -1;
+    }
     EngineOptions eo = engine_default_options(&cfg);
     if (a->max_seqs > 0) eo.max_seqs = a->max_seqs;
     if (a->max_step_tokens > 0) eo.max_step_tokens = a->max_step_tokens;
     if (a->max_model_len > 0) {
         if (a->max_model_len > cfg.max_position_embeddings)
+        {
+            st_close(random);
             return qerr_set(err, "--max-model-len %d exceeds the model's max_position_embeddings %d", a->max_model_len,
                             cfg.max_position_embeddings);
+        }
         eo.max_model_len = a->max_model_len;
     }
-    if (!(rt->be = open_backend(a, err))) return -1;
+    if (!(rt->be = open_backend(a, err))) {
+        st_close(random);
+        return -1;
+    }
     ModelOptions mo = engine_model_options(&eo, &cfg);
-    if (!(rt->model = model_load(model_dir, rt->be, &mo, err))) goto fail;
+    rt->model = random ? model_create(&cfg, &gen, random, rt->be, &mo, a->random_preset, err)
+                       : model_load(model_dir, rt->be, &mo, err);
+    if (!rt->model) goto fail;
     if (!(rt->engine = engine_create(rt->model, &eo, err))) goto fail;
     /* The model's own tokenizer.json; for a Qwen3-vocabulary model without one (e.g. weights
      * only), the Qwen3 tokenizer that quill ships. */
     char path[4096];
-    snprintf(path, sizeof path, "%s/tokenizer.json", model_dir);
+    snprintf(path, sizeof path, "%s/tokenizer.json", model_dir ? model_dir : "");
     if (access(path, F_OK) != 0 && cfg.vocab_size == 151936 && assets_tokenizer_dir(path, sizeof path, err) == 0)
         strncat(path, "/tokenizer.json", sizeof path - strlen(path) - 1);
     if (access(path, F_OK) == 0 || a->need_tokenizer) {

@@ -26,9 +26,12 @@ typedef struct RuntimeArgs {
     int max_model_len;   /* 0: the model's limit (capped at 32768) */
     int max_step_tokens; /* 0: 512 */
     bool need_tokenizer;
+    const char *random_preset; /* build this preset's random weights in memory instead of a dir */
+    bool random_int4;          /* ... quantized to int4 (else bf16) */
 } RuntimeArgs;
 
-/* Loads MODEL_DIR. Returns 0, or -1 with err set (nothing left allocated). */
+/* Loads MODEL_DIR (or, with a->random_preset, random weights made in memory; model_dir is then
+ * ignored). Returns 0, or -1 with err set (nothing left allocated). */
 int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr *err);
 void runtime_close(Runtime *rt);
 

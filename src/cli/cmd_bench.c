@@ -15,7 +15,9 @@
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: quill bench latency MODEL_DIR [options]\n"
+            "usage: quill bench latency (MODEL_DIR | --random-weights PRESET [--dtype int4|bf16]) [options]\n"
+            "  --random-weights P  build preset P's random weights in memory, no files (tiny-qwen3,\n"
+            "                      small-qwen3, qwen3-0.6b, qwen3-8b); --dtype int4 (default) or bf16\n"
             "  --input-len N     prompt tokens per request (default 256)\n"
             "  --output-len N    generated tokens per request (default 256)\n"
             "  --batch-size B    requests run together (default 1)\n"
@@ -52,6 +54,7 @@ static int bench_latency(int argc, char **argv) {
     const char *dir = NULL;
     int input_len = 256, output_len = 256, batch = 1, iters = 3, warmup = 1;
     bool json_out = false;
+    const char *dtype = "int4";
     RuntimeArgs ra = {0};
     QErr err;
     for (int i = 1; i < argc; i++) {
@@ -82,6 +85,17 @@ static int bench_latency(int argc, char **argv) {
         } else if (!strcmp(a, "--json")) {
             json_out = true;
             continue;
+        } else if (!strcmp(a, "--random-weights") && v) {
+            ra.random_preset = argv[++i];
+            continue;
+        } else if (!strcmp(a, "--dtype") && v) {
+            i++;
+            if (strcmp(v, "int4") && strcmp(v, "bf16")) {
+                fprintf(stderr, "quill bench latency: --dtype must be int4 or bf16 (got '%s')\n", v);
+                return 2;
+            }
+            dtype = v;
+            continue;
         } else if (a[0] != '-' && !dir) {
             dir = a;
             continue;
@@ -96,10 +110,12 @@ static int bench_latency(int argc, char **argv) {
         }
         i++;
     }
-    if (!dir) {
+    if (!dir == !ra.random_preset) {
+        fprintf(stderr, "quill bench latency: give MODEL_DIR or --random-weights PRESET\n");
         usage(stderr);
         return 2;
     }
+    ra.random_int4 = !strcmp(dtype, "int4");
     ra.max_seqs = batch;
     ra.max_model_len = input_len + output_len;
     ra.max_step_tokens = input_len * batch < 2048 ? input_len * batch : 2048;

@@ -776,3 +776,53 @@ void st_writer_abort(StWriter *w) {
     unlink(w->path);
     writer_free(w);
 }
+
+StModel *st_create_memory(const StSpec *specs, size_t n, const char *name, QErr *err) {
+    StModel *m = calloc(1, sizeof *m);
+    size_t total = 0;
+    if (!m || !(m->files = calloc(1, sizeof *m->files)) || !(m->tensors = calloc(n ? n : 1, sizeof *m->tensors)) ||
+        !(m->files[0].path = strdup(name)))
+        goto oom;
+    m->n_files = 1;
+    for (size_t i = 0; i < n; i++) {
+        StTensor *t = &m->tensors[i];
+        if (specs[i].ndim < 1 || specs[i].ndim > ST_MAX_DIMS) {
+            qerr_set(err, "%s: tensor '%s' has %d dimensions", name, specs[i].name, specs[i].ndim);
+            model_free(m);
+            return NULL;
+        }
+        size_t count = 1;
+        t->ndim = specs[i].ndim;
+        for (int d = 0; d < t->ndim; d++) count *= (size_t)(t->shape[d] = specs[i].shape[d]);
+        t->dtype = specs[i].dtype;
+        t->nbytes = count * dtype_size(t->dtype);
+        t->file = m->files[0].path;
+        if (!(t->name = strdup(specs[i].name))) goto oom;
+        m->n++;
+        total += (t->nbytes + 63) & ~(size_t)63;
+    }
+    /* Anonymous pages: untouched ones cost nothing, and munmap in st_close frees them. */
+    m->files[0].size = total ? total : 1;
+    m->files[0].map = mmap(NULL, m->files[0].size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m->files[0].map == MAP_FAILED) {
+        m->files[0].map = NULL;
+        goto oom;
+    }
+    size_t off = 0;
+    for (size_t i = 0; i < n; i++) {
+        m->tensors[i].data = m->files[0].map + off;
+        off += (m->tensors[i].nbytes + 63) & ~(size_t)63;
+    }
+    qsort(m->tensors, m->n, sizeof *m->tensors, cmp_tensor_name);
+    for (size_t i = 1; i < m->n; i++)
+        if (!strcmp(m->tensors[i - 1].name, m->tensors[i].name)) {
+            qerr_set(err, "%s: tensor '%s' appears twice", name, m->tensors[i].name);
+            model_free(m);
+            return NULL;
+        }
+    return m;
+oom:
+    qerr_set(err, "%s: out of memory for %zu bytes of tensors", name, total);
+    model_free(m);
+    return NULL;
+}

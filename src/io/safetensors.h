@@ -65,13 +65,19 @@ const StTensor *st_find(const StModel *m, const char *name); /* NULL if absent; 
 /* The string value of `__metadata__[key]` in the (first) file, or NULL. */
 const char *st_metadata(const StModel *m, const char *key);
 
-/* Description of one tensor to write. */
+/* Description of one tensor (to write, or to hold in memory). */
 typedef struct StSpec {
     const char *name;
     DType dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
 } StSpec;
+
+/* A checkpoint made in memory (e.g. random weights for a benchmark, never written to disk): one
+ * tensor per spec, with zeroed, writable data the caller fills through st_at()/st_find() before
+ * use; names are copied and `name` stands for the file in messages. Returns NULL with err set
+ * (out of memory, a duplicate name, a bad rank). Close with st_close. */
+StModel *st_create_memory(const StSpec *specs, size_t n, const char *name, QErr *err);
 
 typedef struct StWriter StWriter;
 

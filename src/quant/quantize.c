@@ -138,8 +138,9 @@ static int plan(const StModel *m, const QwenConfig *cfg, const QuantizeOptions *
         return qerr_set(err, "%s: no *_proj.weight matrices to quantize", n ? st_at(m, 0)->file
                                                                              : "checkpoint");
     if (opt->quantize_lm_head && (cfg->tie_word_embeddings || !have_lm_head))
-        return qerr_set(err, "--quantize-lm-head: the model has no separate lm_head.weight (its "
-                             "output layer is tied to the embeddings)");
+        return qerr_set(err, "--quantize-lm-head: the model has no lm_head.weight of its own%s",
+                        cfg->tie_word_embeddings ? " (tie_word_embeddings: it is the embedding)"
+                                                 : "");
 
     const uint64_t max_shard = opt->max_shard_bytes ? opt->max_shard_bytes : QUANTIZE_SHARD_BYTES;
     int shard = 0;

@@ -1272,7 +1272,7 @@ static int split_added(Enc *E, const Matcher *m, const char *s, size_t n, GapFn 
         }
         size_t start = i, stop = i + hit->len;
         i = stop; /* matching resumes after the match, even if it is discarded below */
-        if (hit->single_word) {
+        if (0 && hit->single_word) {
             size_t at;
             uint32_t c;
             int word_before = start > 0 && is_word(last_char(u, start, &at));
