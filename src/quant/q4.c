@@ -72,7 +72,8 @@ static void group_sq_sums(const uint16_t *w, const uint8_t *c, int gs, float s, 
     __m256 dacc = _mm256_setzero_ps(), wacc = dacc;
     for (int i = 0; i < gs; i += 8) {
         __m256 x = q4v_load_bf16(w + i);
-        __m256 deq = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(q4v_load_codes(c + i / 2), MID), S), Z);
+        __m256 q = _mm256_sub_ps(q4v_load_codes(c + i / 2), MID);
+        __m256 deq = _mm256_add_ps(_mm256_mul_ps(q, S), Z);
         __m256 d = _mm256_sub_ps(deq, x);
         dacc = _mm256_add_ps(dacc, _mm256_mul_ps(d, d));
         wacc = _mm256_add_ps(wacc, _mm256_mul_ps(x, x));
@@ -117,6 +118,7 @@ double q4_rel_error(const uint16_t *w, int64_t rows, int64_t cols, int group_siz
                     ThreadPool *pool) {
     /* Fixed partition (not per thread) so the sum's order, and so the result, is reproducible. */
     enum { TASKS = 64 };
+    if (rows < 1 || cols < 1) return 0.0;
     double num[TASKS] = {0}, den[TASKS] = {0};
     RelErrJob j = {.w = w, .rows = rows, .cols = cols, .gs = group_size, .codes = codes,
                    .scales = scales, .zeros = zeros, .num = num, .den = den};

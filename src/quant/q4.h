@@ -43,14 +43,15 @@ int q4_quantize_bf16(Q4Algorithm alg, const uint16_t *w, int64_t rows, int64_t c
                      uint16_t *zeros, QErr *err);
 
 /* Dequantizes one row of `cols` weights (codes: cols/2 bytes; scales, zeros: cols/group_size
- * entries) into dst, in float32 as the spec writes it: (q - 8) * scale + zero. Cannot fail. */
+ * entries) into dst, in float32 as the spec writes it: (q - 8) * scale + zero. The shape must
+ * pass q4_check_shape (here and in q4_rel_error). Cannot fail. */
 void q4_dequantize_row(const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros,
                        int64_t cols, int group_size, float *dst);
 
 /* Relative L2 error ||dequant(codes, scales, zeros) - w|| / ||w|| of a whole quantized matrix
  * (dequantized in float32 as q4_dequantize_row does; squares summed in float within a group, in
- * double across groups; 0 when both are all zeros). Rows are spread over `pool` (NULL: the calling thread); the result does not depend on
- * the thread count. Cannot fail. */
+ * double across groups; 0 when both are all zeros). Rows are spread over `pool` (NULL: the
+ * calling thread); the result does not depend on the thread count. Cannot fail. */
 double q4_rel_error(const uint16_t *w, int64_t rows, int64_t cols, int group_size,
                     const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros,
                     ThreadPool *pool);

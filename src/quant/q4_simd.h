@@ -45,7 +45,8 @@ static inline void q4v_store_codes(uint8_t *dst, __m256 q) {
                                           -1, -1, 0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
                                           -1, -1, -1, -1);
     __m256i b = _mm256_shuffle_epi8(pair, pick);
-    uint32_t v = (uint32_t)_mm256_extract_epi16(b, 0) | ((uint32_t)_mm256_extract_epi16(b, 8) << 16);
+    uint32_t v = (uint32_t)_mm256_extract_epi16(b, 0) |
+                 ((uint32_t)_mm256_extract_epi16(b, 8) << 16);
     dst[0] = (uint8_t)v;
     dst[1] = (uint8_t)(v >> 8);
     dst[2] = (uint8_t)(v >> 16);

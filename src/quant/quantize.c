@@ -216,7 +216,8 @@ static int write_shard(const CkptStage *st, const Item *items, size_t n_items, i
     if (!specs) return qerr_set(err, "out of memory");
     int rc = 0;
     for (size_t i = 0; i < n_items && !rc; i++)
-        if (items[i].shard == shard) rc = item_specs(&items[i], opt->group_size, specs, &n_specs, err);
+        if (items[i].shard == shard)
+            rc = item_specs(&items[i], opt->group_size, specs, &n_specs, err);
     StWriter *w = NULL;
     if (!rc) {
         static const char *const meta[] = {"format", "pt"};

@@ -323,8 +323,7 @@ static int parse_completion(OaiRequest *r, const json_t *root, const OaiContext 
             if (echo && !(pr->text = strndup(json_string_value(e), json_string_length(e))))
                 return oai_error(err, 500, NULL, "out of memory");
         } else {
-            if (!json_is_array(e) || (!one && json_array_size(e) && !json_is_integer(json_array_get(e, 0))))
-                return oai_error(err, 400, "prompt", "%s", shape);
+            if (!json_is_array(e)) return oai_error(err, 400, "prompt", "%s", shape);
             if (prompt_from_ids(e, ctx, pr, err)) return -1;
             if (echo) {
                 QErr q;

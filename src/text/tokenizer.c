@@ -717,7 +717,7 @@ static int load_added(Tok *t, const TjVal *added, const char *path, QErr *err) {
     int32_t *entry_of = malloc((size_t)t->n_ids * sizeof *entry_of); /* id -> index in all */
     t->raw.toks = calloc(n ? n : 1, sizeof(AddedTok));
     t->norm.toks = calloc(n ? n : 1, sizeof(AddedTok));
-    Buf tmp = {0};
+    Buf tmp = {0}, nfc = {0};
     uint8_t *normalized = calloc(n ? n : 1, 1);
     uint32_t n_all = 0;
     int32_t max_added = -1, vocab_count = t->vocab_count;
@@ -752,14 +752,28 @@ static int load_added(Tok *t, const TjVal *added, const char *path, QErr *err) {
             goto out;
         }
         if (id < 0 && bl > 0) id = strmap_get(&t->vocab, t->pool, tmp.p, tmp.n);
+        /* A normalized token is matched, and decoded, in its normalized form. */
+        const char *form = content->u.str;
+        size_t form_len = content->n;
+        if (norm && t->nfc) {
+            nfc.n = 0;
+            if (nfc_append(&nfc, content->u.str, content->n)) {
+                rc = LFAIL("%s: out of memory", path);
+                goto out;
+            }
+            form = nfc.p;
+            form_len = nfc.n;
+        }
         if (id < 0) id = max_added < 0 || max_added < vocab_count ? vocab_count : max_added + 1;
         assert(id < t->n_ids); /* load_model left room for one new id per entry */
         if (id > max_added) max_added = id;
         /* Decoding: the byte-level mapping if every character is in the alphabet, else the
-         * content's own bytes (tokenizers' ByteLevel decoder does the same). */
-        uint32_t dec_off, text_off;
-        if ((bl == 0 && buf_add(&tmp, content->u.str, content->n)) || pool_add(t, tmp.p, tmp.n, &dec_off) ||
-            pool_add(t, content->u.str, content->n, &text_off)) {
+         * form's own bytes (tokenizers' ByteLevel decoder does the same). */
+        uint32_t dec_off, text_off, form_off;
+        tmp.n = 0;
+        bl = bl_decode(&tmp, form, form_len);
+        if (bl < 0 || (bl == 0 && buf_add(&tmp, form, form_len)) || pool_add(t, tmp.p, tmp.n, &dec_off) ||
+            pool_add(t, content->u.str, content->n, &text_off) || pool_add(t, form, form_len, &form_off)) {
             rc = LFAIL("%s: out of memory", path);
             goto out;
         }
@@ -769,25 +783,16 @@ static int load_added(Tok *t, const TjVal *added, const char *path, QErr *err) {
         strmap_put(&t->added, t->pool, hash_bytes(content->u.str, content->n), text_off, content->n, id);
         if (entry_of[id] < 0) entry_of[id] = (int32_t)n_all++;
         uint32_t e = (uint32_t)entry_of[id];
-        all[e] = (AddedTok){.off = text_off, .len = content->n, .id = id, .lstrip = (uint8_t)lstrip,
-                            .rstrip = (uint8_t)rstrip, .single_word = (uint8_t)single, .order = e};
+        all[e] = (AddedTok){.off = form_off, .len = (uint32_t)form_len, .id = id, .lstrip = (uint8_t)lstrip,
+                            .rstrip = (uint8_t)rstrip, .single_word = (uint8_t)single, .order = e,
+                            .first = (uint8_t)form[0]};
         normalized[e] = (uint8_t)norm;
     }
     if (max_added >= 0 && max_added + 1 > t->n_vocab_ids) t->n_ids = max_added + 1;
     else t->n_ids = t->n_vocab_ids;
     for (uint32_t e = 0; e < n_all; e++) {
-        AddedTok at = all[e];
-        if (normalized[e] && t->nfc) { /* matched against normalized text: normalize it too */
-            tmp.n = 0;
-            if (nfc_append(&tmp, t->pool + at.off, at.len) || pool_add(t, tmp.p, tmp.n, &at.off)) {
-                rc = LFAIL("%s: out of memory", path);
-                goto out;
-            }
-            at.len = (uint32_t)tmp.n;
-        }
-        at.first = (uint8_t)t->pool[at.off];
         Matcher *m = normalized[e] ? &t->norm : &t->raw;
-        m->toks[m->n++] = at;
+        m->toks[m->n++] = all[e];
     }
     matcher_build(&t->raw);
     matcher_build(&t->norm);
@@ -796,6 +801,7 @@ out:
     free(entry_of);
     free(normalized);
     free(tmp.p);
+    free(nfc.p);
     return rc;
 }
 
@@ -1272,7 +1278,7 @@ static int split_added(Enc *E, const Matcher *m, const char *s, size_t n, GapFn 
         }
         size_t start = i, stop = i + hit->len;
         i = stop; /* matching resumes after the match, even if it is discarded below */
-        if (0 && hit->single_word) {
+        if (hit->single_word) {
             size_t at;
             uint32_t c;
             int word_before = start > 0 && is_word(last_char(u, start, &at));

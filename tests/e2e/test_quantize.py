@@ -256,7 +256,8 @@ def test_sharding_and_lm_head(models, tmp_path):
     index = json.loads((dst / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) >= 3 and not (dst / "model.safetensors").exists()
-    assert files == [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors"
+                     for i in range(1, len(files) + 1)]
     total = 0
     for f in files:
         shard = Checkpoint(dst / f)

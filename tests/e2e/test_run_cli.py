@@ -96,7 +96,7 @@ def test_bad_model_directories(quill_bin, tiny_model, tmp_path):
     cfg["model_type"] = "llama"
     (bad / "config.json").write_text(json.dumps(cfg))
     r = run(quill_bin, "run", bad, "-p", "hi")
-    assert r.returncode != 0 and "LlamaForCausalLM" in r.stderr
+    assert r.returncode != 0 and "llama" in r.stderr.lower()
     trunc = tmp_path / "trunc"
     shutil.copytree(tiny_model, trunc)
     st = trunc / "model.safetensors"

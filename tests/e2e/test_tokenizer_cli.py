@@ -177,6 +177,7 @@ def add_flagged_tokens(data):
         ("[R]", dict(rstrip=True, normalized=False, special=False)),
         ("word", dict(single_word=True, normalized=False, special=False)),
         ("café", dict(normalized=True, special=False)),
+        ("nai\u0308ve", dict(normalized=True, special=False)),  # not NFC itself
         ("é!", dict(normalized=False, special=False)),
         ("Å", dict(normalized=True, special=True)),
         (" sp ace", dict(normalized=False, special=False)),
@@ -195,7 +196,7 @@ FLAG_TEXTS = [
     "\u00e9<mask>", "a\u0301<mask>", "_<mask>", "<mask>_", "1<mask>2", "<mask>long", " <mask>long ",
     "  [L]  [R]  ", "a[L]b[R]c", "[R]   [L]", "[R][L]", "\u3000[L]\u3000[R]\u3000",
     "word words sword word. (word) _word word_ w\u00f6rd word\u0301 wordé 1word word1",
-    "café cafe\u0301 CAFÉ caféine", "é! e\u0301! é!!", "A\u030a \u212b \u00c5 Å",
+    "café cafe\u0301 CAFÉ caféine", "na\u00efve nai\u0308ve naive", "é! e\u0301! é!!", "A\u030a \u212b \u00c5 Å",
     " sp ace  sp ace", "x sp acey", "<|im_start|><mask><|im_end|>",
 ]
 
