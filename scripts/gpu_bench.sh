@@ -9,11 +9,15 @@ build=${BUILD:-$root/build-gpu}
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 cd "$root"
-nvcc -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc tests/backend/bench_cuda_decode.cu \
-    "$build/libquill_cuda.a" -lcublas -o "$build/bench_cuda_decode" || exit 1
+# the cuBLAS the build found (toolkit or pip wheel)
+cublas=$(sed -n 's/^CUDA_cublas_LIBRARY:[A-Z]*=//p' "$build/CMakeCache.txt")
+cuflags=$(sed -n 's/^CMAKE_CUDA_FLAGS:[A-Z]*=//p' "$build/CMakeCache.txt")
+nvcc -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc $cuflags tests/backend/bench_cuda_decode.cu \
+    "$build/libquill_cuda.a" "${cublas:--lcublas}" -Xlinker -rpath -Xlinker "$(dirname "${cublas:-/x}")" \
+    -o "$build/bench_cuda_decode" || exit 1
 {
     date -u +"%Y-%m-%d %H:%M UTC"
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-    "$build/bench_cuda_decode" --dtype int4 --ctx 512 "$@"
-    "$build/bench_cuda_decode" --dtype bf16 --ctx 512 "$@"
+    timeout 100 "$build/bench_cuda_decode" --dtype int4 --ctx 512 "$@"
+    timeout 100 "$build/bench_cuda_decode" --dtype bf16 --ctx 512 "$@"
 } 2>&1 | tee "$out/bench.txt"

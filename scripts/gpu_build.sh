@@ -39,7 +39,17 @@ export PKG_CONFIG_SYSROOT_DIR=$debroot
 export PKG_CONFIG_SYSTEM_INCLUDE_PATH=/nonexistent PKG_CONFIG_SYSTEM_LIBRARY_PATH=/nonexistent
 "$debroot/pkg-config" --cflags --libs jansson libpcre2-8 libutf8proc libmicrohttpd libcurl >/dev/null
 
-cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQUILL_CUDA=ON \
+# cuBLAS: from the CUDA toolkit, else from the pip wheel (nvidia-cublas) that images with PyTorch have
+extra=()
+cudalib=$(dirname "$(command -v nvcc)")/../lib64
+if ! ls "$cudalib"/libcublas.so* >/dev/null 2>&1; then
+    py=$(python3 -c 'import nvidia.cublas as c; print(list(c.__path__)[0])' 2>/dev/null || true)
+    if [ -n "$py" ] && ls "$py"/lib/libcublas.so.* >/dev/null 2>&1; then
+        extra=(-DCUDA_cublas_LIBRARY="$(ls "$py"/lib/libcublas.so.* | head -1)" -DCMAKE_CUDA_FLAGS="-I$py/include")
+        echo "gpu_build.sh: cuBLAS from $py"
+    fi
+fi
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQUILL_CUDA=ON "${extra[@]}" \
     -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90a}" -DPKG_CONFIG_EXECUTABLE="$debroot/pkg-config" \
     -DCMAKE_C_FLAGS="-isystem $debroot/usr/include" \
     -DCMAKE_EXE_LINKER_FLAGS="-Wl,--disable-new-dtags,-rpath,$libdir,-rpath-link,$libdir" >"$build.cmake.log" 2>&1 ||

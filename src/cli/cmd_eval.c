@@ -3,9 +3,10 @@
  *   perplexity MODEL --file TEXT   non-overlapping windows of --ctx tokens (tail dropped), each
  *                                  from scratch; PPL over tokens 1..ctx-1 of every window and over
  *                                  the second half (llama-perplexity's convention).
- *   compare BASE QUANT --file TEXT both perplexities, mean KL(base || quant) of the next-token
- *                                  distributions and top-1 agreement over the same positions
- *                                  (what llama.cpp reports for its quantizations).
+ *   compare BASE QUANT... --file   every model's perplexity, and for each QUANT the mean
+ *                                  KL(base || quant) of the next-token distributions and top-1
+ *                                  agreement over the same positions (what llama.cpp reports for
+ *                                  its quantizations); the base runs once for all of them.
  *
  * Windows run through model_forward with every position's logits (--batch windows per step). */
 #include <jansson.h>
@@ -21,7 +22,7 @@
 static void usage(FILE *f) {
     fprintf(f,
             "usage: quill eval perplexity MODEL_DIR --file TEXT [--ctx 512] [--batch N] [--json]\n"
-            "       quill eval compare BASE_DIR QUANT_DIR --file TEXT [--ctx 512] [--batch N] [--json]\n"
+            "       quill eval compare BASE_DIR QUANT_DIR... --file TEXT [--ctx 512] [--batch N] [--json]\n"
             "  --device cpu|cuda, -t/--threads N\n");
 }
 
@@ -126,7 +127,8 @@ int cmd_eval(int argc, char **argv) {
         fprintf(stderr, "quill eval: unknown measure '%s' (perplexity, compare)\n", argv[1]);
         return 2;
     }
-    const char *dirs[2] = {NULL, NULL}, *file = NULL;
+#define MAX_MODELS 8
+    const char *dirs[MAX_MODELS] = {NULL}, *file = NULL;
     int n_dirs = 0, ctx = 512, batch = 1;
     bool json_out = false;
     RuntimeArgs ra = {.need_tokenizer = true};
@@ -148,7 +150,7 @@ int cmd_eval(int argc, char **argv) {
             ra.device = argv[++i];
         } else if (!strcmp(a, "--json")) {
             json_out = true;
-        } else if (a[0] != '-' && n_dirs < (compare ? 2 : 1)) {
+        } else if (a[0] != '-' && n_dirs < (compare ? MAX_MODELS : 1)) {
             dirs[n_dirs++] = a;
         } else {
             fprintf(stderr, "quill eval: unexpected argument '%s'\n", a);
@@ -156,26 +158,27 @@ int cmd_eval(int argc, char **argv) {
             return 2;
         }
     }
-    if (n_dirs != (compare ? 2 : 1) || !file) {
+    if ((compare ? n_dirs < 2 : n_dirs != 1) || !file) {
         usage(stderr);
         return 2;
     }
     ra.max_seqs = batch;
     ra.max_step_tokens = batch * ctx;
     ra.max_model_len = ctx;
-    Runtime rt[2];
+    Runtime rt[MAX_MODELS];
     memset(rt, 0, sizeof rt);
     int rc = 1;
     size_t len = 0, n_ids = 0;
     char *text = NULL;
     int32_t *ids = NULL;
-    float *lg[2] = {NULL, NULL};
+    float *lg[MAX_MODELS] = {NULL};
     for (int k = 0; k < n_dirs; k++)
         if (runtime_open(&rt[k], dirs[k], &ra, &err)) goto out;
-    if (compare && rt[0].model->cfg.vocab_size != rt[1].model->cfg.vocab_size) {
-        qerr_set(&err, "%s and %s have different vocabularies", dirs[0], dirs[1]);
-        goto out;
-    }
+    for (int k = 1; k < n_dirs; k++)
+        if (rt[0].model->cfg.vocab_size != rt[k].model->cfg.vocab_size) {
+            qerr_set(&err, "%s and %s have different vocabularies", dirs[0], dirs[k]);
+            goto out;
+        }
     if (!(text = read_file(file, &len, &err)) || tok_encode(rt[0].tok, text, len, &ids, &n_ids, &err)) goto out;
     int V = rt[0].model->cfg.vocab_size;
     int n_win = (int)(n_ids / (size_t)ctx);
@@ -184,8 +187,8 @@ int cmd_eval(int argc, char **argv) {
         goto out;
     }
     for (int k = 0; k < n_dirs; k++) lg[k] = malloc((size_t)batch * ctx * V * sizeof(float));
-    Score sc[2] = {{0}};
-    Compare cmp = {0};
+    Score sc[MAX_MODELS] = {{0}};
+    Compare cmp[MAX_MODELS] = {{0}};
     double t0 = now_seconds();
     for (int w = 0; w < n_win; w += batch) {
         int nb = n_win - w < batch ? n_win - w : batch;
@@ -194,18 +197,24 @@ int cmd_eval(int argc, char **argv) {
             window_logits(&rt[k], wids, nb, ctx, lg[k]);
             for (int b = 0; b < nb; b++) score_window(&sc[k], lg[k] + (size_t)b * ctx * V, wids + (size_t)b * ctx, ctx, V);
         }
-        if (compare)
+        for (int k = 1; k < n_dirs; k++)
             for (int b = 0; b < nb; b++)
-                compare_window(&cmp, lg[0] + (size_t)b * ctx * V, lg[1] + (size_t)b * ctx * V, ctx, V);
+                compare_window(&cmp[k], lg[0] + (size_t)b * ctx * V, lg[k] + (size_t)b * ctx * V, ctx, V);
         progress(w + nb, n_win, t0);
     }
     if (json_out) {
         json_t *o = json_pack("{s:s, s:i, s:i, s:I}", "file", file, "ctx", ctx, "windows", n_win, "tokens", (json_int_t)n_ids);
         put_score(o, compare ? "base" : "model", &sc[0]);
         if (compare) {
-            put_score(o, "quant", &sc[1]);
-            json_object_set_new(o, "kl", json_real(cmp.kl / cmp.n));
-            json_object_set_new(o, "top1", json_real((double)cmp.top1 / cmp.n));
+            json_t *qs = json_array();
+            for (int k = 1; k < n_dirs; k++) {
+                json_t *q = json_pack("{s:s}", "dir", dirs[k]);
+                put_score(q, "score", &sc[k]);
+                json_object_set_new(q, "kl", json_real(cmp[k].kl / cmp[k].n));
+                json_object_set_new(q, "top1", json_real((double)cmp[k].top1 / cmp[k].n));
+                json_array_append_new(qs, q);
+            }
+            json_object_set_new(o, "quants", qs);
         }
         char *s = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
         puts(s);
@@ -215,17 +224,19 @@ int cmd_eval(int argc, char **argv) {
         for (int k = 0; k < n_dirs; k++)
             printf("%s: perplexity %.4f (all), %.4f (second half) over %d windows of %d tokens\n", dirs[k],
                    exp(sc[k].nll_all / sc[k].n_all), exp(sc[k].nll_half / sc[k].n_half), n_win, ctx);
-        if (compare) printf("KL(base || quant) %.6f, top-1 agreement %.4f\n", cmp.kl / cmp.n, (double)cmp.top1 / cmp.n);
+        for (int k = 1; k < n_dirs; k++)
+            printf("%s vs %s: KL(base || quant) %.6f, top-1 agreement %.4f\n", dirs[k], dirs[0], cmp[k].kl / cmp[k].n,
+                   (double)cmp[k].top1 / cmp[k].n);
     }
     rc = 0;
 out:
     if (rc) fprintf(stderr, "quill eval: %s\n", err.msg);
     free(text);
     free(ids);
-    free(lg[0]);
-    free(lg[1]);
-    runtime_close(&rt[0]);
-    runtime_close(&rt[1]);
+    for (int k = 0; k < MAX_MODELS; k++) {
+        free(lg[k]);
+        runtime_close(&rt[k]);
+    }
     return rc;
 bad:
     fprintf(stderr, "quill eval: %s\n", err.msg);

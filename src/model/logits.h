@@ -7,7 +7,8 @@
 /* exp(x) for x <= 88 (underflows to 0 below -87); auto-vectorises. */
 static inline float fast_expf(float x) {
     if (x < -87.0f) x = -87.0f;
-    float n = __builtin_roundf(x * 1.44269504088896341f); /* x / ln 2 */
+    /* n = nearest integer to x / ln 2, by the 1.5 * 2^23 trick (exact for |n| < 2^22; no libm) */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693145751953125f;                 /* ln 2, split for accuracy */
     r -= n * 1.428606765330187e-06f;
     /* exp(r) on [-ln2/2, ln2/2]: degree-6 Taylor/minimax polynomial */

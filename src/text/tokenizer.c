@@ -710,7 +710,8 @@ static int load_model(Tok *t, const TjVal *model, const char *path, uint32_t n_a
  * written there are only checked by it, with a warning): a content already added or present in
  * the model vocabulary keeps that id, any other takes the next id after the vocabulary and the
  * added tokens so far. For files tokenizers saved itself (Qwen3's) this is the file's ids. A
- * repeated content replaces the earlier entry's flags, and is special if either entry was. */
+ * repeated content replaces the earlier entry's flags, and is special if either entry was.
+ * Tokens flagged `normalized` are matched and decoded in their NFC form, as tokenizers does. */
 static int load_added(Tok *t, const TjVal *added, const char *path, QErr *err) {
     uint32_t n = added ? added->n : 0;
     AddedTok *all = calloc(n ? n : 1, sizeof *all);

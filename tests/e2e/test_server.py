@@ -374,11 +374,11 @@ def test_completions_text_stop_and_length(craft):
 
 def test_concurrent_greedy_equals_alone(rand):
     rng = np.random.default_rng(7)
-    prompts = [rng.integers(0, 151000, size=int(n)).tolist() for n in rng.integers(3, 60, size=20)]
+    prompts = [rng.integers(0, 151000, size=int(n)).tolist() for n in rng.integers(3, 60, size=16)]
 
     def run(p):
         r = requests.post(rand.url + "/v1/completions", timeout=600, json={
-            "model": "tiny", "prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 0,
+            "model": "tiny", "prompt": p, "max_tokens": 10, "temperature": 0, "ignore_eos": True, "logprobs": 0,
             "return_tokens_as_token_ids": True}).json()
         return [int(t.split(":")[1]) for t in r["choices"][0]["logprobs"]["tokens"]]
 
@@ -387,6 +387,17 @@ def test_concurrent_greedy_equals_alone(rand):
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(run, prompts))
     assert together == alone
+
+
+def wait_idle(server, timeout=30):
+    deadline = time.time() + timeout
+    while True:
+        m = server.metrics()
+        idle = (m["quill:num_requests_running"] == 0 and m["quill:num_requests_waiting"] == 0 and
+                m["quill:kv_cache_blocks_used"] == 0 and m["quill:num_http_requests_active"] == 0)
+        if idle or time.time() > deadline:
+            return m
+        time.sleep(0.1)
 
 
 def test_disconnect_frees_resources(rand):
@@ -405,19 +416,21 @@ def test_disconnect_frees_resources(rand):
     assert during["quill:kv_cache_blocks_used"] > 0
     assert during["quill:num_http_requests_active"] == 1
     r.close()
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        after = rand.metrics()
-        if (after["quill:num_requests_running"] == 0 and after["quill:kv_cache_blocks_used"] == 0 and
-                after["quill:num_http_requests_active"] == 0):
-            break
-        time.sleep(0.1)
+    after = wait_idle(rand)
     assert after["quill:num_requests_running"] == 0 and after["quill:num_requests_waiting"] == 0
     assert after["quill:kv_cache_blocks_used"] == 0 and after["quill:num_http_requests_active"] == 0
     key = 'quill:request_success_total{finished_reason="abort"}'
     assert after[key] == before[key] + 1
     # it stopped early: far fewer than 3000 tokens were generated
     assert after["quill:generation_tokens_total"] - before["quill:generation_tokens_total"] < 2000
+
+    # the same for a non-streaming request whose client gives up waiting
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(rand.url + "/v1/completions", timeout=(10, 1.0), json={
+            "model": "tiny", "prompt": "Tell me everything.", "max_tokens": 3000, "ignore_eos": True})
+    final = wait_idle(rand)
+    assert final["quill:kv_cache_blocks_used"] == 0 and final["quill:num_http_requests_active"] == 0
+    assert final[key] == after[key] + 1
 
 
 def test_metrics_exposition(craft):

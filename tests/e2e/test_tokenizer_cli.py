@@ -115,10 +115,11 @@ def test_detokenize_partial_utf8_like_tokenizers(quill_bin, hf):
         assert quill_detokenize(quill_bin, TOKENIZER_DIR, seq) == hf.decode(seq), seq
 
 
-def every_code_point_texts(last=0x323AF, step_after=97):
-    """One short text per code point: all up to `last` (the end of CJK Extension H), then every
-    step_after-th one to U+10FFFF."""
-    cps = list(range(last + 1)) + list(range(last + 1, 0x110000, step_after))
+def every_code_point_texts(dense_end=0x1FFFF, step=5, sparse_step=97):
+    """One short text per code point: every one of planes 0 and 1, every step-th one up to the
+    end of CJK Extension H (U+323AF; the rest of the ideographs), then every sparse_step-th."""
+    cps = (list(range(dense_end + 1)) + list(range(dense_end + 1, 0x323B0, step)) +
+           list(range(0x323B0, 0x110000, sparse_step)))
     cps = [c for c in cps if not 0xD800 <= c <= 0xDFFF]
     return [f"a{ch}b {ch}{ch} 1{ch}'{ch}s \t{ch}\n" for ch in map(chr, cps)]
 
