@@ -21,3 +21,10 @@ nvcc -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc $cuflags tests/b
     timeout 100 "$build/bench_cuda_decode" --dtype int4 --ctx 512 "$@"
     timeout 100 "$build/bench_cuda_decode" --dtype bf16 --ctx 512 "$@"
 } 2>&1 | tee "$out/bench.txt"
+# PROFILE=1: Nsight Compute over the kernels of one 2-layer int4 decode step (clocks as found)
+if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
+    timeout 150 ncu --clock-control none --launch-count 40 --section SpeedOfLight --section WarpStateStats \
+        --section LaunchStats --section Occupancy "$build/bench_cuda_decode" --layers 2 --profile >"$out/ncu.txt" 2>&1
+    grep -E "^  [a-z_A-Z].*\(|Duration|Memory Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Block Size|Grid Size" \
+        "$out/ncu.txt" | head -150
+fi

@@ -42,6 +42,7 @@ typedef struct GenPipe {
     RpParser *rp;
     StrBuf raw;        /* decoded output, before stop strings cut it */
     size_t released;   /* bytes of raw passed on */
+    int cap_lps;       /* capacity of the choice's lps */
     bool engine_done;  /* HTTP thread: the engine's last event was applied */
     bool string_stop;  /* under Gen.mu: ended by a stop string (for metrics) */
 } GenPipe;
@@ -438,7 +439,10 @@ static void apply(Gen *g, const QEv *e) {
     if (e->token >= 0) {
         c->n_gen++;
         if (g->spec.params.logprobs >= 0) {
-            c->lps = xrealloc(c->lps, (size_t)(c->n_lps + 1) * sizeof *c->lps);
+            if (c->n_lps == p->cap_lps) {
+                p->cap_lps = p->cap_lps ? 2 * p->cap_lps : 64;
+                c->lps = xrealloc(c->lps, (size_t)p->cap_lps * sizeof *c->lps);
+            }
             GenLp *l = &c->lps[c->n_lps++];
             l->token = e->token;
             l->logprob = e->logprob;
@@ -461,7 +465,8 @@ static void apply(Gen *g, const QEv *e) {
         const char *rest = tok_stream_flush(p->ts, &n);
         sb_append(&p->raw, rest, n);
     }
-    if (g->spec.n_stop && match_stop(g, c, old)) return;
+    /* As in vLLM, stop strings count only once min_tokens have been generated. */
+    if (g->spec.n_stop && c->n_gen > g->spec.params.min_tokens && match_stop(g, c, old)) return;
     if (e->finish != FINISH_NONE) {
         release(g, c, p->raw.len);
         finish(g, c, finish_reason_name(e->finish));

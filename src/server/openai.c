@@ -665,6 +665,8 @@ static void chat_chunks(const OaiRequest *r, Gen *g, GenChoice *c, StrBuf *out) 
 
 static void completion_chunks(const OaiRequest *r, Gen *g, GenChoice *c, StrBuf *out) {
     bool want_lps = gen_spec(g)->params.logprobs >= 0;
+    /* Prompt logprobs are complete when the first token arrives (the engine sends them first). */
+    if (!c->sent_start && r->echo && want_lps && c->n_gen == 0 && !c->done) return;
     if (!c->sent_start) {
         c->sent_start = true;
         const GenPrompt *pr = &gen_spec(g)->prompts[c->prompt];

@@ -20,9 +20,11 @@ typedef struct Tok Tok;
 
 /* Loads a tokenizer from `path`: a tokenizer.json file, or a directory containing one. Supports
  * what Qwen-style files use: model BPE (byte-level, optionally ignore_merges), normalizer null or
- * NFC, pre_tokenizer ByteLevel(use_regex=false) preceded by at most one Split(Regex, Isolated),
- * decoder ByteLevel. Returns NULL with err naming the file and the field at fault for a missing,
- * unreadable, malformed or unsupported file. Free with tok_free(). */
+ * NFC, pre_tokenizer Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)], decoder
+ * ByteLevel. Added tokens get the ids tokenizers itself assigns on loading (for a file it saved,
+ * the ids written in it). Takes about 0.1 s for Qwen3's 11 MB file. Returns NULL with err naming
+ * the file and the field at fault for a missing, unreadable, malformed or unsupported file.
+ * Free with tok_free(). */
 Tok *tok_load(const char *path, QErr *err);
 
 /* Frees everything; NULL is allowed. */

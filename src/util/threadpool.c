@@ -2,26 +2,35 @@
  *
  * Workload: a single caller (the engine thread) issues many short parallel loops back to back
  * (matmuls of tens to hundreds of microseconds, ~10 per layer per token), separated by short
- * single-threaded stretches. So the pool favours wake-up latency over CPU thrift: a job is
- * published by bumping a generation counter that idle workers spin on for a while (SPIN_NS), and
- * only then do they block on a condition variable; the caller likewise spins before blocking
- * while it waits for stragglers. Tasks are handed out by an atomic counter, so uneven tasks
- * balance themselves. The mutex/condvar pair is only touched when someone actually sleeps: the
- * waker checks a sleeper count after publishing (both sequentially consistent), and the sleeper
- * re-checks the condition under the mutex, so no wake-up is lost. */
+ * single-threaded stretches. So the pool favours wake-up latency over CPU thrift: idle workers
+ * spin for a while (SPIN_NS) on the job word before blocking on a condition variable, and the
+ * caller spins likewise before blocking while the last tasks finish.
+ *
+ * One 64-bit word holds the job generation (high half) and the next unclaimed task (low half).
+ * Threads claim tasks by compare-and-swap on it, so uneven tasks balance themselves, and a claim
+ * can only succeed for the current job. The caller waits for the tasks to be done, not for the
+ * workers to check in: a worker the OS has descheduled (an oversubscribed machine) never delays
+ * a job it took no task of; when it runs again it finds the job over, or helps with a later one.
+ * A job's fn and ctx are only read after claiming one of its tasks, i.e. while the job cannot
+ * end. The mutex/condvar pairs are only touched when someone actually sleeps: the waker checks a
+ * sleeper flag after publishing (both sequentially consistent) and the sleeper re-checks its
+ * condition under the mutex, so no wake-up is lost. */
 #include "util/threadpool.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
-/* How long a thread busy-waits before it sleeps: about the gap between two kernels of a decode
- * step, much less than an idle server's gaps. (Yielding the CPU while spinning was tried for
- * oversubscribed machines; it made waits longer, handing the slice to unrelated processes.) */
-#define SPIN_NS 200000L
+/* How long a thread busy-waits before it sleeps: longer than the gaps between the kernels of a
+ * decode step, short enough that pools of several processes sharing a few cores (tests, a
+ * desktop) do not starve one another for long; a wake-up from sleep costs ~5-20 us, once per
+ * longer gap (e.g. per token). Yielding the CPU while spinning was tried for oversubscribed
+ * machines; it made waits longer, handing the slice to unrelated processes. */
+#define SPIN_NS 50000L
 
 typedef struct Worker {
     ThreadPool *pool;
@@ -36,18 +45,17 @@ struct ThreadPool {
 
     pthread_mutex_t mu;
     pthread_cond_t wake_cv; /* workers wait here for a new generation */
-    pthread_cond_t done_cv; /* the caller waits here for busy == 0 */
+    pthread_cond_t done_cv; /* the caller waits here for the last task */
 
-    /* The current job: written by the caller before it bumps gen, read by workers after. */
+    /* The current job: written by the caller before it publishes the generation. */
     TpTaskFn fn;
     void *ctx;
-    int n_tasks;
+    atomic_int n_tasks;
 
-    _Alignas(64) atomic_int next_task;
-    _Alignas(64) atomic_uint gen;
-    atomic_int busy;            /* workers that have not finished the current job */
-    atomic_int sleepers;        /* workers blocked (or about to block) on wake_cv */
-    atomic_int caller_sleeping; /* the caller is blocked (or about to block) on done_cv */
+    _Alignas(64) _Atomic uint64_t job; /* generation << 32 | next task to claim */
+    _Alignas(64) atomic_int done;      /* tasks of the current job finished */
+    atomic_int sleepers;               /* workers blocked (or about to block) on wake_cv */
+    atomic_int caller_sleeping;        /* the caller is blocked (or about to block) on done_cv */
     atomic_int stop;
 };
 
@@ -65,46 +73,21 @@ static long now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-static void run_tasks(ThreadPool *p, int thread) {
-    for (;;) {
-        int t = atomic_fetch_add_explicit(&p->next_task, 1, memory_order_relaxed);
-        if (t >= p->n_tasks) return;
-        p->fn(p->ctx, t, thread);
-    }
-}
+static inline uint32_t job_gen(uint64_t job) { return (uint32_t)(job >> 32); }
 
-/* Spins until gen differs from `seen`, up to SPIN_NS; returns the last value read. */
-static unsigned spin_for_gen(ThreadPool *p, unsigned seen) {
-    long start = 0;
-    for (unsigned i = 0;; i++) {
-        unsigned g = atomic_load_explicit(&p->gen, memory_order_acquire);
-        if (g != seen) return g;
-        if ((i & 63) == 0) {
-            long t = now_ns();
-            if (i == 0) start = t;
-            else if (t - start > SPIN_NS) return g;
-        }
-        cpu_relax();
-    }
-}
-
-static void *worker_main(void *arg) {
-    Worker *w = arg;
-    ThreadPool *p = w->pool;
-    unsigned seen = 0;
+/* Claims and runs tasks of generation gen until none is left or the job has moved on. */
+static void run_tasks(ThreadPool *p, uint32_t gen, int thread) {
     for (;;) {
-        unsigned g = spin_for_gen(p, seen);
-        if (g == seen) {
-            pthread_mutex_lock(&p->mu);
-            atomic_fetch_add(&p->sleepers, 1);
-            while ((g = atomic_load(&p->gen)) == seen) pthread_cond_wait(&p->wake_cv, &p->mu);
-            atomic_fetch_sub(&p->sleepers, 1);
-            pthread_mutex_unlock(&p->mu);
-        }
-        seen = g;
-        if (atomic_load(&p->stop)) return NULL;
-        run_tasks(p, w->index);
-        if (atomic_fetch_sub(&p->busy, 1) == 1 && atomic_load(&p->caller_sleeping)) {
+        uint64_t j = atomic_load(&p->job);
+        int n;
+        do {
+            n = atomic_load_explicit(&p->n_tasks, memory_order_relaxed);
+            if (job_gen(j) != gen || (uint32_t)j >= (uint32_t)n) return;
+        } while (!atomic_compare_exchange_weak(&p->job, &j, j + 1));
+        /* The claim succeeded, so n is this job's count and the job cannot end before this
+         * task is counted done: fn and ctx are stable. */
+        p->fn(p->ctx, (int)(uint32_t)j, thread);
+        if (atomic_fetch_add(&p->done, 1) + 1 == n && atomic_load(&p->caller_sleeping)) {
             pthread_mutex_lock(&p->mu);
             pthread_cond_signal(&p->done_cv);
             pthread_mutex_unlock(&p->mu);
@@ -112,9 +95,42 @@ static void *worker_main(void *arg) {
     }
 }
 
-/* Publishes a new generation (job or stop) and wakes sleeping workers. */
-static void publish(ThreadPool *p) {
-    atomic_fetch_add(&p->gen, 1);
+/* Returns the generation once it differs from `seen`: spins up to SPIN_NS, then sleeps. */
+static uint32_t wait_for_gen(ThreadPool *p, uint32_t seen) {
+    long start = 0;
+    for (unsigned i = 0;; i++) {
+        uint32_t g = job_gen(atomic_load_explicit(&p->job, memory_order_acquire));
+        if (g != seen) return g;
+        if ((i & 63) == 0) {
+            long t = now_ns();
+            if (i == 0) start = t;
+            else if (t - start > SPIN_NS) break;
+        }
+        cpu_relax();
+    }
+    uint32_t g;
+    pthread_mutex_lock(&p->mu);
+    atomic_fetch_add(&p->sleepers, 1);
+    while ((g = job_gen(atomic_load(&p->job))) == seen) pthread_cond_wait(&p->wake_cv, &p->mu);
+    atomic_fetch_sub(&p->sleepers, 1);
+    pthread_mutex_unlock(&p->mu);
+    return g;
+}
+
+static void *worker_main(void *arg) {
+    Worker *w = arg;
+    ThreadPool *p = w->pool;
+    uint32_t seen = 0;
+    for (;;) {
+        seen = wait_for_gen(p, seen);
+        if (atomic_load(&p->stop)) return NULL;
+        run_tasks(p, seen, w->index);
+    }
+}
+
+/* Publishes generation gen (a job, or the stop request) and wakes sleeping workers. */
+static void publish(ThreadPool *p, uint32_t gen) {
+    atomic_store(&p->job, (uint64_t)gen << 32);
     if (atomic_load(&p->sleepers) > 0) {
         pthread_mutex_lock(&p->mu);
         pthread_cond_broadcast(&p->wake_cv);
@@ -167,7 +183,7 @@ void tp_free(ThreadPool *pool) {
     if (!pool) return;
     if (pool->n_started > 0) {
         atomic_store(&pool->stop, 1);
-        publish(pool);
+        publish(pool, job_gen(atomic_load(&pool->job)) + 1);
         for (int i = 0; i < pool->n_started; i++) pthread_join(pool->threads[i], NULL);
     }
     pthread_cond_destroy(&pool->done_cv);
@@ -188,15 +204,15 @@ void tp_run(ThreadPool *pool, int n_tasks, TpTaskFn fn, void *ctx) {
     }
     pool->fn = fn;
     pool->ctx = ctx;
-    pool->n_tasks = n_tasks;
-    atomic_store_explicit(&pool->next_task, 0, memory_order_relaxed);
-    atomic_store_explicit(&pool->busy, pool->n_threads - 1, memory_order_relaxed);
-    publish(pool);
-    run_tasks(pool, 0);
+    atomic_store(&pool->n_tasks, n_tasks);
+    atomic_store(&pool->done, 0);
+    uint32_t gen = job_gen(atomic_load(&pool->job)) + 1;
+    publish(pool, gen);
+    run_tasks(pool, gen, 0);
 
     long start = 0;
     for (unsigned i = 0;; i++) {
-        if (atomic_load_explicit(&pool->busy, memory_order_acquire) == 0) return;
+        if (atomic_load_explicit(&pool->done, memory_order_acquire) == n_tasks) return;
         if ((i & 63) == 0) {
             long t = now_ns();
             if (i == 0) start = t;
@@ -206,7 +222,7 @@ void tp_run(ThreadPool *pool, int n_tasks, TpTaskFn fn, void *ctx) {
     }
     pthread_mutex_lock(&pool->mu);
     atomic_store(&pool->caller_sleeping, 1);
-    while (atomic_load(&pool->busy) != 0) pthread_cond_wait(&pool->done_cv, &pool->mu);
+    while (atomic_load(&pool->done) != n_tasks) pthread_cond_wait(&pool->done_cv, &pool->mu);
     atomic_store(&pool->caller_sleeping, 0);
     pthread_mutex_unlock(&pool->mu);
 }

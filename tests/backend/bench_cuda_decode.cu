@@ -7,8 +7,9 @@
  *
  *   nvcc -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc \
  *        tests/backend/bench_cuda_decode.cu build-gpu/libquill_cuda.a -lcublas -o /tmp/bench
- *   /tmp/bench [--dtype int4|bf16] [--ctx N] [--layers L] [--reps R]
+ *   /tmp/bench [--dtype int4|bf16] [--ctx N] [--layers L] [--reps R] [--profile]
  *
+ * --profile runs one decode step eagerly and exits (for ncu: the step's kernels, nothing else).
  * The layer sequence is model_forward's (src/model/qwen3.c), issued through the backend table. */
 #include <math.h>
 #include <stdio.h>
@@ -200,6 +201,7 @@ double time_graph(Bench *b, uint64_t key, F fn, int reps, int inner, bool with_u
 int main(int argc, char **argv) {
     bool q4 = true;
     int ctx = 512, L = 36, reps = 15;
+    bool profile = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--dtype") && i + 1 < argc) {
             q4 = !strcmp(argv[++i], "int4");
@@ -209,8 +211,10 @@ int main(int argc, char **argv) {
             L = atoi(argv[++i]);
         } else if (!strcmp(argv[i], "--reps") && i + 1 < argc) {
             reps = atoi(argv[++i]);
+        } else if (!strcmp(argv[i], "--profile")) {
+            profile = true;
         } else {
-            fprintf(stderr, "usage: %s [--dtype int4|bf16] [--ctx N] [--layers L] [--reps R]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--dtype int4|bf16] [--ctx N] [--layers L] [--reps R] [--profile]\n", argv[0]);
             return 2;
         }
     }
@@ -274,6 +278,17 @@ int main(int argc, char **argv) {
     float *xh = (float *)malloc((size_t)T * H * 4);
     for (size_t i = 0; i < (size_t)T * H; i++) xh[i] = (float)((int)(next() % 2001) - 1000) * 1e-3f;
 
+    if (profile) {
+        AttnMeta dm = upload_meta(&b, 1, ctx, max_blocks);
+        op->to_device(b.be, b.x, xh, (size_t)H * 4);
+        forward(&b, &dm, 1, false);
+        op->sync(b.be);
+        const char *e = cuda_backend_error(b.be);
+        printf("profile step done; CUDA error: %s\n", e ? e : "none");
+        b.be->ops->destroy(b.be);
+        return e ? 1 : 0;
+    }
+
     /* prefill of the first T tokens (fills the cache the decode step reads); second run timed */
     AttnMeta pm = upload_meta(&b, T, T, max_blocks);
     double t_prefill = 0;
@@ -291,9 +306,39 @@ int main(int argc, char **argv) {
     double t_step = time_graph(&b, 1, [&] { forward(&b, &dm, 1, false); }, reps, 20, true, xh);
     double t_mm = time_graph(&b, 2, [&] { forward(&b, &dm, 1, true); }, reps, 20, false, xh);
     double t_lm = time_graph(&b, 3, [&] { op->matmul(b.be, b.logits, b.xb, 1, b.lm_head); }, reps, 50, false, xh);
-    double t_gu = time_graph(&b, 4, [&] {
-        for (int l = 0; l < L; l++) op->matmul(b.be, b.gate_up, b.xb, 1, b.layers[l].gate_up);
-    }, reps, 20, false, xh);
+    /* each matmul of the layers alone, and each other op alone (L or 2L launches per graph) */
+    double t_mat[4];
+    for (int w = 0; w < 4; w++)
+        t_mat[w] = time_graph(&b, 10 + w, [&] {
+            for (int l = 0; l < L; l++) {
+                const Layer *ly = &b.layers[l];
+                if (w == 0) op->matmul(b.be, b.qkv, b.xb, 1, ly->qkv);
+                if (w == 1) op->matmul(b.be, b.xb, b.attn, 1, ly->o);
+                if (w == 2) op->matmul(b.be, b.gate_up, b.xb, 1, ly->gate_up);
+                if (w == 3) op->matmul(b.be, b.xb, b.h, 1, ly->down);
+            }
+        }, reps, 20, false, xh);
+    const char *small_names[] = {"rmsnorm", "add", "swiglu", "qk_norm_rope_store", "attention"};
+    const int small_count[] = {2 * L, 2 * L, L, L, L};
+    double t_small[5];
+    for (int o = 0; o < 5; o++)
+        t_small[o] = time_graph(&b, 20 + o, [&] {
+            for (int l = 0; l < L; l++) {
+                const Layer *ly = &b.layers[l];
+                if (o == 0) {
+                    op->rmsnorm(b.be, b.xb, b.x, ly->attn_norm, 1, H, 1e-6f);
+                    op->rmsnorm(b.be, b.xb, b.x, ly->mlp_norm, 1, H, 1e-6f);
+                }
+                if (o == 1) {
+                    op->add(b.be, b.gate_up, b.xb, H);
+                    op->add(b.be, b.gate_up, b.xb, H);
+                }
+                if (o == 2) op->swiglu(b.be, b.h, b.gate_up, 1, I);
+                if (o == 3)
+                    op->qk_norm_rope_store(b.be, b.qkv, ly->q_norm, ly->k_norm, b.cs, 1, NH, NKV, HD, 1e-6f, b.kv, l, &dm);
+                if (o == 4) op->attention(b.be, b.attn, b.qkv, NH, NKV, HD, b.kv, l, &dm);
+            }
+        }, reps, 20, false, xh);
     float *lg = (float *)malloc((size_t)V * 4);
     op->to_host(b.be, lg, b.logits, (size_t)V * 4);
     int finite = 1;
@@ -318,9 +363,21 @@ int main(int argc, char **argv) {
            mm_bytes / t_mm / 1e9, 100 * mm_bytes / t_mm / 1e9 / probe);
     printf("  %-40s %9.3f ms  %6.0f GB/s  %5.1f%% of probe\n", "lm_head alone (graph)", t_lm * 1e3, lm_w / t_lm / 1e9,
            100 * lm_w / t_lm / 1e9 / probe);
-    double gu_bytes = (double)linear_bytes(2 * I, H, q4) * L;
-    printf("  %-40s %9.3f ms  %6.0f GB/s  %5.1f%% of probe\n", "gate_up x layers alone (graph)", t_gu * 1e3,
-           gu_bytes / t_gu / 1e9, 100 * gu_bytes / t_gu / 1e9 / probe);
+    const char *mat_names[] = {"qkv", "o", "gate_up", "down"};
+    const size_t mat_bytes[] = {linear_bytes(NH * HD + 2 * NKV * HD, H, q4), linear_bytes(H, NH * HD, q4),
+                                linear_bytes(2 * I, H, q4), linear_bytes(H, I, q4)};
+    for (int w = 0; w < 4; w++) {
+        double by = (double)mat_bytes[w] * L;
+        char name[64];
+        snprintf(name, sizeof name, "%s x %d alone (graph)", mat_names[w], L);
+        printf("  %-40s %9.3f ms  %6.0f GB/s  %5.1f%% of probe  (%.1f us each)\n", name, t_mat[w] * 1e3,
+               by / t_mat[w] / 1e9, 100 * by / t_mat[w] / 1e9 / probe, t_mat[w] * 1e6 / L);
+    }
+    for (int o = 0; o < 5; o++) {
+        char name[64];
+        snprintf(name, sizeof name, "%s x %d alone (graph)", small_names[o], small_count[o]);
+        printf("  %-40s %9.3f ms  (%.2f us each)\n", name, t_small[o] * 1e3, t_small[o] * 1e6 / small_count[o]);
+    }
     printf("  %-40s %9.1f ms  %6.0f tokens/s\n", "prefill (eager, cuBLAS)", t_prefill * 1e3, T / t_prefill);
     printf("  logits finite: %s; CUDA error: %s\n", finite ? "yes" : "NO", e ? e : "none");
 

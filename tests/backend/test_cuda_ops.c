@@ -215,24 +215,27 @@ static void check_matmul(const char *what, Part *parts, int n_parts, const int *
         float *dy = upload(gpu, poison, ((size_t)M * N + 64) * sizeof *poison);
         gpu->ops->matmul(gpu, dy, dx, M, lg);
         float *yg = download(gpu, dy, (size_t)M * N + 64);
-        double worst = 0;
-        for (int m = 0; m < M; m++) {
-            int n = 0;
-            for (int p = 0; p < n_parts; p++)
-                for (int j = 0; j < (int)parts[p].src.n; j++, n++) {
+        /* Error bound per part. GEMV: float32 throughout (only summation order differs) for bf16
+         * weights; int4 at M <= 2 takes x in 16-bit fixed point per 32 columns (error <= max|x| of
+         * the chunk / 65024 per element); f16/f32 weights are rounded to bf16 on the GPU; cuBLAS
+         * (M > 8) rounds x and dequantized int4 weights to bf16 (2^-9 relative each). */
+        double worst = 0, worst_ratio = 0;
+        for (int p = 0, n0 = 0; p < n_parts; n0 += (int)parts[p].src.n, p++) {
+            double tol = M > 8 || !bf16_exact ? 1e-2 : parts[p].src.q4 && M <= 2 ? 5e-4 : 2e-5;
+            for (int m = 0; m < M; m++)
+                for (int j = 0; j < (int)parts[p].src.n; j++) {
                     double mag = 1e-30;
                     for (int kk = 0; kk < K; kk++) mag += fabs((double)x[(size_t)m * K + kk] * parts[p].wf[(size_t)j * K + kk]);
-                    double e = fabs((double)yg[(size_t)m * N + n] - yc[(size_t)m * N + n]) / mag;
+                    size_t at = (size_t)m * N + n0 + j;
+                    double e = fabs((double)yg[at] - yc[at]) / mag;
                     if (!(e <= worst)) worst = isnan(e) ? INFINITY : e;
+                    if (!(e / tol <= worst_ratio)) worst_ratio = isnan(e) ? INFINITY : e / tol;
                 }
         }
         int canaries = 0;
         for (int i = 0; i < 64; i++) canaries += yg[(size_t)M * N + i] == CANARY;
-        /* GEMV: float32 throughout (only summation order differs) when the weights are bf16 or
-         * int4; f16/f32 weights are rounded to bf16 on the GPU, and cuBLAS also rounds x and the
-         * dequantized int4 weights to bf16 (2^-9 relative each). */
-        double tol = M <= 8 && bf16_exact ? 2e-5 : 1e-2;
-        CHECK(worst <= tol, "%s M=%d: error %.3g > %.1g (relative to sum |x w|)", what, M, worst, tol);
+        CHECK(worst_ratio <= 1, "%s M=%d: error %.3g is %.2g x its bound (relative to sum |x w|)", what, M, worst,
+              worst_ratio);
         CHECK(canaries == 64, "%s M=%d: wrote past y (%d of 64 canaries intact)", what, M, canaries);
         printf("matmul %-28s M=%-3d N=%-5d K=%-5d err %.2e\n", what, M, N, K, worst);
         gpu->ops->free(gpu, dx);
@@ -385,10 +388,11 @@ static void test_elementwise(void) {
 typedef struct SeqState {
     int ctx;
     int32_t table[64];
+    float *k, *v; /* [position][nkv * hd] bf16-rounded K and V (attention test's own reference) */
 } SeqState;
 
 typedef struct HostMeta {
-    int32_t q_start[8], ctx_len[8], tables[8 * 64], positions[1024], slots[1024];
+    int32_t q_start[17], ctx_len[16], tables[16 * 64], positions[1024], slots[1024]; /* <= 16 sequences */
     AttnMeta cpu, gpu;
     int32_t *d_arr; /* device copy of the five arrays, in this order */
     bool owned;     /* d_arr allocated by build_meta (else the caller's buffer) */
@@ -469,28 +473,76 @@ static void rig_free(AttnRig *r) {
     gpu->ops->free(gpu, r->qn_g), gpu->ops->free(gpu, r->kn_g), gpu->ops->free(gpu, r->inv_g);
 }
 
-/* One step's rope table, q/k norm + rope + store and attention on both backends; compares. */
-static void attn_step(AttnRig *r, HostMeta *h, const char *what) {
+/* Attention of token t (query q, post norm + rope) over positions 0..p of seq q_s, from its
+ * bf16-rounded K/V mirror, in double: what the GPU must compute up to float rounding. */
+static void attn_reference(const SeqState *q_s, const float *qkv_row, int p, int nh, int nkv, int hd, float *out) {
+    int G = nh / nkv;
+    double *w = malloc((size_t)(p + 1) * sizeof *w);
+    for (int h = 0; h < nh; h++) {
+        const float *q = qkv_row + (size_t)h * hd;
+        double mx = -INFINITY, sum = 0;
+        for (int j = 0; j <= p; j++) {
+            const float *k = q_s->k + ((size_t)j * nkv + h / G) * hd;
+            double d = 0;
+            for (int i = 0; i < hd; i++) d += (double)q[i] * k[i];
+            w[j] = d / sqrt((double)hd);
+            if (w[j] > mx) mx = w[j];
+        }
+        for (int j = 0; j <= p; j++) sum += w[j] = exp(w[j] - mx);
+        for (int i = 0; i < hd; i++) {
+            double o = 0;
+            for (int j = 0; j <= p; j++) o += w[j] * q_s->v[((size_t)j * nkv + h / G) * hd + i];
+            out[(size_t)h * hd + i] = (float)(o / sum);
+        }
+    }
+    free(w);
+}
+
+/* One step's rope table, q/k norm + rope + store and attention on both backends. The GPU keeps
+ * K/V in bf16, so against the CPU (float32 cache) attention agrees to bf16 accuracy; against a
+ * double-precision reference over bf16-rounded K/V it must agree to float rounding. */
+static void attn_step(AttnRig *r, HostMeta *h, SeqState *seqs, const int *ids, const char *what) {
     int T = h->cpu.n_tokens, nh = r->nh, nkv = r->nkv, hd = r->hd, layer = 1;
-    size_t W = (size_t)(nh + 2 * nkv) * hd;
-    float *qkv = rand_f32((size_t)T * W), *cs = malloc((size_t)T * hd * 4), *out = malloc((size_t)T * nh * hd * 4);
+    size_t W = (size_t)(nh + 2 * nkv) * hd, O = (size_t)nh * hd;
+    float *qkv = rand_f32((size_t)T * W), *cs = malloc((size_t)T * hd * 4), *out = malloc((size_t)T * O * 4);
     float *dqkv = upload(gpu, qkv, (size_t)T * W * 4), *dcs = gpu->ops->alloc(gpu, (size_t)T * hd * 4);
-    float *dout = gpu->ops->alloc(gpu, (size_t)T * nh * hd * 4);
+    float *dout = gpu->ops->alloc(gpu, (size_t)T * O * 4);
     cpu->ops->rope_cos_sin(cpu, cs, h->cpu.positions, T, r->inv_c, hd / 2);
     cpu->ops->qk_norm_rope_store(cpu, qkv, r->qn_c, r->kn_c, cs, T, nh, nkv, hd, 1e-6f, r->kv_c, layer, &h->cpu);
     cpu->ops->attention(cpu, out, qkv, nh, nkv, hd, r->kv_c, layer, &h->cpu);
     gpu->ops->rope_cos_sin(gpu, dcs, h->gpu.positions, T, r->inv_g, hd / 2);
     gpu->ops->qk_norm_rope_store(gpu, dqkv, r->qn_g, r->kn_g, dcs, T, nh, nkv, hd, 1e-6f, r->kv_g, layer, &h->gpu);
     gpu->ops->attention(gpu, dout, dqkv, nh, nkv, hd, r->kv_g, layer, &h->gpu);
-    float *gq = download(gpu, dqkv, (size_t)T * W), *go = download(gpu, dout, (size_t)T * nh * hd);
-    double eq = max_rel(gq, qkv, (size_t)T * W), worst = 0;
-    for (int t = 0; t < T; t++)
-        worst = fmax(worst, rel_l2(go + (size_t)t * nh * hd, out + (size_t)t * nh * hd, (size_t)nh * hd));
+    float *gq = download(gpu, dqkv, (size_t)T * W), *go = download(gpu, dout, (size_t)T * O);
+    /* mirror this step's K/V (bf16-rounded, as the GPU stores them) */
+    for (int s = 0; s < h->cpu.n_seqs; s++) {
+        SeqState *q = &seqs[ids[s]];
+        for (int t = h->q_start[s]; t < h->q_start[s + 1]; t++) {
+            const float *kv = qkv + (size_t)t * W + O;
+            size_t off = (size_t)h->positions[t] * nkv * hd;
+            for (size_t i = 0; i < (size_t)nkv * hd; i++) {
+                q->k[off + i] = bf16_to_f32(f32_to_bf16_rne(kv[i]));
+                q->v[off + i] = bf16_to_f32(f32_to_bf16_rne(kv[(size_t)nkv * hd + i]));
+            }
+        }
+    }
+    double eq = max_rel(gq, qkv, (size_t)T * W), worst_cpu = 0, worst_ref = 0;
+    float *ref = malloc(O * 4);
+    for (int s = 0; s < h->cpu.n_seqs; s++)
+        for (int t = h->q_start[s]; t < h->q_start[s + 1]; t++) {
+            attn_reference(&seqs[ids[s]], qkv + (size_t)t * W, h->positions[t], nh, nkv, hd, ref);
+            worst_ref = fmax(worst_ref, rel_l2(go + (size_t)t * O, ref, O));
+            worst_cpu = fmax(worst_cpu, rel_l2(go + (size_t)t * O, out + (size_t)t * O, O));
+        }
+    double all_cpu = rel_l2(go, out, (size_t)T * O);
     CHECK(eq <= 1e-5, "%s: qk_norm_rope_store error %.3g", what, eq);
-    /* K and V are bf16 in the GPU cache (2^-9 relative each) */
-    CHECK(worst <= 1e-2, "%s: attention worst row relative L2 %.3g", what, worst);
-    printf("attention %-40s T=%-4d qkv err %.2e, out worst row rel L2 %.2e\n", what, T, eq, worst);
-    free(qkv), free(cs), free(out), free(gq), free(go);
+    CHECK(worst_ref <= 2e-4, "%s: attention vs bf16-KV reference: worst row relative L2 %.3g", what, worst_ref);
+    /* the README's bf16 agreement over the whole output; rows may be a little worse */
+    CHECK(all_cpu <= 2e-2 && worst_cpu <= 5e-2, "%s: attention vs CPU: relative L2 %.3g (worst row %.3g)", what,
+          all_cpu, worst_cpu);
+    printf("attention %-36s T=%-4d qkv %.1e, vs bf16 ref %.1e, vs cpu %.1e (row %.1e)\n", what, T, eq, worst_ref,
+           all_cpu, worst_cpu);
+    free(qkv), free(cs), free(out), free(gq), free(go), free(ref);
     gpu->ops->free(gpu, dqkv), gpu->ops->free(gpu, dcs), gpu->ops->free(gpu, dout);
     if (h->owned) gpu->ops->free(gpu, h->d_arr);
 }
@@ -506,6 +558,7 @@ static void shuffled_tables(SeqState *seqs, int n_seqs, int n_blocks) {
     int per = n_blocks / n_seqs;
     for (int s = 0; s < n_seqs; s++) {
         seqs[s].ctx = 0;
+        seqs[s].k = seqs[s].v = NULL;
         for (int j = 0; j < MAX_BLOCKS; j++) seqs[s].table[j] = j < per ? perm[s * per + j] : 0;
     }
 }
@@ -520,6 +573,10 @@ static void test_attention(int nh, int nkv, int hd) {
     }
     SeqState seqs[2];
     shuffled_tables(seqs, 2, n_blocks); /* 40 blocks = 640 tokens each */
+    for (int i = 0; i < 2; i++) {
+        seqs[i].k = malloc((size_t)640 * nkv * hd * sizeof(float));
+        seqs[i].v = malloc((size_t)640 * nkv * hd * sizeof(float));
+    }
     char what[96];
     HostMeta h;
     struct {
@@ -536,8 +593,9 @@ static void test_attention(int nh, int nkv, int hd) {
     for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
         build_meta(&h, seqs, steps[i].ids, steps[i].n, steps[i].S, NULL);
         snprintf(what, sizeof what, "nh=%d nkv=%d hd=%d %s", nh, nkv, hd, steps[i].name);
-        attn_step(&r, &h, what);
+        attn_step(&r, &h, seqs, steps[i].ids, what);
     }
+    for (int i = 0; i < 2; i++) free(seqs[i].k), free(seqs[i].v);
     rig_free(&r);
 }
 
@@ -608,18 +666,18 @@ static void test_graphs(int S) {
     if (!mc.qkv || !mc.o || !mg.qkv || !mg.o || !r.kv_c || !r.kv_g) return;
     SeqState seqs[16];
     shuffled_tables(seqs, S, n_blocks);
-    size_t W = (size_t)(nh + 2 * nkv) * hd;
-    float *cx = malloc((size_t)S * H * 4), *cxb = malloc((size_t)S * H * 4), *cqkv = malloc((size_t)S * W * 4);
-    float *ccs = malloc((size_t)S * hd * 4), *cattn = malloc((size_t)S * nh * hd * 4);
-    float *gx = gpu->ops->alloc(gpu, (size_t)S * H * 4), *gxb = gpu->ops->alloc(gpu, (size_t)S * H * 4);
-    float *gqkv = gpu->ops->alloc(gpu, (size_t)S * W * 4), *gcs = gpu->ops->alloc(gpu, (size_t)S * hd * 4);
-    float *gattn = gpu->ops->alloc(gpu, (size_t)S * nh * hd * 4);
+    size_t W = (size_t)(nh + 2 * nkv) * hd, R = (size_t)(3 * S + S * (S - 1) / 2); /* rows of the first step */
+    float *cx = malloc(R * H * 4), *cxb = malloc(R * H * 4), *cqkv = malloc(R * W * 4);
+    float *ccs = malloc(R * hd * 4), *cattn = malloc(R * nh * hd * 4);
+    float *gx = gpu->ops->alloc(gpu, R * H * 4), *gxb = gpu->ops->alloc(gpu, R * H * 4);
+    float *gqkv = gpu->ops->alloc(gpu, R * W * 4), *gcs = gpu->ops->alloc(gpu, R * hd * 4);
+    float *gattn = gpu->ops->alloc(gpu, R * nh * hd * 4);
     /* first a prefill of a few tokens per sequence (not captured), then decode steps: the first
      * captured, the others replayed with new metadata (uploaded to the same device addresses) */
     int ids[16], n[16];
     HostMeta h;
     /* one metadata buffer for every step, as the model has (the captured graph reads it) */
-    int32_t *meta_buf = gpu->ops->alloc(gpu, (size_t)(2 * S + 1 + S * MAX_BLOCKS + 2 * 32 * S) * 4);
+    int32_t *meta_buf = gpu->ops->alloc(gpu, ((size_t)(2 * S + 1 + S * MAX_BLOCKS) + 2 * R) * 4);
     for (int step = 0; step < 4; step++) {
         for (int s = 0; s < S; s++) ids[s] = s, n[s] = step == 0 ? 3 + s : 1;
         build_meta(&h, seqs, ids, n, S, meta_buf);

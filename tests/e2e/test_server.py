@@ -345,6 +345,21 @@ def test_completions_echo_logprobs_for_lm_eval(craft, hf_tok):
     assert results[1][0] == pytest.approx(LP_NEXT + LP_OTHER, abs=3e-3) and results[1][1] is False
 
 
+def test_completions_stream_echo_logprobs(craft, hf_tok):
+    body = {"model": "crafted", "prompt": "The answer is", "temperature": 0, "max_tokens": 8, "echo": True,
+            "logprobs": 2}
+    whole = requests.post(craft.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]
+    chunks = list(craft.client().completions.create(stream=True, **body))
+    assert "".join(ch.choices[0].text for ch in chunks) == whole["text"] == "The answer is forty-two."
+    merged = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for ch in chunks:
+        if ch.choices[0].logprobs:
+            for k in merged:
+                merged[k] += getattr(ch.choices[0].logprobs, k)
+    assert merged == whole["logprobs"]
+    assert merged["token_logprobs"][3] == pytest.approx(LP_NEXT, abs=1e-3)  # " forty" after " is"
+
+
 def test_completions_text_stop_and_length(craft):
     c = craft.client()
     r = c.completions.create(model="crafted", prompt="The answer is", temperature=0, max_tokens=16)
@@ -366,6 +381,11 @@ def test_completions_text_stop_and_length(craft):
     r = c.completions.create(model="crafted", prompt="The answer is", temperature=0, max_tokens=6,
                              extra_body={"ignore_eos": True, "min_tokens": 6})
     assert r.choices[0].text.startswith(" forty-two.") and r.usage.completion_tokens == 6
+    # stop strings count only after min_tokens (vLLM): "-two" is the 2nd token
+    for min_tokens, text in [(1, " forty"), (3, " forty-two.")]:
+        r = c.completions.create(model="crafted", prompt="The answer is", temperature=0, max_tokens=16, stop="-two",
+                                 extra_body={"min_tokens": min_tokens})
+        assert r.choices[0].text == text and r.choices[0].finish_reason == "stop"
     r = c.completions.create(model="crafted", prompt=["The answer is", "x"], temperature=0, max_tokens=3, echo=True)
     assert [ch.text for ch in sorted(r.choices, key=lambda x: x.index)] == ["The answer is forty-two.", "x!!!"]
 
@@ -516,6 +536,13 @@ def test_request_errors(craft):
     r = craft.client().chat.completions.create(model="crafted", messages=[{"role": "user", "content": "hi"}],
                                                temperature=0, max_tokens=64)
     assert r.choices[0].message.content == "Hello there"
+
+
+def test_port_in_use(quill_bin, crafted_model, craft):
+    port = craft.url.rsplit(":", 1)[1]
+    p = subprocess.run([str(quill_bin), "serve", str(crafted_model), "--port", port], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 1 and "already in use" in p.stderr
 
 
 def test_api_key(quill_bin, crafted_model):

@@ -124,6 +124,7 @@ def every_code_point_texts(dense_end=0x1FFFF, step=5, sparse_step=97):
     return [f"a{ch}b {ch}{ch} 1{ch}'{ch}s \t{ch}\n" for ch in map(chr, cps)]
 
 
+@pytest.mark.slow  # ~20 s, nearly all in tokenizers; the random mixtures cover the same paths
 def test_every_code_point(quill_bin, hf):
     """Every code point next to letters, digits, spaces, apostrophes and itself: regex classes
     (tokenizers' Oniguruma knows Unicode 16), NFC and the byte mapping must all agree."""

@@ -138,9 +138,9 @@ static inline Q4Groups q4_groups(int group) {
     return group == 64 ? (Q4Groups){0x11u, 2, 2, 1} : (Q4Groups){0x55u, 1, 4, 1};
 }
 
-/* Single-row tiles read one weight stream; hardware prefetchers ramp up too slowly on the
- * short rows (2-6 KiB) and leave about a fifth of the bandwidth unused, so the kernels ask for
- * the bytes PREFETCH_AHEAD further along as they go (distances of 2-6 KiB measured alike). */
+/* Hardware prefetchers ramp up too slowly on short weight rows (2-6 KiB) and left about a fifth
+ * of the bandwidth unused in decode, so tiles reading W from memory ask for the bytes
+ * PREFETCH_AHEAD further along each row as they go (distances of 2-6 KiB measured alike). */
 #define PREFETCH_AHEAD 4096
 MM_INLINE void prefetch_row(const void *p, const int bytes) {
 #pragma GCC unroll 4
@@ -193,7 +193,7 @@ static void panel_q4_scalar(const MmJob *job, int n0, int n1) {
  * AVX-512 */
 #ifdef MM_HAVE_AVX512
 
-/* 16 weights from row w at column k, widened to float32. */
+/* The 16 bf16 values at w, widened to float32. */
 MM_INLINE __m512 ld16_bf16(const uint16_t *w) {
     __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w));
     return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));

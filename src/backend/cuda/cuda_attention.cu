@@ -4,8 +4,9 @@
  * is tiny but its context can be long, so the context is split (flash-decoding): block
  * (split, kv head, sequence) covers an even share of the context, computed on the device from
  * ctx_len (the split count depends only on the number of sequences, so a captured graph stays
- * valid as the context grows). Its warps are the kv head's query heads, walking the same K/V rows
- * (L1 serves the repeats) in batches of 8 tokens with all loads of a batch issued together. Each
+ * valid as the context grows). Its 4 warps take the kv head's query heads, walking the same K/V
+ * rows (L1 serves the repeats) in batches of 16 tokens (8 at head_dim 256) whose block-table
+ * lookups run in parallel across lanes and whose loads are all issued together. Each
  * block writes an unnormalised partial (output, max, sum); the last block to arrive at a
  * (sequence, kv head) combines them (a counter per pair, reset by that block), which saves a
  * second launch per layer.
@@ -23,123 +24,157 @@
 
 namespace {
 
-constexpr int kTokBatch = 8;
-
-/* VPL consecutive bf16 at p, as floats. */
+/* VPL consecutive bf16 (raw words, loaded unconditionally so a batch's loads issue together). */
 template <int VPL>
-CU_DEV void load_bf16(const __nv_bfloat16 *p, float (&f)[VPL]) {
+struct Bf16Vec {
+    uint32_t w[VPL / 2];
+};
+
+/* volatile, so the compiler keeps a batch's loads where they are written (ahead of the math)
+ * instead of sinking each to its first use, which would serialise their latencies */
+template <int VPL>
+CU_DEV Bf16Vec<VPL> load_raw(const __nv_bfloat16 *p) {
+    Bf16Vec<VPL> r;
     if constexpr (VPL == 2) {
-        uint32_t w = *reinterpret_cast<const uint32_t *>(p);
-        f[0] = bf16_lo(w), f[1] = bf16_hi(w);
+        asm volatile("ld.global.u32 %0, [%1];" : "=r"(r.w[0]) : "l"(p));
     } else if constexpr (VPL == 4) {
-        uint2 w = *reinterpret_cast<const uint2 *>(p);
-        f[0] = bf16_lo(w.x), f[1] = bf16_hi(w.x), f[2] = bf16_lo(w.y), f[3] = bf16_hi(w.y);
+        asm volatile("ld.global.v2.u32 {%0, %1}, [%2];" : "=r"(r.w[0]), "=r"(r.w[1]) : "l"(p));
     } else {
-        uint4 w = *reinterpret_cast<const uint4 *>(p);
-        f[0] = bf16_lo(w.x), f[1] = bf16_hi(w.x), f[2] = bf16_lo(w.y), f[3] = bf16_hi(w.y);
-        f[4] = bf16_lo(w.z), f[5] = bf16_hi(w.z), f[6] = bf16_lo(w.w), f[7] = bf16_hi(w.w);
+        asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r.w[0]), "=r"(r.w[1]), "=r"(r.w[2]), "=r"(r.w[3])
+                     : "l"(p));
     }
+    return r;
 }
 
-/* Grid (splits, nkv, n_seqs), block = G warps; warp g is query head kvh * G + g; lane holds dims
+template <int VPL>
+CU_DEV float raw_at(const Bf16Vec<VPL> &r, int i) {
+    return i & 1 ? bf16_hi(r.w[i >> 1]) : bf16_lo(r.w[i >> 1]);
+}
+
+/* Tokens per batch of the decode loop: all K/V loads of a batch are issued together. */
+template <int HD>
+__host__ __device__ constexpr int decode_batch() {
+    return HD <= 128 ? 16 : 8;
+}
+
+/* Grid (splits, nkv, n_seqs), 4 warps; warp w handles query heads kvh * G + g for g = w, w + 4, ..
+ * (the K/V rows of the kv head are read once per head, from L1 after the first); lane holds dims
  * lane * VPL .. + VPL. */
 template <int HD>
-__global__ void attn_decode(float *out, const float *qkv, const __nv_bfloat16 *kc, const __nv_bfloat16 *vc,
-                            const int32_t *q_start, const int32_t *ctx_len, const int32_t *tables, int max_blocks,
-                            int bs, int nh, int nkv, int splits, float *part, int *counters, float scale) {
-    constexpr int VPL = HD / 32;
+__global__ void __launch_bounds__(128) attn_decode(float *out, const float *qkv, const __nv_bfloat16 *kc,
+                                                   const __nv_bfloat16 *vc, const int32_t *q_start,
+                                                   const int32_t *ctx_len, const int32_t *tables, int max_blocks,
+                                                   int bs, int nh, int nkv, int splits, float *part, int *counters,
+                                                   float scale) {
+    constexpr int VPL = HD / 32, TB = decode_batch<HD>();
     __shared__ int last;
     pdl_trigger();
     pdl_wait();
     const int split = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
-    const int G = nh / nkv, g = threadIdx.x >> 5, lane = threadIdx.x & 31, h = kvh * G + g;
+    const int G = nh / nkv, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int t = q_start[s], ctx = ctx_len[s];
     const int chunk = (ctx + splits - 1) / splits;
     const int p0 = split * chunk, p1 = min(ctx, p0 + chunk);
     const int32_t *table = tables + (size_t)s * max_blocks;
-
-    float q[VPL];
-    const float *qp = qkv + (size_t)t * (nh + 2 * nkv) * HD + (size_t)h * HD + lane * VPL;
-#pragma unroll
-    for (int i = 0; i < VPL; i++) q[i] = qp[i] * scale;
-
-    float m = -INFINITY, l = 0.0f, o[VPL];
-#pragma unroll
-    for (int i = 0; i < VPL; i++) o[i] = 0.0f;
-    for (int p = p0; p < p1; p += kTokBatch) {
-        float kf[kTokBatch][VPL], vf[kTokBatch][VPL], sc[kTokBatch];
-#pragma unroll
-        for (int j = 0; j < kTokBatch; j++) {
-            if (p + j < p1) {
-                const int pos = p + j;
-                const size_t off = (((size_t)table[pos / bs] * bs + pos % bs) * nkv + kvh) * HD + lane * VPL;
-                load_bf16<VPL>(kc + off, kf[j]);
-                load_bf16<VPL>(vc + off, vf[j]);
-            } else {
-#pragma unroll
-                for (int i = 0; i < VPL; i++) kf[j][i] = vf[j][i] = 0.0f;
-            }
-        }
-        float mt = m;
-#pragma unroll
-        for (int j = 0; j < kTokBatch; j++) {
-            float d = 0.0f;
-#pragma unroll
-            for (int i = 0; i < VPL; i++) d = fmaf(q[i], kf[j][i], d);
-            d = warp_sum(d);
-            sc[j] = p + j < p1 ? d : -INFINITY;
-            mt = fmaxf(mt, sc[j]);
-        }
-        const float corr = m == -INFINITY ? 0.0f : __expf(m - mt);
-        l *= corr;
-#pragma unroll
-        for (int i = 0; i < VPL; i++) o[i] *= corr;
-#pragma unroll
-        for (int j = 0; j < kTokBatch; j++) {
-            const float pj = sc[j] == -INFINITY ? 0.0f : __expf(sc[j] - mt);
-            l += pj;
-#pragma unroll
-            for (int i = 0; i < VPL; i++) o[i] = fmaf(pj, vf[j][i], o[i]);
-        }
-        m = mt;
-    }
-
-    float *dst = out + (size_t)t * nh * HD + (size_t)h * HD + lane * VPL;
-    if (splits == 1) {
-        const float inv = 1.0f / l;
-#pragma unroll
-        for (int i = 0; i < VPL; i++) dst[i] = o[i] * inv;
-        return;
-    }
     const size_t pair = (size_t)s * nkv + kvh;
-    float *mine = part + ((pair * splits + split) * G + g) * (HD + 2);
+
+    for (int g = warp; g < G; g += 4) {
+        const int h = kvh * G + g;
+        float q[VPL];
+        const float *qp = qkv + (size_t)t * (nh + 2 * nkv) * HD + (size_t)h * HD + lane * VPL;
 #pragma unroll
-    for (int i = 0; i < VPL; i++) mine[lane * VPL + i] = o[i];
-    if (lane == 0) mine[HD] = m, mine[HD + 1] = l;
-    __threadfence();
+        for (int i = 0; i < VPL; i++) q[i] = qp[i] * scale;
+        float m = -INFINITY, l = 0.0f, o[VPL];
+#pragma unroll
+        for (int i = 0; i < VPL; i++) o[i] = 0.0f;
+        for (int p = p0; p < p1; p += TB) {
+            /* lane j < TB finds token p + j's cache row (one table load each, in parallel) */
+            size_t row = 0;
+            if (lane < TB && p + lane < p1) {
+                const int pos = p + lane;
+                row = (((size_t)table[pos / bs] * bs + pos % bs) * nkv + kvh) * HD;
+            }
+            /* tokens past the split re-read token p (masked below): no load is conditional, so
+             * all of them issue together */
+            Bf16Vec<VPL> kr[TB], vr[TB];
+            float sc[TB];
+#pragma unroll
+            for (int j = 0; j < TB; j++) {
+                const size_t off = __shfl_sync(0xffffffffu, row, p + j < p1 ? j : 0) + lane * VPL;
+                kr[j] = load_raw<VPL>(kc + off);
+                vr[j] = load_raw<VPL>(vc + off);
+            }
+            float mt = m;
+#pragma unroll
+            for (int j = 0; j < TB; j++) {
+                float d = 0.0f;
+#pragma unroll
+                for (int i = 0; i < VPL; i++) d = fmaf(q[i], raw_at<VPL>(kr[j], i), d);
+                d = warp_sum(d);
+                sc[j] = p + j < p1 ? d : -INFINITY;
+                mt = fmaxf(mt, sc[j]);
+            }
+            const float corr = m == -INFINITY ? 0.0f : __expf(m - mt);
+            l *= corr;
+#pragma unroll
+            for (int i = 0; i < VPL; i++) o[i] *= corr;
+#pragma unroll
+            for (int j = 0; j < TB; j++) {
+                const float pj = sc[j] == -INFINITY ? 0.0f : __expf(sc[j] - mt);
+                l += pj;
+#pragma unroll
+                for (int i = 0; i < VPL; i++) o[i] = fmaf(pj, raw_at<VPL>(vr[j], i), o[i]);
+            }
+            m = mt;
+        }
+        if (splits == 1) {
+            float *dst = out + (size_t)t * nh * HD + (size_t)h * HD + lane * VPL;
+            const float inv = 1.0f / l;
+#pragma unroll
+            for (int i = 0; i < VPL; i++) dst[i] = o[i] * inv;
+        } else {
+            float *mine = part + ((pair * splits + split) * G + g) * (HD + 2);
+#pragma unroll
+            for (int i = 0; i < VPL; i++) mine[lane * VPL + i] = o[i];
+            if (lane == 0) mine[HD] = m, mine[HD + 1] = l;
+        }
+    }
+    if (splits == 1) return;
+    /* publish: the block's writes, then one fenced arrival; the last to arrive combines */
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&counters[pair], 1) == splits - 1;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(&counters[pair], 1) == splits - 1;
+        if (last) __threadfence();
+    }
     __syncthreads();
     if (!last) return;
-    __threadfence();
-    const float *base = part + (pair * splits * G + g) * (HD + 2);
-    const size_t stride = (size_t)G * (HD + 2);
-    float mx = -INFINITY;
-    for (int i = 0; i < splits; i++) mx = fmaxf(mx, __ldcg(base + i * stride + HD));
-    float lsum = 0.0f, acc[VPL];
-#pragma unroll
-    for (int i = 0; i < VPL; i++) acc[i] = 0.0f;
-    for (int sp = 0; sp < splits; sp++) {
-        const float *pp = base + sp * stride;
-        const float ms = __ldcg(pp + HD);
+    for (int g = warp; g < G; g += 4) {
+        /* lane i owns split i's max and sum (splits <= 32); the outputs are summed split by split
+         * with their loads unrolled, so many are in flight at once */
+        const float *base = part + (pair * splits * G + g) * (HD + 2);
+        const size_t stride = (size_t)G * (HD + 2);
+        const float ms = lane < splits ? __ldcg(base + lane * stride + HD) : -INFINITY;
+        const float ls = lane < splits ? __ldcg(base + lane * stride + HD + 1) : 0.0f;
+        const float mx = warp_max(ms);
         const float w = ms == -INFINITY ? 0.0f : __expf(ms - mx);
-        lsum = fmaf(w, __ldcg(pp + HD + 1), lsum);
+        const float lsum = warp_sum(w * ls);
+        float acc[VPL];
 #pragma unroll
-        for (int i = 0; i < VPL; i++) acc[i] = fmaf(w, __ldcg(pp + lane * VPL + i), acc[i]);
+        for (int i = 0; i < VPL; i++) acc[i] = 0.0f;
+#pragma unroll 8
+        for (int sp = 0; sp < splits; sp++) {
+            const float wsp = __shfl_sync(0xffffffffu, w, sp);
+            const float *pp = base + sp * stride + lane * VPL;
+#pragma unroll
+            for (int i = 0; i < VPL; i++) acc[i] = fmaf(wsp, __ldcg(pp + i), acc[i]);
+        }
+        float *dst = out + (size_t)t * nh * HD + (size_t)(kvh * G + g) * HD + lane * VPL;
+        const float inv = 1.0f / lsum;
+#pragma unroll
+        for (int i = 0; i < VPL; i++) dst[i] = acc[i] * inv;
     }
-    const float inv = 1.0f / lsum;
-#pragma unroll
-    for (int i = 0; i < VPL; i++) dst[i] = acc[i] * inv;
     if (threadIdx.x == 0) counters[pair] = 0;
 }
 
@@ -271,7 +306,6 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const float *qkv, int nh, 
     const int G = nh / nkv;
     const float scale = 1.0f / sqrtf((float)HD);
     if (mt->max_q == 1) {
-        if (G > 32) return cudaErrorInvalidValue;
         /* Splits: about two blocks per multiprocessor over all (sequence, kv head) pairs, at most
          * 32, and no more than the scratch holds. Depends on n_seqs only (graph-safe). */
         const long long pairs = (long long)mt->n_seqs * nkv;
@@ -280,7 +314,7 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const float *qkv, int nh, 
         while (splits > 1 && (size_t)(pairs * splits * G * (HD + 2)) > scr->part_floats) splits--;
         if (pairs > scr->n_counters) splits = 1;
         if (splits < 1) splits = 1;
-        return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(32 * G), 0, attn_decode<HD>, out, qkv, kc,
+        return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(128), 0, attn_decode<HD>, out, qkv, kc,
                          vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, nh, nkv, (int)splits,
                          scr->part, scr->counters, scale);
     }

@@ -240,6 +240,210 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16(const uint4 *__restrict__ 
     }
 }
 
+/* ---- int4 for M <= 2: integer dot products against x in 16-bit fixed point ---------------- *
+ *
+ * At batch 1 the float kernel above spends ~4 instructions per weight (unpack, convert, FMA) and
+ * so cannot keep HBM busy. Here each block first writes x, per 32-column chunk, as int8 pairs
+ * x ~ xs * (h + l / 256) (h = round(x / xs), l = round of the remainder * 256; xs = max|x| / 127;
+ * error <= max|x| / 65024 per element) into shared memory, in the nibble order of the codes. A
+ * row's chunk is then 16 dp4a (4 int8 products each) on the codes' two nibble planes, exact in
+ * int32, and one float step: s * xs * ((sum h q - 8 sum h) + (sum l q - 8 sum l) / 256) + z * sum x.
+ * About 1.1 instructions per weight. Each warp walks (row group, chunk) items in one flat loop
+ * with the next kStages items' weights always in flight, also across row groups. */
+
+constexpr int kQThreads = 256; /* one block per multiprocessor, leaving room for the next kernel's */
+constexpr int kQWarps = kQThreads / 32;
+constexpr int kQRows = 4;   /* rows sharing each x chunk */
+constexpr int kQStages = 3; /* items loaded ahead */
+constexpr int kQBatch = 4;  /* x loads issued together while quantizing */
+
+struct XChunk {
+    uint32_t hi[8], lo[8]; /* word 2w: columns 8w + 0, 2, 4, 6 (int8 each); word 2w + 1: 8w + 1, 3, 5, 7 */
+};
+struct XParam {
+    float xs;   /* scale of the chunk */
+    int sh8;    /* 8 * sum of h (the "- 8" of the codes, in integers) */
+    int sl8;    /* 8 * sum of l */
+    float xsum; /* sum of x (times the zero) */
+};
+
+/* All threads of the block: x [M][k] into xq / xp. Eight threads per chunk, four columns each;
+ * each thread's next kQBatch loads are issued before any is used. */
+template <int M>
+CU_DEV void quantize_x(const float *__restrict__ x, int k, int chunks, XChunk *xq, XParam *xp) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer in the low bits */
+    const int tasks = M * chunks * 8, rounds = (tasks + blockDim.x - 1) / blockDim.x;
+    for (int rd0 = 0; rd0 < rounds; rd0 += kQBatch) { /* every lane takes part in the shuffles */
+        float4 vb[kQBatch];
+#pragma unroll
+        for (int b = 0; b < kQBatch; b++) {
+            const int task = (rd0 + b) * blockDim.x + threadIdx.x;
+            const int m = task / (chunks * 8), rem = task - m * chunks * 8;
+            vb[b] = task < tasks ? *reinterpret_cast<const float4 *>(x + (size_t)m * k + (rem >> 3) * 32 + (rem & 7) * 4)
+                                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int b = 0; b < kQBatch; b++) {
+            const int task = (rd0 + b) * blockDim.x + threadIdx.x;
+            const bool valid = task < tasks;
+            const int m = task / (chunks * 8), rem = task - m * chunks * 8, c = rem >> 3, j = rem & 7;
+            const float4 v = vb[b];
+            float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            const float vals[4] = {v.x, v.y, v.z, v.w};
+            uint32_t tb[4], lb[4];
+            int sh = 0, sl = 0;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float t = fmaf(vals[i], inv, magic), h = t - magic;
+                const float lf = fminf(fmaxf(fmaf(vals[i], inv, -h) * 256.0f, -127.0f), 127.0f);
+                const float t2 = lf + magic;
+                tb[i] = __float_as_uint(t);
+                lb[i] = __float_as_uint(t2);
+                sh += (int)(tb[i] << 24) >> 24; /* the low byte is the integer, two's complement */
+                sl += (int)(lb[i] << 24) >> 24;
+            }
+            /* even columns (values 0, 2) and odd ones (1, 3) as byte pairs; partners j, j ^ 1 make words */
+            const uint32_t he = __byte_perm(tb[0], tb[2], 0x0040) & 0xffffu;
+            const uint32_t ho = __byte_perm(tb[1], tb[3], 0x0040) & 0xffffu;
+            const uint32_t le = __byte_perm(lb[0], lb[2], 0x0040) & 0xffffu;
+            const uint32_t lo = __byte_perm(lb[1], lb[3], 0x0040) & 0xffffu;
+            const bool odd = j & 1;
+            const uint32_t rh = __shfl_xor_sync(0xffffffffu, odd ? he : ho, 1);
+            const uint32_t rl = __shfl_xor_sync(0xffffffffu, odd ? le : lo, 1);
+            float xsum = (v.x + v.y) + (v.z + v.w);
+#pragma unroll
+            for (int o = 1; o < 8; o <<= 1) {
+                sh += __shfl_xor_sync(0xffffffffu, sh, o);
+                sl += __shfl_xor_sync(0xffffffffu, sl, o);
+                xsum += __shfl_xor_sync(0xffffffffu, xsum, o);
+            }
+            if (valid) {
+                XChunk *dst = xq + m * chunks + c;
+                const int w = 2 * (j >> 1) + (odd ? 1 : 0);
+                dst->hi[w] = odd ? rh | ho << 16 : he | rh << 16;
+                dst->lo[w] = odd ? rl | lo << 16 : le | rl << 16;
+                if (j == 0) xp[m * chunks + c] = XParam{amax * (1.0f / 127.0f), 8 * sh, 8 * sl, xsum};
+            }
+        }
+    }
+}
+
+struct QItems { /* a warp's share of the matrix, walked as items (row group, chunk column) */
+    const uint4 *codes;
+    const uint32_t *sz;
+    int begin, end, chunks, groups, gshift, iters, n_items;
+};
+
+/* Loads item `item` of this lane (nothing past the end or past the row's chunks). */
+CU_DEV void load_item(const QItems &w, int item, int lane, uint4 (&q)[kQRows], uint32_t (&s)[kQRows]) {
+    if (item >= w.n_items) return;
+    const int gi = item / w.iters, c = (item - gi * w.iters) * 32 + lane;
+    if (c >= w.chunks) return;
+#pragma unroll
+    for (int r = 0; r < kQRows; r++) {
+        const int row = min(w.begin + gi * kQRows + r, w.end - 1);
+        q[r] = ld_weights(w.codes + (size_t)row * w.chunks + c);
+        s[r] = ld_weights32(w.sz + (size_t)row * w.groups + (c >> w.gshift));
+    }
+}
+
+template <int M>
+__global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ codes, const uint32_t *__restrict__ sz,
+                                                      const float *x, float *y, int n, int k, int gshift, int ldy) {
+    constexpr int R = kQRows, D = kQStages;
+    extern __shared__ uint4 q4x_smem[];
+    pdl_trigger();
+    QItems w;
+    w.codes = codes, w.sz = sz, w.chunks = k >> 5, w.gshift = gshift, w.groups = k >> (5 + gshift);
+    {
+        long long warp = (long long)blockIdx.x * kQWarps + (threadIdx.x >> 5), nw = (long long)gridDim.x * kQWarps;
+        w.begin = (int)(warp * n / nw), w.end = (int)((warp + 1) * n / nw);
+    }
+    w.iters = (w.chunks + 31) >> 5;
+    w.n_items = (w.end - w.begin + R - 1) / R * w.iters;
+    const int lane = threadIdx.x & 31;
+    uint4 q[D][R];
+    uint32_t s[D][R];
+#pragma unroll
+    for (int d = 0; d < D; d++) load_item(w, d, lane, q[d], s[d]);
+
+    pdl_wait();
+    XChunk *xq = reinterpret_cast<XChunk *>(q4x_smem);
+    XParam *xp = reinterpret_cast<XParam *>(xq + M * w.chunks);
+    quantize_x<M>(x, k, w.chunks, xq, xp);
+    __syncthreads();
+
+    float acc[M][R];
+#pragma unroll
+    for (int m = 0; m < M; m++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
+    for (int base = 0; base < w.n_items; base += D) {
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            const int item = base + d;
+            if (item < w.n_items) { /* warp-uniform */
+                const int gi = item / w.iters, it = item - gi * w.iters, c = it * 32 + lane;
+                if (c < w.chunks) {
+                    uint4 xh[M][2], xl[M][2];
+                    XParam p[M];
+#pragma unroll
+                    for (int m = 0; m < M; m++) {
+                        const uint4 *src = reinterpret_cast<const uint4 *>(xq + m * w.chunks + c);
+                        xh[m][0] = src[0], xh[m][1] = src[1], xl[m][0] = src[2], xl[m][1] = src[3];
+                        p[m] = xp[m * w.chunks + c];
+                    }
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        int ih[M], il[M];
+#pragma unroll
+                        for (int m = 0; m < M; m++) ih[m] = il[m] = 0;
+#pragma unroll
+                        for (int wi = 0; wi < 4; wi++) {
+                            const uint32_t cw = word_of(q[d][r], wi);
+                            const int lo = (int)(cw & 0x0f0f0f0fu), hi = (int)((cw >> 4) & 0x0f0f0f0fu);
+#pragma unroll
+                            for (int m = 0; m < M; m++) {
+                                const uint4 &h = xh[m][wi >> 1], &l = xl[m][wi >> 1];
+                                const int he = (int)word_of(h, 2 * (wi & 1)), ho = (int)word_of(h, 2 * (wi & 1) + 1);
+                                const int le = (int)word_of(l, 2 * (wi & 1)), lo2 = (int)word_of(l, 2 * (wi & 1) + 1);
+                                ih[m] = __dp4a(he, lo, ih[m]);
+                                ih[m] = __dp4a(ho, hi, ih[m]);
+                                il[m] = __dp4a(le, lo, il[m]);
+                                il[m] = __dp4a(lo2, hi, il[m]);
+                            }
+                        }
+                        const float sc = bf16_lo(s[d][r]), ze = bf16_hi(s[d][r]);
+#pragma unroll
+                        for (int m = 0; m < M; m++) {
+                            const float dot =
+                                p[m].xs * fmaf((float)(il[m] - p[m].sl8), 1.0f / 256.0f, (float)(ih[m] - p[m].sh8));
+                            acc[m][r] = fmaf(sc, dot, fmaf(ze, p[m].xsum, acc[m][r]));
+                        }
+                    }
+                }
+                if (it == w.iters - 1) {
+                    reduce_store<M, R>(acc, y, ldy, w.begin + gi * R, min(R, w.end - w.begin - gi * R));
+#pragma unroll
+                    for (int m = 0; m < M; m++)
+#pragma unroll
+                        for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
+                }
+                load_item(w, item + D, lane, q[d], s[d]);
+            }
+        }
+    }
+}
+
+template <int M>
+size_t q4x_smem(int k) {
+    return (size_t)M * (k >> 5) * (sizeof(XChunk) + sizeof(XParam));
+}
+
 /* Grid of whole waves: enough blocks that every warp gets about R rows, capped at what fits on
  * the machine at once (so no second partial wave leaves most multiprocessors idle). The occupancy
  * query runs once per kernel (Kern is the kernel itself, so each has its own cached value). */
@@ -279,8 +483,30 @@ cudaError_t launch_bf16(cudaStream_t st, const CuMat *w, const float *x, float *
                      gemv_bf16<M, R, false>, wp, x, y + w->n0, w->n, w->k, w->k_pad, ldy);
 }
 
+/* The fixed-point kernel for M <= 2 (when x fits in shared memory): one block per multiprocessor,
+ * 8 warps with 3 items each in flight (48 KB per multiprocessor), which leaves registers and
+ * shared memory for the next kernel's blocks to start early (programmatic dependent launch) and
+ * have their first weights in flight when this one ends. */
+template <int M>
+cudaError_t launch_q4x(cudaStream_t st, const CuMat *w, const float *x, float *y, int ldy, int sms) {
+    int gshift = 0;
+    while ((32 << gshift) < w->group) gshift++;
+    const size_t smem = q4x_smem<M>(w->k);
+    static size_t smem_set = 0; /* one per instantiation: the largest opt-in so far */
+    if (smem > smem_set) {
+        cudaError_t rc = cudaFuncSetAttribute(gemv_q4x<M>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (rc != cudaSuccess) return rc;
+        smem_set = smem;
+    }
+    return cu_launch(st, dim3((unsigned)sms), dim3(kQThreads), smem, gemv_q4x<M>,
+                     static_cast<const uint4 *>(w->w), w->sz, x, y + w->n0, w->n, w->k, gshift, ldy);
+}
+
 template <int M>
 cudaError_t launch_m(cudaStream_t st, const CuMat *w, const float *x, float *y, int ldy, int sms) {
+    if constexpr (M <= 2) {
+        if (w->group && q4x_smem<M>(w->k) <= (size_t)200 << 10) return launch_q4x<M>(st, w, x, y, ldy, sms);
+    }
     return w->group ? launch_q4<M>(st, w, x, y, ldy, sms) : launch_bf16<M>(st, w, x, y, ldy, sms);
 }
 

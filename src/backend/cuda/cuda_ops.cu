@@ -83,7 +83,7 @@ __global__ void rope_kernel(float *cs, const int32_t *pos, int M, const float *i
     }
 }
 
-/* Block = one token; warp w handles heads w, w + nwarps, ...: q and k heads get RMSNorm over hd
+/* Grid (token, head block); warp w of head block b handles head 8 b + w: q and k heads get RMSNorm over hd
  * with their weight, then rotate-half RoPE (lane holds the pairs (i, i + half) for i = lane,
  * lane + 32, ...), written back in place; k and v heads are also stored (bf16) at the token's
  * cache slot. */
@@ -92,12 +92,13 @@ __global__ void qk_norm_rope_store_kernel(float *qkv, const float *q_norm, const
                                           const int32_t *slots) {
     pdl_trigger();
     pdl_wait();
-    const int m = blockIdx.x, lane = threadIdx.x & 31, nw = blockDim.x >> 5, half = hd / 2;
+    const int m = blockIdx.x, lane = threadIdx.x & 31, half = hd / 2;
     const int heads = nh + 2 * nkv;
     float *row = qkv + (size_t)m * heads * hd;
     const float *c = cs + (size_t)m * hd;
     const size_t slot = (size_t)slots[m];
-    for (int h = threadIdx.x >> 5; h < heads; h += nw) {
+    const int h = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (h < heads) {
         float *x = row + (size_t)h * hd;
         if (h < nh + nkv) {
             const float *w = h < nh ? q_norm : k_norm;
@@ -162,7 +163,7 @@ cudaError_t cu_qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_no
                                   const float *cs, int M, int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc,
                                   __nv_bfloat16 *vc, const int32_t *slots) {
     if (M <= 0) return cudaSuccess;
-    int heads = nh + 2 * nkv, warps = heads < 16 ? heads : 16;
-    return cu_launch(st, dim3(M), dim3(32 * warps), 0, qk_norm_rope_store_kernel, qkv, q_norm, k_norm, cs, nh, nkv,
+    int heads = nh + 2 * nkv, warps = heads < 8 ? heads : 8;
+    return cu_launch(st, dim3(M, (heads + warps - 1) / warps), dim3(32 * warps), 0, qk_norm_rope_store_kernel, qkv, q_norm, k_norm, cs, nh, nkv,
                      hd, eps, kc, vc, slots);
 }
