@@ -217,6 +217,7 @@ def main():
                                     "quill:kv_cache_blocks_used", "quill:num_http_requests_active")},
         "http_responses": {k: v for k, v in m.items() if k.startswith("quill:http_requests_total")},
         "server_exit_code": rc,
+        "samples": [{"t": t, "rss_mb": round(r, 1), "running": run, "waiting": wait} for t, r, run, wait in samples],
     }
     text = json.dumps(summary, indent=2)
     print(text)

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bench/bench_serve.h"
 #include "cli/cli_common.h"
 #include "cli/commands.h"
 
@@ -220,6 +221,7 @@ int cmd_bench(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     if (!strcmp(argv[1], "latency")) return bench_latency(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "serve")) return bench_serve_main(argc - 1, argv + 1);
     fprintf(stderr, "quill bench: unknown benchmark '%s' (latency, serve)\n", argv[1]);
     return 2;
 }
