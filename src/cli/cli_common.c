@@ -146,6 +146,20 @@ int parse_sampling_flag(int argc, char **argv, int *i, SamplingParams *p, QErr *
     return 1;
 }
 
+int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err) {
+    const char *f = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
+    if (!strcmp(f, "--device")) {
+        if (!v) return qerr_set(err, "--device needs a value (cpu or cuda)");
+        a->device = v;
+    } else if (!strcmp(f, "-t") || !strcmp(f, "--threads")) {
+        if (parse_int(f, v, 0, 4096, &a->threads, err)) return -1;
+    } else {
+        return 0;
+    }
+    (*i)++;
+    return 1;
+}
+
 uint64_t peak_rss_bytes(void) {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);

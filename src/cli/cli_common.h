@@ -45,6 +45,10 @@ int parse_float(const char *name, const char *s, double lo, double hi, float *ou
  * -1 with err on a bad value. */
 int parse_sampling_flag(int argc, char **argv, int *i, SamplingParams *p, QErr *err);
 
+/* If argv[*i] is --device or -t/--threads, consumes it and its value into a and returns 1;
+ * returns 0 if it is not one; -1 with err on a missing or bad value. */
+int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err);
+
 /* Peak resident memory of this process in bytes. */
 uint64_t peak_rss_bytes(void);
 /* Seconds on a monotonic clock. */

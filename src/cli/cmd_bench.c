@@ -62,6 +62,12 @@ static int bench_latency(int argc, char **argv) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int *target = NULL;
         long lo = 1, hi = 1 << 20;
+        int r = parse_runtime_flag(argc, argv, &i, &ra, &err);
+        if (r != 0) {
+            if (r > 0) continue;
+            fprintf(stderr, "quill bench latency: %s\n", err.msg);
+            return 2;
+        }
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
             return 0;
@@ -77,12 +83,6 @@ static int bench_latency(int argc, char **argv) {
         } else if (!strcmp(a, "--warmup")) {
             target = &warmup;
             lo = 0;
-        } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
-            target = &ra.threads;
-            lo = 0;
-        } else if (!strcmp(a, "--device") && v) {
-            ra.device = argv[++i];
-            continue;
         } else if (!strcmp(a, "--json")) {
             json_out = true;
             continue;

@@ -35,7 +35,11 @@ int cmd_chat(int argc, char **argv) {
         if (r < 0) goto bad;
         if (r > 0) {
             sampling_set = true;
-        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            continue;
+        }
+        if ((r = parse_runtime_flag(argc, argv, &i, &ra, &err)) < 0) goto bad;
+        if (r > 0) continue;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
             return 0;
         } else if ((!strcmp(a, "-s") || !strcmp(a, "--system")) && v) {
@@ -45,11 +49,6 @@ int cmd_chat(int argc, char **argv) {
         } else if (!strcmp(a, "-n") || !strcmp(a, "--max-tokens")) {
             if (parse_int(a, v, 1, 1 << 30, &g.max_tokens, &err)) goto bad;
             i++;
-        } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
-            if (parse_int(a, v, 0, 4096, &ra.threads, &err)) goto bad;
-            i++;
-        } else if (!strcmp(a, "--device") && v) {
-            ra.device = argv[++i];
         } else if (a[0] != '-' && !dir) {
             dir = a;
         } else {

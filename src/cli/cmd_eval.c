@@ -135,6 +135,9 @@ int cmd_eval(int argc, char **argv) {
     QErr err;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int r = parse_runtime_flag(argc, argv, &i, &ra, &err);
+        if (r < 0) goto bad;
+        if (r > 0) continue;
         if (!strcmp(a, "--file") && v) {
             file = argv[++i];
         } else if (!strcmp(a, "--ctx")) {
@@ -143,11 +146,6 @@ int cmd_eval(int argc, char **argv) {
         } else if (!strcmp(a, "--batch")) {
             if (parse_int(a, v, 1, 256, &batch, &err)) goto bad;
             i++;
-        } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
-            if (parse_int(a, v, 0, 4096, &ra.threads, &err)) goto bad;
-            i++;
-        } else if (!strcmp(a, "--device") && v) {
-            ra.device = argv[++i];
         } else if (!strcmp(a, "--json")) {
             json_out = true;
         } else if (a[0] != '-' && n_dirs < (compare ? MAX_MODELS : 1)) {

@@ -77,6 +77,8 @@ int cmd_run(int argc, char **argv) {
             sampling_set = true;
             continue;
         }
+        if ((r = parse_runtime_flag(argc, argv, &i, &ra, &err)) < 0) goto bad;
+        if (r > 0) continue;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
             return 0;
@@ -97,12 +99,6 @@ int cmd_run(int argc, char **argv) {
         } else if (!strcmp(a, "-n") || !strcmp(a, "--max-tokens")) {
             if (parse_int(a, v, 1, 1 << 30, &g.max_tokens, &err)) goto bad;
             i++;
-        } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
-            if (parse_int(a, v, 0, 4096, &ra.threads, &err)) goto bad;
-            i++;
-        } else if (!strcmp(a, "--device")) {
-            if (!v) goto missing;
-            ra.device = argv[++i];
         } else if (a[0] == '-' && a[1]) {
             fprintf(stderr, "quill run: unknown option '%s'\n", a);
             usage(stderr);

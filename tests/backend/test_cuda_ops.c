@@ -787,6 +787,7 @@ static void test_sample(int V) {
 }
 
 int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0); /* progress survives a timeout */
     if (!cuda_backend_available()) {
         printf("no CUDA device: skipped\n");
         return 77;

@@ -138,14 +138,18 @@ static inline Q4Groups q4_groups(int group) {
     return group == 64 ? (Q4Groups){0x11u, 2, 2, 1} : (Q4Groups){0x55u, 1, 4, 1};
 }
 
-/* Hardware prefetchers ramp up too slowly on short weight rows (2-6 KiB) and left about a fifth
- * of the bandwidth unused in decode, so tiles reading W from memory ask for the bytes
- * PREFETCH_AHEAD further along each row as they go (distances of 2-6 KiB measured alike). */
+/* Hardware prefetchers ramp up too slowly on short weight rows (2-6 KiB) and left a third of
+ * the bandwidth unused in decode, so tiles reading W from memory ask for the bytes
+ * PREFETCH_AHEAD further along each row as they go (2-16 KiB measured alike). Dense rows are
+ * consumed fast and are prefetched into L2 (prefetcht1): into L1 the requests queue on the few
+ * L1 miss buffers (Zen 4: 65% of the read bandwidth, 95-100% into L2). Int4 rows are consumed 4x
+ * slower per byte by a kernel close to its arithmetic limit; into L1 is better there (70% vs 55%). */
 #define PREFETCH_AHEAD 4096
-MM_INLINE void prefetch_row(const void *p, const int bytes) {
+MM_INLINE void prefetch_dense(const void *p, const int bytes) {
 #pragma GCC unroll 4
-    for (int o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + PREFETCH_AHEAD + o, 0, 3);
+    for (int o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + PREFETCH_AHEAD + o, 0, 2);
 }
+MM_INLINE void prefetch_q4(const uint8_t *p) { __builtin_prefetch(p + PREFETCH_AHEAD, 0, 3); }
 
 /* Scalar tail of a bf16/f32 dot product: columns [k0, K). */
 MM_INLINE float dot_tail(const float *x, const void *w, int wide, int k0, int K) {
@@ -217,7 +221,7 @@ MM_INLINE void tile_dense_512(const MmJob *job, int m0, int n0, int wide, const 
         if (m0 == 0) /* later row blocks of x find the weights in L2 */
 #pragma GCC unroll 4
             for (int r = 0; r < NR; r++)
-                prefetch_row(wide ? (const void *)(wf + (size_t)r * K + k) : (const void *)(wb + (size_t)r * K + k),
+                prefetch_dense(wide ? (const void *)(wf + (size_t)r * K + k) : (const void *)(wb + (size_t)r * K + k),
                              16 * U * (wide ? 4 : 2));
 #pragma GCC unroll 4
         for (int u = 0; u < U; u++) {
@@ -290,7 +294,7 @@ MM_INLINE void tile_q4_512(const MmJob *job, int m0, int n0, const int MR, const
             v[r] = _mm512_loadu_si512(q->codes + (size_t)(n0 + r) * (K / 2) + (size_t)b * 64);
         if (m0 == 0)
 #pragma GCC unroll 4
-            for (int r = 0; r < NR; r++) prefetch_row(q->codes + (size_t)(n0 + r) * (K / 2) + (size_t)b * 64, 64);
+            for (int r = 0; r < NR; r++) prefetch_q4(q->codes + (size_t)(n0 + r) * (K / 2) + (size_t)b * 64);
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
             if (qg.starts >> j & 1) {
@@ -367,7 +371,7 @@ MM_INLINE void tile_dense_avx2(const MmJob *job, int m0, int n0, int wide, const
         if (m0 == 0)
 #pragma GCC unroll 4
             for (int r = 0; r < NR; r++)
-                prefetch_row(wide ? (const void *)(wf + (size_t)r * K + k) : (const void *)(wb + (size_t)r * K + k),
+                prefetch_dense(wide ? (const void *)(wf + (size_t)r * K + k) : (const void *)(wb + (size_t)r * K + k),
                              8 * U * (wide ? 4 : 2));
 #pragma GCC unroll 4
         for (int u = 0; u < U; u++) {
@@ -435,7 +439,7 @@ MM_INLINE void tile_q4_avx2(const MmJob *job, int m0, int n0, const int MR, cons
     int gbase = 0, bcount = 0;
     __m256 sc = _mm256_setzero_ps(), zb = _mm256_setzero_ps();
     for (int b = 0; b < K / Q4_BLOCK; b++) {
-        if (m0 == 0) prefetch_row(codes + (size_t)b * 64, 64);
+        if (m0 == 0) prefetch_q4(codes + (size_t)b * 64);
         __m256i v[2] = {_mm256_loadu_si256((const __m256i *)(codes + (size_t)b * 64)),
                         _mm256_loadu_si256((const __m256i *)(codes + (size_t)b * 64 + 32))};
 #pragma GCC unroll 8
@@ -498,7 +502,7 @@ MM_INLINE void tile_dense_neon(const MmJob *job, int m0, int n0, int wide, const
         if (m0 == 0)
 #pragma GCC unroll 4
             for (int r = 0; r < NR; r++)
-                prefetch_row(wide ? (const void *)(wf + (size_t)r * K + k) : (const void *)(wb + (size_t)r * K + k),
+                prefetch_dense(wide ? (const void *)(wf + (size_t)r * K + k) : (const void *)(wb + (size_t)r * K + k),
                              4 * U * (wide ? 4 : 2));
 #pragma GCC unroll 4
         for (int u = 0; u < U; u++) {
@@ -574,7 +578,7 @@ MM_INLINE void tile_q4_neon(const MmJob *job, int m0, int n0, const int MR, cons
         }
         if (m0 == 0)
 #pragma GCC unroll 4
-            for (int r = 0; r < NR; r++) prefetch_row(q->codes + (size_t)(n0 + r) * (K / 2) + (size_t)b * 64, 64);
+            for (int r = 0; r < NR; r++) prefetch_q4(q->codes + (size_t)(n0 + r) * (K / 2) + (size_t)b * 64);
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
             if (qg.starts >> j & 1) {

@@ -65,8 +65,8 @@ template <int HD>
 __global__ void __launch_bounds__(128) attn_decode(float *out, const float *qkv, const __nv_bfloat16 *kc,
                                                    const __nv_bfloat16 *vc, const int32_t *q_start,
                                                    const int32_t *ctx_len, const int32_t *tables, int max_blocks,
-                                                   int bs, int nh, int nkv, int splits, float *part, int *counters,
-                                                   float scale) {
+                                                   int bs, int bs_shift, int nh, int nkv, int splits, float *part,
+                                                   int *counters, float scale) {
     constexpr int VPL = HD / 32, TB = decode_batch<HD>();
     __shared__ int last;
     pdl_trigger();
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, const float *qkv,
             size_t row = 0;
             if (lane < TB && p + lane < p1) {
                 const int pos = p + lane;
-                row = (((size_t)table[pos / bs] * bs + pos % bs) * nkv + kvh) * HD;
+                row = (((size_t)table[pos >> bs_shift] * bs + (pos & (bs - 1))) * nkv + kvh) * HD;
             }
             /* tokens past the split re-read token p (masked below): no load is conditional, so
              * all of them issue together */
@@ -197,7 +197,7 @@ template <int HD>
 __global__ void __launch_bounds__(128) attn_prefill(float *out, const float *qkv, const __nv_bfloat16 *kc,
                                                     const __nv_bfloat16 *vc, const int32_t *q_start,
                                                     const int32_t *ctx_len, const int32_t *tables, int max_blocks,
-                                                    int bs, int nh, int nkv, float scale) {
+                                                    int bs, int bs_shift, int nh, int nkv, float scale) {
     constexpr int ROWS = prefill_rows<HD>(), RT = 4 * ROWS, VPL = HD / 32, KS = HD + 1;
     extern __shared__ float sm[];
     float *qs = sm;             /* [RT][HD] */
@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(128) attn_prefill(float *out, const float *qkv
             const int j = e / (HD / 2), d = 2 * (e % (HD / 2)), p = p0 + j;
             float2 kv = make_float2(0.0f, 0.0f), vv = kv;
             if (p <= pos_last) {
-                const size_t off = (((size_t)table[p / bs] * bs + p % bs) * nkv + kvh) * HD + d;
+                const size_t off = (((size_t)table[p >> bs_shift] * bs + (p & (bs - 1))) * nkv + kvh) * HD + d;
                 kv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(kc + off));
                 vv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(vc + off));
             }
@@ -305,6 +305,8 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const float *qkv, int nh, 
                          const __nv_bfloat16 *vc, int bs, const AttnMeta *mt, const CuAttnScratch *scr, int sms) {
     const int G = nh / nkv;
     const float scale = 1.0f / sqrtf((float)HD);
+    int bs_shift = 0; /* block sizes are powers of two (checked at kv_alloc) */
+    while ((1 << bs_shift) < bs) bs_shift++;
     if (mt->max_q == 1) {
         /* Splits: about two blocks per multiprocessor over all (sequence, kv head) pairs, at most
          * 32, and no more than the scratch holds. Depends on n_seqs only (graph-safe). */
@@ -315,7 +317,7 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const float *qkv, int nh, 
         if (pairs > scr->n_counters) splits = 1;
         if (splits < 1) splits = 1;
         return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(128), 0, attn_decode<HD>, out, qkv, kc,
-                         vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, nh, nkv, (int)splits,
+                         vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh, nkv, (int)splits,
                          scr->part, scr->counters, scale);
     }
     constexpr int RT = 4 * prefill_rows<HD>();
@@ -329,7 +331,7 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const float *qkv, int nh, 
     }
     const int qt = RT / G;
     return cu_launch(st, dim3((mt->max_q + qt - 1) / qt, nkv, mt->n_seqs), dim3(128), smem, attn_prefill<HD>, out, qkv,
-                     kc, vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, nh, nkv, scale);
+                     kc, vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh, nkv, scale);
 }
 
 } // namespace

@@ -489,6 +489,10 @@ void *cu_kv_alloc(Backend *be, const KVShape *s, QErr *err) {
         set_err(err, "head_dim %d: the CUDA attention kernels support 64, 128 and 256", s->head_dim);
         return NULL;
     }
+    if (s->block_size < 1 || (s->block_size & (s->block_size - 1))) {
+        set_err(err, "KV block size %d: the CUDA backend needs a power of two", s->block_size);
+        return NULL;
+    }
     CudaKV *kv = static_cast<CudaKV *>(calloc(1, sizeof *kv));
     if (!kv) {
         set_err(err, "out of memory");

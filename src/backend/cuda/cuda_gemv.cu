@@ -248,14 +248,25 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16(const uint4 *__restrict__ 
  * error <= max|x| / 65024 per element) into shared memory, in the nibble order of the codes. A
  * row's chunk is then 16 dp4a (4 int8 products each) on the codes' two nibble planes, exact in
  * int32, and one float step: s * xs * ((sum h q - 8 sum h) + (sum l q - 8 sum l) / 256) + z * sum x.
- * About 1.1 instructions per weight. Each warp walks (row group, chunk) items in one flat loop
- * with the next kStages items' weights always in flight, also across row groups. */
+ * About 1.1 instructions per weight.
+ *
+ * Weights stream through a per-warp ring in shared memory filled by cp.async (q4x_stages() items
+ * of 4 rows x 512 bytes ahead, 128 KB per multiprocessor in flight, which is what saturates HBM),
+ * walked as one flat sequence of (row group, chunk column) items so the stream never drains
+ * between row groups. The first items are requested before pdl_wait(): a block that
+ * starts while the previous kernels run has its weights arriving by the time x is ready. One
+ * block per multiprocessor; its registers leave room for the small kernels between matmuls. */
 
-constexpr int kQThreads = 256; /* one block per multiprocessor, leaving room for the next kernel's */
+constexpr int kQThreads = 256;
 constexpr int kQWarps = kQThreads / 32;
 constexpr int kQRows = 4;   /* rows sharing each x chunk */
-constexpr int kQStages = 3; /* items loaded ahead */
 constexpr int kQBatch = 4;  /* x loads issued together while quantizing */
+constexpr int kQSlot = kQRows * 32 * (16 + 4); /* one item of a warp: codes, then scale words */
+
+template <int M>
+__host__ __device__ constexpr int q4x_stages() {
+    return M == 1 ? 8 : 6;
+}
 
 struct XChunk {
     uint32_t hi[8], lo[8]; /* word 2w: columns 8w + 0, 2, 4, 6 (int8 each); word 2w + 1: 8w + 1, 3, 5, 7 */
@@ -266,6 +277,23 @@ struct XParam {
     int sl8;    /* 8 * sum of l */
     float xsum; /* sum of x (times the zero) */
 };
+
+CU_DEV void cp_async16(void *smem, const void *gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)), "l"(gmem)
+                 : "memory");
+}
+
+CU_DEV void cp_async4(void *smem, const void *gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)), "l"(gmem)
+                 : "memory");
+}
+
+CU_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+CU_DEV void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
 
 /* All threads of the block: x [M][k] into xq / xp. Eight threads per chunk, four columns each;
  * each thread's next kQBatch loads are issued before any is used. */
@@ -338,23 +366,27 @@ struct QItems { /* a warp's share of the matrix, walked as items (row group, chu
     int begin, end, chunks, groups, gshift, iters, n_items;
 };
 
-/* Loads item `item` of this lane (nothing past the end or past the row's chunks). */
-CU_DEV void load_item(const QItems &w, int item, int lane, uint4 (&q)[kQRows], uint32_t (&s)[kQRows]) {
-    if (item >= w.n_items) return;
-    const int gi = item / w.iters, c = (item - gi * w.iters) * 32 + lane;
-    if (c >= w.chunks) return;
+/* Requests item `item` of this lane into `slot` (nothing past the end or past the row's chunks)
+ * and closes its cp.async group (empty or not, so groups and items stay in step). */
+CU_DEV void issue_item(const QItems &w, int item, int lane, char *slot) {
+    if (item < w.n_items) {
+        const int gi = item / w.iters, c = (item - gi * w.iters) * 32 + lane;
+        if (c < w.chunks) {
 #pragma unroll
-    for (int r = 0; r < kQRows; r++) {
-        const int row = min(w.begin + gi * kQRows + r, w.end - 1);
-        q[r] = ld_weights(w.codes + (size_t)row * w.chunks + c);
-        s[r] = ld_weights32(w.sz + (size_t)row * w.groups + (c >> w.gshift));
+            for (int r = 0; r < kQRows; r++) {
+                const int row = min(w.begin + gi * kQRows + r, w.end - 1);
+                cp_async16(slot + (r * 32 + lane) * 16, w.codes + (size_t)row * w.chunks + c);
+                cp_async4(slot + kQRows * 512 + (r * 32 + lane) * 4, w.sz + (size_t)row * w.groups + (c >> w.gshift));
+            }
+        }
     }
+    cp_async_commit();
 }
 
 template <int M>
 __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ codes, const uint32_t *__restrict__ sz,
                                                       const float *x, float *y, int n, int k, int gshift, int ldy) {
-    constexpr int R = kQRows, D = kQStages;
+    constexpr int R = kQRows, S = q4x_stages<M>();
     extern __shared__ uint4 q4x_smem[];
     pdl_trigger();
     QItems w;
@@ -366,14 +398,13 @@ __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ 
     w.iters = (w.chunks + 31) >> 5;
     w.n_items = (w.end - w.begin + R - 1) / R * w.iters;
     const int lane = threadIdx.x & 31;
-    uint4 q[D][R];
-    uint32_t s[D][R];
-#pragma unroll
-    for (int d = 0; d < D; d++) load_item(w, d, lane, q[d], s[d]);
-
-    pdl_wait();
     XChunk *xq = reinterpret_cast<XChunk *>(q4x_smem);
     XParam *xp = reinterpret_cast<XParam *>(xq + M * w.chunks);
+    char *ring = reinterpret_cast<char *>(xp + M * w.chunks) + (size_t)(threadIdx.x >> 5) * S * kQSlot;
+#pragma unroll
+    for (int i = 0; i < S; i++) issue_item(w, i, lane, ring + i * kQSlot);
+
+    pdl_wait();
     quantize_x<M>(x, k, w.chunks, xq, xp);
     __syncthreads();
 
@@ -382,66 +413,70 @@ __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ 
     for (int m = 0; m < M; m++)
 #pragma unroll
         for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
-    for (int base = 0; base < w.n_items; base += D) {
+    for (int item = 0; item < w.n_items; item++) { /* warp-uniform */
+        cp_async_wait<S - 1>(); /* this item's group has landed */
+        char *slot = ring + (item % S) * kQSlot;
+        const int gi = item / w.iters, it = item - gi * w.iters, c = it * 32 + lane;
+        if (c < w.chunks) {
+            uint4 q[R];
+            uint32_t s[R];
 #pragma unroll
-        for (int d = 0; d < D; d++) {
-            const int item = base + d;
-            if (item < w.n_items) { /* warp-uniform */
-                const int gi = item / w.iters, it = item - gi * w.iters, c = it * 32 + lane;
-                if (c < w.chunks) {
-                    uint4 xh[M][2], xl[M][2];
-                    XParam p[M];
+            for (int r = 0; r < R; r++) {
+                q[r] = *reinterpret_cast<const uint4 *>(slot + (r * 32 + lane) * 16);
+                s[r] = *reinterpret_cast<const uint32_t *>(slot + kQRows * 512 + (r * 32 + lane) * 4);
+            }
+            uint4 xh[M][2], xl[M][2];
+            XParam p[M];
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                const uint4 *src = reinterpret_cast<const uint4 *>(xq + m * w.chunks + c);
+                xh[m][0] = src[0], xh[m][1] = src[1], xl[m][0] = src[2], xl[m][1] = src[3];
+                p[m] = xp[m * w.chunks + c];
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                int ih[M], il[M];
+#pragma unroll
+                for (int m = 0; m < M; m++) ih[m] = il[m] = 0;
+#pragma unroll
+                for (int wi = 0; wi < 4; wi++) {
+                    const uint32_t cw = word_of(q[r], wi);
+                    const int lo = (int)(cw & 0x0f0f0f0fu), hi = (int)((cw >> 4) & 0x0f0f0f0fu);
 #pragma unroll
                     for (int m = 0; m < M; m++) {
-                        const uint4 *src = reinterpret_cast<const uint4 *>(xq + m * w.chunks + c);
-                        xh[m][0] = src[0], xh[m][1] = src[1], xl[m][0] = src[2], xl[m][1] = src[3];
-                        p[m] = xp[m * w.chunks + c];
-                    }
-#pragma unroll
-                    for (int r = 0; r < R; r++) {
-                        int ih[M], il[M];
-#pragma unroll
-                        for (int m = 0; m < M; m++) ih[m] = il[m] = 0;
-#pragma unroll
-                        for (int wi = 0; wi < 4; wi++) {
-                            const uint32_t cw = word_of(q[d][r], wi);
-                            const int lo = (int)(cw & 0x0f0f0f0fu), hi = (int)((cw >> 4) & 0x0f0f0f0fu);
-#pragma unroll
-                            for (int m = 0; m < M; m++) {
-                                const uint4 &h = xh[m][wi >> 1], &l = xl[m][wi >> 1];
-                                const int he = (int)word_of(h, 2 * (wi & 1)), ho = (int)word_of(h, 2 * (wi & 1) + 1);
-                                const int le = (int)word_of(l, 2 * (wi & 1)), lo2 = (int)word_of(l, 2 * (wi & 1) + 1);
-                                ih[m] = __dp4a(he, lo, ih[m]);
-                                ih[m] = __dp4a(ho, hi, ih[m]);
-                                il[m] = __dp4a(le, lo, il[m]);
-                                il[m] = __dp4a(lo2, hi, il[m]);
-                            }
-                        }
-                        const float sc = bf16_lo(s[d][r]), ze = bf16_hi(s[d][r]);
-#pragma unroll
-                        for (int m = 0; m < M; m++) {
-                            const float dot =
-                                p[m].xs * fmaf((float)(il[m] - p[m].sl8), 1.0f / 256.0f, (float)(ih[m] - p[m].sh8));
-                            acc[m][r] = fmaf(sc, dot, fmaf(ze, p[m].xsum, acc[m][r]));
-                        }
+                        const uint4 &h = xh[m][wi >> 1], &l = xl[m][wi >> 1];
+                        const int he = (int)word_of(h, 2 * (wi & 1)), ho = (int)word_of(h, 2 * (wi & 1) + 1);
+                        const int le = (int)word_of(l, 2 * (wi & 1)), lo2 = (int)word_of(l, 2 * (wi & 1) + 1);
+                        ih[m] = __dp4a(he, lo, ih[m]);
+                        ih[m] = __dp4a(ho, hi, ih[m]);
+                        il[m] = __dp4a(le, lo, il[m]);
+                        il[m] = __dp4a(lo2, hi, il[m]);
                     }
                 }
-                if (it == w.iters - 1) {
-                    reduce_store<M, R>(acc, y, ldy, w.begin + gi * R, min(R, w.end - w.begin - gi * R));
+                const float sc = bf16_lo(s[r]), ze = bf16_hi(s[r]);
 #pragma unroll
-                    for (int m = 0; m < M; m++)
-#pragma unroll
-                        for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
+                for (int m = 0; m < M; m++) {
+                    const float dot =
+                        p[m].xs * fmaf((float)(il[m] - p[m].sl8), 1.0f / 256.0f, (float)(ih[m] - p[m].sh8));
+                    acc[m][r] = fmaf(sc, dot, fmaf(ze, p[m].xsum, acc[m][r]));
                 }
-                load_item(w, item + D, lane, q[d], s[d]);
             }
         }
+        if (it == w.iters - 1) {
+            reduce_store<M, R>(acc, y, ldy, w.begin + gi * R, min(R, w.end - w.begin - gi * R));
+#pragma unroll
+            for (int m = 0; m < M; m++)
+#pragma unroll
+                for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
+        }
+        issue_item(w, item + S, lane, slot); /* the slot's data is in registers by now */
     }
+    cp_async_wait<0>();
 }
 
 template <int M>
 size_t q4x_smem(int k) {
-    return (size_t)M * (k >> 5) * (sizeof(XChunk) + sizeof(XParam));
+    return (size_t)M * (k >> 5) * (sizeof(XChunk) + sizeof(XParam)) + (size_t)kQWarps * q4x_stages<M>() * kQSlot;
 }
 
 /* Grid of whole waves: enough blocks that every warp gets about R rows, capped at what fits on
@@ -483,10 +518,8 @@ cudaError_t launch_bf16(cudaStream_t st, const CuMat *w, const float *x, float *
                      gemv_bf16<M, R, false>, wp, x, y + w->n0, w->n, w->k, w->k_pad, ldy);
 }
 
-/* The fixed-point kernel for M <= 2 (when x fits in shared memory): one block per multiprocessor,
- * 8 warps with 3 items each in flight (48 KB per multiprocessor), which leaves registers and
- * shared memory for the next kernel's blocks to start early (programmatic dependent launch) and
- * have their first weights in flight when this one ends. */
+/* The fixed-point kernel for M <= 2 (when x and the ring fit in shared memory): one block per
+ * multiprocessor. */
 template <int M>
 cudaError_t launch_q4x(cudaStream_t st, const CuMat *w, const float *x, float *y, int ldy, int sms) {
     int gshift = 0;
@@ -505,7 +538,7 @@ cudaError_t launch_q4x(cudaStream_t st, const CuMat *w, const float *x, float *y
 template <int M>
 cudaError_t launch_m(cudaStream_t st, const CuMat *w, const float *x, float *y, int ldy, int sms) {
     if constexpr (M <= 2) {
-        if (w->group && q4x_smem<M>(w->k) <= (size_t)200 << 10) return launch_q4x<M>(st, w, x, y, ldy, sms);
+        if (w->group && q4x_smem<M>(w->k) <= (size_t)220 << 10) return launch_q4x<M>(st, w, x, y, ldy, sms);
     }
     return w->group ? launch_q4<M>(st, w, x, y, ldy, sms) : launch_bf16<M>(st, w, x, y, ldy, sms);
 }
