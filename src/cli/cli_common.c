@@ -161,9 +161,24 @@ int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err)
 }
 
 uint64_t peak_rss_bytes(void) {
+    /* VmHWM honours peak_rss_reset(); getrusage is the fallback where /proc is missing. */
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    unsigned long long kb = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %llu kB", &kb) == 1) break;
+    if (f) fclose(f);
+    if (kb) return kb * 1024;
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     return (uint64_t)ru.ru_maxrss * 1024;
+}
+
+void peak_rss_reset(void) {
+    FILE *f = fopen("/proc/self/clear_refs", "w");
+    if (!f) return;
+    fputs("5", f);
+    fclose(f);
 }
 
 double now_seconds(void) {

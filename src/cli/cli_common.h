@@ -49,8 +49,10 @@ int parse_sampling_flag(int argc, char **argv, int *i, SamplingParams *p, QErr *
  * returns 0 if it is not one; -1 with err on a missing or bad value. */
 int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err);
 
-/* Peak resident memory of this process in bytes. */
+/* Peak resident memory of this process in bytes (since the last peak_rss_reset). */
 uint64_t peak_rss_bytes(void);
+/* Restarts the peak at the current resident size (Linux), e.g. after a benchmark's own probe. */
+void peak_rss_reset(void);
 /* Seconds on a monotonic clock. */
 double now_seconds(void);
 

@@ -129,6 +129,7 @@ static int bench_latency(int argc, char **argv) {
     const Model *m = rt.model;
     Backend *be = rt.be;
     double probe = be->ops->probe_bandwidth ? be->ops->probe_bandwidth(be) : 0;
+    peak_rss_reset(); /* the probe's buffer is not the model's memory */
 
     /* Random prompts (fixed seed: every run and every engine sees the same work). */
     int32_t *prompts = malloc((size_t)batch * input_len * sizeof *prompts);
