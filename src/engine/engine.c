@@ -52,7 +52,7 @@ EngineParams engine_params_default(void) {
 }
 
 EngineOptions engine_default_options(const QwenConfig *cfg) {
-    EngineOptions o = {.max_seqs = 1, .max_step_tokens = 512, .block_size = 16};
+    EngineOptions o = {.max_seqs = 1, .max_step_tokens = 512, .block_size = 16, .prefix_caching = true};
     o.max_model_len = cfg->max_position_embeddings < 32768 ? cfg->max_position_embeddings : 32768;
     return o;
 }
@@ -92,7 +92,9 @@ Engine *engine_create(Model *m, const EngineOptions *o, QErr *err) {
         return NULL;
     }
     int V = m->cfg.vocab_size;
-    if (sched_init(&e->sched, o->max_step_tokens, o->max_seqs, m->kv_shape.n_blocks, m->kv_shape.block_size)) goto oom;
+    if (sched_init(&e->sched, o->max_step_tokens, o->max_seqs, m->kv_shape.n_blocks, m->kv_shape.block_size,
+                   o->prefix_caching))
+        goto oom;
     e->out.items = calloc((size_t)o->max_seqs, sizeof *e->out.items);
     e->seqs = calloc((size_t)o->max_seqs, sizeof *e->seqs);
     e->step_tokens = malloc((size_t)o->max_step_tokens * sizeof *e->step_tokens);
@@ -355,6 +357,7 @@ int engine_step(Engine *e) {
         row += n_rows;
         if (q->all_logits) emit_prompt_logprobs(e, r, rows_i, r->n_computed, q->n_tokens);
         r->n_computed += q->n_tokens;
+        sched_cache_blocks(s, r);
         if (q->no_logits || r->n_computed < r->n_prompt + r->n_output) continue;
 
         const float *last = rows_i + (size_t)(n_rows - 1) * V;
@@ -390,6 +393,8 @@ int engine_step(Engine *e) {
     e->stats.prompt_tokens += (uint64_t)prompt_tokens;
     e->stats.generated_tokens += generated;
     e->stats.preemptions += (uint64_t)out->n_preempted;
+    e->stats.prefix_query_tokens = s->prefix_query_tokens;
+    e->stats.prefix_hit_tokens = s->prefix_hit_tokens;
     e->stats.running = s->n_running;
     e->stats.waiting = s->n_waiting + e->n_inbox;
     e->stats.kv_blocks_used = s->pool.n_blocks - s->pool.n_free;

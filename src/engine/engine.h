@@ -21,12 +21,14 @@ typedef struct EngineOptions {
     int kv_blocks;       /* 0: sized by kv_bytes */
     size_t kv_bytes;     /* KV pool budget when kv_blocks is 0 (0: 1 GiB) */
     int block_size;      /* 16 */
+    bool prefix_caching; /* reuse KV blocks of identical prompt prefixes (default on) */
 } EngineOptions;
 
 typedef struct EngineStats {
     int running, waiting;
     int kv_blocks_total, kv_blocks_used;
     uint64_t steps, prompt_tokens, generated_tokens, preemptions;
+    uint64_t prefix_query_tokens, prefix_hit_tokens; /* prompt tokens looked up / served from cache */
 } EngineStats;
 
 /* Sensible defaults for a config: 1 sequence, 512-token steps, context min(config, 32768). */

@@ -66,6 +66,8 @@ typedef struct Request {
     int n_computed;       /* tokens whose K/V are in the cache */
     int32_t *blocks;      /* block table; capacity for n_prompt + max_tokens tokens */
     int n_blocks;
+    int n_cached_blocks;  /* leading blocks registered in (or taken from) the prefix cache */
+    uint64_t last_hash;   /* prefix hash after those blocks */
     Rng rng;
     RequestState state;
     FinishReason finish;

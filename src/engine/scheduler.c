@@ -5,12 +5,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-int sched_init(Scheduler *s, int max_step_tokens, int max_seqs, int n_blocks, int block_size) {
+int sched_init(Scheduler *s, int max_step_tokens, int max_seqs, int n_blocks, int block_size, bool prefix_caching) {
     memset(s, 0, sizeof *s);
     s->max_step_tokens = max_step_tokens;
     s->max_seqs = max_seqs;
     s->block_size = block_size;
-    return block_pool_init(&s->pool, n_blocks);
+    s->prefix_caching = prefix_caching;
+    return block_pool_init(&s->pool, n_blocks, block_size);
 }
 
 void sched_destroy(Scheduler *s) {
@@ -54,8 +55,40 @@ int sched_add(Scheduler *s, Request *r) {
 int sched_blocks_for(const Scheduler *s, int ctx) { return (ctx + s->block_size - 1) / s->block_size; }
 
 static void free_blocks(Scheduler *s, Request *r) {
+    /* Last blocks first: the LRU then evicts a sequence's tail before its shared head. */
     for (int i = r->n_blocks - 1; i >= 0; i--) block_pool_release(&s->pool, r->blocks[i]);
     r->n_blocks = 0;
+    r->n_cached_blocks = 0;
+    r->last_hash = 0;
+}
+
+/* Takes the cached blocks holding r's leading full blocks (a request starting from scratch). */
+static void take_cached_prefix(Scheduler *s, Request *r) {
+    int bs = s->block_size, total = r->n_prompt + r->n_output;
+    if (!s->prefix_caching || r->params.prompt_logprobs >= 0) return;
+    int max_blocks = (total - 1) / bs; /* leave at least one token to compute */
+    while (r->n_cached_blocks < max_blocks) {
+        const int32_t *tok = r->tokens + (size_t)r->n_cached_blocks * bs;
+        uint64_t h = block_pool_hash(r->last_hash, tok, bs);
+        int32_t id = block_pool_lookup(&s->pool, h, r->last_hash, tok);
+        if (id < 0) break;
+        r->blocks[r->n_blocks++] = id;
+        r->n_cached_blocks++;
+        r->last_hash = h;
+    }
+    r->n_computed = r->n_cached_blocks * bs;
+}
+
+void sched_cache_blocks(Scheduler *s, Request *r) {
+    if (!s->prefix_caching) return;
+    int bs = s->block_size;
+    while ((r->n_cached_blocks + 1) * bs <= r->n_computed) {
+        const int32_t *tok = r->tokens + (size_t)r->n_cached_blocks * bs;
+        uint64_t h = block_pool_hash(r->last_hash, tok, bs);
+        block_pool_register(&s->pool, r->blocks[r->n_cached_blocks], h, r->last_hash, tok);
+        r->last_hash = h;
+        r->n_cached_blocks++;
+    }
 }
 
 /* Grows r's block table to cover ctx tokens; false (nothing taken) if the pool is short. */
@@ -122,9 +155,19 @@ void sched_schedule(Scheduler *s, SchedOutput *out) {
     while (s->n_waiting > 0 && budget > 0 && s->n_running < s->max_seqs && out->n_preempted == 0) {
         Request *r = s->waiting[0];
         int total = r->n_prompt + r->n_output;
+        bool fresh = r->n_computed == 0;
+        if (fresh) take_cached_prefix(s, r);
         int n = total - r->n_computed;
         if (n > budget) n = budget;
-        if (!reserve(s, r, r->n_computed + n)) break; /* wait for blocks: admission control */
+        if (!reserve(s, r, r->n_computed + n)) { /* wait for blocks: admission control */
+            free_blocks(s, r);
+            r->n_computed = 0;
+            break;
+        }
+        if (fresh) {
+            s->prefix_query_tokens += (uint64_t)r->n_prompt;
+            s->prefix_hit_tokens += (uint64_t)(r->n_computed < r->n_prompt ? r->n_computed : r->n_prompt);
+        }
         drop(s->waiting, &s->n_waiting, r);
         r->state = REQ_RUNNING;
         push(&s->running, &s->n_running, &s->cap_running, r, false);

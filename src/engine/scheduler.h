@@ -3,9 +3,16 @@
  * each, or the next chunk of a long prompt), then waiting ones while the token budget, the
  * sequence limit and free KV blocks allow. When a running request needs a block and none is
  * free, the most recently admitted request is preempted (its blocks freed; it waits again and
- * recomputes later), so nothing ever fails for lack of cache. */
+ * recomputes later), so nothing ever fails for lack of cache.
+ *
+ * Prefix caching: a request admitted from scratch first takes the cached blocks that hold its
+ * leading full blocks of tokens (at least its last token is always computed, to get logits), and
+ * every block a request fills is registered for later requests (sched_cache_blocks). Requests
+ * that want prompt logprobs compute their whole prompt. */
 #ifndef QUILL_SCHEDULER_H
 #define QUILL_SCHEDULER_H
+
+#include <stdbool.h>
 
 #include "engine/block_pool.h"
 #include "engine/request.h"
@@ -19,6 +26,8 @@ typedef struct Scheduler {
     int n_waiting, cap_waiting;
     Request **running;  /* admission order */
     int n_running, cap_running;
+    bool prefix_caching;
+    uint64_t prefix_query_tokens, prefix_hit_tokens; /* prompt tokens looked up / found cached */
 } Scheduler;
 
 typedef struct SchedItem {
@@ -33,7 +42,7 @@ typedef struct SchedOutput {
     int n_preempted;
 } SchedOutput;
 
-int sched_init(Scheduler *s, int max_step_tokens, int max_seqs, int n_blocks, int block_size);
+int sched_init(Scheduler *s, int max_step_tokens, int max_seqs, int n_blocks, int block_size, bool prefix_caching);
 void sched_destroy(Scheduler *s);
 /* Queues a new request (state WAITING). Returns -1 on out of memory. */
 int sched_add(Scheduler *s, Request *r);
@@ -41,6 +50,8 @@ int sched_add(Scheduler *s, Request *r);
 void sched_schedule(Scheduler *s, SchedOutput *out);
 /* Removes a request (finished or aborted) from whichever queue holds it and frees its blocks. */
 void sched_remove(Scheduler *s, Request *r);
+/* After a step advanced r->n_computed: registers r's newly filled blocks in the prefix cache. */
+void sched_cache_blocks(Scheduler *s, Request *r);
 /* Blocks a request with ctx tokens needs. */
 int sched_blocks_for(const Scheduler *s, int ctx);
 

@@ -195,6 +195,16 @@ char *metrics_render(Metrics *m, const EngineStats *st) {
     header(&b, "quill:num_preemptions_total", "counter", "Cumulative number of preemptions.");
     series(&b, m, "quill:num_preemptions_total", NULL, NULL);
     sb_printf(&b, "%llu\n", (unsigned long long)st->preemptions);
+    /* vLLM's names: hit rate = hits / queries over prompt tokens. */
+    header(&b, "quill:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.");
+    series(&b, m, "quill:prefix_cache_queries_total", NULL, NULL);
+    sb_printf(&b, "%llu\n", (unsigned long long)st->prefix_query_tokens);
+    header(&b, "quill:prefix_cache_hits_total", "counter", "Prompt tokens served from the prefix cache.");
+    series(&b, m, "quill:prefix_cache_hits_total", NULL, NULL);
+    sb_printf(&b, "%llu\n", (unsigned long long)st->prefix_hit_tokens);
+    header(&b, "quill:prefix_cache_hit_rate", "gauge", "Fraction of prompt tokens served from the prefix cache.");
+    series(&b, m, "quill:prefix_cache_hit_rate", NULL, NULL);
+    sb_printf(&b, "%.6g\n", st->prefix_query_tokens ? (double)st->prefix_hit_tokens / st->prefix_query_tokens : 0.0);
     header(&b, "quill:num_http_requests_active", "gauge", "HTTP requests whose generation state is still held.");
     series(&b, m, "quill:num_http_requests_active", NULL, NULL);
     sb_printf(&b, "%d\n", m->active);

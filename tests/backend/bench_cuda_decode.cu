@@ -22,6 +22,8 @@ extern "C" {
 #include "backend/cuda/cuda_backend.h"
 }
 
+extern bool cu_pdl; /* the backend's programmatic-dependent-launch switch (cuda_common.cuh) */
+
 namespace {
 
 const int H = 4096, I = 12288, NH = 32, NKV = 8, HD = 128, V = 151936, G = 128, BS = 16;
@@ -339,6 +341,11 @@ int main(int argc, char **argv) {
                 if (o == 4) op->attention(b.be, b.attn, b.qkv, NH, NKV, HD, b.kv, l, &dm);
             }
         }, reps, 20, false, xh);
+    /* the same step captured with programmatic dependent launch switched the other way */
+    const bool pdl = cu_pdl;
+    cu_pdl = !pdl;
+    double t_step_flip = time_graph(&b, 5, [&] { forward(&b, &dm, 1, false); }, reps, 20, true, xh);
+    cu_pdl = pdl;
     float *lg = (float *)malloc((size_t)V * 4);
     op->to_host(b.be, lg, b.logits, (size_t)V * 4);
     int finite = 1;
@@ -356,8 +363,10 @@ int main(int argc, char **argv) {
     printf("  bytes per decode step: %.3f GB (layers %.3f, lm_head %.3f, KV %.3f)\n", step_bytes / 1e9,
            (double)layer_w * L / 1e9, lm_w / 1e9, kv_bytes / 1e9);
     printf("  floor at the probe's rate: %.3f ms\n", step_bytes / (probe * 1e9) * 1e3);
-    printf("  %-40s %9.3f ms  %6.0f GB/s  %5.1f%% of probe\n", "decode step (upload + graph)", t_step * 1e3,
-           step_bytes / t_step / 1e9, 100 * step_bytes / t_step / 1e9 / probe);
+    printf("  %-40s %9.3f ms  %6.0f GB/s  %5.1f%% of probe  (PDL %s)\n", "decode step (upload + graph)",
+           t_step * 1e3, step_bytes / t_step / 1e9, 100 * step_bytes / t_step / 1e9 / probe, pdl ? "on" : "off");
+    printf("  %-40s %9.3f ms  %6.0f GB/s  %5.1f%% of probe  (PDL %s)\n", "decode step, PDL switched", t_step_flip * 1e3,
+           step_bytes / t_step_flip / 1e9, 100 * step_bytes / t_step_flip / 1e9 / probe, pdl ? "off" : "on");
     double mm_bytes = (double)layer_w * L + lm_w;
     printf("  %-40s %9.3f ms  %6.0f GB/s  %5.1f%% of probe\n", "matmuls only (graph)", t_mm * 1e3,
            mm_bytes / t_mm / 1e9, 100 * mm_bytes / t_mm / 1e9 / probe);

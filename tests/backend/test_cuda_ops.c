@@ -786,6 +786,16 @@ static void test_sample(int V) {
     gpu->ops->free(gpu, dl);
 }
 
+/* QUILL_TEST_ONLY=name,name runs only those sections (debugging on a GPU machine). */
+static bool section(const char *name) {
+    const char *only = getenv("QUILL_TEST_ONLY");
+    if (!only || !*only) return true;
+    size_t n = strlen(name);
+    for (const char *p = only; (p = strstr(p, name)); p += n)
+        if ((p == only || p[-1] == ',') && (p[n] == ',' || !p[n])) return true;
+    return false;
+}
+
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0); /* progress survives a timeout */
     if (!cuda_backend_available()) {
@@ -806,18 +816,24 @@ int main(void) {
     gpu->ops->free(gpu, p);
     CHECK(gpu->ops->mem_used(gpu, NULL) == before, "mem_used after free: %zu, not %zu", gpu->ops->mem_used(gpu, NULL), before);
 
-    test_matmul();
-    test_elementwise();
-    test_attention(8, 2, 128);
-    test_attention(2, 1, 128);
-    test_attention(4, 4, 64);
-    test_attention(16, 2, 256);
-    test_embed();
-    test_graphs(1);
-    test_graphs(2);
-    test_graphs(12); /* 12 rows: cuBLAS inside the capture */
-    test_sample(151936);
-    test_sample(1001);
+    if (section("matmul")) test_matmul();
+    if (section("elementwise")) test_elementwise();
+    if (section("attention")) {
+        test_attention(8, 2, 128);
+        test_attention(2, 1, 128);
+        test_attention(4, 4, 64);
+        test_attention(16, 2, 256);
+    }
+    if (section("embed")) test_embed();
+    if (section("graphs")) {
+        test_graphs(1);
+        test_graphs(2);
+        test_graphs(12); /* 12 rows: cuBLAS inside the capture */
+    }
+    if (section("sample")) {
+        test_sample(151936);
+        test_sample(1001);
+    }
     double bw = gpu->ops->probe_bandwidth(gpu);
     printf("device-to-device copy: %.0f GB/s\n", bw);
     CHECK(bw > 0, "bandwidth probe failed");

@@ -12,6 +12,7 @@ static Request *req(int id, int n_prompt, int max_tokens, int block_size) {
     r->id = (uint64_t)id;
     r->n_prompt = n_prompt;
     r->params.max_tokens = max_tokens;
+    r->params.prompt_logprobs = -1;
     r->tokens = calloc((size_t)(n_prompt + max_tokens), sizeof *r->tokens);
     r->blocks = calloc((size_t)((n_prompt + max_tokens) / block_size + 2), sizeof *r->blocks);
     return r;
@@ -39,7 +40,7 @@ int main(void) {
     SchedOutput o = {.items = items};
 
     /* Chunked prefill: a 100-token prompt with a 32-token budget takes 4 steps, then decodes. */
-    CHECK(sched_init(&s, 32, 4, 64, 16) == 0, "init");
+    CHECK(sched_init(&s, 32, 4, 64, 16, false) == 0, "init");
     Request *a = req(1, 100, 10, 16);
     sched_add(&s, a);
     int chunks[4] = {32, 32, 32, 4};
@@ -66,7 +67,7 @@ int main(void) {
     sched_destroy(&s);
 
     /* Admission control: 7 blocks of 16 tokens; three 48-token prompts need 3 blocks each. */
-    CHECK(sched_init(&s, 512, 8, 7, 16) == 0, "init");
+    CHECK(sched_init(&s, 512, 8, 7, 16, false) == 0, "init");
     Request *r[3];
     for (int i = 0; i < 3; i++) sched_add(&s, r[i] = req(10 + i, 48, 40, 16));
     sched_schedule(&s, &o);
@@ -87,7 +88,7 @@ int main(void) {
     sched_destroy(&s);
 
     /* The sequence limit. */
-    CHECK(sched_init(&s, 512, 2, 64, 16) == 0, "init");
+    CHECK(sched_init(&s, 512, 2, 64, 16, false) == 0, "init");
     Request *q[3];
     for (int i = 0; i < 3; i++) sched_add(&s, q[i] = req(20 + i, 5, 5, 16));
     sched_schedule(&s, &o);
@@ -96,6 +97,56 @@ int main(void) {
         sched_remove(&s, q[i]);
         free_req(q[i]);
     }
+    sched_destroy(&s);
+    /* Prefix caching: a finished request's full blocks serve the next request with the same
+     * leading tokens; at least the last prompt token is always computed. */
+    CHECK(sched_init(&s, 512, 4, 8, 16, true) == 0, "init");
+    Request *p1 = req(30, 40, 4, 16);
+    for (int i = 0; i < 40; i++) p1->tokens[i] = 1000 + i;
+    sched_add(&s, p1);
+    sched_schedule(&s, &o);
+    apply(&o);
+    sched_cache_blocks(&s, p1);
+    CHECK(p1->n_cached_blocks == 2, "two full blocks registered (%d)", p1->n_cached_blocks);
+    int32_t b0 = p1->blocks[0], b1 = p1->blocks[1];
+    sched_remove(&s, p1);
+    CHECK(s.pool.n_free == 8, "cached blocks count as free");
+    Request *p2 = req(31, 36, 4, 16); /* same first 32 tokens, then different */
+    for (int i = 0; i < 36; i++) p2->tokens[i] = i < 32 ? 1000 + i : 7;
+    sched_add(&s, p2);
+    sched_schedule(&s, &o);
+    CHECK(o.n_items == 1 && o.items[0].n_tokens == 4 && p2->blocks[0] == b0 && p2->blocks[1] == b1,
+          "32 cached tokens reused, 4 computed (%d)", o.n_items ? o.items[0].n_tokens : -1);
+    CHECK(s.prefix_hit_tokens == 32 && s.prefix_query_tokens == 76, "hit stats %llu/%llu",
+          (unsigned long long)s.prefix_hit_tokens, (unsigned long long)s.prefix_query_tokens);
+    apply(&o);
+    Request *p3 = req(32, 32, 4, 16); /* exactly two blocks: the last token is recomputed */
+    for (int i = 0; i < 32; i++) p3->tokens[i] = 1000 + i;
+    sched_add(&s, p3);
+    sched_schedule(&s, &o);
+    CHECK(p3->n_computed == 16 && p3->blocks[0] == b0 && s.pool.ref[b0] == 2, "one block shared by two requests");
+    apply(&o);
+    Request *p4 = req(33, 33, 4, 16); /* different first block: no hit */
+    for (int i = 0; i < 33; i++) p4->tokens[i] = 5;
+    sched_add(&s, p4);
+    sched_schedule(&s, &o);
+    CHECK(p4->n_cached_blocks == 0 && p4->n_computed == 0, "no false hit");
+    sched_remove(&s, p2);
+    sched_remove(&s, p3);
+    sched_remove(&s, p4);
+    CHECK(s.pool.n_free == 8, "all blocks free again (%d)", s.pool.n_free);
+    /* Eviction: a request needing all 8 blocks evicts the cached ones (LRU) and still runs. */
+    Request *big = req(34, 120, 4, 16);
+    for (int i = 0; i < 120; i++) big->tokens[i] = 9;
+    sched_add(&s, big);
+    sched_schedule(&s, &o);
+    CHECK(o.n_items == 1 && big->n_blocks == 8, "cached blocks evicted for a new request (%d blocks)", big->n_blocks);
+    sched_remove(&s, big);
+    free_req(p1);
+    free_req(p2);
+    free_req(p3);
+    free_req(p4);
+    free_req(big);
     sched_destroy(&s);
     return test_finish();
 }

@@ -195,7 +195,9 @@ static void check_prompt(Model *m, Engine *e, StModel *ref, const char *prompt, 
     }
     snprintf(key, sizeof key, "%s.%sgreedy32", prompt, int4 ? "int4_hqq_" : "");
     const StTensor *g = st_find(ref, key);
-    if (g) {
+    /* Greedy twice: the second run takes the prompt's full KV blocks from the prefix cache. */
+    for (int run = 0; g && run < 2; run++) {
+        EngineStats before = engine_stats(e);
         Collect c;
         greedy(e, ids, n, &c);
         int same = c.n == 32 && !memcmp(c.ids, g->data, 32 * sizeof(int32_t));
@@ -221,6 +223,11 @@ static void check_prompt(Model *m, Engine *e, StModel *ref, const char *prompt, 
             for (int i = 0; i < c.n; i++) fprintf(stderr, "%d%s", c.ids[i], i + 1 < c.n ? "," : "\n");
             for (int i = 0; i < 32; i++) fprintf(stderr, "%d%s", ((const int32_t *)g->data)[i], i < 31 ? "," : "\n");
         }
+        uint64_t hits = engine_stats(e).prefix_hit_tokens - before.prefix_hit_tokens;
+        int bs = m->opt.block_size;
+        if (run == 1)
+            CHECK((int)hits == (n - 1) / bs * bs, "%s: %llu prompt tokens from the cache, want %d", prompt,
+                  (unsigned long long)hits, (n - 1) / bs * bs);
     }
 }
 
