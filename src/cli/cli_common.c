@@ -48,6 +48,8 @@ int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr 
     EngineOptions eo = engine_default_options(&cfg);
     if (a->max_seqs > 0) eo.max_seqs = a->max_seqs;
     if (a->max_step_tokens > 0) eo.max_step_tokens = a->max_step_tokens;
+    eo.kv_bytes = a->kv_bytes;
+    eo.prefix_caching = !a->no_prefix_caching;
     if (a->max_model_len > 0) {
         if (a->max_model_len > cfg.max_position_embeddings)
         {
@@ -144,6 +146,26 @@ int parse_sampling_flag(int argc, char **argv, int *i, SamplingParams *p, QErr *
     if (rc) return -1;
     (*i)++;
     return 1;
+}
+
+int parse_bytes(const char *name, const char *s, size_t *out, QErr *err) {
+    if (!s) return qerr_set(err, "%s needs a value", name);
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    double mult = 1;
+    switch (*end) {
+    case 'K': case 'k': mult = 1024.0, end++; break;
+    case 'M': case 'm': mult = 1024.0 * 1024, end++; break;
+    case 'G': case 'g': mult = 1024.0 * 1024 * 1024, end++; break;
+    case 'T': case 't': mult = 1024.0 * 1024 * 1024 * 1024, end++; break;
+    default: break;
+    }
+    if (*end == 'i' || *end == 'B') end += *end == 'i' ? (end[1] == 'B' ? 2 : 1) : 1;
+    if (errno || end == s || *end || !(v > 0) || v * mult > 1e15)
+        return qerr_set(err, "%s must be a positive byte count such as 2147483648 or 8G (got '%s')", name, s);
+    *out = (size_t)(v * mult);
+    return 0;
 }
 
 int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err) {

@@ -26,6 +26,8 @@ typedef struct RuntimeArgs {
     int max_model_len;   /* 0: the model's limit (capped at 32768) */
     int max_step_tokens; /* 0: 512 */
     bool need_tokenizer;
+    size_t kv_bytes;           /* KV-cache pool budget (0: the engine's default, 1 GiB) */
+    bool no_prefix_caching;    /* turn automatic prefix caching off */
     const char *random_preset; /* build this preset's random weights in memory instead of a dir */
     bool random_int4;          /* ... quantized to int4 (else bf16) */
 } RuntimeArgs;
@@ -44,6 +46,10 @@ int parse_float(const char *name, const char *s, double lo, double hi, float *ou
  * --greedy), consumes it (and its value), updates p and returns 1; returns 0 if it is not one;
  * -1 with err on a bad value. */
 int parse_sampling_flag(int argc, char **argv, int *i, SamplingParams *p, QErr *err);
+
+/* Parses a byte count with an optional K/M/G/T suffix (powers of 1024), e.g. "8G"; -1 with err
+ * naming the flag. */
+int parse_bytes(const char *name, const char *s, size_t *out, QErr *err);
 
 /* If argv[*i] is --device or -t/--threads, consumes it and its value into a and returns 1;
  * returns 0 if it is not one; -1 with err on a missing or bad value. */

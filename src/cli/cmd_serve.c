@@ -23,6 +23,8 @@ static void usage(FILE *f) {
             "  --max-model-len N            prompt + output tokens per request (default: the model's)\n"
             "  --max-num-seqs N             sequences in the running batch (default 256)\n"
             "  --max-num-batched-tokens N   tokens per engine step, the prefill chunk (default 512)\n"
+            "  --kv-cache-memory BYTES      KV-cache pool size, e.g. 8G (default 1G)\n"
+            "  --no-enable-prefix-caching   do not reuse the KV blocks of shared prompt prefixes\n"
             "  --device cpu|cuda            where to run (default: cuda if available)\n"
             "  -t, --threads N              CPU threads (default: all cores)\n"
             "  --disable-log-requests       do not log one line per request\n"
@@ -60,6 +62,11 @@ int cmd_serve(int argc, char **argv) {
             ra.device = v;
         } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
             if (parse_int(a, v, 0, 4096, &ra.threads, &err)) goto bad;
+        } else if (!strcmp(a, "--kv-cache-memory")) {
+            if (parse_bytes(a, v, &ra.kv_bytes, &err)) goto bad;
+        } else if (!strcmp(a, "--no-enable-prefix-caching")) {
+            ra.no_prefix_caching = true;
+            takes_value = false;
         } else if (!strcmp(a, "--disable-log-requests")) {
             so.log = NULL;
             takes_value = false;

@@ -8,7 +8,10 @@
  *
  * One 64-bit word holds the job generation (high half) and the next unclaimed task (low half).
  * Threads claim tasks by compare-and-swap on it, so uneven tasks balance themselves, and a claim
- * can only succeed for the current job. The caller waits for the tasks to be done, not for the
+ * can only succeed for the current job. The task count travels with its generation in a second
+ * word (`job_n`), written before the job is published: a worker still looking at a finished job
+ * reads either that job's own count (all its tasks claimed: nothing to take) or a newer
+ * generation (it stops), never the next job's count against the old job's counter. The caller waits for the tasks to be done, not for the
  * workers to check in: a worker the OS has descheduled (an oversubscribed machine) never delays
  * a job it took no task of; when it runs again it finds the job over, or helps with a later one.
  * A job's fn and ctx are only read after claiming one of its tasks, i.e. while the job cannot
@@ -50,7 +53,7 @@ struct ThreadPool {
     /* The current job: written by the caller before it publishes the generation. */
     TpTaskFn fn;
     void *ctx;
-    atomic_int n_tasks;
+    _Atomic uint64_t job_n; /* generation << 32 | the job's number of tasks */
 
     _Alignas(64) _Atomic uint64_t job; /* generation << 32 | next task to claim */
     _Alignas(64) atomic_int done;      /* tasks of the current job finished */
@@ -81,7 +84,9 @@ static void run_tasks(ThreadPool *p, uint32_t gen, int thread) {
         uint64_t j = atomic_load(&p->job);
         int n;
         do {
-            n = atomic_load_explicit(&p->n_tasks, memory_order_relaxed);
+            uint64_t jn = atomic_load(&p->job_n);
+            if (job_gen(jn) != gen) return;
+            n = (int)(uint32_t)jn;
             if (job_gen(j) != gen || (uint32_t)j >= (uint32_t)n) return;
         } while (!atomic_compare_exchange_weak(&p->job, &j, j + 1));
         /* The claim succeeded, so n is this job's count and the job cannot end before this
@@ -202,11 +207,11 @@ void tp_run(ThreadPool *pool, int n_tasks, TpTaskFn fn, void *ctx) {
         for (int t = 0; t < n_tasks; t++) fn(ctx, t, 0);
         return;
     }
+    uint32_t gen = job_gen(atomic_load(&pool->job)) + 1;
+    atomic_store(&pool->job_n, (uint64_t)gen << 32 | (uint32_t)n_tasks);
     pool->fn = fn;
     pool->ctx = ctx;
-    atomic_store(&pool->n_tasks, n_tasks);
     atomic_store(&pool->done, 0);
-    uint32_t gen = job_gen(atomic_load(&pool->job)) + 1;
     publish(pool, gen);
     run_tasks(pool, gen, 0);
 

@@ -22,7 +22,7 @@ extern "C" {
 #include "backend/cuda/cuda_backend.h"
 }
 
-extern bool cu_pdl; /* the backend's programmatic-dependent-launch switch (cuda_common.cuh) */
+extern bool cu_pdl, cu_pdl_now; /* the backend's programmatic-dependent-launch switches (cuda_common.cuh) */
 
 namespace {
 
@@ -343,9 +343,9 @@ int main(int argc, char **argv) {
         }, reps, 20, false, xh);
     /* the same step captured with programmatic dependent launch switched the other way */
     const bool pdl = cu_pdl;
-    cu_pdl = !pdl;
+    cu_pdl = cu_pdl_now = !pdl;
     double t_step_flip = time_graph(&b, 5, [&] { forward(&b, &dm, 1, false); }, reps, 20, true, xh);
-    cu_pdl = pdl;
+    cu_pdl = cu_pdl_now = pdl;
     float *lg = (float *)malloc((size_t)V * 4);
     op->to_host(b.be, lg, b.logits, (size_t)V * 4);
     int finite = 1;

@@ -803,7 +803,9 @@ int main(void) {
         return 77;
     }
     QErr err;
-    cpu = cpu_backend_create(0, &err);
+    /* One thread: the reference runs inline, outside the worker pool (whose claim race can leave
+     * tp_run waiting forever: reported; seen here as a hang with the GPU idle). */
+    cpu = cpu_backend_create(1, &err);
     CHECK(cpu != NULL, "cpu backend: %s", err.msg);
     gpu = cuda_backend_create(0, &err);
     CHECK(gpu != NULL, "cuda backend: %s", err.msg);

@@ -7,8 +7,8 @@
  *    int4 keeps the checkpoint's codes as they are (they already suit 16-byte loads) with scale
  *    and zero packed into one word per group, so an int4 model costs its file size on the GPU.
  *    Stacked parts (q|k|v, gate|up) become one matrix and one launch.
- *  - Small M (decode, <= 8 rows) uses our GEMV kernels, which stream weights at close to HBM
- *    bandwidth. Larger M (prefill) converts x to bf16 and calls cuBLAS; int4 weights are first
+ *  - Small M (decode, <= 8 rows) uses our GEMV kernels (cuda_gemv.cu), built to stream weights
+ *    from HBM once. Larger M (prefill) converts x to bf16 and calls cuBLAS; int4 weights are first
  *    dequantized to a bf16 scratch in slices of at most 32 MB (a fused int4 GEMM is future work),
  *    so prefill pays ~4.5 bytes per int4 weight instead of 0.5.
  *  - The embedding table stays in host memory: M rows are gathered and converted on the host
@@ -37,6 +37,8 @@ extern "C" {
 }
 
 bool cu_pdl = false;
+bool cu_pdl_graphs = true;
+bool cu_pdl_now = false;
 
 namespace {
 
@@ -685,12 +687,14 @@ void cu_graph_begin(Backend *be, uint64_t key) {
     (void)key;
     use_device(c);
     c->capturing = note(c, cudaStreamBeginCapture(c->st, cudaStreamCaptureModeRelaxed), "graph_begin");
+    if (c->capturing) cu_pdl_now = cu_pdl && cu_pdl_graphs;
 }
 
 void cu_graph_end(Backend *be, uint64_t key) {
     CudaBackend *c = cb(be);
     if (!c->capturing) return;
     c->capturing = false;
+    cu_pdl_now = cu_pdl;
     cudaGraph_t g = NULL;
     if (!note(c, cudaStreamEndCapture(c->st, &g), "graph_end")) return;
     cudaGraphExec_t exec = NULL;
@@ -909,6 +913,11 @@ extern "C" Backend *cuda_backend_create(int device, QErr *err) {
         cudaFuncGetAttributes(&fa, arch_probe_kernel) == cudaSuccess)
         cu_pdl = major >= 9 && fa.ptxVersion >= 90;
     cudaGetLastError();
+    /* QUILL_CUDA_PDL=0 switches programmatic dependent launch off, =eager keeps it out of graphs */
+    const char *pdl_env = getenv("QUILL_CUDA_PDL");
+    if (pdl_env && !strcmp(pdl_env, "0")) cu_pdl = false;
+    cu_pdl_graphs = !(pdl_env && !strcmp(pdl_env, "eager"));
+    cu_pdl_now = cu_pdl;
     cublasStatus_t bs = cublasCreate(&c->blas);
     if (bs == CUBLAS_STATUS_SUCCESS) bs = cublasSetStream(c->blas, c->st);
     if (bs == CUBLAS_STATUS_SUCCESS) bs = cublasSetWorkspace(c->blas, c->blas_ws, kBlasWorkspace);

@@ -25,7 +25,11 @@ bool cuda_backend_available(void);
  * exist, cannot be initialised, or cuBLAS / the stream / the pinned staging buffers cannot be
  * created. The backend's ops must be called from one thread at a time (the engine thread); the
  * device is made current on that thread by every op that launches work. Destroy with
- * be->ops->destroy(be). */
+ * be->ops->destroy(be).
+ * Kernels are launched with programmatic dependent launch (sm_90) so each overlaps the end of the
+ * previous one; the environment variable QUILL_CUDA_PDL=0 turns that off and QUILL_CUDA_PDL=eager
+ * keeps it out of CUDA graphs (for debugging and timing comparisons; read once, here). The KV
+ * block size must be a power of two and head_dim 64, 128 or 256 (kv_alloc says so otherwise). */
 Backend *cuda_backend_create(int device, QErr *err);
 
 /* The first CUDA error any op of this backend ran into (ops themselves cannot report failure),

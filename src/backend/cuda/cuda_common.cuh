@@ -39,6 +39,10 @@ CU_DEV void pdl_trigger() {
  * only for a device of compute capability >= 9.0 running code built for it (code built for an
  * older target has no pdl_wait(), so its kernels must not start early). */
 extern bool cu_pdl;
+/* Whether launches inside a graph capture use it too (cuda_backend.cu clears cu_pdl_now while
+ * capturing when this is false). */
+extern bool cu_pdl_graphs;
+extern bool cu_pdl_now;
 
 /* Launches kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream
  * serialization allowed when cu_pdl (see above). Returns the launch's error code. */
@@ -54,13 +58,12 @@ static inline cudaError_t cu_launch(cudaStream_t st, dim3 grid, dim3 block, size
     cfg.dynamicSmemBytes = smem;
     cfg.stream = st;
     cfg.attrs = attr;
-    cfg.numAttrs = cu_pdl ? 1 : 0;
+    cfg.numAttrs = cu_pdl_now ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
 CU_DEV float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 CU_DEV float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
-CU_DEV float bf16f(__nv_bfloat16 h) { return __bfloat162float(h); }
 
 CU_DEV float warp_sum(float v) {
 #pragma unroll
