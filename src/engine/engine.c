@@ -23,6 +23,10 @@ struct Engine {
     float *lp_buf;           /* prompt logprob scratch */
     int32_t *lp_ids;
     float *lp_top;
+    SamplingParams *dev_params; /* per-row sampling for a device sampler [max_seqs] */
+    float *dev_uniform;
+    int32_t *dev_ids;
+    Rng *dev_rng_saved;
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -104,8 +108,12 @@ Engine *engine_create(Model *m, const EngineOptions *o, QErr *err) {
     e->lp_ids = malloc((size_t)o->max_step_tokens * ENGINE_MAX_LOGPROBS * sizeof *e->lp_ids);
     e->lp_top = malloc((size_t)o->max_step_tokens * ENGINE_MAX_LOGPROBS * sizeof *e->lp_top);
     e->logits = malloc((size_t)o->max_step_tokens * V * sizeof *e->logits);
+    e->dev_params = malloc((size_t)o->max_seqs * sizeof *e->dev_params);
+    e->dev_uniform = malloc((size_t)o->max_seqs * sizeof *e->dev_uniform);
+    e->dev_ids = malloc((size_t)o->max_seqs * sizeof *e->dev_ids);
+    e->dev_rng_saved = malloc((size_t)o->max_seqs * sizeof *e->dev_rng_saved);
     if (!e->out.items || !e->seqs || !e->step_tokens || !e->sampler || !e->row || !e->lp_buf || !e->lp_ids ||
-        !e->lp_top || !e->logits)
+        !e->lp_top || !e->logits || !e->dev_params || !e->dev_uniform || !e->dev_ids || !e->dev_rng_saved)
         goto oom;
     e->stats.kv_blocks_total = m->kv_shape.n_blocks;
     return e;
@@ -140,6 +148,10 @@ void engine_free(Engine *e) {
     free(e->lp_ids);
     free(e->lp_top);
     free(e->logits);
+    free(e->dev_params);
+    free(e->dev_uniform);
+    free(e->dev_ids);
+    free(e->dev_rng_saved);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
     free(e);
@@ -306,6 +318,40 @@ static void emit_prompt_logprobs(Engine *e, Request *r, const float *rows, int p
     r->cb(r->user, &ev);
 }
 
+/* Samples this step's rows on the device when the backend can and no request needs the host
+ * (logprobs, penalties, min_tokens masking, prompt logprobs): then only the ids cross to the host.
+ * Returns false (rng states untouched) when the host must sample. */
+static bool sample_on_device(Engine *e, const float *d_logits, int rows) {
+    Backend *be = e->model->be;
+    if (!be->ops->sample || rows == 0) return false;
+    const SchedOutput *out = &e->out;
+    int n = 0;
+    for (int i = 0; i < out->n_items; i++) {
+        const StepSeq *q = &e->seqs[i];
+        if (q->all_logits) return false;
+        if (q->no_logits) continue;
+        const Request *r = out->items[i].req;
+        const SamplingParams *sp = &r->params.sampling;
+        if (r->params.logprobs >= 0 || r->n_output < r->params.min_tokens || sp->repetition_penalty != 1.0f ||
+            sp->presence_penalty != 0.0f || sp->frequency_penalty != 0.0f)
+            return false;
+        e->dev_params[n++] = *sp;
+    }
+    n = 0;
+    for (int i = 0; i < out->n_items; i++) {
+        if (e->seqs[i].no_logits) continue;
+        Request *r = out->items[i].req;
+        e->dev_rng_saved[n] = r->rng;
+        e->dev_uniform[n++] = (float)rng_next(&r->rng);
+    }
+    if (be->ops->sample(be, d_logits, rows, e->model->cfg.vocab_size, e->dev_params, e->dev_uniform, e->dev_ids))
+        return true;
+    n = 0;
+    for (int i = 0; i < out->n_items; i++)
+        if (!e->seqs[i].no_logits) out->items[i].req->rng = e->dev_rng_saved[n++];
+    return false;
+}
+
 int engine_step(Engine *e) {
     take_inbox(e);
     retire_finished(e);
@@ -344,7 +390,8 @@ int engine_step(Engine *e) {
     Model *m = e->model;
     float *d_logits = model_forward(m, &step, &rows);
     int V = m->cfg.vocab_size;
-    m->be->ops->to_host(m->be, e->logits, d_logits, (size_t)rows * V * sizeof(float));
+    bool on_device = sample_on_device(e, d_logits, rows);
+    if (!on_device) m->be->ops->to_host(m->be, e->logits, d_logits, (size_t)rows * V * sizeof(float));
 
     /* Sample and update, walking the logit rows in sequence order. */
     int row = 0;
@@ -361,10 +408,15 @@ int engine_step(Engine *e) {
         if (q->no_logits || r->n_computed < r->n_prompt + r->n_output) continue;
 
         const float *last = rows_i + (size_t)(n_rows - 1) * V;
-        memcpy(e->row, last, (size_t)V * sizeof(float));
-        mask_min_tokens(e, r, e->row);
-        int32_t tok = sampler_sample(e->sampler, e->row, &r->params.sampling, r->tokens, r->n_prompt,
-                                     r->tokens + r->n_prompt, r->n_output, &r->rng);
+        int32_t tok;
+        if (on_device) {
+            tok = e->dev_ids[row - 1]; /* one row per sequence on this path */
+        } else {
+            memcpy(e->row, last, (size_t)V * sizeof(float));
+            mask_min_tokens(e, r, e->row);
+            tok = sampler_sample(e->sampler, e->row, &r->params.sampling, r->tokens, r->n_prompt,
+                                 r->tokens + r->n_prompt, r->n_output, &r->rng);
+        }
         EngineEvent ev = {.id = r->id, .token = tok, .n_prompt = r->n_prompt};
         int32_t top_ids[ENGINE_MAX_LOGPROBS];
         float top_lp[ENGINE_MAX_LOGPROBS];

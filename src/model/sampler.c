@@ -67,8 +67,7 @@ void rng_init(Rng *r, const SamplingParams *p) {
     }
 }
 
-/* Uniform in [0, 1) with 53 bits. */
-static double rng_uniform(Rng *r) { return (double)(splitmix64(&r->state) >> 11) * 0x1.0p-53; }
+double rng_next(Rng *r) { return (double)(splitmix64(&r->state) >> 11) * 0x1.0p-53; }
 
 Sampler *sampler_create(int vocab) {
     Sampler *s = calloc(1, sizeof *s);
@@ -199,20 +198,31 @@ int32_t sampler_sample(Sampler *s, float *logits, const SamplingParams *p, const
     }
     for (int i = 0; i < n; i++) s->prob[i] = (float)(fast_expf((logits[s->idx[i]] - mx) / p->temperature) / z);
 
-    /* min-p: drop tokens below min_p x the top probability. */
+    /* min-p: drop tokens below min_p x the top probability (the ratio is the same whether
+     * probabilities are normalised over the candidates or the whole vocabulary). */
+    float top_prob = 0;
+    for (int i = 0; i < n; i++)
+        if (s->prob[i] > top_prob) top_prob = s->prob[i];
     if (p->min_p > 0) {
-        float top = 0;
-        for (int i = 0; i < n; i++)
-            if (s->prob[i] > top) top = s->prob[i];
         int w = 0;
         for (int i = 0; i < n; i++)
-            if (s->prob[i] >= p->min_p * top) s->idx[w] = s->idx[i], s->prob[w++] = s->prob[i];
+            if (s->prob[i] >= p->min_p * top_prob) s->idx[w] = s->idx[i], s->prob[w++] = s->prob[i];
         n = w;
     }
-    /* top-p over the (sorted) candidates: keep the smallest prefix reaching top_p. */
+    /* top-p over the (sorted) candidates: keep the smallest prefix whose mass reaches top_p of
+     * every surviving token's mass. Without top-k the candidates are only a window of the best
+     * tokens, so the survivors' mass is summed over the whole vocabulary. */
     if (p->top_p < 1) {
         double total = 0, cum = 0;
-        for (int i = 0; i < n; i++) total += s->prob[i];
+        if (!k) {
+            float thr = p->min_p * top_prob;
+            for (int i = 0; i < V; i++) {
+                float pi = (float)(fast_expf((logits[i] - mx) / p->temperature) / z);
+                if (pi >= thr) total += pi;
+            }
+        } else {
+            for (int i = 0; i < n; i++) total += s->prob[i];
+        }
         int keep = n;
         for (int i = 0; i < n; i++) {
             cum += s->prob[i];
@@ -225,7 +235,7 @@ int32_t sampler_sample(Sampler *s, float *logits, const SamplingParams *p, const
     }
     double total = 0;
     for (int i = 0; i < n; i++) total += s->prob[i];
-    double r = rng_uniform(rng) * total, acc = 0;
+    double r = rng_next(rng) * total, acc = 0;
     for (int i = 0; i < n; i++) {
         acc += s->prob[i];
         if (r < acc) return s->idx[i];

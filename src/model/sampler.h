@@ -37,6 +37,9 @@ typedef struct Rng {
 /* Seeds from p->seed when has_seed, else from the clock and a counter. */
 void rng_init(Rng *r, const SamplingParams *p);
 
+/* The next uniform draw in [0, 1) from r (53 bits), e.g. for a device sampler. */
+double rng_next(Rng *r);
+
 /* Per-sequence sampling workspace for a vocabulary (one per concurrent sequence, or per thread). */
 typedef struct Sampler Sampler;
 Sampler *sampler_create(int vocab);
