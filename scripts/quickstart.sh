@@ -11,6 +11,7 @@ q=build/quill
 [ -d models/tiny-qwen3 ] || $q random-model --preset tiny-qwen3 models/tiny-qwen3
 [ -d models/tiny-qwen3-int4 ] || $q quantize models/tiny-qwen3 models/tiny-qwen3-int4
 prompt=${1:-"Give me a short introduction to large language models."}
+echo "(random weights: the text is meaningless; this shows the pipeline end to end)"
 echo "--- bf16: quill run models/tiny-qwen3 -p \"$prompt\" -n 48"
 $q run models/tiny-qwen3 -p "$prompt" -n 48 --seed 1
 echo "--- int4 (HQQ, group 128): quill run models/tiny-qwen3-int4 -p \"$prompt\" -n 48"

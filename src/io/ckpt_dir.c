@@ -66,6 +66,15 @@ int ckpt_stage_begin(CkptStage *st, const char *out_dir, bool force, QErr *err) 
         return qerr_set(err, "%s: %s", st->out, strerror(errno));
     }
 
+    /* Missing parent directories are created, as `mkdir -p` would (models/NAME on a fresh tree). */
+    for (char *slash = strchr(st->out + 1, '/'); slash; slash = strchr(slash + 1, '/')) {
+        *slash = '\0';
+        int rc = mkdir(st->out, 0755);
+        int e = errno;
+        *slash = '/';
+        if (rc != 0 && e != EEXIST)
+            return qerr_set(err, "cannot create the parent directories of %s: %s", st->out, strerror(e));
+    }
     memcpy(st->tmp, st->out, len);
     memcpy(st->tmp + len, ".tmp-XXXXXX", sizeof ".tmp-XXXXXX");
     if (!mkdtemp(st->tmp)) {
