@@ -6,6 +6,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "engine/engine.h"
 #include "text/tokenizer.h"
@@ -59,6 +60,10 @@ int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err)
 uint64_t peak_rss_bytes(void);
 /* Restarts the peak at the current resident size (Linux), e.g. after a benchmark's own probe. */
 void peak_rss_reset(void);
+/* Reads all of f (to EOF) into a malloc'd, NUL-terminated buffer; its length in *len. NULL on a
+ * read error or out of memory (errno tells which). */
+char *read_stream(FILE *f, size_t *len);
+
 /* Seconds on a monotonic clock. */
 double now_seconds(void);
 

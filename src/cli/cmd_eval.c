@@ -9,6 +9,7 @@
  *                                  its quantizations); the base runs once for all of them.
  *
  * Windows run through model_forward with every position's logits (--batch windows per step). */
+#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -92,23 +93,9 @@ static void progress(int done, int total, double t0) {
 
 static char *read_file(const char *path, size_t *len, QErr *err) {
     FILE *f = fopen(path, "rb");
-    if (!f) {
-        qerr_set(err, "--file %s: cannot open", path);
-        return NULL;
-    }
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = malloc((size_t)n + 1);
-    if (!buf || fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        fclose(f);
-        qerr_set(err, "--file %s: read failed", path);
-        return NULL;
-    }
-    buf[n] = '\0';
-    fclose(f);
-    *len = (size_t)n;
+    char *buf = f ? read_stream(f, len) : NULL;
+    if (!buf) qerr_set(err, "--file %s: cannot read: %s", path, strerror(errno));
+    if (f) fclose(f);
     return buf;
 }
 

@@ -8,38 +8,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "cli/cli_common.h"
 #include "cli/commands.h"
 #include "text/tokenizer.h"
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-/* Reads all of stdin into a malloc'd buffer; NULL on error. */
-static char *read_stdin(size_t *len) {
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    while (buf) {
-        if (n == cap) {
-            char *nb = realloc(buf, cap *= 2);
-            if (!nb) break;
-            buf = nb;
-        }
-        size_t got = fread(buf + n, 1, cap - n, stdin);
-        n += got;
-        if (got == 0) {
-            if (ferror(stdin)) break;
-            *len = n;
-            return buf;
-        }
-    }
-    free(buf);
-    return NULL;
-}
 
 static void tokenize_usage(FILE *f) {
     fprintf(f,
@@ -79,9 +51,9 @@ int cmd_tokenize(int argc, char **argv) {
         return 2;
     }
     QErr err;
-    double t0 = now_s();
+    double t0 = now_seconds();
     Tok *tok = tok_load(dir, &err);
-    double load_s = now_s() - t0;
+    double load_s = now_seconds() - t0;
     if (!tok) {
         fprintf(stderr, "quill tokenize: %s\n", err.msg);
         return 1;
@@ -91,7 +63,7 @@ int cmd_tokenize(int argc, char **argv) {
     if (text) {
         len = strlen(text);
     } else {
-        input = read_stdin(&len);
+        input = read_stream(stdin, &len);
         if (!input) {
             fprintf(stderr, "quill tokenize: cannot read stdin: %s\n", strerror(errno));
             tok_free(tok);
@@ -106,13 +78,13 @@ int cmd_tokenize(int argc, char **argv) {
     for (long r = 0; r < (bench ? bench : 1); r++) {
         free(ids);
         ids = NULL;
-        t0 = now_s();
+        t0 = now_seconds();
         if (tok_encode(tok, text, len, &ids, &n, &err)) {
             fprintf(stderr, "quill tokenize: %s\n", err.msg);
             rc = 1;
             break;
         }
-        double dt = now_s() - t0;
+        double dt = now_seconds() - t0;
         if (r == 0 || dt < best) best = dt;
     }
     if (!rc && bench) {
@@ -195,7 +167,7 @@ int cmd_detokenize(int argc, char **argv) {
     }
     if (!from_args) {
         size_t len;
-        input = read_stdin(&len);
+        input = read_stream(stdin, &len);
         if (!input) {
             fprintf(stderr, "quill detokenize: cannot read stdin: %s\n", strerror(errno));
             rc = 1;

@@ -61,7 +61,9 @@ void st_close(StModel *m);
 
 size_t st_count(const StModel *m);
 const StTensor *st_at(const StModel *m, size_t i);          /* sorted by name */
-const StTensor *st_find(const StModel *m, const char *name); /* NULL if absent; O(log n) */
+/* NULL if absent; O(log n). The result is st_at(m, i) for its index i (so callers may index
+ * per-tensor arrays by `t - st_at(m, 0)`). */
+const StTensor *st_find(const StModel *m, const char *name);
 /* The string value of `__metadata__[key]` in the (first) file, or NULL. */
 const char *st_metadata(const StModel *m, const char *key);
 

@@ -18,34 +18,10 @@
 
 /* ---- loading ----------------------------------------------------------------------------- */
 
-typedef struct NameSet {
-    char **names;
-    size_t n, cap;
-} NameSet;
-
-static void names_add(NameSet *s, const char *name) {
-    if (s->n == s->cap) {
-        s->cap = s->cap ? 2 * s->cap : 64;
-        s->names = realloc(s->names, s->cap * sizeof *s->names);
-    }
-    s->names[s->n++] = strdup(name);
-}
-
-static bool names_has(const NameSet *s, const char *name) {
-    for (size_t i = 0; i < s->n; i++)
-        if (!strcmp(s->names[i], name)) return true;
-    return false;
-}
-
-static void names_free(NameSet *s) {
-    for (size_t i = 0; i < s->n; i++) free(s->names[i]);
-    free(s->names);
-}
-
 typedef struct Loader {
     Model *m;
     const char *dir;
-    NameSet used;
+    bool *used;   /* [st_count]: tensors the config accounts for (leftovers are errors) */
     QErr *err;
 } Loader;
 
@@ -71,7 +47,7 @@ static const StTensor *need(Loader *L, const char *name, int ndim, int64_t d0, i
         qerr_set(L->err, "%s: tensor '%s' has shape %s, config.json implies %s", t->file, name, got, want);
         return NULL;
     }
-    names_add(&L->used, name);
+    L->used[t - st_at(L->m->st, 0)] = true;
     return t;
 }
 
@@ -228,8 +204,12 @@ Model *model_create(const QwenConfig *cfg, const GenConfig *gen, StModel *st, Ba
     m->st = st;
     m->cfg = *cfg;
     m->gen = *gen;
-    Loader L = {.m = m, .dir = dir, .err = err};
+    Loader L = {.m = m, .dir = dir, .err = err, .used = calloc(st_count(st) + 1, sizeof(bool))};
     const QwenConfig *c = &m->cfg;
+    if (!L.used) {
+        qerr_set(err, "out of memory");
+        goto fail;
+    }
     m->opt = opt ? *opt : model_default_options(c);
     if (m->opt.max_ctx > c->max_position_embeddings) m->opt.max_ctx = c->max_position_embeddings;
     if (m->opt.max_step_tokens < 1 || m->opt.max_seqs < 1 || m->opt.block_size < 1 || m->opt.max_ctx < 1) {
@@ -260,7 +240,7 @@ Model *model_create(const QwenConfig *cfg, const GenConfig *gen, StModel *st, Ba
 
     for (size_t i = 0; i < st_count(m->st); i++) {
         const StTensor *t = st_at(m->st, i);
-        if (!names_has(&L.used, t->name)) {
+        if (!L.used[i]) {
             qerr_set(err, "%s: unexpected tensor '%s' (not part of a %d-layer Qwen3)", t->file, t->name, c->num_hidden_layers);
             goto fail;
         }
@@ -288,10 +268,10 @@ Model *model_create(const QwenConfig *cfg, const GenConfig *gen, StModel *st, Ba
         .head_dim = c->head_dim,
     };
     if (!(m->kv = be->ops->kv_alloc(be, &m->kv_shape, err))) goto fail;
-    names_free(&L.used);
+    free(L.used);
     return m;
 fail:
-    names_free(&L.used);
+    free(L.used);
     model_free(m);
     return NULL;
 }

@@ -113,9 +113,8 @@ struct Linear {
     } part[MAX_PARTS];
 };
 
-static float *to_f32_copy(const StTensor *t, size_t n) {
-    float *out = malloc(n * sizeof(float));
-    if (!out) return NULL;
+/* out[i] = element i of a BF16/F16/F32 tensor, as float32 (exact widening). */
+static void to_f32(float *out, const StTensor *t, size_t n) {
     for (size_t i = 0; i < n; i++) {
         if (t->dtype == DT_BF16)
             out[i] = bf16_to_f32(((const uint16_t *)t->data)[i]);
@@ -124,7 +123,6 @@ static float *to_f32_copy(const StTensor *t, size_t n) {
         else
             out[i] = ((const float *)t->data)[i];
     }
-    return out;
 }
 
 static void cpu_linear_free(Backend *be, Linear *l) {
@@ -179,7 +177,9 @@ static Linear *cpu_linear_load(Backend *be, const LinearSource *parts, int n_par
             l->part[i].q4 = (Q4Weights){.codes = l->part[i].codes, .sz = l->part[i].sz, .group = s->group_size};
         } else if (s->dense->dtype == DT_F16) {
             l->part[i].dtype = DT_F32;
-            l->part[i].owned = to_f32_copy(s->dense, (size_t)(s->n * s->k));
+            size_t count = (size_t)(s->n * s->k);
+            l->part[i].owned = malloc(count * sizeof(float));
+            if (l->part[i].owned) to_f32(l->part[i].owned, s->dense, count);
             l->part[i].w = l->part[i].owned;
             if (!l->part[i].owned) {
                 cpu_linear_free(be, l);
@@ -201,14 +201,7 @@ static float *cpu_vector_load(Backend *be, const StTensor *t, QErr *err) {
         qerr_set(err, "out of memory loading %s", t->name);
         return NULL;
     }
-    float *tmp = to_f32_copy(t, n);
-    if (!tmp) {
-        cpu_free(be, v);
-        qerr_set(err, "out of memory loading %s", t->name);
-        return NULL;
-    }
-    memcpy(v, tmp, n * sizeof(float));
-    free(tmp);
+    to_f32(v, t, n);
     return v;
 }
 
