@@ -2,7 +2,8 @@
 # gpu_bench.sh — on a GPU machine, after scripts/gpu_build.sh (or gpu_check.sh): builds
 # tests/backend/bench_cuda_decode.cu against the CUDA backend library and times a Qwen3-8B-shaped
 # batch-1 decode step (int4, then bf16) at context 512 next to a copy-bandwidth probe of the same
-# run. Output to stdout and $OUT/bench.txt. Usage: scripts/gpu_bench.sh [extra bench args]
+# run, then one step's linear layers alone at M = 1 .. 2048 tokens (both dtypes). Output to stdout
+# and $OUT/bench.txt. Usage: scripts/gpu_bench.sh [extra bench args]
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${BUILD:-$root/build-gpu}
@@ -20,6 +21,11 @@ nvcc -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc $cuflags tests/b
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
     timeout 100 "$build/bench_cuda_decode" --dtype int4 --ctx 512 "$@"
     timeout 100 "$build/bench_cuda_decode" --dtype bf16 --ctx 512 "$@"
+    for dt in int4 bf16; do # one step's linear layers alone, from decode to prefill token counts
+        timeout 150 "$build/bench_cuda_decode" --dtype $dt --matmul-m 1,2,8,16,32,64,128,256,512,1024,2048 "$@"
+    done
+    # batched decode attention at the serving benchmark's mean context (512 prompt + 128)
+    timeout 100 "$build/bench_cuda_decode" --ctx 640 --attn-seqs 1,8,64,256 "$@"
 } 2>&1 | tee "$out/bench.txt"
 # PROFILE=1: Nsight Compute over the kernels of one 2-layer int4 decode step (clocks as found)
 if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then

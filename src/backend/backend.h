@@ -63,6 +63,7 @@ typedef struct AttnMeta {
 
 typedef struct BackendOps {
     const char *name;
+    int kv_value_bytes; /* bytes of one cached K or V value (what kv_alloc's pools hold) */
     void (*destroy)(Backend *be);
 
     /* memory */
@@ -91,12 +92,14 @@ typedef struct BackendOps {
     void (*embed)(Backend *be, float *x, const int32_t *ids, int M, const Embedding *table);
     /* y[M][N] = x[M][K] * W^T */
     void (*matmul)(Backend *be, float *y, const float *x, int M, const Linear *w);
-    /* y[m] = x[m] / rms(x[m]) * w, rows of D; y may equal x */
-    void (*rmsnorm)(Backend *be, float *y, const float *x, const float *w, int M, int D, float eps);
+    /* y[M][N] += x[M][K] * W^T (a projection added to the residual stream); y and x distinct */
+    void (*matmul_add)(Backend *be, float *y, const float *x, int M, const Linear *w);
+    /* y[M][N] = RMSNorm(x)[M][K] * W^T, where RMSNorm(x)[m] = x[m] / rms(x[m]) * norm_w (the
+     * layer's input norms feed only a matmul, so a backend may fuse the two); x is unchanged */
+    void (*norm_matmul)(Backend *be, float *y, const float *x, const float *norm_w, float eps, int M,
+                        const Linear *w);
     /* dst[r] = src[rows[r]] for r < n, rows of width floats (rows: device ints, ascending) */
     void (*gather_rows)(Backend *be, float *dst, const float *src, const int32_t *rows, int n, int width);
-    /* y += x, n elements */
-    void (*add)(Backend *be, float *y, const float *x, size_t n);
     /* h[m][i] = silu(g[m][i]) * u[m][i]; gate_up is [M][2*I] (gate first), h is [M][I] */
     void (*swiglu)(Backend *be, float *h, const float *gate_up, int M, int I);
     /* cs[m][i] = cos(positions[m] * inv_freq[i]), cs[m][half + i] = sin(...), i < half, in

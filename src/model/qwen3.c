@@ -392,24 +392,21 @@ float *model_forward(Model *m, const Step *step, int *n_rows) {
     op->rope_cos_sin(be, m->cs, meta.positions, T, m->inv_freq, hd / 2);
     for (int l = 0; l < c->num_hidden_layers; l++) {
         const LayerWeights *w = &m->layers[l];
-        op->rmsnorm(be, m->xb, m->x, w->attn_norm, T, H, eps);
-        op->matmul(be, m->qkv, m->xb, T, w->qkv);
+        /* x += o(attention(q, k, v)), with q|k|v = rmsnorm(x) W_qkv^T */
+        op->norm_matmul(be, m->qkv, m->x, w->attn_norm, eps, T, w->qkv);
         op->qk_norm_rope_store(be, m->qkv, w->q_norm, w->k_norm, m->cs, T, nh, nkv, hd, eps, m->kv, l, &meta);
         op->attention(be, m->attn, m->qkv, nh, nkv, hd, m->kv, l, &meta);
-        op->matmul(be, m->xb, m->attn, T, w->o);
-        op->add(be, m->x, m->xb, (size_t)T * H);
+        op->matmul_add(be, m->x, m->attn, T, w->o);
 
-        op->rmsnorm(be, m->xb, m->x, w->mlp_norm, T, H, eps);
-        op->matmul(be, m->gate_up, m->xb, T, w->gate_up);
+        /* x += down(silu(gate) * up), with gate|up = rmsnorm(x) W_gate_up^T */
+        op->norm_matmul(be, m->gate_up, m->x, w->mlp_norm, eps, T, w->gate_up);
         op->swiglu(be, m->h, m->gate_up, T, I);
-        op->matmul(be, m->xb, m->h, T, w->down);
-        op->add(be, m->x, m->xb, (size_t)T * H);
+        op->matmul_add(be, m->x, m->h, T, w->down);
     }
 
     /* Only the rows whose logits are wanted go through the final norm and lm_head. */
     op->gather_rows(be, m->xb, m->x, meta.logit_rows, rows, H);
-    op->rmsnorm(be, m->xb, m->xb, m->final_norm, rows, H, eps);
-    op->matmul(be, m->logits, m->xb, rows, m->lm_head);
+    op->norm_matmul(be, m->logits, m->xb, m->final_norm, eps, rows, m->lm_head);
     if (graphable) op->graph_end(be, key);
     *n_rows = rows;
     return m->logits;

@@ -7,9 +7,14 @@
  *
  *   nvcc -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc \
  *        tests/backend/bench_cuda_decode.cu build-gpu/libquill_cuda.a -lcublas -o /tmp/bench
- *   /tmp/bench [--dtype int4|bf16] [--ctx N] [--layers L] [--reps R] [--profile]
+ *   /tmp/bench [--dtype int4|bf16] [--ctx N] [--layers L] [--reps R] [--profile] [--matmul-m LIST]
+ *              [--attn-seqs LIST]
  *
  * --profile runs one decode step eagerly and exits (for ncu: the step's kernels, nothing else).
+ * --matmul-m 1,16,128,... times, for each M of the list instead of the decode step, one step's
+ * 4 x L linear layers (qkv, o, gate_up, down; the backend table's matmul, as a CUDA graph) on M
+ * tokens, with the FLOP rate and the rate at which the weights are read. --attn-seqs 1,64,...
+ * times instead one step's L decode attentions for that many sequences of context --ctx each.
  * The layer sequence is model_forward's (src/model/qwen3.c), issued through the backend table. */
 #include <math.h>
 #include <stdio.h>
@@ -118,7 +123,7 @@ void die(const char *what, const QErr &err) {
 }
 
 /* model_forward's layer walk (qwen3.c) for T tokens of one sequence; matmuls_only skips all but
- * the matmuls (to see what the rest costs). */
+ * the matmuls (with the norms and residual adds they fuse), to see what the rest costs. */
 void forward(Bench *b, const AttnMeta *m, int T, bool matmuls_only) {
     const BackendOps *op = b->op;
     Backend *be = b->be;
@@ -126,27 +131,18 @@ void forward(Bench *b, const AttnMeta *m, int T, bool matmuls_only) {
     if (!matmuls_only) op->rope_cos_sin(be, b->cs, m->positions, T, b->inv_freq, HD / 2);
     for (int l = 0; l < b->L; l++) {
         const Layer *w = &b->layers[l];
-        if (!matmuls_only) op->rmsnorm(be, b->xb, b->x, w->attn_norm, T, H, eps);
-        op->matmul(be, b->qkv, b->xb, T, w->qkv);
+        op->norm_matmul(be, b->qkv, b->x, w->attn_norm, eps, T, w->qkv);
         if (!matmuls_only) {
             op->qk_norm_rope_store(be, b->qkv, w->q_norm, w->k_norm, b->cs, T, NH, NKV, HD, eps, b->kv, l, m);
             op->attention(be, b->attn, b->qkv, NH, NKV, HD, b->kv, l, m);
         }
-        op->matmul(be, b->xb, b->attn, T, w->o);
-        if (!matmuls_only) {
-            op->add(be, b->x, b->xb, (size_t)T * H);
-            op->rmsnorm(be, b->xb, b->x, w->mlp_norm, T, H, eps);
-        }
-        op->matmul(be, b->gate_up, b->xb, T, w->gate_up);
+        op->matmul_add(be, b->x, b->attn, T, w->o);
+        op->norm_matmul(be, b->gate_up, b->x, w->mlp_norm, eps, T, w->gate_up);
         if (!matmuls_only) op->swiglu(be, b->h, b->gate_up, T, I);
-        op->matmul(be, b->xb, b->h, T, w->down);
-        if (!matmuls_only) op->add(be, b->x, b->xb, (size_t)T * H);
+        op->matmul_add(be, b->x, b->h, T, w->down);
     }
-    if (!matmuls_only) {
-        op->gather_rows(be, b->xb, b->x, m->logit_rows, 1, H);
-        op->rmsnorm(be, b->xb, b->xb, b->final_norm, 1, H, eps);
-    }
-    op->matmul(be, b->logits, b->xb, 1, b->lm_head);
+    if (!matmuls_only) op->gather_rows(be, b->xb, b->x, m->logit_rows, 1, H);
+    op->norm_matmul(be, b->logits, b->xb, b->final_norm, eps, 1, b->lm_head);
 }
 
 /* Metadata of one step: T tokens ending at context ctx, logits for the last. */
@@ -198,12 +194,106 @@ double time_graph(Bench *b, uint64_t key, F fn, int reps, int inner, bool with_u
     return med;
 }
 
+/* --matmul-m: one step's linear layers at each M of Ms (inputs random, sized for the largest M).
+ * Returns nonzero when a CUDA error was recorded. */
+int matmul_steps(Bench *b, const int *Ms, int n_M, bool q4, int reps) {
+    const BackendOps *op = b->op;
+    int max_m = 1;
+    for (int i = 0; i < n_M; i++) max_m = Ms[i] > max_m ? Ms[i] : max_m;
+    const size_t QKV = (size_t)(NH + 2 * NKV) * HD;
+    /* inputs: x [M][H] (qkv, gate_up), attn [M][H] (o), h [M][I] (down); outputs per shape */
+    float *x = (float *)op->alloc(b->be, (size_t)max_m * H * 4);
+    float *attn = (float *)op->alloc(b->be, (size_t)max_m * H * 4);
+    float *h = (float *)op->alloc(b->be, (size_t)max_m * I * 4);
+    float *qkv = (float *)op->alloc(b->be, (size_t)max_m * QKV * 4);
+    float *gate_up = (float *)op->alloc(b->be, (size_t)max_m * 2 * I * 4);
+    float *out = (float *)op->alloc(b->be, (size_t)max_m * H * 4);
+    if (!x || !attn || !h || !qkv || !gate_up || !out) {
+        fprintf(stderr, "bench: out of GPU memory for M = %d\n", max_m);
+        return 1;
+    }
+    float *host = (float *)malloc((size_t)max_m * I * 4);
+    for (size_t i = 0; i < (size_t)max_m * I; i++) host[i] = (float)((int)(next() % 2001) - 1000) * 1e-3f;
+    op->to_device(b->be, x, host, (size_t)max_m * H * 4);
+    op->to_device(b->be, attn, host, (size_t)max_m * H * 4);
+    op->to_device(b->be, h, host, (size_t)max_m * I * 4);
+    free(host);
+    const double weights = (double)(linear_bytes((int)QKV, H, q4) + linear_bytes(H, NH * HD, q4) +
+                                    linear_bytes(2 * I, H, q4) + linear_bytes(H, I, q4)) * b->L;
+    const double macs = ((double)QKV * H + (double)H * NH * HD + 2.0 * I * H + (double)H * I) * b->L;
+    printf("qwen3-8b shapes, %d layers, %s linears (g%d): one step's %d matmuls (graph)\n", b->L, q4 ? "int4" : "bf16",
+           G, 4 * b->L);
+    for (int i = 0; i < n_M; i++) {
+        const int M = Ms[i], inner = M <= 64 ? 10 : M <= 512 ? 3 : 1;
+        double t = time_graph(b, 100 + (uint64_t)i, [&] {
+            for (int l = 0; l < b->L; l++) {
+                const Layer *ly = &b->layers[l];
+                op->matmul(b->be, qkv, x, M, ly->qkv);
+                op->matmul(b->be, out, attn, M, ly->o);
+                op->matmul(b->be, gate_up, x, M, ly->gate_up);
+                op->matmul(b->be, out, h, M, ly->down);
+            }
+        }, reps, inner, false, NULL);
+        printf("  matmul-step M=%-5d time=%9.3f ms  TFLOP/s=%7.1f  GB/s(weights)=%6.0f\n", M, t * 1e3,
+               2.0 * macs * M / t / 1e12, weights / t / 1e9);
+    }
+    const char *e = cuda_backend_error(b->be);
+    printf("  CUDA error: %s\n", e ? e : "none");
+    return e ? 1 : 0;
+}
+
+/* --attn-seqs: one step's 36 decode attentions for S sequences of context ctx each (distinct
+ * KV blocks per sequence, so the cache is read from HBM as in serving). Returns nonzero on a
+ * CUDA error. */
+int attention_steps(Bench *b, const int *Ss, int n_S, int ctx, int reps) {
+    const BackendOps *op = b->op;
+    int max_s = 1;
+    for (int i = 0; i < n_S; i++) max_s = Ss[i] > max_s ? Ss[i] : max_s;
+    const int mb = (ctx + BS - 1) / BS, W = (NH + 2 * NKV) * HD;
+    QErr err;
+    KVShape ks = {b->L, max_s * mb, BS, NKV, HD};
+    if (!(b->kv = op->kv_alloc(b->be, &ks, &err))) die("kv_alloc", err);
+    float *qkv = (float *)op->alloc(b->be, (size_t)max_s * W * 4), *out = (float *)op->alloc(b->be, (size_t)max_s * NH * HD * 4);
+    size_t meta_n = (size_t)max_s * (5 + mb) + 1;
+    int32_t *h = (int32_t *)calloc(meta_n, 4), *d = (int32_t *)op->alloc(b->be, meta_n * 4);
+    if (!qkv || !out || !d) die("attention buffers", err);
+    float *xq = (float *)malloc((size_t)max_s * W * 4);
+    for (size_t i = 0; i < (size_t)max_s * W; i++) xq[i] = (float)((int)(next() % 2001) - 1000) * 1e-3f;
+    op->to_device(b->be, qkv, xq, (size_t)max_s * W * 4);
+    printf("decode attention, ctx %d, %d layers (graph), KV bf16 read once per kv head\n", ctx, b->L);
+    for (int i = 0; i < n_S; i++) {
+        const int S = Ss[i];
+        int32_t *q_start = h, *ctx_len = q_start + S + 1, *tables = ctx_len + S, *pos = tables + (size_t)S * mb,
+                *slots = pos + S, *rows = slots + S;
+        for (int s = 0; s < S; s++) {
+            q_start[s] = s, ctx_len[s] = ctx, pos[s] = ctx - 1, rows[s] = s;
+            for (int j = 0; j < mb; j++) tables[(size_t)s * mb + j] = s * mb + j;
+            slots[s] = tables[(size_t)s * mb + (ctx - 1) / BS] * BS + (ctx - 1) % BS;
+        }
+        q_start[S] = S;
+        op->to_device(b->be, d, h, (size_t)(rows + S - h) * 4);
+        AttnMeta m = {S, S, mb, ctx, 1, d, d + (ctx_len - h), d + (tables - h), d + (pos - h), d + (slots - h),
+                      d + (rows - h), S};
+        double t = time_graph(b, 200 + (uint64_t)i, [&] {
+            for (int l = 0; l < b->L; l++) op->attention(b->be, out, qkv, NH, NKV, HD, b->kv, l, &m);
+        }, reps, 5, false, NULL);
+        const double kv_bytes = (double)S * ctx * NKV * HD * 2 * 2 * b->L;
+        printf("  attention S=%-4d time=%8.3f ms  (%6.1f us per layer)  KV %.2f GB at %5.0f GB/s\n", S, t * 1e3,
+               t * 1e6 / b->L, kv_bytes / 1e9, kv_bytes / t / 1e9);
+    }
+    free(h), free(xq);
+    const char *e = cuda_backend_error(b->be);
+    printf("  CUDA error: %s\n", e ? e : "none");
+    return e ? 1 : 0;
+}
+
 } // namespace
 
 int main(int argc, char **argv) {
     bool q4 = true;
     int ctx = 512, L = 36, reps = 15;
     bool profile = false;
+    int mm[32], n_mm = 0, as[32], n_as = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--dtype") && i + 1 < argc) {
             q4 = !strcmp(argv[++i], "int4");
@@ -215,8 +305,16 @@ int main(int argc, char **argv) {
             reps = atoi(argv[++i]);
         } else if (!strcmp(argv[i], "--profile")) {
             profile = true;
+        } else if ((!strcmp(argv[i], "--matmul-m") || !strcmp(argv[i], "--attn-seqs")) && i + 1 < argc) {
+            int *list = argv[i][2] == 'm' ? mm : as, *n = argv[i][2] == 'm' ? &n_mm : &n_as;
+            for (char *p = argv[++i], *end; *p && *n < 32; p = *end ? end + 1 : end) {
+                list[*n] = (int)strtol(p, &end, 10);
+                if (end == p || list[*n] < 1) return 2;
+                ++*n;
+            }
         } else {
-            fprintf(stderr, "usage: %s [--dtype int4|bf16] [--ctx N] [--layers L] [--reps R] [--profile]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--dtype int4|bf16] [--ctx N] [--layers L] [--reps R] [--profile]"
+                            " [--matmul-m M,M,...] [--attn-seqs S,S,...]\n", argv[0]);
             return 2;
         }
     }
@@ -264,6 +362,15 @@ int main(int argc, char **argv) {
     b.inv_freq = (float *)op->alloc(b.be, sizeof inv);
     op->to_device(b.be, b.inv_freq, inv, sizeof inv);
     double t_load = now_s() - t0;
+    if (n_mm || n_as) {
+        int rc = n_mm ? matmul_steps(&b, mm, n_mm, q4, reps) : attention_steps(&b, as, n_as, ctx, reps);
+        free(ones);
+        free_host_linear(&hq), free_host_linear(&hk), free_host_linear(&hv), free_host_linear(&ho);
+        free_host_linear(&hg), free_host_linear(&hu), free_host_linear(&hd), free_host_linear(&hlm);
+        b.be->ops->destroy(b.be);
+        free(b.layers);
+        return rc;
+    }
 
     const int T = ctx - 1, max_blocks = (ctx + BS - 1) / BS;
     KVShape ks = {L, max_blocks, BS, NKV, HD};
@@ -314,31 +421,23 @@ int main(int argc, char **argv) {
         t_mat[w] = time_graph(&b, 10 + w, [&] {
             for (int l = 0; l < L; l++) {
                 const Layer *ly = &b.layers[l];
-                if (w == 0) op->matmul(b.be, b.qkv, b.xb, 1, ly->qkv);
-                if (w == 1) op->matmul(b.be, b.xb, b.attn, 1, ly->o);
-                if (w == 2) op->matmul(b.be, b.gate_up, b.xb, 1, ly->gate_up);
-                if (w == 3) op->matmul(b.be, b.xb, b.h, 1, ly->down);
+                if (w == 0) op->norm_matmul(b.be, b.qkv, b.x, ly->attn_norm, 1e-6f, 1, ly->qkv);
+                if (w == 1) op->matmul_add(b.be, b.xb, b.attn, 1, ly->o);
+                if (w == 2) op->norm_matmul(b.be, b.gate_up, b.x, ly->mlp_norm, 1e-6f, 1, ly->gate_up);
+                if (w == 3) op->matmul_add(b.be, b.xb, b.h, 1, ly->down);
             }
         }, reps, 20, false, xh);
-    const char *small_names[] = {"rmsnorm", "add", "swiglu", "qk_norm_rope_store", "attention"};
-    const int small_count[] = {2 * L, 2 * L, L, L, L};
-    double t_small[5];
-    for (int o = 0; o < 5; o++)
+    const char *small_names[] = {"swiglu", "qk_norm_rope_store", "attention"};
+    const int n_small = 3;
+    double t_small[n_small];
+    for (int o = 0; o < n_small; o++)
         t_small[o] = time_graph(&b, 20 + o, [&] {
             for (int l = 0; l < L; l++) {
                 const Layer *ly = &b.layers[l];
-                if (o == 0) {
-                    op->rmsnorm(b.be, b.xb, b.x, ly->attn_norm, 1, H, 1e-6f);
-                    op->rmsnorm(b.be, b.xb, b.x, ly->mlp_norm, 1, H, 1e-6f);
-                }
-                if (o == 1) {
-                    op->add(b.be, b.gate_up, b.xb, H);
-                    op->add(b.be, b.gate_up, b.xb, H);
-                }
-                if (o == 2) op->swiglu(b.be, b.h, b.gate_up, 1, I);
-                if (o == 3)
+                if (o == 0) op->swiglu(b.be, b.h, b.gate_up, 1, I);
+                if (o == 1)
                     op->qk_norm_rope_store(b.be, b.qkv, ly->q_norm, ly->k_norm, b.cs, 1, NH, NKV, HD, 1e-6f, b.kv, l, &dm);
-                if (o == 4) op->attention(b.be, b.attn, b.qkv, NH, NKV, HD, b.kv, l, &dm);
+                if (o == 2) op->attention(b.be, b.attn, b.qkv, NH, NKV, HD, b.kv, l, &dm);
             }
         }, reps, 20, false, xh);
     /* the same step captured with programmatic dependent launch switched the other way */
@@ -382,12 +481,12 @@ int main(int argc, char **argv) {
         printf("  %-40s %9.3f ms  %6.0f GB/s  %5.1f%% of probe  (%.1f us each)\n", name, t_mat[w] * 1e3,
                by / t_mat[w] / 1e9, 100 * by / t_mat[w] / 1e9 / probe, t_mat[w] * 1e6 / L);
     }
-    for (int o = 0; o < 5; o++) {
+    for (int o = 0; o < n_small; o++) {
         char name[64];
-        snprintf(name, sizeof name, "%s x %d alone (graph)", small_names[o], small_count[o]);
-        printf("  %-40s %9.3f ms  (%.2f us each)\n", name, t_small[o] * 1e3, t_small[o] * 1e6 / small_count[o]);
+        snprintf(name, sizeof name, "%s x %d alone (graph)", small_names[o], L);
+        printf("  %-40s %9.3f ms  (%.2f us each)\n", name, t_small[o] * 1e3, t_small[o] * 1e6 / L);
     }
-    printf("  %-40s %9.1f ms  %6.0f tokens/s\n", "prefill (eager, cuBLAS)", t_prefill * 1e3, T / t_prefill);
+    printf("  %-40s %9.1f ms  %6.0f tokens/s\n", "prefill (eager)", t_prefill * 1e3, T / t_prefill);
     printf("  logits finite: %s; CUDA error: %s\n", finite ? "yes" : "NO", e ? e : "none");
 
     free(lg), free(xh), free(ones);

@@ -26,18 +26,22 @@ typedef struct CpuBackend {
     size_t used, peak;
     float *scratch;      /* grows to the largest need; reused by every step */
     size_t scratch_n;
+    float *staged;       /* the intermediate of matmul_add / norm_matmul (they call cpu_matmul, */
+    size_t staged_n;     /* which uses scratch) */
 } CpuBackend;
 
-/* Scratch of at least n floats (kept between calls, so the forward pass does not allocate once
- * warmed up). */
-static float *scratch(CpuBackend *c, size_t n) {
-    if (n > c->scratch_n) {
-        free(c->scratch);
-        c->scratch = malloc(n * sizeof(float));
-        c->scratch_n = c->scratch ? n : 0;
+/* A buffer of at least n floats in *buf (kept between calls, so the forward pass does not
+ * allocate once warmed up). */
+static float *grow(float **buf, size_t *cap, size_t n) {
+    if (n > *cap) {
+        free(*buf);
+        *buf = malloc(n * sizeof(float));
+        *cap = *buf ? n : 0;
     }
-    return c->scratch;
+    return *buf;
 }
+
+static float *scratch(CpuBackend *c, size_t n) { return grow(&c->scratch, &c->scratch_n, n); }
 
 static float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
@@ -308,20 +312,28 @@ static void rmsnorm_row(float *y, const float *x, const float *w, int D, float e
     for (int i = 0; i < D; i++) y[i] = w[i] * (x[i] * inv);
 }
 
-static void cpu_rmsnorm(Backend *be, float *y, const float *x, const float *w, int M, int D, float eps) {
-    (void)be;
-    for (int m = 0; m < M; m++) rmsnorm_row(y + (size_t)m * D, x + (size_t)m * D, w, D, eps);
+/* The CPU gains nothing from fusing: both composite ops stage their intermediate. */
+static void cpu_matmul_add(Backend *be, float *y, const float *x, int M, const Linear *l) {
+    CpuBackend *c = cpu(be);
+    size_t n = (size_t)M * l->n;
+    float *t = grow(&c->staged, &c->staged_n, n);
+    cpu_matmul(be, t, x, M, l);
+    for (size_t i = 0; i < n; i++) y[i] += t[i];
+}
+
+static void cpu_norm_matmul(Backend *be, float *y, const float *x, const float *norm_w, float eps, int M,
+                            const Linear *l) {
+    CpuBackend *c = cpu(be);
+    int D = (int)l->k;
+    float *t = grow(&c->staged, &c->staged_n, (size_t)M * D);
+    for (int m = 0; m < M; m++) rmsnorm_row(t + (size_t)m * D, x + (size_t)m * D, norm_w, D, eps);
+    cpu_matmul(be, y, t, M, l);
 }
 
 static void cpu_gather_rows(Backend *be, float *dst, const float *src, const int32_t *rows, int n, int width) {
     (void)be;
     for (int r = 0; r < n; r++)
         memmove(dst + (size_t)r * width, src + (size_t)rows[r] * width, (size_t)width * sizeof(float));
-}
-
-static void cpu_add(Backend *be, float *y, const float *x, size_t n) {
-    (void)be;
-    for (size_t i = 0; i < n; i++) y[i] += x[i];
 }
 
 static void cpu_swiglu(Backend *be, float *h, const float *gu, int M, int I) {
@@ -483,11 +495,13 @@ static double cpu_probe_bandwidth(Backend *be) {
 static void cpu_destroy(Backend *be) {
     tp_free(cpu(be)->pool);
     free(cpu(be)->scratch);
+    free(cpu(be)->staged);
     free(be);
 }
 
 static const BackendOps CPU_OPS = {
     .name = "cpu",
+    .kv_value_bytes = sizeof(float),
     .destroy = cpu_destroy,
     .alloc = cpu_alloc,
     .free = cpu_free,
@@ -504,9 +518,9 @@ static const BackendOps CPU_OPS = {
     .kv_free = cpu_kv_free,
     .embed = cpu_embed,
     .matmul = cpu_matmul,
-    .rmsnorm = cpu_rmsnorm,
+    .matmul_add = cpu_matmul_add,
+    .norm_matmul = cpu_norm_matmul,
     .gather_rows = cpu_gather_rows,
-    .add = cpu_add,
     .swiglu = cpu_swiglu,
     .rope_cos_sin = cpu_rope_cos_sin,
     .qk_norm_rope_store = cpu_qk_norm_rope_store,

@@ -1,5 +1,5 @@
 /* cuda_backend.cu — the CUDA backend: device memory, weight upload, the KV pool, CUDA graphs,
- * and the op table that forwards to the kernels of cuda_gemv.cu, cuda_ops.cu,
+ * and the op table that forwards to the kernels of cuda_gemv.cu, cuda_gemm_q4.cu, cuda_ops.cu,
  * cuda_attention.cu and cuda_sample.cu.
  *
  * Trade-offs:
@@ -7,10 +7,12 @@
  *    int4 keeps the checkpoint's codes as they are (they already suit 16-byte loads) with scale
  *    and zero packed into one word per group, so an int4 model costs its file size on the GPU.
  *    Stacked parts (q|k|v, gate|up) become one matrix and one launch.
- *  - Small M (decode, <= 8 rows) uses our GEMV kernels (cuda_gemv.cu), built to stream weights
- *    from HBM once. Larger M (prefill) converts x to bf16 and calls cuBLAS; int4 weights are first
- *    dequantized to a bf16 scratch in slices of at most 32 MB (a fused int4 GEMM is future work),
- *    so prefill pays ~4.5 bytes per int4 weight instead of 0.5.
+ *  - Batch-1 decode (M = 1) uses our GEMV kernels (cuda_gemv.cu), built to stream weights from
+ *    HBM once. Larger M converts x to bf16: int4 parts up to kGemmQ4MaxM rows (batched decode,
+ *    chunked prefill) go to our tensor-core int4 GEMM (cuda_gemm_q4.cu), which reads the codes as
+ *    they are (0.5 byte per weight); bf16 parts, and int4 parts at larger M, call cuBLAS, int4
+ *    weights first dequantized to a bf16 scratch one matrix at a time (~4.5 bytes per weight,
+ *    which cuBLAS's higher bf16 rate outweighs at large M). See kGemmQ4MaxM for the measurements.
  *  - The embedding table stays in host memory: M rows are gathered and converted on the host
  *    into pinned memory and uploaded (16 KB per decode token), which keeps ~1.2 GB off the GPU.
  *  - Ops cannot fail (backend.h), so a CUDA error is recorded (the first one wins) for
@@ -46,7 +48,17 @@ namespace {
  * the same flags) was compiled for. */
 __global__ void arch_probe_kernel() {}
 
-constexpr size_t kDequantElems = (size_t)16 << 20; /* bf16 elements of the int4 dequant scratch */
+/* Which kernel multiplies at which M (H100, one step's 144 linears of Qwen3-8B, bench_cuda_decode
+ * --matmul-m): int4 at M = 1 streams through the fixed-point GEMV (2.04 ms); from M = 2 the
+ * tensor-core GEMM reads the codes directly (M = 2..16: 2.85-2.92 ms); above kGemmQ4MaxM the
+ * weights are dequantized to bf16 one matrix at a time for cuBLAS, whose tensor-core rate then
+ * outweighs the extra ~4 bytes per weight (M = 512: 18.0 vs 26.1 ms, M = 2048: 53.7 vs 102.8).
+ * bf16 uses the GEMV only at M = 1: cuBLAS is as fast from M = 2. */
+constexpr int kGemmQ4MaxM = 256;
+constexpr int kBf16GemvMaxM = 1;
+constexpr size_t kDequantElems = (size_t)128 << 20; /* bf16 elements of the dequant scratch (the
+                                                       largest Qwen3-8B matrix is 100 M) */
+constexpr size_t kConvertElems = (size_t)16 << 20;  /* host staging when converting weights */
 constexpr size_t kBlasWorkspace = (size_t)32 << 20;
 constexpr int kMaxParts = 3;
 
@@ -71,6 +83,8 @@ struct CudaBackend {
     size_t n_allocs, cap_allocs;
     __nv_bfloat16 *xb; /* x as bf16 for cuBLAS, xb_n elements */
     size_t xb_n;
+    float *xn;         /* RMSNorm(x) where a matmul cannot apply the norm itself, xn_n floats */
+    size_t xn_n;
     __nv_bfloat16 *dq; /* dequantized int4 rows for cuBLAS, dq_n elements */
     size_t dq_n;
     void **retired; /* scratch replaced while graphs may still point into it */
@@ -267,7 +281,7 @@ int upload_dense(CudaBackend *c, uint16_t *dst, const StTensor *t, int64_t n, in
         release_pages(t, t->data, (size_t)(n * k) * 2);
         return 0;
     }
-    int64_t rows = (int64_t)(kDequantElems / (size_t)k_pad);
+    int64_t rows = (int64_t)(kConvertElems / (size_t)k_pad);
     if (rows < 1) rows = 1;
     if (rows > n) rows = n;
     uint16_t *buf = static_cast<uint16_t *>(malloc((size_t)(rows * k_pad) * 2));
@@ -580,63 +594,100 @@ void cu_embed(Backend *be, float *x, const int32_t *ids, int M, const Embedding 
     note(c, cudaEventRecord(c->embed_done, c->st), "embed");
 }
 
-/* y[:, off .. off + n) = x_bf16 [M][k] * A^T with A bf16 [n][lda]; y row stride ldy. */
-void gemm(CudaBackend *c, const __nv_bfloat16 *a, int n, int lda, int k, int M, float *y, int ldy) {
-    const float one = 1.0f, zero = 0.0f;
+/* y[:, off .. off + n) (+)= x_bf16 [M][k] * A^T with A bf16 [n][lda]; y row stride ldy. */
+void gemm(CudaBackend *c, const __nv_bfloat16 *a, int n, int lda, int k, int M, float *y, int ldy, bool accumulate) {
+    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     note_blas(c,
               cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, M, k, &one, a, CUDA_R_16BF, lda, c->xb, CUDA_R_16BF, k,
-                           &zero, y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                           &beta, y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
               "matmul (cuBLAS)");
 }
 
-void cu_matmul(Backend *be, float *y, const float *x, int M, const Linear *l) {
-    CudaBackend *c = cb(be);
+/* Which kernel multiplies one matrix at M rows. */
+enum class MatPath { Gemv, GemmQ4, DequantBlas, Blas };
+
+MatPath mat_path(const CuMat *m, int M) {
+    if (!m->group) return M <= kBf16GemvMaxM ? MatPath::Gemv : MatPath::Blas;
+    if (M == 1 && cu_gemv_fuses_norm(m)) return MatPath::Gemv; /* the batch-1 int4 kernel */
+    return M <= kGemmQ4MaxM ? MatPath::GemmQ4 : MatPath::DequantBlas;
+}
+
+/* y (+)= x' W^T with x' = x, or RMSNorm(x) when norm_w is set. The decode GEMV kernels apply the
+ * norm and the accumulation themselves where they can (int4, M = 1); elsewhere the norm is
+ * written to c->xn first. Every other kernel accumulates too (cuBLAS with beta = 1). */
+void matmul(CudaBackend *c, float *y, const float *x, int M, const Linear *l, const float *norm_w, float eps,
+            bool accumulate) {
     if (M <= 0) return;
     use_device(c);
     const int ldy = (int)l->n, K = (int)l->k;
-    if (M <= CU_GEMV_MAX_M) {
-        for (int i = 0; i < l->n_mats; i++) note(c, cu_gemv(c->st, &l->mat[i], x, M, y, ldy, c->sms), "matmul");
-        return;
-    }
-    if (!grow(c, reinterpret_cast<void **>(&c->xb), &c->xb_n, (size_t)M * K, sizeof(__nv_bfloat16))) {
-        note(c, cudaErrorMemoryAllocation, "matmul scratch");
-        return;
-    }
-    if (!note(c, cu_to_bf16(c->st, x, c->xb, (size_t)M * K), "matmul")) return;
+    bool fused_norm = norm_w != nullptr, need_bf16 = false;
     for (int i = 0; i < l->n_mats; i++) {
-        const CuMat *m = &l->mat[i];
-        if (!m->group) {
-            gemm(c, static_cast<const __nv_bfloat16 *>(m->w), m->n, m->k_pad, K, M, y + m->n0, ldy);
-            continue;
-        }
-        size_t rows = kDequantElems / (size_t)K;
-        if (rows < 1) rows = 1;
-        if (rows > (size_t)m->n) rows = (size_t)m->n;
-        if (!grow(c, reinterpret_cast<void **>(&c->dq), &c->dq_n, rows * K, sizeof(__nv_bfloat16))) {
+        MatPath p = mat_path(&l->mat[i], M);
+        fused_norm = fused_norm && p == MatPath::Gemv && l->mat[i].group;
+        need_bf16 = need_bf16 || p != MatPath::Gemv;
+    }
+    if (norm_w && !fused_norm) {
+        if (!grow(c, reinterpret_cast<void **>(&c->xn), &c->xn_n, (size_t)M * K, sizeof(float))) {
             note(c, cudaErrorMemoryAllocation, "matmul scratch");
             return;
         }
-        for (int r0 = 0; r0 < m->n; r0 += (int)rows) {
-            int nr = m->n - r0 < (int)rows ? m->n - r0 : (int)rows;
-            if (!note(c, cu_dequant_q4(c->st, m, r0, nr, c->dq), "matmul dequant")) return;
-            gemm(c, c->dq, nr, K, K, M, y + m->n0 + r0, ldy);
+        if (!note(c, cu_rmsnorm(c->st, c->xn, x, norm_w, M, K, eps), "rmsnorm")) return;
+        x = c->xn;
+        norm_w = nullptr;
+    }
+    if (need_bf16) {
+        if (!grow(c, reinterpret_cast<void **>(&c->xb), &c->xb_n, (size_t)M * K, sizeof(__nv_bfloat16))) {
+            note(c, cudaErrorMemoryAllocation, "matmul scratch");
+            return;
+        }
+        if (!note(c, cu_to_bf16(c->st, x, c->xb, (size_t)M * K), "matmul")) return;
+    }
+    for (int i = 0; i < l->n_mats; i++) {
+        const CuMat *m = &l->mat[i];
+        switch (mat_path(m, M)) {
+        case MatPath::Gemv:
+            note(c, cu_gemv(c->st, m, x, y, c->sms, norm_w, eps, accumulate), "matmul");
+            break;
+        case MatPath::GemmQ4:
+            note(c, cu_gemm_q4(c->st, m, c->xb, M, y, ldy, c->sms, accumulate), "matmul (int4 GEMM)");
+            break;
+        case MatPath::Blas:
+            gemm(c, static_cast<const __nv_bfloat16 *>(m->w), m->n, m->k_pad, K, M, y + m->n0, ldy, accumulate);
+            break;
+        case MatPath::DequantBlas: {
+            size_t rows = kDequantElems / (size_t)K;
+            if (rows < 1) rows = 1;
+            if (rows > (size_t)m->n) rows = (size_t)m->n;
+            if (!grow(c, reinterpret_cast<void **>(&c->dq), &c->dq_n, rows * K, sizeof(__nv_bfloat16))) {
+                note(c, cudaErrorMemoryAllocation, "matmul scratch");
+                return;
+            }
+            for (int r0 = 0; r0 < m->n; r0 += (int)rows) {
+                int nr = m->n - r0 < (int)rows ? m->n - r0 : (int)rows;
+                if (!note(c, cu_dequant_q4(c->st, m, r0, nr, c->dq), "matmul dequant")) return;
+                gemm(c, c->dq, nr, K, K, M, y + m->n0 + r0, ldy, accumulate);
+            }
+            break;
+        }
         }
     }
 }
 
-void cu_rmsnorm_op(Backend *be, float *y, const float *x, const float *w, int M, int D, float eps) {
-    CudaBackend *c = cb(be);
-    note(c, cu_rmsnorm(c->st, y, x, w, M, D, eps), "rmsnorm");
+void cu_matmul(Backend *be, float *y, const float *x, int M, const Linear *l) {
+    matmul(cb(be), y, x, M, l, nullptr, 0.0f, false);
+}
+
+void cu_matmul_add(Backend *be, float *y, const float *x, int M, const Linear *l) {
+    matmul(cb(be), y, x, M, l, nullptr, 0.0f, true);
+}
+
+void cu_norm_matmul(Backend *be, float *y, const float *x, const float *norm_w, float eps, int M, const Linear *l) {
+    matmul(cb(be), y, x, M, l, norm_w, eps, false);
 }
 
 void cu_gather_op(Backend *be, float *dst, const float *src, const int32_t *rows, int n, int width) {
     CudaBackend *c = cb(be);
     note(c, cu_gather_rows(c->st, dst, src, rows, n, width), "gather_rows");
-}
-
-void cu_add_op(Backend *be, float *y, const float *x, size_t n) {
-    CudaBackend *c = cb(be);
-    note(c, cu_add(c->st, y, x, n), "add");
 }
 
 void cu_swiglu_op(Backend *be, float *h, const float *gate_up, int M, int I) {
@@ -832,6 +883,7 @@ void cu_destroy(Backend *be) {
 
 const BackendOps CUDA_OPS = {
     .name = "cuda",
+    .kv_value_bytes = sizeof(__nv_bfloat16),
     .destroy = cu_destroy,
     .alloc = cu_alloc,
     .free = cu_free,
@@ -848,9 +900,9 @@ const BackendOps CUDA_OPS = {
     .kv_free = cu_kv_free,
     .embed = cu_embed,
     .matmul = cu_matmul,
-    .rmsnorm = cu_rmsnorm_op,
+    .matmul_add = cu_matmul_add,
+    .norm_matmul = cu_norm_matmul,
     .gather_rows = cu_gather_op,
-    .add = cu_add_op,
     .swiglu = cu_swiglu_op,
     .rope_cos_sin = cu_rope_op,
     .qk_norm_rope_store = cu_qk_op,

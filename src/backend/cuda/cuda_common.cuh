@@ -101,17 +101,27 @@ typedef struct CuMat {
     const uint32_t *sz;  /* int4: [n][k/group] words, scale bf16 in the low half, zero in the high */
 } CuMat;
 
-/* y[m][n0 + j] = sum_k x[m][k] * W[j][k] for m < M (M <= CU_GEMV_MAX_M), x row stride k, y row
- * stride ldy. sms: multiprocessor count (sizes the grid). */
-#define CU_GEMV_MAX_M 8
-cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, int M, float *y, int ldy, int sms);
+/* Batch-1 matrix-vector product: y[n0 + j] = sum_k x'[k] * W[j][k]; sms: multiprocessor count
+ * (sizes the grid). x' is x, or, when norm_w is not NULL, RMSNorm(x) with weight norm_w and eps
+ * (allowed only where cu_gemv_fuses_norm says so). With accumulate the result is added to y (the
+ * residual stream) instead of stored. */
+cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, float *y, int sms, const float *norm_w,
+                    float eps, bool accumulate);
+/* Whether this matrix takes the int4 GEMV, which also applies the RMSNorm of its input itself. */
+bool cu_gemv_fuses_norm(const CuMat *w);
+/* int4 matrices only (w->group != 0), any M >= 1 (meant for M > 1; cuda_gemm_q4.cu):
+ * y[m][n0 + j] (+)= sum_k x[m][k] * W[j][k] on the tensor cores, x bf16 [M][w->k] (16-byte
+ * aligned), y row stride ldy; sms: multiprocessor count (sizes the split of k). Products use
+ * bf16 x and bf16-rounded weights with float32 accumulation, as the dequant + cuBLAS path does.
+ * With accumulate the result is added to y instead of stored. */
+cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, int M, float *y, int ldy, int sms,
+                       bool accumulate);
 /* out[i] = bf16(x[i]) (round to nearest even) for i < n. */
 cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size_t n);
 /* Rows r0 .. r0+rows-1 of an int4 matrix dequantized to bf16 into out[rows][k]. */
 cudaError_t cu_dequant_q4(cudaStream_t st, const CuMat *w, int r0, int rows, __nv_bfloat16 *out);
 
 cudaError_t cu_rmsnorm(cudaStream_t st, float *y, const float *x, const float *w, int M, int D, float eps);
-cudaError_t cu_add(cudaStream_t st, float *y, const float *x, size_t n);
 cudaError_t cu_swiglu(cudaStream_t st, float *h, const float *gate_up, int M, int I);
 cudaError_t cu_gather_rows(cudaStream_t st, float *dst, const float *src, const int32_t *rows, int n, int width);
 cudaError_t cu_rope_cos_sin(cudaStream_t st, float *cs, const int32_t *pos, int M, const float *inv_freq, int half);

@@ -1,4 +1,4 @@
-/* cuda_ops.cu — the small kernels of a layer: RMSNorm, residual add, SwiGLU, row gather, the RoPE
+/* cuda_ops.cu — the small kernels of a layer: RMSNorm (where a matmul does not fuse it), SwiGLU, row gather, the RoPE
  * table, and q/k-norm + RoPE + KV-cache store fused into one pass over the qkv row.
  *
  * These move a few KB per token, so at decode they cost launch latency, not bandwidth: each is a
@@ -23,13 +23,6 @@ __global__ void rmsnorm_kernel(float *y, const float *x, const float *w, int D, 
     ss = block_sum(ss, red);
     const float inv = 1.0f / sqrtf(ss / (float)D + eps);
     for (int i = threadIdx.x; i < D; i += blockDim.x) yr[i] = w[i] * (xr[i] * inv);
-}
-
-__global__ void add_kernel(float *y, const float *x, size_t n) {
-    pdl_trigger();
-    pdl_wait();
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        y[i] += x[i];
 }
 
 __global__ void swiglu_kernel(float *h, const float *gu, int M, int I) {
@@ -136,11 +129,6 @@ cudaError_t cu_rmsnorm(cudaStream_t st, float *y, const float *x, const float *w
     if (M <= 0 || D <= 0) return cudaSuccess;
     int threads = D >= 4096 ? 1024 : D >= 1024 ? 512 : 256;
     return cu_launch(st, dim3(M), dim3(threads), 0, rmsnorm_kernel, y, x, w, D, eps);
-}
-
-cudaError_t cu_add(cudaStream_t st, float *y, const float *x, size_t n) {
-    if (!n) return cudaSuccess;
-    return cu_launch(st, dim3(grid_for(n, 256)), dim3(256), 0, add_kernel, y, x, n);
 }
 
 cudaError_t cu_swiglu(cudaStream_t st, float *h, const float *gate_up, int M, int I) {

@@ -1,0 +1,497 @@
+/* cuda_gemm_q4.cu — int4 x bf16 matrix products on the tensor cores, for the token counts between
+ * the decode GEMV (M <= 8) and large prefills (which dequantize to bf16 for cuBLAS): batched
+ * decode and chunked prefill. The weights are read once, as the checkpoint's int4 codes, and
+ * dequantized in registers right before the multiply, so memory traffic stays at 0.5 byte per
+ * weight plus scales; dequantizing to a bf16 scratch for cuBLAS costs ~4.5.
+ *
+ * Products. mma.sync m16n8k16 (bf16 in, f32 accumulate) in the "swapped" orientation: the 16-row
+ * A operand is 16 weight rows (output features) x 16 columns of k, which is the weights' own
+ * row-major layout, and the 8-column B operand is 8 tokens of x. Each output tile is thus
+ * features x tokens; it is written to y transposed, through shared memory.
+ *
+ * Order of k inside an mma. The A fragment of a thread holds two adjacent k columns per register,
+ * and one byte of codes holds two adjacent columns (low nibble first), so a thread takes one
+ * 32-bit word of codes (8 columns, 8t .. 8t + 7 of a 32-column chunk for lane t = lane % 4) and
+ * feeds its 4 byte-pairs to two mma k-steps. That permutes k inside each chunk (step s's logical
+ * columns 2t, 2t+1, 2t+8, 2t+9 are physical columns 8t + 4s + 0, 1, 2, 3), which is harmless as
+ * long as B follows it: the B registers are then x[token][8t .. 8t + 7] of the same chunk, one
+ * 16-byte shared-memory load per 8 tokens and 32 columns.
+ *
+ * Dequantization, per byte-pair: a byte permute puts the two nibbles q under the bf16 exponent of
+ * 128 (bits 0x4300 | q, the value 128 + q); one bf16x2 FMA subtracts 136 (exact: q - 8) and a
+ * second applies scale and zero, (q - 8) * s + z rounded once to bf16, the value the dequant +
+ * cuBLAS path computes.
+ *
+ * Tiles. A block (8 warps) owns 128 features x BT tokens (BT = 16, 32, 64 or 128, chosen by M);
+ * its warps are laid out as features x tokens x two halves of every k-stage, the halves summed at
+ * the end. Small BT (16, 32: memory bound) stages 256 columns of k at a time, so each weight row
+ * contributes a whole 128-byte line per stage, and gives each warp 32 features x BT tokens; large
+ * BT (64, 128: compute bound) stages 128 columns, which keeps the x tile small, and gives each
+ * warp 64 features x BT / 2 tokens (at BT = 128 each pair of code words a lane dequantizes feeds
+ * 16 mma, so dequantization costs a fraction of the tensor-core time).
+ *
+ * Pipeline. Three stages of cp.async (global -> shared): the codes (16-byte copies), their scale
+ * words (4-byte copies) and the x tile (16-byte copies), with rows past n, tokens past M and
+ * columns past k zero-filled (zero x keeps the k tail exact; any k that is a multiple of 32 works).
+ * Shared-memory layouts are XOR-swizzled so both the copies and the fragment loads are free of
+ * bank conflicts. Under programmatic dependent launch the first stages' weights are requested
+ * before pdl_wait(), x only after it.
+ *
+ * Split-K. When the output tiles are too few to fill the machine (a small M, or a narrow matrix),
+ * k is split over the S blocks (S = 2, 4 or 8) of a thread-block cluster (sm_90): each block
+ * leaves its partial tile in its shared memory, and after a cluster barrier each block sums an
+ * S-th of the tile over all S blocks (distributed shared memory, in a fixed order, so results do
+ * not depend on timing) and writes it to y. No global workspace, no atomics, no second launch.
+ * Code built for an older target runs every matrix unsplit. */
+#include "backend/cuda/cuda_common.cuh"
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kFeatures = 128; /* output features (weight rows) per block */
+constexpr int kStages = 3;
+constexpr int kTileLd = kFeatures + 4; /* row stride (floats) of the output tile in shared memory */
+
+/* The block shape for BT tokens. */
+template <int BT>
+struct Tile {
+    static constexpr int kK = BT <= 32 ? 256 : 128;         /* columns of k per stage */
+    static constexpr int kChunks = kK / 32;                 /* 16-byte chunks of codes per row and stage */
+    static constexpr int kWarpF = BT <= 32 ? 32 : 64;       /* features per warp */
+    static constexpr int kWarpT = BT <= 32 ? BT : BT / 2;   /* tokens per warp */
+    static constexpr int kWarpsF = kFeatures / kWarpF;
+    static constexpr int kWarpsT = BT / kWarpT;
+    static constexpr int kWarpsK = kThreads / 32 / (kWarpsF * kWarpsT); /* warps sharing a stage's k */
+    static constexpr int kWarpChunks = kChunks / kWarpsK;  /* chunks of a stage per warp */
+    static constexpr int kMT = kWarpF / 16, kNT = kWarpT / 8; /* mma tiles per warp */
+    static constexpr int kMinBlocks = BT >= 64 ? 1 : 2;
+    static_assert(kWarpsK == 2 && kChunks % kWarpsK == 0, "warp layout");
+};
+
+/* Shared-memory layout of one stage for BT tokens and groups of 32 << GS columns: codes
+ * [128 rows][kChunks x 16 bytes], x [BT][kK] bf16, then the scale words [128 rows][kScaleStride]
+ * (kScaleWords used per row; the stride is odd so that 8 consecutive rows use 8 banks). */
+template <int BT, int GS>
+struct Stage {
+    static constexpr int kScaleWords = (Tile<BT>::kChunks >> GS) > 0 ? Tile<BT>::kChunks >> GS : 1;
+    static constexpr int kScaleStride = kScaleWords | 1;
+    static constexpr size_t kCodes = (size_t)kFeatures * Tile<BT>::kChunks * 16;
+    static constexpr size_t kX = (size_t)BT * Tile<BT>::kK * 2;
+    static constexpr size_t kBytes = kCodes + kX + (size_t)kFeatures * kScaleStride * 4;
+    static constexpr size_t kSmem = kStages * kBytes;
+    static_assert(kSmem >= (size_t)BT * kTileLd * 4, "the output tile reuses the stages");
+};
+
+struct GemmArgs {
+    const uint4 *codes;  /* [n][k / 32] chunks of 32 columns */
+    const uint32_t *sz;  /* [n][k / group] scale | zero << 16 */
+    const uint4 *x;      /* bf16 [M][k], 8 columns per unit */
+    float *y;            /* column n0 of row 0 */
+    int M, n, k, ldy;
+    bool accumulate;     /* y += instead of y = */
+};
+
+CU_DEV void cp_async16(void *smem, const void *gmem, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
+                 "l"(gmem), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
+CU_DEV void cp_async4(void *smem, const void *gmem, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
+                 "l"(gmem), "r"(valid ? 4 : 0)
+                 : "memory");
+}
+
+CU_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+CU_DEV void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+/* Slot of chunk c of row r in a stage of codes: rows of CH chunks, XORed so that the 8 rows g of
+ * a fragment load (same chunk) and the 8 chunks of a copy phase land in distinct banks. */
+template <int CH>
+CU_DEV int code_slot(int r, int c) {
+    return c ^ ((r / (8 / CH)) % CH);
+}
+
+/* Slot of 16-byte unit u of token row tk in a stage of x: odd rows move by 64 bytes, so the two
+ * tokens of a fragment load phase use different banks. */
+CU_DEV int x_slot(int tk, int u) { return u ^ ((tk & 1) << 2); }
+
+/* d = a * b + c on bf16 pairs, rounded once. */
+CU_DEV uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+/* The 4 byte-pairs of a word of codes (columns 2p, 2p + 1 in pair p, low half first) as bf16
+ * (q - 8) * scale + zero; sc, ze hold scale and zero in both halves. */
+CU_DEV void dequant_word(uint32_t w, uint32_t sc, uint32_t ze, uint32_t (&out)[4]) {
+    const uint32_t lo = w & 0x0f0f0f0fu, hi = (w >> 4) & 0x0f0f0f0fu; /* even, odd columns */
+    const uint32_t p01 = __byte_perm(lo, hi, 0x5140), p23 = __byte_perm(lo, hi, 0x7362);
+    const uint32_t e[4] = {__byte_perm(p01, 0x43u, 0x4140), __byte_perm(p01, 0x43u, 0x4342),
+                           __byte_perm(p23, 0x43u, 0x4140), __byte_perm(p23, 0x43u, 0x4342)}; /* 128 + q */
+    const uint32_t one = 0x3f803f80u, minus136 = 0xc308c308u;
+#pragma unroll
+    for (int p = 0; p < 4; p++) out[p] = fma_bf16x2(fma_bf16x2(e[p], one, minus136), sc, ze);
+}
+
+CU_DEV void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* Requests the codes and scale words of stage kt (columns kt * kK ..) of rows f0 .. f0 + 127. */
+template <int BT, int GS>
+CU_DEV void load_weights(const GemmArgs &a, int f0, int kt, uint4 *codes, uint32_t *scales) {
+    using T = Tile<BT>;
+    constexpr int SW = Stage<BT, GS>::kScaleWords, SZS = Stage<BT, GS>::kScaleStride;
+    const int row_chunks = a.k >> 5, groups = a.k >> (5 + GS);
+#pragma unroll
+    for (int it = 0; it < kFeatures * T::kChunks / kThreads; it++) {
+        const int i = it * kThreads + threadIdx.x, r = i / T::kChunks, c = i % T::kChunks;
+        const int row = f0 + r, col = kt * T::kChunks + c;
+        const bool ok = row < a.n && col < row_chunks;
+        cp_async16(codes + r * T::kChunks + code_slot<T::kChunks>(r, c),
+                   ok ? a.codes + (size_t)row * row_chunks + col : a.codes, ok);
+    }
+    for (int i = threadIdx.x; i < kFeatures * SW; i += kThreads) {
+        const int r = i / SW, row = f0 + r, gi = ((kt * T::kK) >> (5 + GS)) + i % SW;
+        const bool ok = row < a.n && gi < groups;
+        cp_async4(scales + r * SZS + i % SW, ok ? a.sz + (size_t)row * groups + gi : a.sz, ok);
+    }
+}
+
+/* Requests the x tile of stage kt: tokens t0 .. t0 + BT - 1. */
+template <int BT>
+CU_DEV void load_x(const GemmArgs &a, int t0, int kt, uint4 *xs) {
+    constexpr int kUnits = Tile<BT>::kK / 8; /* 16-byte units per token row */
+    const int row_units = a.k >> 3;
+#pragma unroll
+    for (int it = 0; it < BT * kUnits / kThreads; it++) {
+        const int i = it * kThreads + threadIdx.x, tk = i / kUnits, u = i % kUnits;
+        const int m = t0 + tk, col = kt * kUnits + u;
+        const bool ok = m < a.M && col < row_units;
+        cp_async16(xs + tk * kUnits + x_slot(tk, u), ok ? a.x + (size_t)m * row_units + col : a.x, ok);
+    }
+}
+
+/* This warp's share of one stage: chunks wk * kWarpChunks .. of its features x tokens. */
+template <int BT, int GS>
+CU_DEV void mma_stage(const uint4 *codes, const uint4 *xs, const uint32_t *scales,
+                      float (&acc)[Tile<BT>::kMT][Tile<BT>::kNT][4], int wf, int wt, int wk, int g, int t) {
+    using T = Tile<BT>;
+    constexpr int SZS = Stage<BT, GS>::kScaleStride;
+    constexpr int kReload = (1 << GS) < T::kWarpChunks ? 1 << GS : T::kWarpChunks; /* chunks per scale */
+    constexpr int kUnits = T::kK / 8;
+    const uint32_t *words = reinterpret_cast<const uint32_t *>(codes);
+    uint32_t sc[T::kMT][2], ze[T::kMT][2];
+#pragma unroll
+    for (int cc = 0; cc < T::kWarpChunks; cc++) {
+        const int c = wk * T::kWarpChunks + cc;
+        if (cc % kReload == 0) {
+#pragma unroll
+            for (int i = 0; i < T::kMT; i++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const uint32_t s = scales[(wf * T::kWarpF + 16 * i + 8 * h + g) * SZS + (c >> GS)];
+                    sc[i][h] = __byte_perm(s, 0, 0x1010);
+                    ze[i][h] = __byte_perm(s, 0, 0x3232);
+                }
+        }
+        uint32_t b[T::kNT][4];
+#pragma unroll
+        for (int j = 0; j < T::kNT; j++) {
+            const int tk = wt * T::kWarpT + 8 * j + g;
+            const uint4 v = xs[tk * kUnits + x_slot(tk, 4 * c + t)];
+            b[j][0] = v.x, b[j][1] = v.y, b[j][2] = v.z, b[j][3] = v.w;
+        }
+#pragma unroll
+        for (int i = 0; i < T::kMT; i++) {
+            uint32_t q[2][4]; /* rows g and g + 8: pairs 0 .. 3 of this lane's word */
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int r = wf * T::kWarpF + 16 * i + 8 * h + g;
+                dequant_word(words[(r * T::kChunks + code_slot<T::kChunks>(r, c)) * 4 + t], sc[i][h], ze[i][h], q[h]);
+            }
+#pragma unroll
+            for (int s = 0; s < 2; s++)
+#pragma unroll
+                for (int j = 0; j < T::kNT; j++)
+                    mma_bf16(acc[i][j], q[0][2 * s], q[1][2 * s], q[0][2 * s + 1], q[1][2 * s + 1], b[j][2 * s],
+                             b[j][2 * s + 1]);
+        }
+    }
+}
+
+/* Barrier over the blocks of this cluster; shared-memory writes before it are visible to the
+ * whole cluster after it. */
+CU_DEV void cluster_barrier() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+/* The float4 at p's shared-memory offset in block `rank` of this cluster. */
+CU_DEV float4 cluster_load(const float *p, int rank) {
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+                 : "=r"(remote)
+                 : "r"((uint32_t)__cvta_generic_to_shared(p)), "r"(rank));
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(remote)
+                 : "memory");
+#else
+    (void)p, (void)rank;
+    __trap(); /* split launches need sm_90 (the host never asks for one on older code) */
+#endif
+    return v;
+}
+
+/* y[m][f .. f + 3] (+)= v, columns past n dropped. */
+CU_DEV void store_out(const GemmArgs &a, int m, int f, float4 v) {
+    float *p = a.y + (size_t)m * a.ldy + f;
+    if (f + 4 <= a.n && ((uintptr_t)p & 15) == 0) {
+        float4 *q = reinterpret_cast<float4 *>(p);
+        if (a.accumulate) {
+            const float4 o = *q;
+            v.x += o.x, v.y += o.y, v.z += o.z, v.w += o.w;
+        }
+        *q = v;
+        return;
+    }
+    const float vals[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+        if (f + e < a.n) p[e] = a.accumulate ? p[e] + vals[e] : vals[e];
+}
+
+/* Grid: x = split of k (the cluster), y = token tile, z = feature tile. */
+template <int BT, int GS>
+__global__ void __launch_bounds__(kThreads, Tile<BT>::kMinBlocks) gemm_q4(GemmArgs a) {
+    using T = Tile<BT>;
+    using L = Stage<BT, GS>;
+    extern __shared__ uint4 smem[];
+    pdl_trigger();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int wf = warp % T::kWarpsF, wt = warp / T::kWarpsF % T::kWarpsT, wk = warp / (T::kWarpsF * T::kWarpsT);
+    const int f0 = blockIdx.z * kFeatures, t0 = blockIdx.y * BT;
+    const int splits = gridDim.x, split = blockIdx.x;
+    const int k_tiles = (a.k + T::kK - 1) / T::kK;
+    const int kt0 = split * k_tiles / splits, n_kt = (split + 1) * k_tiles / splits - kt0;
+    char *base = reinterpret_cast<char *>(smem);
+    auto codes_of = [&](int s) { return reinterpret_cast<uint4 *>(base + s * L::kBytes); };
+    auto x_of = [&](int s) { return reinterpret_cast<uint4 *>(base + s * L::kBytes + L::kCodes); };
+    auto scales_of = [&](int s) { return reinterpret_cast<uint32_t *>(base + s * L::kBytes + L::kCodes + L::kX); };
+
+    /* weights of the first stages before the predecessor is done; x after; one group per stage */
+#pragma unroll
+    for (int s = 0; s < kStages - 1; s++)
+        if (s < n_kt) load_weights<BT, GS>(a, f0, kt0 + s, codes_of(s), scales_of(s));
+    pdl_wait();
+#pragma unroll
+    for (int s = 0; s < kStages - 1; s++) {
+        if (s < n_kt) load_x<BT>(a, t0, kt0 + s, x_of(s));
+        cp_async_commit();
+    }
+
+    float acc[T::kMT][T::kNT][4];
+#pragma unroll
+    for (int i = 0; i < T::kMT; i++)
+#pragma unroll
+        for (int j = 0; j < T::kNT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+
+    for (int it = 0; it < n_kt; it++) {
+        cp_async_wait<kStages - 2>(); /* stage it has landed (for this thread) ... */
+        __syncthreads();              /* ... for all, and stage it - 1 is no longer read */
+        const int next = it + kStages - 1, ns = next % kStages;
+        if (next < n_kt) {
+            load_weights<BT, GS>(a, f0, kt0 + next, codes_of(ns), scales_of(ns));
+            load_x<BT>(a, t0, kt0 + next, x_of(ns));
+        }
+        cp_async_commit();
+        const int s = it % kStages;
+        mma_stage<BT, GS>(codes_of(s), x_of(s), scales_of(s), acc, wf, wt, wk, g, t);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    /* the k halves of the warps summed into tile [token][feature] (over the stages' memory) */
+    float *tile = reinterpret_cast<float *>(smem);
+#pragma unroll
+    for (int q = 0; q < T::kWarpsK; q++) {
+        if (wk == q) {
+#pragma unroll
+            for (int i = 0; i < T::kMT; i++)
+#pragma unroll
+                for (int j = 0; j < T::kNT; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int f = wf * T::kWarpF + 16 * i + g + 8 * (e >> 1);
+                        const int tk = wt * T::kWarpT + 8 * j + 2 * t + (e & 1);
+                        float *p = tile + tk * kTileLd + f;
+                        *p = q ? *p + acc[i][j][e] : acc[i][j][e];
+                    }
+        }
+        __syncthreads();
+    }
+
+    /* y: float4 units of the tile; a split block writes its share of the cluster's sum */
+    constexpr int kQuads = kFeatures / 4, kUnits = BT * kQuads;
+    const int u0 = split * kUnits / splits, u1 = (split + 1) * kUnits / splits;
+    if (splits > 1) cluster_barrier();
+    for (int u = u0 + threadIdx.x; u < u1; u += kThreads) {
+        const int tk = u / kQuads, fq = u % kQuads, m = t0 + tk, f = f0 + 4 * fq;
+        if (m >= a.M || f >= a.n) continue;
+        const float *p = tile + tk * kTileLd + 4 * fq;
+        float4 v;
+        if (splits == 1) {
+            v = *reinterpret_cast<const float4 *>(p);
+        } else {
+            v = cluster_load(p, 0);
+            for (int r = 1; r < splits; r++) {
+                const float4 o = cluster_load(p, r);
+                v.x += o.x, v.y += o.y, v.z += o.z, v.w += o.w;
+            }
+        }
+        store_out(a, m, f, v);
+    }
+    if (splits > 1) cluster_barrier(); /* the tile stays readable until every block is done */
+}
+
+/* Co-resident blocks of kernel when launched in clusters of 1, 2, 4 and 8 (0 where clusters are
+ * unavailable: a device or code older than sm_90). */
+void split_slots(const void *kernel, size_t smem, int sms, int (&slots)[4]) {
+    int per_sm = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) != cudaSuccess || per_sm < 1)
+        per_sm = 1;
+    slots[0] = per_sm * sms;
+    int dev = 0, cluster_launch = 0;
+    cudaFuncAttributes fa;
+    const bool clusters = cudaGetDevice(&dev) == cudaSuccess &&
+                          cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, dev) == cudaSuccess &&
+                          cluster_launch && cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.ptxVersion >= 90;
+    for (int i = 1; i < 4; i++) {
+        slots[i] = 0;
+        if (!clusters) continue;
+        cudaLaunchAttribute attr;
+        attr.id = cudaLaunchAttributeClusterDimension;
+        attr.val.clusterDim.x = 1u << i;
+        attr.val.clusterDim.y = 1;
+        attr.val.clusterDim.z = 1;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(1u << i);
+        cfg.blockDim = dim3(kThreads);
+        cfg.dynamicSmemBytes = smem;
+        cfg.attrs = &attr;
+        cfg.numAttrs = 1;
+        int n = 0;
+        if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess) slots[i] = n << i;
+    }
+    cudaGetLastError(); /* a failed query is not sticky; clear it */
+}
+
+/* Blocks per output tile (the split of k). Memory-bound tiles (BT <= 32) only need every
+ * multiprocessor busy; compute-bound ones want whole waves. A larger split must fill the machine
+ * 10% better (it costs a reduction), and each split keeps at least two stages of k. */
+int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, bool compute_bound) {
+    int best = 1;
+    double best_fill = -1.0;
+    for (int i = 0; i < 4; i++) {
+        const int s = 1 << i;
+        if (!slots[i] || (s > 1 && k_tiles < 2 * s)) break;
+        const long long blocks = tiles * s;
+        double fill;
+        if (compute_bound) {
+            const long long waves = (blocks + slots[i] - 1) / slots[i];
+            fill = (double)blocks / (double)(waves * slots[i]);
+        } else {
+            fill = blocks >= sms ? 1.0 : (double)blocks / sms;
+        }
+        if (fill > 1.1 * best_fill) best = s, best_fill = fill;
+    }
+    return best;
+}
+
+template <int BT, int GS>
+cudaError_t launch_gemm(cudaStream_t st, const GemmArgs &a, int sms) {
+    constexpr size_t smem = Stage<BT, GS>::kSmem;
+    static int slots[4]; /* one set per instantiation (its shared memory decides its occupancy) */
+    static bool ready = false;
+    if (!ready) {
+        cudaError_t rc = cudaFuncSetAttribute(gemm_q4<BT, GS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (rc != cudaSuccess) return rc;
+        split_slots(reinterpret_cast<const void *>(gemm_q4<BT, GS>), smem, sms, slots);
+        ready = true;
+    }
+    const int feature_tiles = (a.n + kFeatures - 1) / kFeatures, token_tiles = (a.M + BT - 1) / BT;
+    const int k_tiles = (a.k + Tile<BT>::kK - 1) / Tile<BT>::kK;
+    const int split = choose_split((long long)feature_tiles * token_tiles, k_tiles, slots, sms, BT >= 64);
+    const dim3 grid((unsigned)split, (unsigned)token_tiles, (unsigned)feature_tiles);
+    if (split == 1) return cu_launch(st, grid, dim3(kThreads), smem, gemm_q4<BT, GS>, a);
+    /* cu_launch plus the cluster dimension */
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = (unsigned)split;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cfg.attrs = attr;
+    cfg.numAttrs = cu_pdl_now ? 2 : 1;
+    return cudaLaunchKernelEx(&cfg, gemm_q4<BT, GS>, a);
+}
+
+template <int BT>
+cudaError_t launch_tokens(cudaStream_t st, const GemmArgs &a, int gs, int sms) {
+    switch (gs) {
+    case 0: return launch_gemm<BT, 0>(st, a, sms);
+    case 1: return launch_gemm<BT, 1>(st, a, sms);
+    case 2: return launch_gemm<BT, 2>(st, a, sms);
+    case 3: return launch_gemm<BT, 3>(st, a, sms);
+    default: return cudaErrorInvalidValue;
+    }
+}
+
+/* Tokens per block for M: the smallest tile that holds M up to 64; above, 128-token tiles unless
+ * the last one would be at most half full (then 64-token tiles pad less). */
+int token_tile(int M) {
+    if (M <= 16) return 16;
+    if (M <= 32) return 32;
+    if (M <= 64) return 64;
+    return M % 128 != 0 && M % 128 <= 64 ? 64 : 128;
+}
+
+} // namespace
+
+cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, int M, float *y, int ldy, int sms,
+                       bool accumulate) {
+    if (M <= 0 || w->n <= 0) return cudaSuccess;
+    if (!w->group || w->k % 32) return cudaErrorInvalidValue;
+    int gs = 0;
+    while ((32 << gs) < w->group) gs++;
+    const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), y + w->n0, M,
+                        w->n, w->k, ldy, accumulate};
+    switch (token_tile(M)) {
+    case 16: return launch_tokens<16>(st, a, gs, sms);
+    case 32: return launch_tokens<32>(st, a, gs, sms);
+    case 64: return launch_tokens<64>(st, a, gs, sms);
+    default: return launch_tokens<128>(st, a, gs, sms);
+    }
+}
