@@ -63,6 +63,7 @@ int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr 
         st_close(random);
         return -1;
     }
+    eo.kv_value_bytes = rt->be->ops->kv_value_bytes;
     ModelOptions mo = engine_model_options(&eo, &cfg);
     rt->model = random ? model_create(&cfg, &gen, random, rt->be, &mo, a->random_preset, err)
                        : model_load(model_dir, rt->be, &mo, err);

@@ -15,7 +15,11 @@
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: quill serve MODEL_DIR [options]\n"
+            "usage: quill serve (MODEL_DIR | --random-weights PRESET [--dtype int4|bf16]) [options]\n"
+            "  --random-weights PRESET      serve preset PRESET's random weights built in memory, no files\n"
+            "                               (vLLM's --load-format dummy; tiny-qwen3, small-qwen3, qwen3-0.6b,\n"
+            "                               qwen3-8b), with the Qwen3 tokenizer quill ships\n"
+            "  --dtype int4|bf16            weights of --random-weights (default int4)\n"
             "  --host HOST                  address to bind (default 127.0.0.1)\n"
             "  --port PORT                  port (default 8000; 0 picks a free one)\n"
             "  --api-key KEY                require \"Authorization: Bearer KEY\" on /v1/*\n"
@@ -38,6 +42,7 @@ int cmd_serve(int argc, char **argv) {
     RuntimeArgs ra = {.max_seqs = 256, .need_tokenizer = true};
     ServerOptions so = {.host = "127.0.0.1", .port = 8000, .log = stderr};
     QErr err;
+    const char *dtype = "int4";
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         bool takes_value = true;
@@ -58,6 +63,14 @@ int cmd_serve(int argc, char **argv) {
             if (parse_int(a, v, 1, 4096, &ra.max_seqs, &err)) goto bad;
         } else if (!strcmp(a, "--max-num-batched-tokens")) {
             if (parse_int(a, v, 16, 1 << 20, &ra.max_step_tokens, &err)) goto bad;
+        } else if (!strcmp(a, "--random-weights")) {
+            ra.random_preset = v;
+        } else if (!strcmp(a, "--dtype")) {
+            if (v && strcmp(v, "int4") && strcmp(v, "bf16")) {
+                fprintf(stderr, "quill serve: --dtype must be int4 or bf16 (got '%s')\n", v);
+                return 2;
+            }
+            dtype = v;
         } else if (!strcmp(a, "--device")) {
             ra.device = v;
         } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
@@ -89,13 +102,16 @@ int cmd_serve(int argc, char **argv) {
             i++;
         }
     }
-    if (!dir) {
+    if (!dir == !ra.random_preset) {
+        fprintf(stderr, "quill serve: give MODEL_DIR or --random-weights PRESET\n");
         usage(stderr);
         return 2;
     }
+    ra.random_int4 = !strcmp(dtype, "int4");
+    if (!dir) dir = ra.random_preset;
     if (!so.model_name) so.model_name = dir;
     so.model_root = dir;
-    if (!ra.max_model_len) {
+    if (!ra.max_model_len && !ra.random_preset) {
         /* vLLM's default: the model's whole context, not the CLI's 32768 cap. */
         QwenConfig cfg;
         if (config_load(&cfg, dir, &err)) {

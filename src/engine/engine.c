@@ -63,7 +63,8 @@ EngineOptions engine_default_options(const QwenConfig *cfg) {
 
 static int kv_blocks_for(const EngineOptions *o, const QwenConfig *cfg) {
     if (o->kv_blocks > 0) return o->kv_blocks;
-    size_t per_token = (size_t)cfg->num_hidden_layers * 2 * cfg->num_key_value_heads * cfg->head_dim * sizeof(float);
+    size_t value_bytes = o->kv_value_bytes > 0 ? (size_t)o->kv_value_bytes : sizeof(float);
+    size_t per_token = (size_t)cfg->num_hidden_layers * 2 * cfg->num_key_value_heads * cfg->head_dim * value_bytes;
     size_t budget = o->kv_bytes ? o->kv_bytes : (size_t)1 << 30;
     long blocks = (long)(budget / (per_token * o->block_size));
     long one_seq = (o->max_model_len + o->block_size - 1) / o->block_size;

@@ -122,10 +122,12 @@ def crafted_model(tiny_model, hf_tok, tmp_path_factory):
 
 
 class Server:
-    """`quill serve` on a free port (--port 0); stderr is collected in self.lines."""
+    """`quill serve` on a free port (--port 0); stderr is collected in self.lines. model is a
+    directory, or a list of arguments that stand for one (--random-weights ...)."""
 
     def __init__(self, quill_bin, model, *args):
-        self.proc = subprocess.Popen([str(quill_bin), "serve", str(model), "--port", "0", *map(str, args)],
+        model_args = list(map(str, model)) if isinstance(model, (list, tuple)) else [str(model)]
+        self.proc = subprocess.Popen([str(quill_bin), "serve", *model_args, "--port", "0", *map(str, args)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines, self.url = [], None
         ready = threading.Event()
@@ -407,6 +409,37 @@ def test_concurrent_greedy_equals_alone(rand):
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(run, prompts))
     assert together == alone
+
+
+def test_random_weights_serve_like_the_checkpoint(quill_bin, rand):
+    """--random-weights builds the preset in memory (vLLM's --load-format dummy): bf16 tiny-qwen3
+    is bit-identical to `quill random-model tiny-qwen3`, so greedy tokens match the served files."""
+    s = Server(quill_bin, ["--random-weights", "tiny-qwen3", "--dtype", "bf16"], "--max-model-len", 4096)
+    try:
+        assert [m.id for m in s.client().models.list().data] == ["tiny-qwen3"]
+        prompt = [9707, 11, 1879, 0, 151000, 42]
+
+        def greedy(server, model):
+            r = requests.post(server.url + "/v1/completions", timeout=600, json={
+                "model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+                "logprobs": 0, "return_tokens_as_token_ids": True}).json()
+            return r["choices"][0]["logprobs"]["tokens"]
+
+        assert greedy(s, "tiny-qwen3") == greedy(rand, "tiny")
+    finally:
+        assert s.stop() == 0, "\n".join(s.lines[-30:])
+
+
+def test_random_weights_bad_arguments(quill_bin, tiny_model):
+    def run(*args):
+        return subprocess.run([str(quill_bin), "serve", *map(str, args)], capture_output=True, text=True, timeout=60)
+
+    p = run(tiny_model, "--random-weights", "tiny-qwen3")
+    assert p.returncode == 2 and "MODEL_DIR or --random-weights" in p.stderr
+    p = run("--random-weights", "tiny-qwen3", "--dtype", "fp8")
+    assert p.returncode == 2 and "--dtype must be int4 or bf16" in p.stderr
+    p = run("--random-weights", "no-such-preset", "--port", "0")
+    assert p.returncode == 1 and "no-such-preset" in p.stderr
 
 
 def test_prefix_cache_shared_system_prompt(rand):
