@@ -31,20 +31,33 @@ struct Bf16Vec {
 };
 
 /* volatile, so the compiler keeps a batch's loads where they are written (ahead of the math)
- * instead of sinking each to its first use, which would serialise their latencies. Cached in L2
- * only (.cg): the decode kernel reads rows before pdl_wait(), and an L1 line of the new token's
- * row fetched then would be stale after it. */
-template <int VPL>
+ * instead of sinking each to its first use, which would serialise their latencies. L2_ONLY
+ * (.cg) for what the decode kernel reads before pdl_wait() and the new token's row after it: an
+ * L1 line of that row fetched before the wait would be stale after it. Everything else goes
+ * through L1, which serves the block's other warps (query heads) the same rows. */
+template <int VPL, bool L2_ONLY>
 CU_DEV Bf16Vec<VPL> load_raw(const __nv_bfloat16 *p) {
     Bf16Vec<VPL> r;
-    if constexpr (VPL == 2) {
-        asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(r.w[0]) : "l"(p));
-    } else if constexpr (VPL == 4) {
-        asm volatile("ld.global.cg.v2.u32 {%0, %1}, [%2];" : "=r"(r.w[0]), "=r"(r.w[1]) : "l"(p));
+    if constexpr (L2_ONLY) {
+        if constexpr (VPL == 2) {
+            asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(r.w[0]) : "l"(p));
+        } else if constexpr (VPL == 4) {
+            asm volatile("ld.global.cg.v2.u32 {%0, %1}, [%2];" : "=r"(r.w[0]), "=r"(r.w[1]) : "l"(p));
+        } else {
+            asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(r.w[0]), "=r"(r.w[1]), "=r"(r.w[2]), "=r"(r.w[3])
+                         : "l"(p));
+        }
     } else {
-        asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(r.w[0]), "=r"(r.w[1]), "=r"(r.w[2]), "=r"(r.w[3])
-                     : "l"(p));
+        if constexpr (VPL == 2) {
+            asm volatile("ld.global.u32 %0, [%1];" : "=r"(r.w[0]) : "l"(p));
+        } else if constexpr (VPL == 4) {
+            asm volatile("ld.global.v2.u32 {%0, %1}, [%2];" : "=r"(r.w[0]), "=r"(r.w[1]) : "l"(p));
+        } else {
+            asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(r.w[0]), "=r"(r.w[1]), "=r"(r.w[2]), "=r"(r.w[3])
+                         : "l"(p));
+        }
     }
     return r;
 }
@@ -98,8 +111,13 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, const float *qkv,
 #pragma unroll
         for (int j = 0; j < TB; j++) {
             const size_t off = __shfl_sync(0xffffffffu, row, p + j < p1 && p + j != skip ? j : 0) + lane * VPL;
-            kr[j] = load_raw<VPL>(kc + off);
-            vr[j] = load_raw<VPL>(vc + off);
+            if (skip >= 0) { /* before the wait (warp-uniform) */
+                kr[j] = load_raw<VPL, true>(kc + off);
+                vr[j] = load_raw<VPL, true>(vc + off);
+            } else {
+                kr[j] = load_raw<VPL, false>(kc + off);
+                vr[j] = load_raw<VPL, false>(vc + off);
+            }
         }
     };
     if (warp < G && p0 < p1) load_batch(p0, ctx - 1);
@@ -108,7 +126,7 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, const float *qkv,
         const size_t off = __shfl_sync(0xffffffffu, row, ctx - 1 - p0) + lane * VPL;
 #pragma unroll
         for (int j = 0; j < TB; j++)
-            if (p0 + j == ctx - 1) kr[j] = load_raw<VPL>(kc + off), vr[j] = load_raw<VPL>(vc + off);
+            if (p0 + j == ctx - 1) kr[j] = load_raw<VPL, true>(kc + off), vr[j] = load_raw<VPL, true>(vc + off);
     }
 
     for (int g = warp; g < G; g += 4) {
