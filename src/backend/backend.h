@@ -123,6 +123,11 @@ typedef struct BackendOps {
 
     /* ---- optional (NULL where a backend has no use for them, e.g. the CPU) ---- */
 
+    /* The first failure of any op since the backend was created (ops cannot report one
+     * themselves, e.g. a device out of memory for scratch), or NULL. After one, results are
+     * undefined. NULL op: the backend's ops cannot fail. */
+    const char *(*error)(Backend *be);
+
     /* Replay of captured op sequences (CUDA graphs). graph_replay(be, key) launches the sequence
      * captured earlier under key and returns true, or returns false when there is none; the
      * caller then issues the ops between graph_begin(be, key) and graph_end(be, key), which

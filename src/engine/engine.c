@@ -6,6 +6,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "engine/scheduler.h"
@@ -40,6 +41,7 @@ struct Engine {
     EngineStats stats;
     pthread_t thread;
     bool thread_running, stopping;
+    char *failure; /* set once (under mu) when the backend fails; see engine_failure */
 };
 
 const char *finish_reason_name(FinishReason r) {
@@ -153,6 +155,7 @@ void engine_free(Engine *e) {
     free(e->dev_uniform);
     free(e->dev_ids);
     free(e->dev_rng_saved);
+    free(e->failure);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
     free(e);
@@ -207,6 +210,12 @@ int engine_add(Engine *e, const int32_t *prompt, int n_prompt, const EngineParam
     r->user = user;
     rng_init(&r->rng, &p->sampling);
     pthread_mutex_lock(&e->mu);
+    if (e->failure) {
+        qerr_set(err, "the engine has stopped serving: %s", e->failure);
+        pthread_mutex_unlock(&e->mu);
+        request_free(r);
+        return -1;
+    }
     if (grow((void **)&e->inbox, &e->cap_inbox, e->n_inbox, sizeof *e->inbox)) {
         pthread_mutex_unlock(&e->mu);
         request_free(r);
@@ -228,6 +237,13 @@ void engine_abort(Engine *e, uint64_t id) {
     pthread_mutex_unlock(&e->mu);
 }
 
+const char *engine_failure(Engine *e) {
+    pthread_mutex_lock(&e->mu);
+    const char *f = e->failure;
+    pthread_mutex_unlock(&e->mu);
+    return f;
+}
+
 EngineStats engine_stats(Engine *e) {
     pthread_mutex_lock(&e->mu);
     EngineStats s = e->stats;
@@ -242,13 +258,30 @@ static void finish(Engine *e, Request *r, FinishReason why) {
     r->cb(r->user, &ev);
 }
 
+/* After a step: if the backend has failed, records why, says so once on stderr and ends every
+ * request in flight (the step's results are not to be trusted). Returns true then. */
+static bool check_backend(Engine *e) {
+    Backend *be = e->model->be;
+    const char *why = be->ops->error ? be->ops->error(be) : NULL;
+    if (!why) return false;
+    pthread_mutex_lock(&e->mu);
+    bool first = !e->failure;
+    if (first) e->failure = strdup(why);
+    pthread_mutex_unlock(&e->mu);
+    if (first) fprintf(stderr, "quill: the %s backend failed (%s); ending every request\n", be->ops->name, why);
+    for (int i = 0; i < e->n_live; i++)
+        if (e->live[i]->state != REQ_FINISHED) finish(e, e->live[i], FINISH_ABORT);
+    return true;
+}
+
 /* Moves new requests and aborts into the loop's own structures. */
 static void take_inbox(Engine *e) {
     pthread_mutex_lock(&e->mu);
     for (int i = 0; i < e->n_inbox; i++) {
         Request *r = e->inbox[i];
-        if (grow((void **)&e->live, &e->cap_live, e->n_live, sizeof *e->live) || sched_add(&e->sched, r)) {
-            /* Out of memory: drop it with an abort event rather than lose it silently. */
+        if (e->failure || grow((void **)&e->live, &e->cap_live, e->n_live, sizeof *e->live) ||
+            sched_add(&e->sched, r)) {
+            /* A failed engine or out of memory: end it with an abort event rather than lose it. */
             EngineEvent ev = {.id = r->id, .token = -1, .finish = FINISH_ABORT, .n_prompt = r->n_prompt};
             r->cb(r->user, &ev);
             request_free(r);
@@ -393,6 +426,7 @@ int engine_step(Engine *e) {
     int V = m->cfg.vocab_size;
     bool on_device = sample_on_device(e, d_logits, rows);
     if (!on_device) m->be->ops->to_host(m->be, e->logits, d_logits, (size_t)rows * V * sizeof(float));
+    if (check_backend(e)) return 0;
 
     /* Sample and update, walking the logit rows in sequence order. */
     int row = 0;

@@ -42,7 +42,7 @@ Engine *engine_create(Model *m, const EngineOptions *o, QErr *err);
 void engine_free(Engine *e); /* stops the loop thread if running; pending requests are dropped */
 
 /* Queues a request. Validates ids (< vocab), sampling values, and that prompt + max_tokens fits
- * max_model_len; err names the parameter. On success *id is its id and cb will be called at least
+ * max_model_len; err names the parameter (or says that the engine has failed: engine_failure). On success *id is its id and cb will be called at least
  * once more (its last event has finish != FINISH_NONE). Thread-safe. */
 int engine_add(Engine *e, const int32_t *prompt, int n_prompt, const EngineParams *p, EngineCallback cb,
                void *user, uint64_t *id, QErr *err);
@@ -59,6 +59,10 @@ int engine_start(Engine *e, QErr *err);
 void engine_stop(Engine *e);
 
 EngineStats engine_stats(Engine *e); /* thread-safe snapshot */
+/* Why the engine stopped serving, or NULL while it works: once the backend reports a failure
+ * (backend.h's error op) after a step, every request in flight ends with FINISH_ABORT and every
+ * later one is refused. Thread-safe. */
+const char *engine_failure(Engine *e);
 const Model *engine_model(const Engine *e);
 
 #endif

@@ -227,7 +227,7 @@ static enum MHD_Result generate(Conn *c, OaiKind kind) {
     if (gen_submit(g, &q)) {
         gen_release(g);
         oai_request_free(&req);
-        return send_errorf(c, 400, "%s", q.msg);
+        return send_errorf(c, engine_failure(s->engine) ? 503 : 400, "%s", q.msg);
     }
     int sock = conn_socket(c->mc);
     if (req.stream) {
@@ -281,6 +281,8 @@ static enum MHD_Result dispatch(Conn *c, const char *url, const char *method) {
         return send_errorf(c, 413, "the request body exceeds the limit of %zu bytes", s->max_body);
     if (!strcmp(url, "/health")) {
         if (!get) return send_errorf(c, 405, "%s %s is not allowed (use GET)", method, url);
+        const char *failure = engine_failure(s->engine);
+        if (failure) return send_errorf(c, 503, "the engine has stopped serving: %s", failure);
         return send_body(c, 200, xstrdup(""), "text/plain");
     }
     if (!strcmp(url, "/metrics")) {

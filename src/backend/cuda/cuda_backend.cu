@@ -908,6 +908,7 @@ const BackendOps CUDA_OPS = {
     .qk_norm_rope_store = cu_qk_op,
     .attention = cu_attention_op,
     .probe_bandwidth = cu_probe_bandwidth,
+    .error = cuda_backend_error,
     .graph_replay = cu_graph_replay,
     .graph_begin = cu_graph_begin,
     .graph_end = cu_graph_end,
