@@ -40,7 +40,7 @@ int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr 
     GenConfig gen;
     StModel *random = NULL;
     if (a->random_preset) {
-        if (!(random = random_weights_build(a->random_preset, a->random_int4, &cfg, &gen, err))) return -1;
+        if (!(random = random_weights_build(a->random_preset, !a->random_bf16, &cfg, &gen, err))) return -1;
         model_dir = NULL;
     } else if (config_load(&cfg, model_dir, err)) {
         return -1;
@@ -181,6 +181,27 @@ int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err)
     }
     (*i)++;
     return 1;
+}
+
+int parse_random_weights_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err) {
+    const char *f = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
+    if (!strcmp(f, "--random-weights")) {
+        if (!v) return qerr_set(err, "--random-weights needs a preset name");
+        a->random_preset = v;
+    } else if (!strcmp(f, "--dtype")) {
+        if (!v || (strcmp(v, "int4") && strcmp(v, "bf16")))
+            return qerr_set(err, "--dtype must be int4 or bf16 (got '%s')", v ? v : "nothing");
+        a->random_bf16 = !strcmp(v, "bf16");
+    } else {
+        return 0;
+    }
+    (*i)++;
+    return 1;
+}
+
+int check_model_source(const char *dir, const RuntimeArgs *a, QErr *err) {
+    if (!dir == !a->random_preset) return qerr_set(err, "give MODEL_DIR or --random-weights PRESET");
+    return 0;
 }
 
 uint64_t peak_rss_bytes(void) {

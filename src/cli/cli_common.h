@@ -30,7 +30,7 @@ typedef struct RuntimeArgs {
     size_t kv_bytes;           /* KV-cache pool budget (0: the engine's default, 1 GiB) */
     bool no_prefix_caching;    /* turn automatic prefix caching off */
     const char *random_preset; /* build this preset's random weights in memory instead of a dir */
-    bool random_int4;          /* ... quantized to int4 (else bf16) */
+    bool random_bf16;          /* ... left in bf16 (default: quantized to int4) */
 } RuntimeArgs;
 
 /* Loads MODEL_DIR (or, with a->random_preset, random weights made in memory; model_dir is then
@@ -55,6 +55,10 @@ int parse_bytes(const char *name, const char *s, size_t *out, QErr *err);
 /* If argv[*i] is --device or -t/--threads, consumes it and its value into a and returns 1;
  * returns 0 if it is not one; -1 with err on a missing or bad value. */
 int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err);
+/* The same for --random-weights PRESET and --dtype int4|bf16 (what those weights are). */
+int parse_random_weights_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err);
+/* 0 when exactly one of MODEL_DIR (dir) and --random-weights is given, else -1 with err. */
+int check_model_source(const char *dir, const RuntimeArgs *a, QErr *err);
 
 /* Peak resident memory of this process in bytes (since the last peak_rss_reset). */
 uint64_t peak_rss_bytes(void);

@@ -55,7 +55,6 @@ static int bench_latency(int argc, char **argv) {
     const char *dir = NULL;
     int input_len = 256, output_len = 256, batch = 1, iters = 3, warmup = 1;
     bool json_out = false;
-    const char *dtype = "int4";
     RuntimeArgs ra = {0};
     QErr err;
     for (int i = 1; i < argc; i++) {
@@ -63,6 +62,7 @@ static int bench_latency(int argc, char **argv) {
         int *target = NULL;
         long lo = 1, hi = 1 << 20;
         int r = parse_runtime_flag(argc, argv, &i, &ra, &err);
+        if (r == 0) r = parse_random_weights_flag(argc, argv, &i, &ra, &err);
         if (r != 0) {
             if (r > 0) continue;
             fprintf(stderr, "quill bench latency: %s\n", err.msg);
@@ -86,17 +86,6 @@ static int bench_latency(int argc, char **argv) {
         } else if (!strcmp(a, "--json")) {
             json_out = true;
             continue;
-        } else if (!strcmp(a, "--random-weights") && v) {
-            ra.random_preset = argv[++i];
-            continue;
-        } else if (!strcmp(a, "--dtype") && v) {
-            i++;
-            if (strcmp(v, "int4") && strcmp(v, "bf16")) {
-                fprintf(stderr, "quill bench latency: --dtype must be int4 or bf16 (got '%s')\n", v);
-                return 2;
-            }
-            dtype = v;
-            continue;
         } else if (a[0] != '-' && !dir) {
             dir = a;
             continue;
@@ -111,12 +100,11 @@ static int bench_latency(int argc, char **argv) {
         }
         i++;
     }
-    if (!dir == !ra.random_preset) {
-        fprintf(stderr, "quill bench latency: give MODEL_DIR or --random-weights PRESET\n");
+    if (check_model_source(dir, &ra, &err)) {
+        fprintf(stderr, "quill bench latency: %s\n", err.msg);
         usage(stderr);
         return 2;
     }
-    ra.random_int4 = !strcmp(dtype, "int4");
     ra.max_seqs = batch;
     ra.max_model_len = input_len + output_len;
     ra.max_step_tokens = input_len * batch < 2048 ? input_len * batch : 2048;

@@ -42,10 +42,10 @@ int cmd_serve(int argc, char **argv) {
     RuntimeArgs ra = {.max_seqs = 256, .need_tokenizer = true};
     ServerOptions so = {.host = "127.0.0.1", .port = 8000, .log = stderr};
     QErr err;
-    const char *dtype = "int4";
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         bool takes_value = true;
+        int r;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
             return 0;
@@ -63,14 +63,12 @@ int cmd_serve(int argc, char **argv) {
             if (parse_int(a, v, 1, 4096, &ra.max_seqs, &err)) goto bad;
         } else if (!strcmp(a, "--max-num-batched-tokens")) {
             if (parse_int(a, v, 16, 1 << 20, &ra.max_step_tokens, &err)) goto bad;
-        } else if (!strcmp(a, "--random-weights")) {
-            ra.random_preset = v;
-        } else if (!strcmp(a, "--dtype")) {
-            if (v && strcmp(v, "int4") && strcmp(v, "bf16")) {
-                fprintf(stderr, "quill serve: --dtype must be int4 or bf16 (got '%s')\n", v);
+        } else if ((r = parse_random_weights_flag(argc, argv, &i, &ra, &err)) != 0) {
+            if (r < 0) {
+                fprintf(stderr, "quill serve: %s\n", err.msg);
                 return 2;
             }
-            dtype = v;
+            continue;
         } else if (!strcmp(a, "--device")) {
             ra.device = v;
         } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
@@ -102,12 +100,11 @@ int cmd_serve(int argc, char **argv) {
             i++;
         }
     }
-    if (!dir == !ra.random_preset) {
-        fprintf(stderr, "quill serve: give MODEL_DIR or --random-weights PRESET\n");
+    if (check_model_source(dir, &ra, &err)) {
+        fprintf(stderr, "quill serve: %s\n", err.msg);
         usage(stderr);
         return 2;
     }
-    ra.random_int4 = !strcmp(dtype, "int4");
     if (!dir) dir = ra.random_preset;
     if (!so.model_name) so.model_name = dir;
     so.model_root = dir;

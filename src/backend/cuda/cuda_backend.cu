@@ -620,11 +620,12 @@ void matmul(CudaBackend *c, float *y, const float *x, int M, const Linear *l, co
     if (M <= 0) return;
     use_device(c);
     const int ldy = (int)l->n, K = (int)l->k;
+    MatPath path[kMaxParts];
     bool fused_norm = norm_w != nullptr, need_bf16 = false;
     for (int i = 0; i < l->n_mats; i++) {
-        MatPath p = mat_path(&l->mat[i], M);
-        fused_norm = fused_norm && p == MatPath::Gemv && l->mat[i].group;
-        need_bf16 = need_bf16 || p != MatPath::Gemv;
+        path[i] = mat_path(&l->mat[i], M);
+        fused_norm = fused_norm && path[i] == MatPath::Gemv && l->mat[i].group;
+        need_bf16 = need_bf16 || path[i] != MatPath::Gemv;
     }
     if (norm_w && !fused_norm) {
         if (!grow(c, reinterpret_cast<void **>(&c->xn), &c->xn_n, (size_t)M * K, sizeof(float))) {
@@ -644,7 +645,7 @@ void matmul(CudaBackend *c, float *y, const float *x, int M, const Linear *l, co
     }
     for (int i = 0; i < l->n_mats; i++) {
         const CuMat *m = &l->mat[i];
-        switch (mat_path(m, M)) {
+        switch (path[i]) {
         case MatPath::Gemv:
             note(c, cu_gemv(c->st, m, x, y, c->sms, norm_w, eps, accumulate), "matmul");
             break;
