@@ -3,18 +3,19 @@
  * of codes and scales plus 1.25 GB of bf16 lm_head, and nothing else comes close.
  *
  * Two kernels, used for batch-1 decode (M = 1; from M = 2 the tensor-core GEMM of
- * cuda_gemm_q4.cu or cuBLAS is as fast), written for any small M (templates) but built for 1:
- *  - bf16 (lm_head and bf16 models): measured at 100% of a device-to-device copy on an H100 for
- *    the large matrices.
+ * cuda_gemm_q4.cu or cuBLAS is as fast):
+ *  - bf16 (lm_head and bf16 models; written for any small M, built for 1): measured at 100% of a
+ *    device-to-device copy on an H100 for the large matrices.
  *  - int4 (gemv_q4x below): integer dot products against x in 16-bit fixed point, weights
  *    streamed through a cp.async ring in shared memory.
  *
- * Layout. A warp owns a contiguous range of output rows (the rows are split evenly over every
- * warp of a grid sized to the machine, so no multiprocessor gets a whole extra block of work) and
- * walks them R at a time; its 32 lanes stride along K in 16-byte chunks, so each load of the warp
- * reads 512 contiguous bytes of one row (fully coalesced), and later chunks are requested before
- * the current one is used (loads in flight hide HBM latency). Weights bypass L1: they are used
- * once. The R rows of a warp share each x value it loads (~1 byte of L1 traffic per weight).
+ * Layout. A warp owns a contiguous range of output rows (split evenly over every warp of a grid
+ * sized to the machine, so no multiprocessor gets a whole extra block of work; the int4 kernel
+ * splits whole groups of 4 rows, so no row is read twice) and walks them R at a time; its 32
+ * lanes stride along K in 16-byte chunks, so each load of the warp reads 512 contiguous bytes of
+ * one row (fully coalesced), and later chunks are requested before the current one is used (loads
+ * in flight hide HBM latency). Weights bypass L1: they are used once. The R rows of a warp share
+ * each x value it loads.
  *
  * int4 codes keep the checkpoint's nibble order (byte j of a row = columns 2j, 2j+1), which is
  * already what a 16-byte load wants; only scale and zero are packed into one word per group.
@@ -155,31 +156,37 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16(const uint4 *__restrict__ 
  * At batch 1 a float dequantizing kernel spends ~4 instructions per weight (unpack, convert, FMA)
  * and so cannot keep HBM busy. Here each block first writes x, per 32-column chunk, as int8 pairs
  * x ~ xs * (h + l / 256) (h = round(x / xs), l = round of the remainder * 256; xs = max|x| / 127;
- * error <= max|x| / 65024 per element) into shared memory, in the nibble order of the codes. A
- * row's chunk is then 16 dp4a (4 int8 products each) on the codes' two nibble planes, exact in
- * int32, and one float step: s * xs * ((sum h q - 8 sum h) + (sum l q - 8 sum l) / 256) + z * sum x.
- * About 1.1 instructions per weight.
+ * error <= max|x| / 65024 per element) into shared memory, in the nibble order of the codes and
+ * in planes that a warp reads without bank conflicts. A row's chunk is then 16 dp4a (4 int8
+ * products each) on the codes' two nibble planes, exact in int32, and one float step:
+ * s * xs * ((sum h q - 8 sum h) + (sum l q - 8 sum l) / 256) + z * sum x. About 1.1 instructions
+ * per weight.
  *
- * When the matmul is fed by a layer's RMSNorm, the block applies it to x first (one block-wide sum
- * of squares; the separate norm kernel would cost more in latency than it saves), and the
- * residual add of o/down projections happens in the final store.
+ * When the matmul is fed by a layer's RMSNorm, the block quantizes g * x (the norm weight applied)
+ * and multiplies each dot product by 1 / rms(x), a block-wide sum of squares taken from the same
+ * loads (the separate norm kernel, or a second pass over x, would cost more in latency than it
+ * saves); the residual add of o/down projections happens in the final store.
  *
  * Weights stream through a per-warp ring in shared memory filled by cp.async (kQStages items of
- * 4 rows x 512 bytes ahead, 120 KB per multiprocessor in flight, which is what saturates HBM),
- * walked as one flat sequence of (row group, chunk column) items so the stream never drains
- * between row groups. The first items are requested before pdl_wait(): a block that
- * starts while the previous kernels run has its weights arriving by the time x is ready. One
- * block per multiprocessor; its registers leave room for the small kernels between matmuls. */
+ * 4 rows x 512 bytes ahead, 120 KB per multiprocessor in flight), walked as one flat sequence of
+ * (row group, chunk column) items so the stream never drains between row groups. The first items
+ * are requested before pdl_wait(): a block that starts while the previous kernels run has its
+ * weights arriving by the time x is ready. One block of 12 warps per multiprocessor: the dot
+ * products are latency-bound (ncu, H100: 2 warps per scheduler issued once per 5.7 cycles), so
+ * more warps with shallower rings beat fewer with deeper ones. */
 
-constexpr int kQThreads = 256;
-constexpr int kQWarps = kQThreads / 32;
-constexpr int kQRows = 4;   /* rows sharing each x chunk */
-constexpr int kQBatch = 4;  /* x loads issued together while quantizing (12 was slower on the H100) */
-constexpr int kQSlot = kQRows * 32 * (16 + 4); /* one item of a warp: codes, then scale words */
+constexpr int kQRows = 4;  /* rows of one warp item (they share each x chunk) */
+constexpr int kQBatch = 4; /* x loads issued together while quantizing (12 was slower on the H100) */
+constexpr int kQSlot = kQRows * 32 * (16 + 4); /* one item: 16-byte chunks, then 4-byte scale words */
 
-
-struct XChunk {
-    uint32_t hi[8], lo[8]; /* word 2w: columns 8w + 0, 2, 4, 6 (int8 each); word 2w + 1: 8w + 1, 3, 5, 7 */
+/* x' quantized per 32-column chunk c: four planes of 16-byte units (planes 0, 1: the h bytes of
+ * columns 0-15, 16-31; planes 2, 3: the l bytes), plane-major, so the 32 lanes of a warp reading
+ * chunks c .. c + 31 of one plane read 512 contiguous bytes (no bank conflicts). Within a plane
+ * unit, word w holds columns 8w' + 0, 2, 4, 6 (w = 2w', int8 each) or 8w' + 1, 3, 5, 7 (w = 2w' + 1). */
+struct XQuant {
+    uint32_t *words; /* [4][chunks][4] */
+    struct XParam *param;
+    int chunks;
 };
 struct XParam {
     float xs;   /* scale of the chunk */
@@ -187,6 +194,15 @@ struct XParam {
     int sl8;    /* 8 * sum of l */
     float xsum; /* sum of x (times the zero) */
 };
+/* Shared-memory bytes of an XQuant of k columns, and the view of it at p. */
+__host__ __device__ constexpr size_t xquant_bytes(int k) { return (size_t)(k >> 5) * (64 + sizeof(XParam)); }
+CU_DEV XQuant xquant_at(void *p, int k) {
+    XQuant q;
+    q.chunks = k >> 5;
+    q.words = static_cast<uint32_t *>(p);
+    q.param = reinterpret_cast<XParam *>(q.words + (size_t)q.chunks * 16);
+    return q;
+}
 
 CU_DEV void cp_async16(void *smem, const void *gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)), "l"(gmem)
@@ -205,46 +221,81 @@ CU_DEV void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-/* All threads of the block: x [M][k] into xq / xp. Eight threads per chunk, four columns each;
- * each thread's next kQBatch loads are issued before any is used. */
-template <int M>
-CU_DEV void quantize_x(const float *__restrict__ x, int k, int chunks, XChunk *xq, XParam *xp,
-                       const float *__restrict__ norm_w, float eps, float *red) {
-    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer in the low bits */
-    const int tasks = M * chunks * 8, rounds = (tasks + blockDim.x - 1) / blockDim.x;
-    float inv_rms[M]; /* RMSNorm prologue: x[m] / rms(x[m]) * norm_w, as rmsnorm_kernel computes it */
+/* A warp's walk over its items of one weight matrix of n rows, each `chunks` 16-byte chunks long
+ * (32 int4 columns or 8 bf16 ones). An item is a group of kQRows rows (g) times 32 consecutive
+ * chunks (column it of iters): 512 contiguous bytes of each row, one 16-byte chunk per lane. The
+ * warp's items are `count` steps of (dg groups, dit columns) from (g, it), in the row-major
+ * order of items. sz: the int4 scale words ([n][groups], group = 32 << gshift columns), NULL for
+ * bf16. */
+struct WeightStream {
+    const uint4 *w;
+    const uint32_t *sz;
+    int n, chunks, groups, gshift, iters;
+    int count;   /* items left */
+    int g, it;   /* the current item */
+    int dg, dit; /* the step to the next one (dit < iters) */
+};
+
+CU_DEV WeightStream weight_stream(const void *w, const uint32_t *sz, int n, int chunks, int gshift) {
+    WeightStream s = {};
+    s.w = static_cast<const uint4 *>(w);
+    s.sz = sz;
+    s.n = n;
+    s.chunks = chunks;
+    s.gshift = gshift;
+    s.groups = chunks >> gshift;
+    s.iters = (chunks + 31) >> 5;
+    return s;
+}
+
+/* The warp's items: row groups [g0, g1), each whole, in order. */
+CU_DEV void walk_groups(WeightStream &s, int g0, int g1) {
+    s.g = g0;
+    s.it = 0;
+    s.count = (g1 - g0) * s.iters;
+    s.dg = 0;
+    s.dit = 1;
+}
+
+CU_DEV void walk_next(WeightStream &s) {
+    s.count--;
+    s.g += s.dg;
+    s.it += s.dit;
+    if (s.it >= s.iters) s.it -= s.iters, s.g++;
+}
+
+/* Requests the current item into `slot` for this lane (nothing past the row's chunks; rows past
+ * the matrix repeat its last row). Does not commit the cp.async group. */
+CU_DEV void issue_item(const WeightStream &s, int lane, char *slot) {
+    const int c = s.it * 32 + lane;
+    if (c >= s.chunks) return;
 #pragma unroll
-    for (int m = 0; m < M; m++) {
-        inv_rms[m] = 1.0f;
-        if (norm_w) {
-            float ss = 0.0f;
-            for (int i = threadIdx.x * 4; i < k; i += blockDim.x * 4) {
-                const float4 v = *reinterpret_cast<const float4 *>(x + (size_t)m * k + i);
-                ss = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss))));
-            }
-            inv_rms[m] = 1.0f / sqrtf(block_sum(ss, red) / (float)k + eps);
-        }
+    for (int r = 0; r < kQRows; r++) {
+        const int row = min(s.g * kQRows + r, s.n - 1);
+        cp_async16(slot + (r * 32 + lane) * 16, s.w + (size_t)row * s.chunks + c);
+        if (s.sz) cp_async4(slot + kQRows * 512 + (r * 32 + lane) * 4, s.sz + (size_t)row * s.groups + (c >> s.gshift));
     }
+}
+
+/* All threads of the block: x' (q.chunks * 32 values; load(col) returns x'[col .. col + 3]) into
+ * q. Eight threads per chunk, four columns each; each thread's next kQBatch loads are issued before
+ * any is used. No barrier at the end. */
+template <class Load>
+CU_DEV void quantize_x(Load load, const XQuant &q) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer in the low bits */
+    const int tasks = q.chunks * 8, rounds = (tasks + blockDim.x - 1) / blockDim.x;
     for (int rd0 = 0; rd0 < rounds; rd0 += kQBatch) { /* every lane takes part in the shuffles */
-        float4 vb[kQBatch], gb[kQBatch];
+        float4 vb[kQBatch];
 #pragma unroll
         for (int b = 0; b < kQBatch; b++) {
             const int task = (rd0 + b) * blockDim.x + threadIdx.x;
-            const int m = task / (chunks * 8), rem = task - m * chunks * 8, col = (rem >> 3) * 32 + (rem & 7) * 4;
-            vb[b] = task < tasks ? *reinterpret_cast<const float4 *>(x + (size_t)m * k + col)
-                                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (norm_w) gb[b] = task < tasks ? *reinterpret_cast<const float4 *>(norm_w + col) : vb[b];
+            vb[b] = task < tasks ? load((task >> 3) * 32 + (task & 7) * 4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
 #pragma unroll
         for (int b = 0; b < kQBatch; b++) {
             const int task = (rd0 + b) * blockDim.x + threadIdx.x;
-            const bool valid = task < tasks;
-            const int m = task / (chunks * 8), rem = task - m * chunks * 8, c = rem >> 3, j = rem & 7;
-            float4 v = vb[b];
-            if (norm_w) {
-                const float inv = inv_rms[M > 1 && m > 0 ? M - 1 : 0], g0 = gb[b].x, g1 = gb[b].y, g2 = gb[b].z, g3 = gb[b].w;
-                v = make_float4(g0 * (v.x * inv), g1 * (v.y * inv), g2 * (v.z * inv), g3 * (v.w * inv));
-            }
+            const int c = task >> 3, j = task & 7;
+            const float4 v = vb[b];
             float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
@@ -257,9 +308,8 @@ CU_DEV void quantize_x(const float *__restrict__ x, int k, int chunks, XChunk *x
             for (int i = 0; i < 4; i++) {
                 const float t = fmaf(vals[i], inv, magic), h = t - magic;
                 const float lf = fminf(fmaxf(fmaf(vals[i], inv, -h) * 256.0f, -127.0f), 127.0f);
-                const float t2 = lf + magic;
                 tb[i] = __float_as_uint(t);
-                lb[i] = __float_as_uint(t2);
+                lb[i] = __float_as_uint(lf + magic);
                 sh += (int)(tb[i] << 24) >> 24; /* the low byte is the integer, two's complement */
                 sl += (int)(lb[i] << 24) >> 24;
             }
@@ -278,135 +328,149 @@ CU_DEV void quantize_x(const float *__restrict__ x, int k, int chunks, XChunk *x
                 sl += __shfl_xor_sync(0xffffffffu, sl, o);
                 xsum += __shfl_xor_sync(0xffffffffu, xsum, o);
             }
-            if (valid) {
-                XChunk *dst = xq + m * chunks + c;
-                const int w = 2 * (j >> 1) + (odd ? 1 : 0);
-                dst->hi[w] = odd ? rh | ho << 16 : he | rh << 16;
-                dst->lo[w] = odd ? rl | lo << 16 : le | rl << 16;
-                if (j == 0) xp[m * chunks + c] = XParam{amax * (1.0f / 127.0f), 8 * sh, 8 * sl, xsum};
+            if (task < tasks) {
+                const int w = 2 * (j >> 1) + (odd ? 1 : 0); /* word 0..7 of the h (and of the l) bytes */
+                q.words[((size_t)(w >> 2) * q.chunks + c) * 4 + (w & 3)] = odd ? rh | ho << 16 : he | rh << 16;
+                q.words[((size_t)(2 + (w >> 2)) * q.chunks + c) * 4 + (w & 3)] = odd ? rl | lo << 16 : le | rl << 16;
+                if (j == 0) q.param[c] = XParam{amax * (1.0f / 127.0f), 8 * sh, 8 * sl, xsum};
             }
         }
     }
 }
 
-struct QItems { /* a warp's share of the matrix, walked as items (row group, chunk column) */
-    const uint4 *codes;
-    const uint32_t *sz;
-    int begin, end, chunks, groups, gshift, iters, n_items;
-};
-
-/* Requests item `item` of this lane into `slot` (nothing past the end or past the row's chunks)
- * and closes its cp.async group (empty or not, so groups and items stay in step). */
-CU_DEV void issue_item(const QItems &w, int item, int lane, char *slot) {
-    if (item < w.n_items) {
-        const int gi = item / w.iters, c = (item - gi * w.iters) * 32 + lane;
-        if (c < w.chunks) {
+/* x'[col .. col + 3] for the matmul inputs: x itself, or g * x (RMSNorm(x) = g * x / rms(x): the
+ * 1 / rms is applied to the dot products, it does not change the quantization). */
+CU_DEV float4 ld4(const float *p) { return __ldcg(reinterpret_cast<const float4 *>(p)); }
+/* g * x at col, adding x's squares to ss (for the 1 / rms) */
+CU_DEV float4 scaled4(const float *x, const float *g, int col, float &ss) {
+    const float4 v = ld4(x + col), w = __ldg(reinterpret_cast<const float4 *>(g + col));
+    ss = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss))));
+    return make_float4(w.x * v.x, w.y * v.y, w.z * v.z, w.w * v.w);
+}
+/* acc[r] += the warp's part of row r's dot product with x' over chunk c (this lane's 32 columns),
+ * from an int4 item in `slot`. */
+CU_DEV void q4_item(const char *slot, int lane, const XQuant &xq, int c, float (&acc)[kQRows]) {
+    uint4 q[kQRows];
+    uint32_t s[kQRows];
 #pragma unroll
-            for (int r = 0; r < kQRows; r++) {
-                const int row = min(w.begin + gi * kQRows + r, w.end - 1);
-                cp_async16(slot + (r * 32 + lane) * 16, w.codes + (size_t)row * w.chunks + c);
-                cp_async4(slot + kQRows * 512 + (r * 32 + lane) * 4, w.sz + (size_t)row * w.groups + (c >> w.gshift));
-            }
-        }
+    for (int r = 0; r < kQRows; r++) {
+        q[r] = *reinterpret_cast<const uint4 *>(slot + (r * 32 + lane) * 16);
+        s[r] = *reinterpret_cast<const uint32_t *>(slot + kQRows * 512 + (r * 32 + lane) * 4);
     }
-    cp_async_commit();
+    const uint4 *planes = reinterpret_cast<const uint4 *>(xq.words);
+    const uint4 xh[2] = {planes[c], planes[xq.chunks + c]}, xl[2] = {planes[2 * xq.chunks + c], planes[3 * xq.chunks + c]};
+    const XParam p = xq.param[c];
+#pragma unroll
+    for (int r = 0; r < kQRows; r++) {
+        int ih = 0, il = 0;
+#pragma unroll
+        for (int wi = 0; wi < 4; wi++) {
+            const uint32_t cw = word_of(q[r], wi);
+            const int lo = (int)(cw & 0x0f0f0f0fu), hi = (int)((cw >> 4) & 0x0f0f0f0fu);
+            const uint4 &h = xh[wi >> 1], &l = xl[wi >> 1];
+            ih = __dp4a((int)word_of(h, 2 * (wi & 1)), lo, ih);
+            ih = __dp4a((int)word_of(h, 2 * (wi & 1) + 1), hi, ih);
+            il = __dp4a((int)word_of(l, 2 * (wi & 1)), lo, il);
+            il = __dp4a((int)word_of(l, 2 * (wi & 1) + 1), hi, il);
+        }
+        const float sc = bf16_lo(s[r]), ze = bf16_hi(s[r]);
+        const float dot = p.xs * fmaf((float)(il - p.sl8), 1.0f / 256.0f, (float)(ih - p.sh8));
+        acc[r] = fmaf(sc, dot, fmaf(ze, p.xsum, acc[r]));
+    }
 }
 
-template <int M, int S>
+/* Sums each of v[0 .. 3] over the warp (6 shuffles where four sums take 20): every lane gets
+ * the total of v[lane / 8]. */
+CU_DEV float reduce4(const float (&v)[kQRows]) {
+    static_assert(kQRows == 4, "reduce4 sums four rows");
+    const int lane = threadIdx.x & 31;
+    const bool up16 = lane & 16, up8 = lane & 8;
+    /* lanes < 16 keep rows 0, 1 and lanes >= 16 rows 2, 3, each adding its partner's */
+    float k0 = up16 ? v[2] : v[0], k1 = up16 ? v[3] : v[1];
+    k0 += __shfl_xor_sync(0xffffffffu, up16 ? v[0] : v[2], 16);
+    k1 += __shfl_xor_sync(0xffffffffu, up16 ? v[1] : v[3], 16);
+    /* then one of the two, by bit 3 of the lane; the rest is a sum over 8 lanes */
+    float k = up8 ? k1 : k0;
+    k += __shfl_xor_sync(0xffffffffu, up8 ? k0 : k1, 8);
+    k += __shfl_xor_sync(0xffffffffu, k, 4);
+    k += __shfl_xor_sync(0xffffffffu, k, 2);
+    k += __shfl_xor_sync(0xffffffffu, k, 1);
+    return k;
+}
+
+/* Sums acc over the warp; rows r < nr get scale * sum written to y[row0 + r] (or added, when
+ * accumulate: the residual stream's y += x W^T; each element has one writer); clears acc. */
+CU_DEV void store_rows(float (&acc)[kQRows], float *y, int row0, int nr, float scale, bool accumulate) {
+    const int lane = threadIdx.x & 31, r = lane >> 3;
+    const float v = reduce4(acc) * scale;
+#pragma unroll
+    for (int i = 0; i < kQRows; i++) acc[i] = 0.0f;
+    if ((lane & 7) == 0 && r < nr) {
+        float *dst = y + row0 + r;
+        *dst = accumulate ? __ldcg(dst) + v : v;
+    }
+}
+
+/* 1 / sqrt(ss / k + eps), ss summed over the block (two barriers inside; red holds 32 floats). */
+CU_DEV float block_inv_rms(float ss, int k, float eps, float *red) {
+    return 1.0f / sqrtf(block_sum(ss, red) / (float)k + eps);
+}
+
+constexpr int kQThreads = 384;
+constexpr int kQWarps = kQThreads / 32;
+
+template <int S>
 __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ codes, const uint32_t *__restrict__ sz,
-                                                      const float *x, float *y, int n, int k, int gshift, int ldy,
+                                                      const float *x, float *y, int n, int k, int gshift,
                                                       const float *norm_w, float eps, bool accumulate) {
-    constexpr int R = kQRows;
     extern __shared__ uint4 q4x_smem[];
     __shared__ float red[32];
     pdl_trigger();
-    QItems w;
-    w.codes = codes, w.sz = sz, w.chunks = k >> 5, w.gshift = gshift, w.groups = k >> (5 + gshift);
-    {
-        long long warp = (long long)blockIdx.x * kQWarps + (threadIdx.x >> 5), nw = (long long)gridDim.x * kQWarps;
-        w.begin = (int)(warp * n / nw), w.end = (int)((warp + 1) * n / nw);
-    }
-    w.iters = (w.chunks + 31) >> 5;
-    w.n_items = (w.end - w.begin + R - 1) / R * w.iters;
     const int lane = threadIdx.x & 31;
-    XChunk *xq = reinterpret_cast<XChunk *>(q4x_smem);
-    XParam *xp = reinterpret_cast<XParam *>(xq + M * w.chunks);
-    char *ring = reinterpret_cast<char *>(xp + M * w.chunks) + (size_t)(threadIdx.x >> 5) * S * kQSlot;
+    const XQuant xq = xquant_at(q4x_smem, k);
+    /* whole row groups, an even share of them per warp of the grid */
+    WeightStream w = weight_stream(codes, sz, n, xq.chunks, gshift);
+    const long long warp = (long long)blockIdx.x * kQWarps + (threadIdx.x >> 5), nw = (long long)gridDim.x * kQWarps;
+    const long long row_groups = (n + kQRows - 1) / kQRows;
+    walk_groups(w, (int)(warp * row_groups / nw), (int)((warp + 1) * row_groups / nw));
+    WeightStream ahead = w; /* the next item to request */
+    char *ring = reinterpret_cast<char *>(q4x_smem) + xquant_bytes(k) + (size_t)(threadIdx.x >> 5) * S * kQSlot;
+    /* one cp.async group per item, empty or not, so groups and items stay in step */
+    auto request = [&](char *slot) {
+        if (ahead.count > 0) {
+            issue_item(ahead, lane, slot);
+            walk_next(ahead);
+        }
+        cp_async_commit();
+    };
 #pragma unroll
-    for (int i = 0; i < S; i++) issue_item(w, i, lane, ring + i * kQSlot);
+    for (int i = 0; i < S; i++) request(ring + i * kQSlot);
 
     pdl_wait();
-    quantize_x<M>(x, k, w.chunks, xq, xp, norm_w, eps, red);
+    float scale = 1.0f; /* RMSNorm's 1 / rms, applied to the dot products */
+    if (norm_w) {
+        float ss = 0.0f;
+        quantize_x([&](int col) { return scaled4(x, norm_w, col, ss); }, xq);
+        scale = block_inv_rms(ss, k, eps, red);
+    } else {
+        quantize_x([&](int col) { return ld4(x + col); }, xq);
+    }
     __syncthreads();
 
-    float acc[M][R];
-#pragma unroll
-    for (int m = 0; m < M; m++)
-#pragma unroll
-        for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
-    for (int item = 0; item < w.n_items; item++) { /* warp-uniform */
+    float acc[kQRows] = {};
+    for (int item = 0; w.count > 0; item++) { /* warp-uniform */
         cp_async_wait<S - 1>(); /* this item's group has landed */
         char *slot = ring + (item % S) * kQSlot;
-        const int gi = item / w.iters, it = item - gi * w.iters, c = it * 32 + lane;
-        if (c < w.chunks) {
-            uint4 q[R];
-            uint32_t s[R];
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                q[r] = *reinterpret_cast<const uint4 *>(slot + (r * 32 + lane) * 16);
-                s[r] = *reinterpret_cast<const uint32_t *>(slot + kQRows * 512 + (r * 32 + lane) * 4);
-            }
-            uint4 xh[M][2], xl[M][2];
-            XParam p[M];
-#pragma unroll
-            for (int m = 0; m < M; m++) {
-                const uint4 *src = reinterpret_cast<const uint4 *>(xq + m * w.chunks + c);
-                xh[m][0] = src[0], xh[m][1] = src[1], xl[m][0] = src[2], xl[m][1] = src[3];
-                p[m] = xp[m * w.chunks + c];
-            }
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                int ih[M], il[M];
-#pragma unroll
-                for (int m = 0; m < M; m++) ih[m] = il[m] = 0;
-#pragma unroll
-                for (int wi = 0; wi < 4; wi++) {
-                    const uint32_t cw = word_of(q[r], wi);
-                    const int lo = (int)(cw & 0x0f0f0f0fu), hi = (int)((cw >> 4) & 0x0f0f0f0fu);
-#pragma unroll
-                    for (int m = 0; m < M; m++) {
-                        const uint4 &h = xh[m][wi >> 1], &l = xl[m][wi >> 1];
-                        const int he = (int)word_of(h, 2 * (wi & 1)), ho = (int)word_of(h, 2 * (wi & 1) + 1);
-                        const int le = (int)word_of(l, 2 * (wi & 1)), lo2 = (int)word_of(l, 2 * (wi & 1) + 1);
-                        ih[m] = __dp4a(he, lo, ih[m]);
-                        ih[m] = __dp4a(ho, hi, ih[m]);
-                        il[m] = __dp4a(le, lo, il[m]);
-                        il[m] = __dp4a(lo2, hi, il[m]);
-                    }
-                }
-                const float sc = bf16_lo(s[r]), ze = bf16_hi(s[r]);
-#pragma unroll
-                for (int m = 0; m < M; m++) {
-                    const float dot =
-                        p[m].xs * fmaf((float)(il[m] - p[m].sl8), 1.0f / 256.0f, (float)(ih[m] - p[m].sh8));
-                    acc[m][r] = fmaf(sc, dot, fmaf(ze, p[m].xsum, acc[m][r]));
-                }
-            }
-        }
-        if (it == w.iters - 1) {
-            reduce_store<M, R>(acc, y, ldy, w.begin + gi * R, min(R, w.end - w.begin - gi * R), accumulate);
-#pragma unroll
-            for (int m = 0; m < M; m++)
-#pragma unroll
-                for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
-        }
-        issue_item(w, item + S, lane, slot); /* the slot's data is in registers by now */
+        if (w.it * 32 + lane < w.chunks) q4_item(slot, lane, xq, w.it * 32 + lane, acc);
+        if (w.it == w.iters - 1) store_rows(acc, y, w.g * kQRows, min(kQRows, n - w.g * kQRows), scale, accumulate);
+        request(slot); /* the slot's data is in registers by now */
+        walk_next(w);
     }
     cp_async_wait<0>();
 }
 
-size_t q4x_smem_bytes(int M, int k, int stages) {
-    return (size_t)M * (k >> 5) * (sizeof(XChunk) + sizeof(XParam)) + (size_t)kQWarps * stages * kQSlot;
+size_t q4x_smem_bytes(int k, int stages) {
+    return xquant_bytes(k) + (size_t)kQWarps * stages * kQSlot;
 }
 
 /* Grid of whole waves: enough blocks that every warp gets about R rows, capped at what fits on
@@ -450,42 +514,32 @@ cudaError_t launch_bf16(const GemvArgs &a, cudaStream_t st) {
 }
 
 /* Ring depth of the fixed-point kernel: items of 2.5 KB per warp in flight (H100, batch-1
- * Qwen3-8B step: 6 stages 3.05 ms, 8 stages 3.21 ms, 4 stages 3.57 ms). */
-constexpr int kQStages = 6;
+ * Qwen3-8B step, bench_cuda_decode: 8 warps x 6 stages 2.81 ms, 16 x 3 2.74 ms, 16 x 4 2.76 ms,
+ * 12 x 4 2.71 ms). */
+constexpr int kQStages = 4;
 
 /* The fixed-point kernel (when x and the ring fit in shared memory): one block per
  * multiprocessor. */
-template <int M>
 cudaError_t launch_q4x(const GemvArgs &a, cudaStream_t st) {
     constexpr int S = kQStages;
     int gshift = 0;
     while ((32 << gshift) < a.w->group) gshift++;
-    const size_t smem = q4x_smem_bytes(M, a.w->k, S);
-    static size_t smem_set = 0; /* one per instantiation: the largest opt-in so far */
+    const size_t smem = q4x_smem_bytes(a.w->k, S);
+    static size_t smem_set = 0; /* the largest opt-in so far */
     if (smem > smem_set) {
-        cudaError_t rc = cudaFuncSetAttribute(gemv_q4x<M, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        cudaError_t rc = cudaFuncSetAttribute(gemv_q4x<S>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         /* the whole carveout as shared memory, so the next kernel's block fits beside this one */
         if (rc == cudaSuccess)
-            rc = cudaFuncSetAttribute(gemv_q4x<M, S>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+            rc = cudaFuncSetAttribute(gemv_q4x<S>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
         if (rc != cudaSuccess) return rc;
         smem_set = smem;
     }
-    return cu_launch(st, dim3((unsigned)a.sms), dim3(kQThreads), smem, gemv_q4x<M, S>,
-                     static_cast<const uint4 *>(a.w->w), a.w->sz, a.x, a.y + a.w->n0, a.w->n, a.w->k, gshift, a.ldy,
-                     a.norm_w, a.eps, a.accumulate);
+    return cu_launch(st, dim3((unsigned)a.sms), dim3(kQThreads), smem, gemv_q4x<S>,
+                     static_cast<const uint4 *>(a.w->w), a.w->sz, a.x, a.y + a.w->n0, a.w->n, a.w->k, gshift, a.norm_w,
+                     a.eps, a.accumulate);
 }
 
-bool use_q4x(const CuMat *w, int M) {
-    return M <= 2 && w->group && q4x_smem_bytes(M, w->k, kQStages) <= (size_t)220 << 10;
-}
-
-template <int M>
-cudaError_t launch_m(const GemvArgs &a, cudaStream_t st) {
-    if constexpr (M <= 2) {
-        if (use_q4x(a.w, M)) return launch_q4x<M>(a, st);
-    }
-    return a.w->group ? cudaErrorInvalidValue : launch_bf16<M>(a, st);
-}
+bool use_q4x(const CuMat *w) { return w->group && q4x_smem_bytes(w->k, kQStages) <= (size_t)220 << 10; }
 
 __global__ void to_bf16_kernel(const float *x, __nv_bfloat16 *out, size_t n) {
     pdl_trigger();
@@ -526,13 +580,14 @@ int grid_for(size_t n, int threads) {
 
 } // namespace
 
-bool cu_gemv_fuses_norm(const CuMat *w) { return use_q4x(w, 1); }
+bool cu_gemv_fuses_norm(const CuMat *w) { return use_q4x(w); }
 
 cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, float *y, int sms, const float *norm_w,
                     float eps, bool accumulate) {
     if (w->n <= 0) return cudaSuccess;
-    if (norm_w && !use_q4x(w, 1)) return cudaErrorInvalidValue;
-    return launch_m<1>(GemvArgs{w, x, norm_w, y, 0, sms, eps, accumulate}, st);
+    const GemvArgs a{w, x, norm_w, y, 0, sms, eps, accumulate};
+    if (use_q4x(w)) return launch_q4x(a, st);
+    return w->group || norm_w ? cudaErrorInvalidValue : launch_bf16<1>(a, st);
 }
 
 cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size_t n) {
