@@ -299,9 +299,9 @@ static void check_matmul(const char *what, Part *parts, int n_parts, const int *
 static void test_matmul(void) {
     static const int Ms[] = {1, 2, 3, 5, 8, 9, 33};
     const int nM = sizeof Ms / sizeof Ms[0];
-    /* int4 adds the int4 GEMM's token tiles (16: 9, 16; 32: 24; 64: 33, 64; 128: 127, 200) and
+    /* int4 adds the int4 GEMM's token tiles (16: 9, 16; 32: 24, 33, 64, 160; 128: 127, 200) and
      * ragged last tiles; 257 is past its range (dequantized for cuBLAS) */
-    static const int Mq[] = {1, 2, 3, 5, 8, 9, 16, 24, 33, 64, 127, 200, 257};
+    static const int Mq[] = {1, 2, 3, 5, 8, 9, 16, 24, 33, 64, 127, 160, 200, 257};
     const int nMq = sizeof Mq / sizeof Mq[0];
     Part p[3];
     make_dense(&p[0], "bf16 37x45", 37, 45, DT_BF16);

@@ -22,13 +22,13 @@
  * second applies scale and zero, (q - 8) * s + z rounded once to bf16, the value the dequant +
  * cuBLAS path computes.
  *
- * Tiles. A block (8 warps) owns 128 features x BT tokens (BT = 16, 32, 64 or 128, chosen by M);
+ * Tiles. A block (8 warps) owns 128 features x BT tokens (BT = 16, 32 or 128, chosen by M);
  * its warps are laid out as features x tokens x two halves of every k-stage, the halves summed at
  * the end. Small BT (16, 32: memory bound) stages 256 columns of k at a time, so each weight row
  * contributes a whole 128-byte line per stage, and gives each warp 32 features x BT tokens; large
- * BT (64, 128: compute bound) stages 128 columns, which keeps the x tile small, and gives each
- * warp 64 features x BT / 2 tokens (at BT = 128 each pair of code words a lane dequantizes feeds
- * 16 mma, so dequantization costs a fraction of the tensor-core time).
+ * BT (128: compute bound) stages 128 columns, which keeps the x tile small, and gives each warp
+ * 64 features x 64 tokens (each pair of code words a lane dequantizes feeds 16 mma, so
+ * dequantization costs a fraction of the tensor-core time).
  *
  * Pipeline. Three stages of cp.async (global -> shared): the codes (16-byte copies), their scale
  * words (4-byte copies) and the x tile (16-byte copies), with rows past n, tokens past M and
@@ -469,13 +469,23 @@ cudaError_t launch_tokens(cudaStream_t st, const GemmArgs &a, int gs, int sms) {
     }
 }
 
-/* Tokens per block for M: the smallest tile that holds M up to 64; above, 128-token tiles unless
- * the last one would be at most half full (then 64-token tiles pad less). */
+/* Tokens per block for M, as measured (H100, one Qwen3-8B step's 144 linears, int4; ms):
+ *   M      BT = 32   BT = 64   BT = 128
+ *   48      5.87      6.58
+ *   64      5.61      6.82
+ *   96      9.31                 9.84
+ *   128    10.33     10.60       9.89
+ *   192    16.15     17.90
+ *   256    18.41     17.91      15.30
+ * (BT = 64 was never the best and is not built). Up to 96 tokens, 32-token tiles: more blocks to
+ * fill the machine, each weight tile read again from L2 rather than HBM; from 128, 128-token
+ * tiles, unless the last one would be at most half full. */
 int token_tile(int M) {
     if (M <= 16) return 16;
-    if (M <= 32) return 32;
-    if (M <= 64) return 64;
-    return M % 128 != 0 && M % 128 <= 64 ? 64 : 128;
+    if (M <= 96) return 32;
+    if (M <= 128) return 128;
+    const int rem = M % 128;
+    return rem == 0 || rem > 64 ? 128 : 32;
 }
 
 } // namespace
@@ -491,7 +501,6 @@ cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, 
     switch (token_tile(M)) {
     case 16: return launch_tokens<16>(st, a, gs, sms);
     case 32: return launch_tokens<32>(st, a, gs, sms);
-    case 64: return launch_tokens<64>(st, a, gs, sms);
     default: return launch_tokens<128>(st, a, gs, sms);
     }
 }
