@@ -580,7 +580,7 @@ static void attn_step(AttnRig *r, HostMeta *h, SeqState *seqs, const int *ids, c
 }
 
 static void shuffled_tables(SeqState *seqs, int n_seqs, int n_blocks) {
-    int32_t perm[256];
+    int32_t perm[1024];
     for (int i = 0; i < n_blocks; i++) perm[i] = i;
     for (int i = n_blocks - 1; i > 0; i--) {
         int j = (int)(rng_u64() % (uint64_t)(i + 1));
@@ -628,6 +628,39 @@ static void test_attention(int nh, int nkv, int hd) {
         attn_step(&r, &h, seqs, steps[i].ids, what);
     }
     for (int i = 0; i < 2; i++) free(seqs[i].k), free(seqs[i].v);
+    rig_free(&r);
+}
+
+/* Many sequences with long contexts, built by chunked prefill steps: the batched decode kernel
+ * (the tensor cores at head_dim 128) with several 16-token tiles per warp, splits of the
+ * context, and ragged last tiles. */
+static void test_attention_batched(int nh, int nkv, int hd, int S, int ctx) {
+    AttnRig r;
+    const int per = ctx / BS + 2, n_blocks = S * per; /* blocks per sequence: the context + 2 decodes */
+    rig_init(&r, nh, nkv, hd, n_blocks);
+    if (!r.kv_c || !r.kv_g) {
+        rig_free(&r);
+        return;
+    }
+    SeqState seqs[16];
+    shuffled_tables(seqs, S, n_blocks);
+    for (int i = 0; i < S; i++) {
+        seqs[i].k = malloc((size_t)per * BS * nkv * hd * sizeof(float));
+        seqs[i].v = malloc((size_t)per * BS * nkv * hd * sizeof(float));
+    }
+    int ids[16], n[16];
+    char what[96];
+    HostMeta h;
+    for (int done = 0, step = 0; done < ctx + 2; step++) { /* prefill chunks of <= 1024 tokens, then decodes */
+        const int todo = done < ctx ? (ctx - done < 1024 / S ? ctx - done : 1024 / S) : 1;
+        for (int s = 0; s < S; s++) ids[s] = s, n[s] = todo;
+        build_meta(&h, seqs, ids, n, S, NULL);
+        snprintf(what, sizeof what, "nh=%d nkv=%d hd=%d %d seqs, %s to %d", nh, nkv, hd, S,
+                 done < ctx ? "prefill" : "decode", done + todo);
+        attn_step(&r, &h, seqs, ids, what);
+        done += todo;
+    }
+    for (int i = 0; i < S; i++) free(seqs[i].k), free(seqs[i].v);
     rig_free(&r);
 }
 
@@ -855,6 +888,7 @@ int main(void) {
         test_attention(2, 1, 128);
         test_attention(4, 4, 64);
         test_attention(16, 2, 256);
+        test_attention_batched(16, 4, 128, 12, 637);
     }
     if (section("embed")) test_embed();
     if (section("graphs")) {

@@ -1,15 +1,20 @@
-/* cuda_attention.cu — causal GQA attention over the paged bf16 KV cache, two kernels:
+/* cuda_attention.cu — causal GQA attention over the paged bf16 KV cache:
  *
  * Decode (every sequence has one new token; the shape captured in CUDA graphs). One token's work
  * is tiny but its context can be long, so the context is split (flash-decoding): block
  * (split, kv head, sequence) covers an even share of the context, computed on the device from
  * ctx_len (the split count depends only on the number of sequences, so a captured graph stays
- * valid as the context grows). Its 4 warps take the kv head's query heads, walking the same K/V
- * rows (L1 serves the repeats) in batches of 16 tokens (8 at head_dim 256) whose block-table
- * lookups run in parallel across lanes and whose loads are all issued together. Each
- * block writes an unnormalised partial (output, max, sum); the last block to arrive at a
- * (sequence, kv head) combines them (a counter per pair, reset by that block), which saves a
- * second launch per layer.
+ * valid as the context grows). Each block writes an unnormalised partial (output, max, sum); the
+ * last block to arrive at a (sequence, kv head) combines them (a counter per pair, reset by that
+ * block), which saves a second launch per layer. Two kernels:
+ *  - from 2 sequences at head_dim 128 (Qwen3): all query heads of the kv head at once on the
+ *    tensor cores (attn_decode_mma below; H100, 36 layers at context 640: 8 sequences 0.94 ->
+ *    0.63 ms, 64: 4.09 -> 2.36 ms, 256: 15.9 -> 8.8 ms, 2.75 TB/s of KV).
+ *  - batch 1 and other head dims: 4 warps take the kv head's query heads, walking the same K/V
+ *    rows (L1 serves the repeats) in batches of 16 tokens (8 at head_dim 256) whose block-table
+ *    lookups run in parallel across lanes and whose loads are all issued together; the first
+ *    batch is requested before the PDL wait, which inside a decode step beats the tensor-core
+ *    kernel at batch 1 (8.5 vs 9.0 us per layer).
  *
  * Prefill (chunks of many tokens; also mixed steps). Block = a tile of consecutive queries of one
  * sequence times the query heads of one kv head (64 rows, or 32 at head_dim 256); keys come in
@@ -73,6 +78,51 @@ __host__ __device__ constexpr int decode_batch() {
     return HD <= 128 ? 16 : 8;
 }
 
+/* After every split of (sequence, kv head) `pair` has written its partial (unnormalised output,
+ * max, sum) for its G heads: the whole block publishes its writes with one fenced arrival, and the
+ * last block to arrive combines all splits into out (a counter per pair, reset by that block). */
+template <int HD>
+CU_DEV void combine_splits(float *out, const float *part, int *counters, size_t pair, int splits, int G, int t, int nh,
+                           int kvh) {
+    constexpr int VPL = HD / 32;
+    __shared__ int last;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(&counters[pair], 1) == splits - 1;
+        if (last) __threadfence();
+    }
+    __syncthreads();
+    if (!last) return;
+    for (int g = warp; g < G; g += warps) {
+        /* lane i owns split i's max and sum (splits <= 32); the outputs are summed split by split
+         * with their loads unrolled, so many are in flight at once */
+        const float *base = part + (pair * splits * G + g) * (HD + 2);
+        const size_t stride = (size_t)G * (HD + 2);
+        const float ms = lane < splits ? __ldcg(base + lane * stride + HD) : -INFINITY;
+        const float ls = lane < splits ? __ldcg(base + lane * stride + HD + 1) : 0.0f;
+        const float mx = warp_max(ms);
+        const float w = ms == -INFINITY ? 0.0f : __expf(ms - mx);
+        const float lsum = warp_sum(w * ls);
+        float acc[VPL];
+#pragma unroll
+        for (int i = 0; i < VPL; i++) acc[i] = 0.0f;
+#pragma unroll 8
+        for (int sp = 0; sp < splits; sp++) {
+            const float wsp = __shfl_sync(0xffffffffu, w, sp);
+            const float *pp = base + sp * stride + lane * VPL;
+#pragma unroll
+            for (int i = 0; i < VPL; i++) acc[i] = fmaf(wsp, __ldcg(pp + i), acc[i]);
+        }
+        float *dst = out + (size_t)t * nh * HD + (size_t)(kvh * G + g) * HD + lane * VPL;
+        const float inv = 1.0f / lsum;
+#pragma unroll
+        for (int i = 0; i < VPL; i++) dst[i] = acc[i] * inv;
+    }
+    if (threadIdx.x == 0) counters[pair] = 0;
+}
+
 /* Grid (splits, nkv, n_seqs), 4 warps; warp w handles query heads kvh * G + g for g = w, w + 4, ..
  * (the K/V rows of the kv head are read once per head, from L1 after the first); lane holds dims
  * lane * VPL .. + VPL. */
@@ -83,7 +133,6 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, const float *qkv,
                                                    int bs, int bs_shift, int nh, int nkv, int splits, float *part,
                                                    int *counters, float scale) {
     constexpr int VPL = HD / 32, TB = decode_batch<HD>();
-    __shared__ int last;
     pdl_trigger();
     /* Before pdl_wait() only what no running kernel writes: the step's metadata (uploaded before
      * the step's first kernel) and the cache rows of earlier tokens. So the first batch of K/V
@@ -179,42 +228,244 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, const float *qkv,
             if (lane == 0) mine[HD] = m, mine[HD + 1] = l;
         }
     }
-    if (splits == 1) return;
-    /* publish: the block's writes, then one fenced arrival; the last to arrive combines */
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        last = atomicAdd(&counters[pair], 1) == splits - 1;
-        if (last) __threadfence();
-    }
-    __syncthreads();
-    if (!last) return;
-    for (int g = warp; g < G; g += 4) {
-        /* lane i owns split i's max and sum (splits <= 32); the outputs are summed split by split
-         * with their loads unrolled, so many are in flight at once */
-        const float *base = part + (pair * splits * G + g) * (HD + 2);
-        const size_t stride = (size_t)G * (HD + 2);
-        const float ms = lane < splits ? __ldcg(base + lane * stride + HD) : -INFINITY;
-        const float ls = lane < splits ? __ldcg(base + lane * stride + HD + 1) : 0.0f;
-        const float mx = warp_max(ms);
-        const float w = ms == -INFINITY ? 0.0f : __expf(ms - mx);
-        const float lsum = warp_sum(w * ls);
-        float acc[VPL];
+    if (splits > 1) combine_splits<HD>(out, part, counters, pair, splits, G, t, nh, kvh);
+}
+
+/* ---- batched decode on the tensor cores ---------------------------------------------------- *
+ *
+ * With many sequences the scalar decode kernel is bound by its per-token warp shuffles (one
+ * butterfly per score), not by memory (H100: ~1.5 TB/s at 64 and 256 sequences). Here a block
+ * (split, kv head, sequence) computes all G query heads of the kv head at once with mma.sync
+ * m16n8k16 (bf16 in, f32 accumulate): the heads are the 16 rows of the A operand (rows past G are
+ * zero), so S = Q K^T takes 16 mma per 16 tokens and O += P V another 16, with the softmax done on
+ * the accumulator fragments (flash attention 2's register reuse: S's accumulators are P's A
+ * fragments). q and p enter the tensor cores as two bf16 terms each, hi + lo (twice the mma, which
+ * are cheap here), so the result keeps float precision: K and V, bf16 in the cache, are exact.
+ *
+ * Each warp walks every fourth 16-token tile of the split: K and V rows (head_dim 128: 256 bytes
+ * each, from the paged cache) go to the warp's two-stage cp.async ring in shared memory, swizzled
+ * by 16-byte chunk (chunk ^ row % 8) so that ldmatrix reads them without bank conflicts (K as is
+ * for the B operand of Q K^T, V transposed for P V). The four warps' online-softmax states are
+ * merged through shared memory, then written as the split's partial (combine_splits) or, unsplit,
+ * as the output. */
+constexpr int kMmaHD = 128;
+constexpr int kMmaTile = 16;                   /* tokens per tile */
+constexpr int kMmaRow = kMmaHD * 2;            /* bytes per cached row */
+constexpr int kMmaStage = 2 * kMmaTile * kMmaRow; /* K and V of one tile: 8 KB */
+constexpr size_t kMmaSmem = 4 * 2 * kMmaStage;  /* 4 warps x 2 stages: 64 KB */
+
+CU_DEV void cp_async16_zfill(void *smem, const void *gmem, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
+                 "l"(gmem), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
+CU_DEV void ldmatrix_x4(uint32_t (&r)[4], const void *smem, bool trans) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    if (trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+}
+
+CU_DEV void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* (a, b) as bf16 pairs hi + lo: hi rounds them, lo rounds what hi missed (~16 bits together). */
+CU_DEV void split_bf16(float a, float b, uint32_t *hi, uint32_t *lo) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    const float2 hf = __bfloat1622float2(h);
+    const __nv_bfloat162 l = __floats2bfloat162_rn(a - hf.x, b - hf.y);
+    *hi = *reinterpret_cast<const uint32_t *>(&h);
+    *lo = *reinterpret_cast<const uint32_t *>(&l);
+}
+
+/* Byte offset of 16-byte chunk c of row r in a swizzled tile. */
+CU_DEV int tile_at(int r, int c) { return r * kMmaRow + ((c ^ (r & 7)) << 4); }
+
+__global__ void __launch_bounds__(128) attn_decode_mma(float *out, const float *qkv, const __nv_bfloat16 *kc,
+                                                       const __nv_bfloat16 *vc, const int32_t *q_start,
+                                                       const int32_t *ctx_len, const int32_t *tables, int max_blocks,
+                                                       int bs, int bs_shift, int nh, int nkv, int splits, float *part,
+                                                       int *counters, float scale) {
+    constexpr int HD = kMmaHD;
+    extern __shared__ uint4 mma_smem[];
+    pdl_trigger();
+    pdl_wait();
+    const int split = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
+    const int G = nh / nkv, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int t = q_start[s], ctx = ctx_len[s];
+    const int chunk = (ctx + splits - 1) / splits;
+    const int p0 = split * chunk, p1 = min(ctx, p0 + chunk);
+    const int32_t *table = tables + (size_t)s * max_blocks;
+    const size_t pair = (size_t)s * nkv + kvh;
+    char *ring = reinterpret_cast<char *>(mma_smem) + warp * 2 * kMmaStage;
+
+    /* Q (scaled; bf16 hi + lo) as A fragments: rows g and g + 8 are heads kvh * G + row (zero past G) */
+    uint32_t qa[HD / 16][4], ql[HD / 16][4];
+    {
+        const float *q0 = qkv + (size_t)t * (nh + 2 * nkv) * HD + (size_t)kvh * G * HD;
 #pragma unroll
-        for (int i = 0; i < VPL; i++) acc[i] = 0.0f;
-#pragma unroll 8
-        for (int sp = 0; sp < splits; sp++) {
-            const float wsp = __shfl_sync(0xffffffffu, w, sp);
-            const float *pp = base + sp * stride + lane * VPL;
+        for (int kk = 0; kk < HD / 16; kk++) {
 #pragma unroll
-            for (int i = 0; i < VPL; i++) acc[i] = fmaf(wsp, __ldcg(pp + i), acc[i]);
+            for (int h = 0; h < 2; h++) { /* h: row g (0) or g + 8 (1) */
+                const int row = g + 8 * h;
+                float2 lo = make_float2(0.0f, 0.0f), hi = lo;
+                if (row < G) {
+                    lo = *reinterpret_cast<const float2 *>(q0 + (size_t)row * HD + kk * 16 + 2 * t4);
+                    hi = *reinterpret_cast<const float2 *>(q0 + (size_t)row * HD + kk * 16 + 8 + 2 * t4);
+                }
+                split_bf16(lo.x * scale, lo.y * scale, &qa[kk][h], &ql[kk][h]);
+                split_bf16(hi.x * scale, hi.y * scale, &qa[kk][2 + h], &ql[kk][2 + h]);
+            }
         }
-        float *dst = out + (size_t)t * nh * HD + (size_t)(kvh * G + g) * HD + lane * VPL;
-        const float inv = 1.0f / lsum;
-#pragma unroll
-        for (int i = 0; i < VPL; i++) dst[i] = acc[i] * inv;
     }
-    if (threadIdx.x == 0) counters[pair] = 0;
+
+    /* Tile i of this warp: tokens p0 + 16 (warp + 4 i) ..; lane < 16 looks up token lane's row. */
+    const int n_tiles = (p1 - p0 + kMmaTile - 1) / kMmaTile;
+    auto load_tile = [&](int i, char *dst) {
+        const int tp = p0 + kMmaTile * (warp + 4 * i);
+        size_t row = 0;
+        if (lane < kMmaTile && tp + lane < p1) {
+            const int pos = tp + lane;
+            row = (((size_t)table[pos >> bs_shift] * bs + (pos & (bs - 1))) * nkv + kvh) * HD;
+        }
+#pragma unroll
+        for (int j = 0; j < kMmaTile * 16 / 32; j++) { /* 16 rows x 16 chunks, 8 per lane, K and V */
+            const int idx = j * 32 + lane, r = idx >> 4, c = idx & 15;
+            const size_t off = __shfl_sync(0xffffffffu, row, r) + c * 8;
+            const bool ok = tp + r < p1;
+            cp_async16_zfill(dst + tile_at(r, c), ok ? kc + off : kc, ok);
+            cp_async16_zfill(dst + kMmaTile * kMmaRow + tile_at(r, c), ok ? vc + off : vc, ok);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    const int my_tiles = warp < n_tiles ? (n_tiles - warp + 3) / 4 : 0;
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}; /* rows g, g + 8 (l: this thread's part) */
+    float o[HD / 8][4];
+#pragma unroll
+    for (int d = 0; d < HD / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+    if (my_tiles > 0) load_tile(0, ring);
+    for (int i = 0; i < my_tiles; i++) {
+        char *cur = ring + (i & 1) * kMmaStage;
+        if (i + 1 < my_tiles) {
+            load_tile(i + 1, ring + ((i + 1) & 1) * kMmaStage);
+            asm volatile("cp.async.wait_group 1;" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;" ::: "memory");
+        }
+        __syncwarp();
+        const int tp = p0 + kMmaTile * (warp + 4 * i);
+        /* S = Q K^T: two n-tiles of 8 tokens */
+        float sc[2][4] = {};
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk += 2) {
+                uint32_t b[4];
+                const int mat = lane >> 3, r = 8 * j + (lane & 7);
+                ldmatrix_x4(b, cur + tile_at(r, 2 * kk + mat), false);
+                mma16816(sc[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[0], b[1]);
+                mma16816(sc[j], ql[kk][0], ql[kk][1], ql[kk][2], ql[kk][3], b[0], b[1]);
+                mma16816(sc[j], qa[kk + 1][0], qa[kk + 1][1], qa[kk + 1][2], qa[kk + 1][3], b[2], b[3]);
+                mma16816(sc[j], ql[kk + 1][0], ql[kk + 1][1], ql[kk + 1][2], ql[kk + 1][3], b[2], b[3]);
+            }
+        }
+        /* online softmax per row (the 4 lanes of a row hold its 16 scores) */
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int tok = tp + 8 * j + 2 * t4 + e;
+                    if (tok >= p1) sc[j][2 * h + e] = -INFINITY;
+                    mx = fmaxf(mx, sc[j][2 * h + e]);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mn = fmaxf(m[h], mx);
+            const float corr = m[h] == -INFINITY ? 0.0f : __expf(m[h] - mn);
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const float v = sc[j][2 * h + e];
+                    const float pv = v == -INFINITY ? 0.0f : __expf(v - mn);
+                    sc[j][2 * h + e] = pv;
+                    sum += pv;
+                }
+            l[h] = l[h] * corr + sum;
+            m[h] = mn;
+#pragma unroll
+            for (int d = 0; d < HD / 8; d++) o[d][2 * h] *= corr, o[d][2 * h + 1] *= corr;
+        }
+        /* O += P V: P's A fragments are S's accumulators */
+        uint32_t pa[4], pl[4];
+        split_bf16(sc[0][0], sc[0][1], &pa[0], &pl[0]);
+        split_bf16(sc[0][2], sc[0][3], &pa[1], &pl[1]);
+        split_bf16(sc[1][0], sc[1][1], &pa[2], &pl[2]);
+        split_bf16(sc[1][2], sc[1][3], &pa[3], &pl[3]);
+        const char *vt = cur + kMmaTile * kMmaRow;
+#pragma unroll
+        for (int d = 0; d < HD / 8; d += 2) {
+            uint32_t b[4];
+            const int mat = lane >> 3, r = (mat & 1) * 8 + (lane & 7);
+            ldmatrix_x4(b, vt + tile_at(r, d + (mat >> 1)), true);
+            mma16816(o[d], pa[0], pa[1], pa[2], pa[3], b[0], b[1]);
+            mma16816(o[d], pl[0], pl[1], pl[2], pl[3], b[0], b[1]);
+            mma16816(o[d + 1], pa[0], pa[1], pa[2], pa[3], b[2], b[3]);
+            mma16816(o[d + 1], pl[0], pl[1], pl[2], pl[3], b[2], b[3]);
+        }
+        __syncwarp(); /* the stage is read before the load that refills it */
+    }
+
+    /* merge the warps: [warp][row < G][HD + 2] floats over the (now idle) rings */
+    __syncthreads();
+    float *st = reinterpret_cast<float *>(mma_smem);
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+        const int row = g + 8 * h;
+        if (row >= G) continue;
+        float *w = st + ((size_t)warp * G + row) * (HD + 2);
+#pragma unroll
+        for (int d = 0; d < HD / 8; d++) w[8 * d + 2 * t4] = o[d][2 * h], w[8 * d + 2 * t4 + 1] = o[d][2 * h + 1];
+        if (t4 == 0) w[HD] = m[h], w[HD + 1] = l[h];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < G * HD; e += blockDim.x) {
+        const int row = e / HD, i = e % HD;
+        float mx = -INFINITY;
+        for (int w = 0; w < 4; w++) mx = fmaxf(mx, st[((size_t)w * G + row) * (HD + 2) + HD]);
+        float acc = 0.0f, lsum = 0.0f;
+        for (int w = 0; w < 4; w++) {
+            const float *ws = st + ((size_t)w * G + row) * (HD + 2);
+            const float f = ws[HD] == -INFINITY ? 0.0f : __expf(ws[HD] - mx);
+            acc = fmaf(f, ws[i], acc);
+            lsum = fmaf(f, ws[HD + 1], lsum);
+        }
+        if (splits == 1) {
+            out[(size_t)t * nh * HD + (size_t)(kvh * G + row) * HD + i] = acc / lsum;
+        } else {
+            float *mine = part + ((pair * splits + split) * G + row) * (HD + 2);
+            mine[i] = acc;
+            if (i == 0) mine[HD] = mx, mine[HD + 1] = lsum;
+        }
+    }
+    if (splits > 1) combine_splits<HD>(out, part, counters, pair, splits, G, t, nh, kvh);
 }
 
 constexpr int kKeyTile = 32;
@@ -357,6 +608,18 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const float *qkv, int nh, 
         while (splits > 1 && (size_t)(pairs * splits * G * (HD + 2)) > scr->part_floats) splits--;
         if (pairs > scr->n_counters) splits = 1;
         if (splits < 1) splits = 1;
+        if (HD == kMmaHD && G <= 16 && mt->n_seqs >= 2) { /* the tensor cores (see the top of the file) */
+            static bool mma_attr = false;
+            if (!mma_attr) {
+                cudaError_t rc = cudaFuncSetAttribute(attn_decode_mma, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      (int)kMmaSmem);
+                if (rc != cudaSuccess) return rc;
+                mma_attr = true;
+            }
+            return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(128), kMmaSmem, attn_decode_mma, out,
+                             qkv, kc, vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh,
+                             nkv, (int)splits, scr->part, scr->counters, scale);
+        }
         return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(128), 0, attn_decode<HD>, out, qkv, kc,
                          vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh, nkv, (int)splits,
                          scr->part, scr->counters, scale);
