@@ -179,10 +179,11 @@ constexpr int kQRows = 4;  /* rows of one warp item (they share each x chunk) */
 constexpr int kQBatch = 4; /* x loads issued together while quantizing (12 was slower on the H100) */
 constexpr int kQSlot = kQRows * 32 * (16 + 4); /* one item: 16-byte chunks, then 4-byte scale words */
 
-/* x' quantized per 32-column chunk c: four planes of 16-byte units (planes 0, 1: the h bytes of
- * columns 0-15, 16-31; planes 2, 3: the l bytes), plane-major, so the 32 lanes of a warp reading
- * chunks c .. c + 31 of one plane read 512 contiguous bytes (no bank conflicts). Within a plane
- * unit, word w holds columns 8w' + 0, 2, 4, 6 (w = 2w', int8 each) or 8w' + 1, 3, 5, 7 (w = 2w' + 1). */
+/* x' quantized per 32-column chunk c. The h bytes of a chunk are 8 words: word 2i holds columns
+ * 8i + 0, 2, 4, 6 and word 2i + 1 columns 8i + 1, 3, 5, 7 (int8 each: the nibble order of the
+ * codes); plane 0 holds words 0-3 of every chunk, plane 1 words 4-7, planes 2 and 3 the l bytes
+ * likewise. Plane-major, so the 32 lanes of a warp reading chunks c .. c + 31 of one plane read
+ * 512 contiguous bytes (no bank conflicts). */
 struct XQuant {
     uint32_t *words; /* [4][chunks][4] */
     struct XParam *param;
@@ -221,23 +222,21 @@ CU_DEV void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-/* A warp's walk over its items of one weight matrix of n rows, each `chunks` 16-byte chunks long
- * (32 int4 columns or 8 bf16 ones). An item is a group of kQRows rows (g) times 32 consecutive
- * chunks (column it of iters): 512 contiguous bytes of each row, one 16-byte chunk per lane. The
- * warp's items are `count` steps of (dg groups, dit columns) from (g, it), in the row-major
- * order of items. sz: the int4 scale words ([n][groups], group = 32 << gshift columns), NULL for
- * bf16. */
+/* A warp's walk over its items of one int4 weight matrix of n rows, each `chunks` 16-byte chunks
+ * (of 32 columns) long. An item is a group of kQRows rows (g) times 32 consecutive chunks (column
+ * it of iters): 512 contiguous bytes of each row, one 16-byte chunk per lane. sz: the scale words
+ * ([n][groups], group = 32 << gshift columns). */
 struct WeightStream {
     const uint4 *w;
     const uint32_t *sz;
     int n, chunks, groups, gshift, iters;
-    int count;   /* items left */
-    int g, it;   /* the current item */
-    int dg, dit; /* the step to the next one (dit < iters) */
+    int count; /* items left */
+    int g, it; /* the current item */
 };
 
-CU_DEV WeightStream weight_stream(const void *w, const uint32_t *sz, int n, int chunks, int gshift) {
-    WeightStream s = {};
+/* The walk over row groups [g0, g1), each whole, in order. */
+CU_DEV WeightStream weight_stream(const void *w, const uint32_t *sz, int n, int chunks, int gshift, int g0, int g1) {
+    WeightStream s;
     s.w = static_cast<const uint4 *>(w);
     s.sz = sz;
     s.n = n;
@@ -245,23 +244,15 @@ CU_DEV WeightStream weight_stream(const void *w, const uint32_t *sz, int n, int 
     s.gshift = gshift;
     s.groups = chunks >> gshift;
     s.iters = (chunks + 31) >> 5;
-    return s;
-}
-
-/* The warp's items: row groups [g0, g1), each whole, in order. */
-CU_DEV void walk_groups(WeightStream &s, int g0, int g1) {
+    s.count = (g1 - g0) * s.iters;
     s.g = g0;
     s.it = 0;
-    s.count = (g1 - g0) * s.iters;
-    s.dg = 0;
-    s.dit = 1;
+    return s;
 }
 
 CU_DEV void walk_next(WeightStream &s) {
     s.count--;
-    s.g += s.dg;
-    s.it += s.dit;
-    if (s.it >= s.iters) s.it -= s.iters, s.g++;
+    if (++s.it == s.iters) s.it = 0, s.g++;
 }
 
 /* Requests the current item into `slot` for this lane (nothing past the row's chunks; rows past
@@ -273,7 +264,7 @@ CU_DEV void issue_item(const WeightStream &s, int lane, char *slot) {
     for (int r = 0; r < kQRows; r++) {
         const int row = min(s.g * kQRows + r, s.n - 1);
         cp_async16(slot + (r * 32 + lane) * 16, s.w + (size_t)row * s.chunks + c);
-        if (s.sz) cp_async4(slot + kQRows * 512 + (r * 32 + lane) * 4, s.sz + (size_t)row * s.groups + (c >> s.gshift));
+        cp_async4(slot + kQRows * 512 + (r * 32 + lane) * 4, s.sz + (size_t)row * s.groups + (c >> s.gshift));
     }
 }
 
@@ -429,10 +420,10 @@ __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ 
     const int lane = threadIdx.x & 31;
     const XQuant xq = xquant_at(q4x_smem, k);
     /* whole row groups, an even share of them per warp of the grid */
-    WeightStream w = weight_stream(codes, sz, n, xq.chunks, gshift);
     const long long warp = (long long)blockIdx.x * kQWarps + (threadIdx.x >> 5), nw = (long long)gridDim.x * kQWarps;
     const long long row_groups = (n + kQRows - 1) / kQRows;
-    walk_groups(w, (int)(warp * row_groups / nw), (int)((warp + 1) * row_groups / nw));
+    WeightStream w = weight_stream(codes, sz, n, xq.chunks, gshift, (int)(warp * row_groups / nw),
+                                   (int)((warp + 1) * row_groups / nw));
     WeightStream ahead = w; /* the next item to request */
     char *ring = reinterpret_cast<char *>(q4x_smem) + xquant_bytes(k) + (size_t)(threadIdx.x >> 5) * S * kQSlot;
     /* one cp.async group per item, empty or not, so groups and items stay in step */
