@@ -40,32 +40,27 @@ struct Bf16Vec {
  * (.cg) for what the decode kernel reads before pdl_wait() and the new token's row after it: an
  * L1 line of that row fetched before the wait would be stale after it. Everything else goes
  * through L1, which serves the block's other warps (query heads) the same rows. */
+#define LOAD_RAW(CACHE)                                                                                      \
+    if constexpr (VPL == 2) {                                                                                \
+        asm volatile("ld.global" CACHE ".u32 %0, [%1];" : "=r"(r.w[0]) : "l"(p));                            \
+    } else if constexpr (VPL == 4) {                                                                         \
+        asm volatile("ld.global" CACHE ".v2.u32 {%0, %1}, [%2];" : "=r"(r.w[0]), "=r"(r.w[1]) : "l"(p));     \
+    } else {                                                                                                 \
+        asm volatile("ld.global" CACHE ".v4.u32 {%0, %1, %2, %3}, [%4];"                                     \
+                     : "=r"(r.w[0]), "=r"(r.w[1]), "=r"(r.w[2]), "=r"(r.w[3])                                \
+                     : "l"(p));                                                                              \
+    }
 template <int VPL, bool L2_ONLY>
 CU_DEV Bf16Vec<VPL> load_raw(const __nv_bfloat16 *p) {
     Bf16Vec<VPL> r;
     if constexpr (L2_ONLY) {
-        if constexpr (VPL == 2) {
-            asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(r.w[0]) : "l"(p));
-        } else if constexpr (VPL == 4) {
-            asm volatile("ld.global.cg.v2.u32 {%0, %1}, [%2];" : "=r"(r.w[0]), "=r"(r.w[1]) : "l"(p));
-        } else {
-            asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
-                         : "=r"(r.w[0]), "=r"(r.w[1]), "=r"(r.w[2]), "=r"(r.w[3])
-                         : "l"(p));
-        }
+        LOAD_RAW(".cg")
     } else {
-        if constexpr (VPL == 2) {
-            asm volatile("ld.global.u32 %0, [%1];" : "=r"(r.w[0]) : "l"(p));
-        } else if constexpr (VPL == 4) {
-            asm volatile("ld.global.v2.u32 {%0, %1}, [%2];" : "=r"(r.w[0]), "=r"(r.w[1]) : "l"(p));
-        } else {
-            asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-                         : "=r"(r.w[0]), "=r"(r.w[1]), "=r"(r.w[2]), "=r"(r.w[3])
-                         : "l"(p));
-        }
+        LOAD_RAW("")
     }
     return r;
 }
+#undef LOAD_RAW
 
 template <int VPL>
 CU_DEV float raw_at(const Bf16Vec<VPL> &r, int i) {
@@ -254,12 +249,6 @@ constexpr int kMmaRow = kMmaHD * 2;            /* bytes per cached row */
 constexpr int kMmaStage = 2 * kMmaTile * kMmaRow; /* K and V of one tile: 8 KB */
 constexpr size_t kMmaSmem = 4 * 2 * kMmaStage;  /* 4 warps x 2 stages: 64 KB */
 
-CU_DEV void cp_async16_zfill(void *smem, const void *gmem, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
-                 "l"(gmem), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-
 CU_DEV void ldmatrix_x4(uint32_t (&r)[4], const void *smem, bool trans) {
     const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
     if (trans)
@@ -270,13 +259,6 @@ CU_DEV void ldmatrix_x4(uint32_t (&r)[4], const void *smem, bool trans) {
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                      : "r"(a));
-}
-
-CU_DEV void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 /* (a, b) as bf16 pairs hi + lo: hi rounds them, lo rounds what hi missed (~16 bits together). */
@@ -343,10 +325,10 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, const float *
             const int idx = j * 32 + lane, r = idx >> 4, c = idx & 15;
             const size_t off = __shfl_sync(0xffffffffu, row, r) + c * 8;
             const bool ok = tp + r < p1;
-            cp_async16_zfill(dst + tile_at(r, c), ok ? kc + off : kc, ok);
-            cp_async16_zfill(dst + kMmaTile * kMmaRow + tile_at(r, c), ok ? vc + off : vc, ok);
+            cp_async16(dst + tile_at(r, c), ok ? kc + off : kc, ok);
+            cp_async16(dst + kMmaTile * kMmaRow + tile_at(r, c), ok ? vc + off : vc, ok);
         }
-        asm volatile("cp.async.commit_group;" ::: "memory");
+        cp_async_commit();
     };
     const int my_tiles = warp < n_tiles ? (n_tiles - warp + 3) / 4 : 0;
 
@@ -359,9 +341,9 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, const float *
         char *cur = ring + (i & 1) * kMmaStage;
         if (i + 1 < my_tiles) {
             load_tile(i + 1, ring + ((i + 1) & 1) * kMmaStage);
-            asm volatile("cp.async.wait_group 1;" ::: "memory");
+            cp_async_wait<1>();
         } else {
-            asm volatile("cp.async.wait_group 0;" ::: "memory");
+            cp_async_wait<0>();
         }
         __syncwarp();
         const int tp = p0 + kMmaTile * (warp + 4 * i);
@@ -374,10 +356,10 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, const float *
                 uint32_t b[4];
                 const int mat = lane >> 3, r = 8 * j + (lane & 7);
                 ldmatrix_x4(b, cur + tile_at(r, 2 * kk + mat), false);
-                mma16816(sc[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[0], b[1]);
-                mma16816(sc[j], ql[kk][0], ql[kk][1], ql[kk][2], ql[kk][3], b[0], b[1]);
-                mma16816(sc[j], qa[kk + 1][0], qa[kk + 1][1], qa[kk + 1][2], qa[kk + 1][3], b[2], b[3]);
-                mma16816(sc[j], ql[kk + 1][0], ql[kk + 1][1], ql[kk + 1][2], ql[kk + 1][3], b[2], b[3]);
+                mma_bf16(sc[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[0], b[1]);
+                mma_bf16(sc[j], ql[kk][0], ql[kk][1], ql[kk][2], ql[kk][3], b[0], b[1]);
+                mma_bf16(sc[j], qa[kk + 1][0], qa[kk + 1][1], qa[kk + 1][2], qa[kk + 1][3], b[2], b[3]);
+                mma_bf16(sc[j], ql[kk + 1][0], ql[kk + 1][1], ql[kk + 1][2], ql[kk + 1][3], b[2], b[3]);
             }
         }
         /* online softmax per row (the 4 lanes of a row hold its 16 scores) */
@@ -423,10 +405,10 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, const float *
             uint32_t b[4];
             const int mat = lane >> 3, r = (mat & 1) * 8 + (lane & 7);
             ldmatrix_x4(b, vt + tile_at(r, d + (mat >> 1)), true);
-            mma16816(o[d], pa[0], pa[1], pa[2], pa[3], b[0], b[1]);
-            mma16816(o[d], pl[0], pl[1], pl[2], pl[3], b[0], b[1]);
-            mma16816(o[d + 1], pa[0], pa[1], pa[2], pa[3], b[2], b[3]);
-            mma16816(o[d + 1], pl[0], pl[1], pl[2], pl[3], b[2], b[3]);
+            mma_bf16(o[d], pa[0], pa[1], pa[2], pa[3], b[0], b[1]);
+            mma_bf16(o[d], pl[0], pl[1], pl[2], pl[3], b[0], b[1]);
+            mma_bf16(o[d + 1], pa[0], pa[1], pa[2], pa[3], b[2], b[3]);
+            mma_bf16(o[d + 1], pl[0], pl[1], pl[2], pl[3], b[2], b[3]);
         }
         __syncwarp(); /* the stage is read before the load that refills it */
     }

@@ -62,6 +62,40 @@ static inline cudaError_t cu_launch(cudaStream_t st, dim3 grid, dim3 block, size
     return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
+/* ---- asynchronous copies and tensor-core products (sm_80+), shared by the kernels ---- */
+
+/* 16 bytes global -> shared, bypassing L1 (weights and tiles are read once per block); when
+ * !valid nothing is read and the 16 bytes are zero-filled. */
+CU_DEV void cp_async16(void *smem, const void *gmem, bool valid = true) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
+                 "l"(gmem), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
+/* 4 bytes, through L1 (int4 scale words, which neighbouring lanes share); zero-filled when !valid. */
+CU_DEV void cp_async4(void *smem, const void *gmem, bool valid = true) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
+                 "l"(gmem), "r"(valid ? 4 : 0)
+                 : "memory");
+}
+
+CU_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+/* Waits until at most N of this thread's committed groups are still in flight. */
+template <int N>
+CU_DEV void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+/* c += A B on the tensor cores: mma.sync m16n8k16, bf16 in, f32 accumulate (a: the thread's 4
+ * registers of the 16x16 A fragment, b: its 2 of the 16x8 B fragment, PTX's layouts). */
+CU_DEV void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 CU_DEV float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 CU_DEV float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 
@@ -107,6 +141,13 @@ typedef struct CuMat {
  * residual stream) instead of stored. */
 cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, float *y, int sms, const float *norm_w,
                     float eps, bool accumulate);
+/* log2(group / 32): an int4 group of w->group columns is 32 << shift columns (one 16-byte chunk
+ * of codes per 32). */
+static inline int cu_group_shift(const CuMat *w) {
+    int shift = 0;
+    while ((32 << shift) < w->group) shift++;
+    return shift;
+}
 /* Whether this matrix takes the int4 GEMV, which also applies the RMSNorm of its input itself. */
 bool cu_gemv_fuses_norm(const CuMat *w);
 /* int4 matrices only (w->group != 0), any M >= 1 (meant for M > 1; cuda_gemm_q4.cu):

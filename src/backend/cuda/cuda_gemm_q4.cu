@@ -91,25 +91,6 @@ struct GemmArgs {
     bool accumulate;     /* y += instead of y = */
 };
 
-CU_DEV void cp_async16(void *smem, const void *gmem, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
-                 "l"(gmem), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-
-CU_DEV void cp_async4(void *smem, const void *gmem, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
-                 "l"(gmem), "r"(valid ? 4 : 0)
-                 : "memory");
-}
-
-CU_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N>
-CU_DEV void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 /* Slot of chunk c of row r in a stage of codes: rows of CH chunks, XORed so that the 8 rows g of
  * a fragment load (same chunk) and the 8 chunks of a copy phase land in distinct banks. */
 template <int CH>
@@ -138,13 +119,6 @@ CU_DEV void dequant_word(uint32_t w, uint32_t sc, uint32_t ze, uint32_t (&out)[4
     const uint32_t one = 0x3f803f80u, minus136 = 0xc308c308u;
 #pragma unroll
     for (int p = 0; p < 4; p++) out[p] = fma_bf16x2(fma_bf16x2(e[p], one, minus136), sc, ze);
-}
-
-CU_DEV void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 /* Requests the codes and scale words of stage kt (columns kt * kK ..) of rows f0 .. f0 + 127. */
@@ -494,8 +468,7 @@ cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, 
                        bool accumulate) {
     if (M <= 0 || w->n <= 0) return cudaSuccess;
     if (!w->group || w->k % 32) return cudaErrorInvalidValue;
-    int gs = 0;
-    while ((32 << gs) < w->group) gs++;
+    const int gs = cu_group_shift(w);
     const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), y + w->n0, M,
                         w->n, w->k, ldy, accumulate};
     switch (token_tile(M)) {

@@ -4,18 +4,18 @@
  *
  * Two kernels, used for batch-1 decode (M = 1; from M = 2 the tensor-core GEMM of
  * cuda_gemm_q4.cu or cuBLAS is as fast):
- *  - bf16 (lm_head and bf16 models; written for any small M, built for 1): measured at 100% of a
- *    device-to-device copy on an H100 for the large matrices.
+ *  - bf16 (lm_head and bf16 models): measured at 100% of a device-to-device copy on an H100 for
+ *    the large matrices.
  *  - int4 (gemv_q4x below): integer dot products against x in 16-bit fixed point, weights
  *    streamed through a cp.async ring in shared memory.
  *
  * Layout. A warp owns a contiguous range of output rows (split evenly over every warp of a grid
  * sized to the machine, so no multiprocessor gets a whole extra block of work; the int4 kernel
- * splits whole groups of 4 rows, so no row is read twice) and walks them R at a time; its 32
- * lanes stride along K in 16-byte chunks, so each load of the warp reads 512 contiguous bytes of
- * one row (fully coalesced), and later chunks are requested before the current one is used (loads
- * in flight hide HBM latency). Weights bypass L1: they are used once. The R rows of a warp share
- * each x value it loads.
+ * splits whole groups of kRows, so no row is read twice) and walks them kRows at a time; its
+ * 32 lanes stride along K in 16-byte chunks, so each load of the warp reads 512 contiguous bytes
+ * of one row (fully coalesced), and later chunks are requested before the current one is used
+ * (loads in flight hide HBM latency). Weights bypass L1: they are used once. The kRows rows of a
+ * warp share each x value it loads.
  *
  * int4 codes keep the checkpoint's nibble order (byte j of a row = columns 2j, 2j+1), which is
  * already what a 16-byte load wants; only scale and zero are packed into one word per group.
@@ -62,92 +62,95 @@ CU_DEV void warp_rows(int n, int *begin, int *end) {
     *end = (int)((warp + 1) * n / nw);
 }
 
-/* Butterfly-reduces acc[M][R] over the warp and lets lane m*R + r write y[m][row0 + r] (or add
- * to it, when accumulate: the residual stream's y += x W^T; each element has one writer). */
-template <int M, int R>
-CU_DEV void reduce_store(float (&acc)[M][R], float *y, int ldy, int row0, int nr, bool accumulate) {
+constexpr int kRows = 4; /* rows a warp works on together (they share each x value it loads) */
+
+/* Sums each of v[0 .. 3] over the warp (6 shuffles where four sums take 20): every lane gets
+ * the total of v[lane / 8]. */
+CU_DEV float reduce4(const float (&v)[kRows]) {
+    static_assert(kRows == 4, "reduce4 sums four rows");
     const int lane = threadIdx.x & 31;
+    const bool up16 = lane & 16, up8 = lane & 8;
+    /* lanes < 16 keep rows 0, 1 and lanes >= 16 rows 2, 3, each adding its partner's */
+    float k0 = up16 ? v[2] : v[0], k1 = up16 ? v[3] : v[1];
+    k0 += __shfl_xor_sync(0xffffffffu, up16 ? v[0] : v[2], 16);
+    k1 += __shfl_xor_sync(0xffffffffu, up16 ? v[1] : v[3], 16);
+    /* then one of the two, by bit 3 of the lane; the rest is a sum over 8 lanes */
+    float k = up8 ? k1 : k0;
+    k += __shfl_xor_sync(0xffffffffu, up8 ? k0 : k1, 8);
+    k += __shfl_xor_sync(0xffffffffu, k, 4);
+    k += __shfl_xor_sync(0xffffffffu, k, 2);
+    k += __shfl_xor_sync(0xffffffffu, k, 1);
+    return k;
+}
+
+/* Sums acc over the warp; rows r < nr get scale * sum written to y[row0 + r] (or added, when
+ * accumulate: the residual stream's y += x W^T; each element has one writer); clears acc. */
+CU_DEV void store_rows(float (&acc)[kRows], float *y, int row0, int nr, float scale, bool accumulate) {
+    const int lane = threadIdx.x & 31, r = lane >> 3;
+    const float v = reduce4(acc) * scale;
 #pragma unroll
-    for (int m = 0; m < M; m++)
-#pragma unroll
-        for (int r = 0; r < R; r++) acc[m][r] = warp_sum(acc[m][r]);
-#pragma unroll
-    for (int m = 0; m < M; m++)
-#pragma unroll
-        for (int r = 0; r < R; r++)
-            if (lane == m * R + r && r < nr) {
-                float *dst = y + (size_t)m * ldy + row0 + r;
-                *dst = accumulate ? *dst + acc[m][r] : acc[m][r];
-            }
+    for (int i = 0; i < kRows; i++) acc[i] = 0.0f;
+    if ((lane & 7) == 0 && r < nr) {
+        float *dst = y + row0 + r;
+        *dst = accumulate ? __ldcg(dst) + v : v;
+    }
 }
 
 /* bf16: w [n][k_pad] as 16-byte chunks of 8 columns (k_pad = k rounded up to 8, padding zero).
  * VEC: k is a multiple of 8, so x can be read as float4 (otherwise element by element, with the
  * columns past k skipped). */
-template <int M, int R, bool VEC>
+template <bool VEC>
 __global__ void __launch_bounds__(kThreads) gemv_bf16(const uint4 *__restrict__ w, const float *x, float *y, int n,
-                                                      int k, int k_pad, int ldy, bool accumulate) {
+                                                      int k, int k_pad, bool accumulate) {
     pdl_trigger();
     int begin, end;
     warp_rows(n, &begin, &end);
     const int lane = threadIdx.x & 31, chunks = k_pad >> 3;
     bool waited = false;
-    for (int r0 = begin; r0 < end; r0 += R) {
-        const int nr = min(R, end - r0);
-        const uint4 *row[R];
+    for (int r0 = begin; r0 < end; r0 += kRows) {
+        const uint4 *row[kRows];
 #pragma unroll
-        for (int r = 0; r < R; r++) row[r] = w + (size_t)min(r0 + r, end - 1) * chunks;
-        uint4 q[R];
+        for (int r = 0; r < kRows; r++) row[r] = w + (size_t)min(r0 + r, end - 1) * chunks;
+        uint4 q[kRows];
         if (lane < chunks) {
 #pragma unroll
-            for (int r = 0; r < R; r++) q[r] = ld_weights(row[r] + lane);
+            for (int r = 0; r < kRows; r++) q[r] = ld_weights(row[r] + lane);
         }
         if (!waited) {
             pdl_wait();
             waited = true;
         }
-        float acc[M][R];
-#pragma unroll
-        for (int m = 0; m < M; m++)
-#pragma unroll
-            for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
+        float acc[kRows] = {};
         for (int c = lane; c < chunks; c += 32) {
-            uint4 qn[R];
+            uint4 qn[kRows];
             const bool more = c + 32 < chunks;
             if (more) {
 #pragma unroll
-                for (int r = 0; r < R; r++) qn[r] = ld_weights(row[r] + c + 32);
+                for (int r = 0; r < kRows; r++) qn[r] = ld_weights(row[r] + c + 32);
             }
-            float xv[M][8];
+            float xv[8];
+            const float *xp = x + c * 8;
+            if (VEC) {
+                const float4 a = reinterpret_cast<const float4 *>(xp)[0], b = reinterpret_cast<const float4 *>(xp)[1];
+                xv[0] = a.x, xv[1] = a.y, xv[2] = a.z, xv[3] = a.w, xv[4] = b.x, xv[5] = b.y, xv[6] = b.z, xv[7] = b.w;
+            } else {
 #pragma unroll
-            for (int m = 0; m < M; m++) {
-                const float *xp = x + (size_t)m * k + c * 8;
-                if (VEC) {
-                    float4 a = reinterpret_cast<const float4 *>(xp)[0], b = reinterpret_cast<const float4 *>(xp)[1];
-                    xv[m][0] = a.x, xv[m][1] = a.y, xv[m][2] = a.z, xv[m][3] = a.w;
-                    xv[m][4] = b.x, xv[m][5] = b.y, xv[m][6] = b.z, xv[m][7] = b.w;
-                } else {
-#pragma unroll
-                    for (int j = 0; j < 8; j++) xv[m][j] = c * 8 + j < k ? xp[j] : 0.0f;
-                }
+                for (int j = 0; j < 8; j++) xv[j] = c * 8 + j < k ? xp[j] : 0.0f;
             }
 #pragma unroll
-            for (int r = 0; r < R; r++) {
+            for (int r = 0; r < kRows; r++) {
 #pragma unroll
                 for (int wi = 0; wi < 4; wi++) {
                     const uint32_t wv = word_of(q[r], wi);
-                    const float lo = bf16_lo(wv), hi = bf16_hi(wv);
-#pragma unroll
-                    for (int m = 0; m < M; m++)
-                        acc[m][r] = fmaf(xv[m][2 * wi + 1], hi, fmaf(xv[m][2 * wi], lo, acc[m][r]));
+                    acc[r] = fmaf(xv[2 * wi + 1], bf16_hi(wv), fmaf(xv[2 * wi], bf16_lo(wv), acc[r]));
                 }
             }
             if (more) {
 #pragma unroll
-                for (int r = 0; r < R; r++) q[r] = qn[r];
+                for (int r = 0; r < kRows; r++) q[r] = qn[r];
             }
         }
-        reduce_store<M, R>(acc, y, ldy, r0, nr, accumulate);
+        store_rows(acc, y, r0, min(kRows, end - r0), 1.0f, accumulate);
     }
 }
 
@@ -175,9 +178,8 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16(const uint4 *__restrict__ 
  * products are latency-bound (ncu, H100: 2 warps per scheduler issued once per 5.7 cycles), so
  * more warps with shallower rings beat fewer with deeper ones. */
 
-constexpr int kQRows = 4;  /* rows of one warp item (they share each x chunk) */
 constexpr int kQBatch = 4; /* x loads issued together while quantizing (12 was slower on the H100) */
-constexpr int kQSlot = kQRows * 32 * (16 + 4); /* one item: 16-byte chunks, then 4-byte scale words */
+constexpr int kQSlot = kRows * 32 * (16 + 4); /* one item: 16-byte chunks, then 4-byte scale words */
 
 /* x' quantized per 32-column chunk c. The h bytes of a chunk are 8 words: word 2i holds columns
  * 8i + 0, 2, 4, 6 and word 2i + 1 columns 8i + 1, 3, 5, 7 (int8 each: the nibble order of the
@@ -205,25 +207,8 @@ CU_DEV XQuant xquant_at(void *p, int k) {
     return q;
 }
 
-CU_DEV void cp_async16(void *smem, const void *gmem) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)), "l"(gmem)
-                 : "memory");
-}
-
-CU_DEV void cp_async4(void *smem, const void *gmem) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)), "l"(gmem)
-                 : "memory");
-}
-
-CU_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N>
-CU_DEV void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 /* A warp's walk over its items of one int4 weight matrix of n rows, each `chunks` 16-byte chunks
- * (of 32 columns) long. An item is a group of kQRows rows (g) times 32 consecutive chunks (column
+ * (of 32 columns) long. An item is a group of kRows rows (g) times 32 consecutive chunks (column
  * it of iters): 512 contiguous bytes of each row, one 16-byte chunk per lane. sz: the scale words
  * ([n][groups], group = 32 << gshift columns). */
 struct WeightStream {
@@ -261,10 +246,10 @@ CU_DEV void issue_item(const WeightStream &s, int lane, char *slot) {
     const int c = s.it * 32 + lane;
     if (c >= s.chunks) return;
 #pragma unroll
-    for (int r = 0; r < kQRows; r++) {
-        const int row = min(s.g * kQRows + r, s.n - 1);
+    for (int r = 0; r < kRows; r++) {
+        const int row = min(s.g * kRows + r, s.n - 1);
         cp_async16(slot + (r * 32 + lane) * 16, s.w + (size_t)row * s.chunks + c);
-        cp_async4(slot + kQRows * 512 + (r * 32 + lane) * 4, s.sz + (size_t)row * s.groups + (c >> s.gshift));
+        cp_async4(slot + kRows * 512 + (r * 32 + lane) * 4, s.sz + (size_t)row * s.groups + (c >> s.gshift));
     }
 }
 
@@ -340,19 +325,19 @@ CU_DEV float4 scaled4(const float *x, const float *g, int col, float &ss) {
 }
 /* acc[r] += the warp's part of row r's dot product with x' over chunk c (this lane's 32 columns),
  * from an int4 item in `slot`. */
-CU_DEV void q4_item(const char *slot, int lane, const XQuant &xq, int c, float (&acc)[kQRows]) {
-    uint4 q[kQRows];
-    uint32_t s[kQRows];
+CU_DEV void q4_item(const char *slot, int lane, const XQuant &xq, int c, float (&acc)[kRows]) {
+    uint4 q[kRows];
+    uint32_t s[kRows];
 #pragma unroll
-    for (int r = 0; r < kQRows; r++) {
+    for (int r = 0; r < kRows; r++) {
         q[r] = *reinterpret_cast<const uint4 *>(slot + (r * 32 + lane) * 16);
-        s[r] = *reinterpret_cast<const uint32_t *>(slot + kQRows * 512 + (r * 32 + lane) * 4);
+        s[r] = *reinterpret_cast<const uint32_t *>(slot + kRows * 512 + (r * 32 + lane) * 4);
     }
     const uint4 *planes = reinterpret_cast<const uint4 *>(xq.words);
     const uint4 xh[2] = {planes[c], planes[xq.chunks + c]}, xl[2] = {planes[2 * xq.chunks + c], planes[3 * xq.chunks + c]};
     const XParam p = xq.param[c];
 #pragma unroll
-    for (int r = 0; r < kQRows; r++) {
+    for (int r = 0; r < kRows; r++) {
         int ih = 0, il = 0;
 #pragma unroll
         for (int wi = 0; wi < 4; wi++) {
@@ -370,47 +355,18 @@ CU_DEV void q4_item(const char *slot, int lane, const XQuant &xq, int c, float (
     }
 }
 
-/* Sums each of v[0 .. 3] over the warp (6 shuffles where four sums take 20): every lane gets
- * the total of v[lane / 8]. */
-CU_DEV float reduce4(const float (&v)[kQRows]) {
-    static_assert(kQRows == 4, "reduce4 sums four rows");
-    const int lane = threadIdx.x & 31;
-    const bool up16 = lane & 16, up8 = lane & 8;
-    /* lanes < 16 keep rows 0, 1 and lanes >= 16 rows 2, 3, each adding its partner's */
-    float k0 = up16 ? v[2] : v[0], k1 = up16 ? v[3] : v[1];
-    k0 += __shfl_xor_sync(0xffffffffu, up16 ? v[0] : v[2], 16);
-    k1 += __shfl_xor_sync(0xffffffffu, up16 ? v[1] : v[3], 16);
-    /* then one of the two, by bit 3 of the lane; the rest is a sum over 8 lanes */
-    float k = up8 ? k1 : k0;
-    k += __shfl_xor_sync(0xffffffffu, up8 ? k0 : k1, 8);
-    k += __shfl_xor_sync(0xffffffffu, k, 4);
-    k += __shfl_xor_sync(0xffffffffu, k, 2);
-    k += __shfl_xor_sync(0xffffffffu, k, 1);
-    return k;
-}
-
-/* Sums acc over the warp; rows r < nr get scale * sum written to y[row0 + r] (or added, when
- * accumulate: the residual stream's y += x W^T; each element has one writer); clears acc. */
-CU_DEV void store_rows(float (&acc)[kQRows], float *y, int row0, int nr, float scale, bool accumulate) {
-    const int lane = threadIdx.x & 31, r = lane >> 3;
-    const float v = reduce4(acc) * scale;
-#pragma unroll
-    for (int i = 0; i < kQRows; i++) acc[i] = 0.0f;
-    if ((lane & 7) == 0 && r < nr) {
-        float *dst = y + row0 + r;
-        *dst = accumulate ? __ldcg(dst) + v : v;
-    }
-}
-
 /* 1 / sqrt(ss / k + eps), ss summed over the block (two barriers inside; red holds 32 floats). */
 CU_DEV float block_inv_rms(float ss, int k, float eps, float *red) {
     return 1.0f / sqrtf(block_sum(ss, red) / (float)k + eps);
 }
 
 constexpr int kQThreads = 384;
+/* Ring depth of the fixed-point kernel: items of 2.5 KB per warp in flight (H100, batch-1
+ * Qwen3-8B step, bench_cuda_decode: 8 warps x 6 stages 2.81 ms, 16 x 3 2.74 ms, 16 x 4 2.76 ms,
+ * 12 x 4 2.71 ms). */
+constexpr int kQStages = 4;
 constexpr int kQWarps = kQThreads / 32;
 
-template <int S>
 __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ codes, const uint32_t *__restrict__ sz,
                                                       const float *x, float *y, int n, int k, int gshift,
                                                       const float *norm_w, float eps, bool accumulate) {
@@ -421,11 +377,11 @@ __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ 
     const XQuant xq = xquant_at(q4x_smem, k);
     /* whole row groups, an even share of them per warp of the grid */
     const long long warp = (long long)blockIdx.x * kQWarps + (threadIdx.x >> 5), nw = (long long)gridDim.x * kQWarps;
-    const long long row_groups = (n + kQRows - 1) / kQRows;
+    const long long row_groups = (n + kRows - 1) / kRows;
     WeightStream w = weight_stream(codes, sz, n, xq.chunks, gshift, (int)(warp * row_groups / nw),
                                    (int)((warp + 1) * row_groups / nw));
     WeightStream ahead = w; /* the next item to request */
-    char *ring = reinterpret_cast<char *>(q4x_smem) + xquant_bytes(k) + (size_t)(threadIdx.x >> 5) * S * kQSlot;
+    char *ring = reinterpret_cast<char *>(q4x_smem) + xquant_bytes(k) + (size_t)(threadIdx.x >> 5) * kQStages * kQSlot;
     /* one cp.async group per item, empty or not, so groups and items stay in step */
     auto request = [&](char *slot) {
         if (ahead.count > 0) {
@@ -435,7 +391,7 @@ __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ 
         cp_async_commit();
     };
 #pragma unroll
-    for (int i = 0; i < S; i++) request(ring + i * kQSlot);
+    for (int i = 0; i < kQStages; i++) request(ring + i * kQSlot);
 
     pdl_wait();
     float scale = 1.0f; /* RMSNorm's 1 / rms, applied to the dot products */
@@ -448,34 +404,33 @@ __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ 
     }
     __syncthreads();
 
-    float acc[kQRows] = {};
+    float acc[kRows] = {};
     for (int item = 0; w.count > 0; item++) { /* warp-uniform */
-        cp_async_wait<S - 1>(); /* this item's group has landed */
-        char *slot = ring + (item % S) * kQSlot;
+        cp_async_wait<kQStages - 1>(); /* this item's group has landed */
+        char *slot = ring + (item % kQStages) * kQSlot;
         if (w.it * 32 + lane < w.chunks) q4_item(slot, lane, xq, w.it * 32 + lane, acc);
-        if (w.it == w.iters - 1) store_rows(acc, y, w.g * kQRows, min(kQRows, n - w.g * kQRows), scale, accumulate);
+        if (w.it == w.iters - 1) store_rows(acc, y, w.g * kRows, min(kRows, n - w.g * kRows), scale, accumulate);
         request(slot); /* the slot's data is in registers by now */
         walk_next(w);
     }
     cp_async_wait<0>();
 }
 
-size_t q4x_smem_bytes(int k, int stages) {
-    return xquant_bytes(k) + (size_t)kQWarps * stages * kQSlot;
-}
+size_t q4x_smem_bytes(int k) { return xquant_bytes(k) + (size_t)kQWarps * kQStages * kQSlot; }
 
-/* Grid of whole waves: enough blocks that every warp gets about R rows, capped at what fits on
- * the machine at once (so no second partial wave leaves most multiprocessors idle). The occupancy
- * query runs once per kernel (Kern is the kernel itself, so each has its own cached value). */
+/* Grid of whole waves: enough blocks that every warp gets about kRows rows, capped at what fits
+ * on the machine at once (so no second partial wave leaves most multiprocessors idle). The
+ * occupancy query runs once per kernel (Kern is the kernel itself, so each has its own cached
+ * value). */
 template <auto Kern>
-int gemv_blocks(int n, int r, int sms) {
+int gemv_blocks(int n, int sms) {
     static int per_sm = 0;
     if (!per_sm) {
         int b = 0;
         if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, Kern, kThreads, 0) != cudaSuccess || b < 1) b = 1;
         per_sm = b;
     }
-    long long want_warps = ((long long)n + r - 1) / r;
+    long long want_warps = ((long long)n + kRows - 1) / kRows;
     long long per = (want_warps + (long long)sms * kWarps - 1) / ((long long)sms * kWarps);
     if (per < 1) per = 1;
     if (per > per_sm) per = per_sm;
@@ -486,51 +441,38 @@ struct GemvArgs { /* what every launcher passes on */
     const CuMat *w;
     const float *x, *norm_w;
     float *y;
-    int ldy, sms;
+    int sms;
     float eps;
     bool accumulate;
 };
 
-template <int M>
 cudaError_t launch_bf16(const GemvArgs &a, cudaStream_t st) {
-    constexpr int R = M <= 2 ? 4 : 2;
     const CuMat *w = a.w;
     const uint4 *wp = static_cast<const uint4 *>(w->w);
-    if (w->k % 8 == 0) {
-        return cu_launch(st, dim3(gemv_blocks<gemv_bf16<M, R, true>>(w->n, R, a.sms)), dim3(kThreads), 0,
-                         gemv_bf16<M, R, true>, wp, a.x, a.y + w->n0, w->n, w->k, w->k_pad, a.ldy, a.accumulate);
-    }
-    return cu_launch(st, dim3(gemv_blocks<gemv_bf16<M, R, false>>(w->n, R, a.sms)), dim3(kThreads), 0,
-                     gemv_bf16<M, R, false>, wp, a.x, a.y + w->n0, w->n, w->k, w->k_pad, a.ldy, a.accumulate);
+    if (w->k % 8 == 0)
+        return cu_launch(st, dim3(gemv_blocks<gemv_bf16<true>>(w->n, a.sms)), dim3(kThreads), 0, gemv_bf16<true>, wp,
+                         a.x, a.y + w->n0, w->n, w->k, w->k_pad, a.accumulate);
+    return cu_launch(st, dim3(gemv_blocks<gemv_bf16<false>>(w->n, a.sms)), dim3(kThreads), 0, gemv_bf16<false>, wp, a.x,
+                     a.y + w->n0, w->n, w->k, w->k_pad, a.accumulate);
 }
-
-/* Ring depth of the fixed-point kernel: items of 2.5 KB per warp in flight (H100, batch-1
- * Qwen3-8B step, bench_cuda_decode: 8 warps x 6 stages 2.81 ms, 16 x 3 2.74 ms, 16 x 4 2.76 ms,
- * 12 x 4 2.71 ms). */
-constexpr int kQStages = 4;
 
 /* The fixed-point kernel (when x and the ring fit in shared memory): one block per
  * multiprocessor. */
 cudaError_t launch_q4x(const GemvArgs &a, cudaStream_t st) {
-    constexpr int S = kQStages;
-    int gshift = 0;
-    while ((32 << gshift) < a.w->group) gshift++;
-    const size_t smem = q4x_smem_bytes(a.w->k, S);
+    const size_t smem = q4x_smem_bytes(a.w->k);
     static size_t smem_set = 0; /* the largest opt-in so far */
     if (smem > smem_set) {
-        cudaError_t rc = cudaFuncSetAttribute(gemv_q4x<S>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        cudaError_t rc = cudaFuncSetAttribute(gemv_q4x, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         /* the whole carveout as shared memory, so the next kernel's block fits beside this one */
-        if (rc == cudaSuccess)
-            rc = cudaFuncSetAttribute(gemv_q4x<S>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+        if (rc == cudaSuccess) rc = cudaFuncSetAttribute(gemv_q4x, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
         if (rc != cudaSuccess) return rc;
         smem_set = smem;
     }
-    return cu_launch(st, dim3((unsigned)a.sms), dim3(kQThreads), smem, gemv_q4x<S>,
-                     static_cast<const uint4 *>(a.w->w), a.w->sz, a.x, a.y + a.w->n0, a.w->n, a.w->k, gshift, a.norm_w,
-                     a.eps, a.accumulate);
+    return cu_launch(st, dim3((unsigned)a.sms), dim3(kQThreads), smem, gemv_q4x, static_cast<const uint4 *>(a.w->w),
+                     a.w->sz, a.x, a.y + a.w->n0, a.w->n, a.w->k, cu_group_shift(a.w), a.norm_w, a.eps, a.accumulate);
 }
 
-bool use_q4x(const CuMat *w) { return w->group && q4x_smem_bytes(w->k, kQStages) <= (size_t)220 << 10; }
+bool use_q4x(const CuMat *w) { return w->group && q4x_smem_bytes(w->k) <= (size_t)220 << 10; }
 
 __global__ void to_bf16_kernel(const float *x, __nv_bfloat16 *out, size_t n) {
     pdl_trigger();
@@ -576,9 +518,9 @@ bool cu_gemv_fuses_norm(const CuMat *w) { return use_q4x(w); }
 cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, float *y, int sms, const float *norm_w,
                     float eps, bool accumulate) {
     if (w->n <= 0) return cudaSuccess;
-    const GemvArgs a{w, x, norm_w, y, 0, sms, eps, accumulate};
+    const GemvArgs a{w, x, norm_w, y, sms, eps, accumulate};
     if (use_q4x(w)) return launch_q4x(a, st);
-    return w->group || norm_w ? cudaErrorInvalidValue : launch_bf16<1>(a, st);
+    return w->group || norm_w ? cudaErrorInvalidValue : launch_bf16(a, st);
 }
 
 cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size_t n) {
@@ -588,9 +530,8 @@ cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size
 
 cudaError_t cu_dequant_q4(cudaStream_t st, const CuMat *w, int r0, int rows, __nv_bfloat16 *out) {
     if (rows <= 0) return cudaSuccess;
-    int gshift = 0;
-    while ((32 << gshift) < w->group) gshift++;
     size_t total = (size_t)rows * (w->k >> 3);
     return cu_launch(st, dim3(grid_for(total, 256)), dim3(256), 0, dequant_q4_kernel,
-                     static_cast<const uint32_t *>(w->w), w->sz, w->k, gshift, r0, rows, reinterpret_cast<uint4 *>(out));
+                     static_cast<const uint32_t *>(w->w), w->sz, w->k, cu_group_shift(w), r0, rows,
+                     reinterpret_cast<uint4 *>(out));
 }
