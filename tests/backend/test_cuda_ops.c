@@ -296,26 +296,13 @@ static void check_matmul(const char *what, Part *parts, int n_parts, const int *
     gpu->ops->linear_free(gpu, lg);
 }
 
-static void test_matmul(void) {
-    static const int Ms[] = {1, 2, 3, 5, 8, 9, 33};
-    const int nM = sizeof Ms / sizeof Ms[0];
-    /* int4 adds the int4 GEMM's token tiles (16: 9, 16; 32: 24, 33, 64, 160; 128: 127, 200) and
-     * ragged last tiles; 257 is past its range (dequantized for cuBLAS) */
+/* The int4 matmuls (tensor-core GEMMs, GEMV at M = 1, dequant + cuBLAS above 256 tokens). */
+static void test_matmul_q4(void) {
+    /* the GEMMs' token tiles (mma.sync 16: 9, 16; wgmma 32: 24; 64: 33, 64; 128: 127, 160, 200)
+     * and ragged last tiles; 257 is past their range (dequantized for cuBLAS) */
     static const int Mq[] = {1, 2, 3, 5, 8, 9, 16, 24, 33, 64, 127, 160, 200, 257};
     const int nMq = sizeof Mq / sizeof Mq[0];
     Part p[3];
-    make_dense(&p[0], "bf16 37x45", 37, 45, DT_BF16);
-    check_matmul("bf16 odd K", p, 1, Ms, nM, true);
-    free_part(&p[0]);
-    make_dense(&p[0], "bf16 1000x1024", 1000, 1024, DT_BF16);
-    check_matmul("bf16", p, 1, Ms, nM, true);
-    free_part(&p[0]);
-    make_dense(&p[0], "f16 65x96", 65, 96, DT_F16);
-    check_matmul("f16", p, 1, Ms, 3, false);
-    free_part(&p[0]);
-    make_dense(&p[0], "f32 33x70", 33, 70, DT_F32);
-    check_matmul("f32 odd K", p, 1, Ms, 3, false);
-    free_part(&p[0]);
     static const int groups[] = {32, 64, 128, 256};
     static const int rows[] = {77, 130, 257, 64};
     static const int cols[] = {128, 384, 1024, 512};
@@ -347,6 +334,30 @@ static void test_matmul(void) {
     make_q4(&p[1], "int4 part", 70, 256, 64);
     check_matmul("mixed bf16|int4", p, 2, Mq, nMq, true);
     for (int i = 0; i < 2; i++) free_part(&p[i]);
+}
+
+static void test_matmul(void) {
+    static const int Ms[] = {1, 2, 3, 5, 8, 9, 33};
+    const int nM = sizeof Ms / sizeof Ms[0];
+    Part p[1];
+    make_dense(&p[0], "bf16 37x45", 37, 45, DT_BF16);
+    check_matmul("bf16 odd K", p, 1, Ms, nM, true);
+    free_part(&p[0]);
+    make_dense(&p[0], "bf16 1000x1024", 1000, 1024, DT_BF16);
+    check_matmul("bf16", p, 1, Ms, nM, true);
+    free_part(&p[0]);
+    make_dense(&p[0], "f16 65x96", 65, 96, DT_F16);
+    check_matmul("f16", p, 1, Ms, 3, false);
+    free_part(&p[0]);
+    make_dense(&p[0], "f32 33x70", 33, 70, DT_F32);
+    check_matmul("f32 odd K", p, 1, Ms, 3, false);
+    free_part(&p[0]);
+    test_matmul_q4();
+    /* again with the mma.sync GEMM at every M (what GPUs without wgmma run) */
+    printf("int4 again with QUILL_CUDA_WGMMA=0\n");
+    setenv("QUILL_CUDA_WGMMA", "0", 1);
+    test_matmul_q4();
+    unsetenv("QUILL_CUDA_WGMMA");
 }
 
 /* ---- elementwise ops ---------------------------------------------------------------------- */

@@ -50,10 +50,10 @@ __global__ void arch_probe_kernel() {}
 
 /* Which kernel multiplies at which M (H100, one step's 144 linears of Qwen3-8B, bench_cuda_decode
  * --matmul-m): int4 at M = 1 streams through the fixed-point GEMV (1.71 ms); from M = 2 the
- * tensor-core GEMM reads the codes directly (M = 2..16: 2.85-2.92 ms, 64: 5.61, 256: 15.3);
- * above kGemmQ4MaxM the weights are dequantized to bf16 one matrix at a time for cuBLAS, whose
- * tensor-core rate then outweighs the extra ~4 bytes per weight (M = 512: 18.0 vs 26.1 ms,
- * M = 2048: 53.7 vs 102.8).
+ * tensor-core GEMM reads the codes directly (M = 2..16: 2.85-2.92 ms, 64: 5.48, 128: 6.89,
+ * 256: 10.36); above kGemmQ4MaxM the weights are dequantized to bf16 one matrix at a time for
+ * cuBLAS, whose tensor-core rate then catches up despite the extra ~4 bytes per weight (M = 512:
+ * 18.0 vs 17.9 ms; M = 2048: 51.8 vs 66 for a wgmma kernel with 256-feature tiles).
  * bf16 uses the GEMV only at M = 1: cuBLAS is as fast from M = 2. */
 constexpr int kGemmQ4MaxM = 256;
 constexpr int kBf16GemvMaxM = 1;

@@ -1,8 +1,12 @@
 /* cuda_gemm_q4.cu — int4 x bf16 matrix products on the tensor cores, for the token counts between
- * the decode GEMV (M <= 8) and large prefills (which dequantize to bf16 for cuBLAS): batched
+ * the decode GEMV (M = 1) and large prefills (which dequantize to bf16 for cuBLAS): batched
  * decode and chunked prefill. The weights are read once, as the checkpoint's int4 codes, and
  * dequantized in registers right before the multiply, so memory traffic stays at 0.5 byte per
  * weight plus scales; dequantizing to a bf16 scratch for cuBLAS costs ~4.5.
+ *
+ * Two kernels share the loads, the dequantization and the epilogue: mma.sync (any sm_80+ GPU;
+ * on Hopper only up to 16 tokens) and, further down, wgmma (sm_90a, from 17 tokens). See
+ * token_tile() for the measurements that split them.
  *
  * Products. mma.sync m16n8k16 (bf16 in, f32 accumulate) in the "swapped" orientation: the 16-row
  * A operand is 16 weight rows (output features) x 16 columns of k, which is the weights' own
@@ -43,6 +47,9 @@
  * S-th of the tile over all S blocks (distributed shared memory, in a fixed order, so results do
  * not depend on timing) and writes it to y. No global workspace, no atomics, no second launch.
  * Code built for an older target runs every matrix unsplit. */
+#include <stdlib.h>
+#include <string.h>
+
 #include "backend/cuda/cuda_common.cuh"
 
 namespace {
@@ -249,6 +256,33 @@ CU_DEV void store_out(const GemmArgs &a, int m, int f, float4 v) {
         if (f + e < a.n) p[e] = a.accumulate ? p[e] + vals[e] : vals[e];
 }
 
+/* y from a block's finished tile [BT tokens][F features] (row stride ld floats) in shared
+ * memory, in float4 units; under a split of k each block of the cluster sums an S-th of the tile
+ * over all blocks and writes it. Call with every thread of the block. */
+template <int F, int BT>
+CU_DEV void store_tile(const GemmArgs &a, const float *tile, int ld, int f0, int t0, int split, int splits) {
+    constexpr int kQuads = F / 4, kUnits = BT * kQuads;
+    const int u0 = split * kUnits / splits, u1 = (split + 1) * kUnits / splits;
+    if (splits > 1) cluster_barrier();
+    for (int u = u0 + threadIdx.x; u < u1; u += kThreads) {
+        const int tk = u / kQuads, fq = u % kQuads, m = t0 + tk, f = f0 + 4 * fq;
+        if (m >= a.M || f >= a.n) continue;
+        const float *p = tile + tk * ld + 4 * fq;
+        float4 v;
+        if (splits == 1) {
+            v = *reinterpret_cast<const float4 *>(p);
+        } else {
+            v = cluster_load(p, 0);
+            for (int r = 1; r < splits; r++) {
+                const float4 o = cluster_load(p, r);
+                v.x += o.x, v.y += o.y, v.z += o.z, v.w += o.w;
+            }
+        }
+        store_out(a, m, f, v);
+    }
+    if (splits > 1) cluster_barrier(); /* the tile stays readable until every block is done */
+}
+
 /* Grid: x = split of k (the cluster), y = token tile, z = feature tile. */
 template <int BT, int GS>
 __global__ void __launch_bounds__(kThreads, Tile<BT>::kMinBlocks) gemm_q4(GemmArgs a) {
@@ -321,27 +355,287 @@ __global__ void __launch_bounds__(kThreads, Tile<BT>::kMinBlocks) gemm_q4(GemmAr
         __syncthreads();
     }
 
-    /* y: float4 units of the tile; a split block writes its share of the cluster's sum */
-    constexpr int kQuads = kFeatures / 4, kUnits = BT * kQuads;
-    const int u0 = split * kUnits / splits, u1 = (split + 1) * kUnits / splits;
-    if (splits > 1) cluster_barrier();
-    for (int u = u0 + threadIdx.x; u < u1; u += kThreads) {
-        const int tk = u / kQuads, fq = u % kQuads, m = t0 + tk, f = f0 + 4 * fq;
-        if (m >= a.M || f >= a.n) continue;
-        const float *p = tile + tk * kTileLd + 4 * fq;
-        float4 v;
-        if (splits == 1) {
-            v = *reinterpret_cast<const float4 *>(p);
-        } else {
-            v = cluster_load(p, 0);
-            for (int r = 1; r < splits; r++) {
-                const float4 o = cluster_load(p, r);
-                v.x += o.x, v.y += o.y, v.z += o.z, v.w += o.w;
-            }
-        }
-        store_out(a, m, f, v);
+    store_tile<kFeatures, BT>(a, tile, kTileLd, f0, t0, split, splits);
+}
+
+/* ---- Hopper: the same product on wgmma (sm_90a) ----------------------------------------------
+ *
+ * From 17 tokens the products run as warpgroup MMAs (wgmma.mma_async m64nNk16, N = BT tokens):
+ * one instruction multiplies 64 weight rows by 16 columns of k for all BT tokens, so the
+ * dequantized weights (the register A operand, the mma.sync A fragment layout per warp) feed
+ * BT / 8 times more products per instruction than mma.sync's, and the tensor cores run while the
+ * warp dequantizes the next chunk. The tokens (B) are read by the tensor cores straight from
+ * shared memory, which holds each stage's x tile in wgmma's K-major layout with the 128-byte
+ * swizzle: per 64 columns of k ("atom"), token rows of 128 bytes, 16-byte unit u of row r at
+ * u ^ (r % 8), 8-row groups 1024 bytes apart.
+ *
+ * B comes from shared memory in the hardware's k order, so A must hold true k order too: for the
+ * two k-steps of a 32-column chunk, lane t's A registers of a row need the column pairs of bytes
+ * t, t + 4, t + 8 and t + 12 of that row's 16 bytes of codes, i.e. byte t of each of its 4 words.
+ * The lane loads the 16 bytes and gathers those bytes into one word (three byte permutes), which
+ * then dequantizes as in the mma.sync kernel.
+ *
+ * Block: 2 warpgroups x 64 features x BT tokens, all of k per stage for every warp (each
+ * dequantized A fragment feeds BT / 8 x 2 k-steps of products); stages of 128 columns (codes 64
+ * bytes per row, x 2 atoms); kSlots stage buffers, loads issued kSlots - 2 stages ahead, so the
+ * buffer being refilled was read two stages ago and its wgmmas are known complete (each
+ * warpgroup waits for all but its latest group after every chunk). 128 features, not more: x
+ * is read from L2 once per feature tile, which bounds how few tiles pay, but with 256 features
+ * too few blocks fill the machine at the token counts of batched decode (measured below).
+ * Split-K over thread-block clusters and the epilogue are the mma.sync kernel's. */
+constexpr int kWgK = 128; /* columns of k per stage */
+constexpr int kWgChunks = kWgK / 32;
+constexpr int kGroupChunks = 2; /* chunks dequantized together (independent chains) per wgmma group;
+                                   measured best of 1, 2 and 4 */
+constexpr size_t kSmemPerSm = 227 * 1024; /* sm_90 shared memory per multiprocessor */
+
+template <int BT, int GS>
+struct WgTile {
+    static constexpr int kMinBlocks = BT <= 64 ? 2 : 1;
+    static constexpr int kScaleWords = (kWgChunks >> GS) > 0 ? kWgChunks >> GS : 1;
+    static constexpr int kScaleStride = kScaleWords | 1;
+    static constexpr size_t kX = (size_t)BT * kWgK * 2; /* first: atoms 1024-byte aligned */
+    static constexpr size_t kCodes = (size_t)kFeatures * kWgChunks * 16;
+    static constexpr size_t kScales = (size_t)kFeatures * kScaleStride * 4;
+    static constexpr size_t kBytes = (kX + kCodes + kScales + 1023) / 1024 * 1024;
+    static constexpr int kFit = (int)((kSmemPerSm / kMinBlocks - 2048) / kBytes);
+    static constexpr int kSlots = kFit < 6 ? kFit : 6;
+    static constexpr int kAhead = kSlots - 2;
+    static constexpr size_t kSmem = kSlots * kBytes + 1024; /* + alignment slack */
+    static_assert(kSlots >= 3, "stage buffers");
+    static_assert(kSmem - 1024 >= (size_t)BT * kTileLd * 4, "the output tile reuses the stages");
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define QUILL_WGMMA 1
+CU_DEV void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+CU_DEV void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+CU_DEV void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+/* Keeps the compiler from moving other instructions' uses of r across this point (the
+ * accumulators belong to the tensor cores while a wgmma is in flight). */
+CU_DEV void fence_operand(float &r) { asm volatile("" : "+f"(r)::"memory"); }
+/* Shared-memory writes of the generic proxy (cp.async) made visible to wgmma's reads. */
+CU_DEV void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+/* d = A B (+ d when acc) for 64 rows x N tokens x 16 columns (N = 2 x the size of d): A the warp's
+ * 4 registers (mma.sync layout, rows 16 * (warp % 4) ..), B at shared-memory descriptor b. */
+CU_DEV void wgmma_rs(float (&d)[16], const uint32_t (&a)[4], uint64_t b, bool acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+                 "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"((int)acc));
+}
+
+CU_DEV void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b, bool acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                 "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"((int)acc));
+}
+
+CU_DEV void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b, bool acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                 "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"((int)acc));
+}
+
+#else
+#define QUILL_WGMMA 0
+CU_DEV void fence_operand(float &) {}
+CU_DEV void wgmma_fence() {}
+CU_DEV void wgmma_commit() {}
+template <int N>
+CU_DEV void wgmma_wait() {}
+CU_DEV void fence_proxy_async() {}
+template <int R>
+CU_DEV void wgmma_rs(float (&)[R], const uint32_t (&)[4], uint64_t, bool) {
+    __trap(); /* the host launches the wgmma kernel only where wg_built says it exists */
+}
+#endif
+
+/* 1 where this module's device code has the wgmma kernel (built for sm_90a); read by the host. */
+__device__ int wg_built = QUILL_WGMMA;
+
+template <int N>
+CU_DEV void fence_acc(float (&acc)[N]) {
+#pragma unroll
+    for (int e = 0; e < N; e++) fence_operand(acc[e]);
+}
+
+/* Descriptor of a K-major, 128-byte-swizzled B operand at shared address addr (8-row groups
+ * 1024 bytes apart; the leading offset is unused in this layout). */
+CU_DEV uint64_t wg_desc(uint32_t addr) {
+    return (uint64_t)((addr & 0x3ffff) >> 4) | (uint64_t)1 << 16 | (uint64_t)(1024 >> 4) << 32 | (uint64_t)1 << 62;
+}
+
+/* Requests stage kt: the codes and scale words of rows f0 .. f0 + 127, and the x tile of tokens
+ * t0 .. t0 + BT - 1. Out-of-range sources are clamped to valid addresses and zero-filled. */
+template <int BT, int GS>
+CU_DEV void wg_load_weights(const GemmArgs &a, int f0, int kt, uint4 *codes, uint32_t *scales) {
+    using T = WgTile<BT, GS>;
+    const int row_chunks = a.k >> 5, groups = a.k >> (5 + GS);
+    const int c = threadIdx.x % kWgChunks, col = kt * kWgChunks + c, col_ok = col < row_chunks;
+#pragma unroll
+    for (int it = 0; it < kFeatures * kWgChunks / kThreads; it++) {
+        const int r = threadIdx.x / kWgChunks + it * (kThreads / kWgChunks), row = f0 + r;
+        cp_async16(codes + r * kWgChunks + code_slot<kWgChunks>(r, c),
+                   a.codes + (size_t)min(row, a.n - 1) * row_chunks + min(col, row_chunks - 1), row < a.n && col_ok);
     }
-    if (splits > 1) cluster_barrier(); /* the tile stays readable until every block is done */
+    constexpr int kWords = kFeatures * T::kScaleWords;
+#pragma unroll
+    for (int it = 0; it < (kWords + kThreads - 1) / kThreads; it++) {
+        const int i = it * kThreads + threadIdx.x, r = i / T::kScaleWords, w = i % T::kScaleWords;
+        const int row = f0 + r, gi = ((kt * kWgK) >> (5 + GS)) + w;
+        if (kWords % kThreads == 0 || i < kWords)
+            cp_async4(scales + r * T::kScaleStride + w, a.sz + (size_t)min(row, a.n - 1) * groups + min(gi, groups - 1),
+                      row < a.n && gi < groups);
+    }
+}
+
+template <int BT>
+CU_DEV void wg_load_x(const GemmArgs &a, int t0, int kt, char *xs) {
+    constexpr int kUnits = kWgK / 8, kRows = kThreads / kUnits; /* 16-byte units per row; rows per pass */
+    const int u = threadIdx.x % kUnits, r0 = threadIdx.x / kUnits, row_units = a.k >> 3, col = kt * kUnits + u;
+    const bool col_ok = col < row_units;
+    const uint4 *src = a.x + min(col, row_units - 1);
+    /* unit u of row tk: atom u / 8, slot (u % 8) ^ (tk % 8), which is the same for r0 + kRows * it */
+    char *dst = xs + (u >> 3) * (BT * 128) + r0 * 128 + (((u & 7) ^ (r0 & 7)) << 4);
+#pragma unroll
+    for (int it = 0; it < BT / kRows; it++) {
+        const int m = t0 + r0 + kRows * it;
+        cp_async16(dst + it * kRows * 128, src + (size_t)min(m, a.M - 1) * row_units, m < a.M && col_ok);
+    }
+}
+
+/* Grid: x = split of k (the cluster), y = token tile, z = feature tile. */
+template <int BT, int GS>
+__global__ void __launch_bounds__(kThreads, WgTile<BT, GS>::kMinBlocks) gemm_q4_wg(GemmArgs a) {
+    using T = WgTile<BT, GS>;
+    extern __shared__ uint4 smem_raw[];
+    pdl_trigger();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int wg = warp >> 2, wq = warp & 3;
+    const uint32_t sel = (uint32_t)t | (uint32_t)(t + 4) << 4; /* byte t of two words, in the low half */
+    const int f0 = blockIdx.z * kFeatures, t0 = blockIdx.y * BT;
+    const int splits = gridDim.x, split = blockIdx.x;
+    const int k_tiles = (a.k + kWgK - 1) / kWgK;
+    const int kt0 = split * k_tiles / splits, n_kt = (split + 1) * k_tiles / splits - kt0;
+    /* stages start on a 1024-byte boundary (the swizzle atoms) */
+    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw), base_addr = (raw + 1023) & ~1023u;
+    char *base = reinterpret_cast<char *>(smem_raw) + (base_addr - raw);
+    auto x_of = [&](int s) { return base + s * T::kBytes; };
+    auto codes_of = [&](int s) { return reinterpret_cast<uint4 *>(base + s * T::kBytes + T::kX); };
+    auto scales_of = [&](int s) { return reinterpret_cast<uint32_t *>(base + s * T::kBytes + T::kX + T::kCodes); };
+
+#pragma unroll
+    for (int s = 0; s < T::kAhead; s++)
+        if (s < n_kt) wg_load_weights<BT, GS>(a, f0, kt0 + s, codes_of(s), scales_of(s));
+    pdl_wait();
+#pragma unroll
+    for (int s = 0; s < T::kAhead; s++) {
+        if (s < n_kt) wg_load_x<BT>(a, t0, kt0 + s, x_of(s));
+        cp_async_commit();
+    }
+
+    float acc[BT / 2]; /* set by the first k-step (which does not accumulate) */
+    const int r_lo = 64 * wg + 16 * wq + g; /* this lane's rows: r_lo and r_lo + 8 */
+    constexpr int kReload = (1 << GS) < kWgChunks ? 1 << GS : kWgChunks; /* chunks per scale word */
+    for (int it = 0; it < n_kt; it++) {
+        cp_async_wait<T::kAhead - 1>(); /* stage it has landed (this thread's copies) ... */
+        fence_proxy_async();            /* ... is visible to the tensor cores ... */
+        __syncthreads();                /* ... for every thread's copies */
+        const int next = it + T::kAhead, ns = next % T::kSlots;
+        if (next < n_kt) {
+            wg_load_weights<BT, GS>(a, f0, kt0 + next, codes_of(ns), scales_of(ns));
+            wg_load_x<BT>(a, t0, kt0 + next, x_of(ns));
+        }
+        cp_async_commit();
+        const int s = it % T::kSlots;
+        const uint4 *chunks = codes_of(s);
+        const uint32_t *scales = scales_of(s);
+        const uint32_t xa = base_addr + (uint32_t)(s * T::kBytes);
+        uint32_t sc[2], ze[2];
+#pragma unroll
+        for (int c0 = 0; c0 < kWgChunks; c0 += kGroupChunks) {
+            uint32_t af[kGroupChunks][2][4]; /* [chunk][k-step]: the A registers */
+#pragma unroll
+            for (int cc = 0; cc < kGroupChunks; cc++) {
+                const int c = c0 + cc;
+                if (c % kReload == 0) {
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const uint32_t w = scales[(r_lo + 8 * h) * T::kScaleStride + (c >> GS)];
+                        sc[h] = __byte_perm(w, 0, 0x1010);
+                        ze[h] = __byte_perm(w, 0, 0x3232);
+                    }
+                }
+                uint32_t q[2][4]; /* rows r_lo and r_lo + 8 */
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int r = r_lo + 8 * h;
+                    const uint4 v = chunks[r * kWgChunks + code_slot<kWgChunks>(r, c)];
+                    const uint32_t w = __byte_perm(__byte_perm(v.x, v.y, sel), __byte_perm(v.z, v.w, sel), 0x5410);
+                    dequant_word(w, sc[h], ze[h], q[h]);
+                }
+#pragma unroll
+                for (int ks = 0; ks < 2; ks++) {
+                    af[cc][ks][0] = q[0][2 * ks], af[cc][ks][1] = q[1][2 * ks];
+                    af[cc][ks][2] = q[0][2 * ks + 1], af[cc][ks][3] = q[1][2 * ks + 1];
+                }
+            }
+            fence_acc(acc);
+            wgmma_fence();
+#pragma unroll
+            for (int cc = 0; cc < kGroupChunks; cc++)
+#pragma unroll
+                for (int ks = 0; ks < 2; ks++) {
+                    const int c = c0 + cc;
+                    wgmma_rs(acc, af[cc][ks], wg_desc(xa + (c >> 1) * (BT * 128) + (c & 1) * 64 + ks * 32),
+                             it > 0 || c > 0 || ks > 0);
+                }
+            wgmma_commit();
+            fence_acc(acc);
+            wgmma_wait<1>();
+        }
+    }
+    wgmma_wait<0>();
+    fence_acc(acc);
+    cp_async_wait<0>();
+    __syncthreads();
+
+    /* the accumulators into tile [token][feature] (over the stages' memory), then y */
+    float *tile = reinterpret_cast<float *>(base);
+#pragma unroll
+    for (int j = 0; j < BT / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) tile[(8 * j + 2 * t + (e & 1)) * kTileLd + r_lo + 8 * (e >> 1)] = acc[4 * j + e];
+    __syncthreads();
+    store_tile<kFeatures, BT>(a, tile, kTileLd, f0, t0, split, splits);
 }
 
 /* Co-resident blocks of kernel when launched in clusters of 1, 2, 4 and 8 (0 where clusters are
@@ -398,26 +692,13 @@ int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, b
     return best;
 }
 
-template <int BT, int GS>
-cudaError_t launch_gemm(cudaStream_t st, const GemmArgs &a, int sms) {
-    constexpr size_t smem = Stage<BT, GS>::kSmem;
-    static int slots[4]; /* one set per instantiation (its shared memory decides its occupancy) */
-    static bool ready = false;
-    if (!ready) {
-        cudaError_t rc = cudaFuncSetAttribute(gemm_q4<BT, GS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (rc != cudaSuccess) return rc;
-        split_slots(reinterpret_cast<const void *>(gemm_q4<BT, GS>), smem, sms, slots);
-        ready = true;
-    }
-    const int feature_tiles = (a.n + kFeatures - 1) / kFeatures, token_tiles = (a.M + BT - 1) / BT;
-    const int k_tiles = (a.k + Tile<BT>::kK - 1) / Tile<BT>::kK;
-    const int split = choose_split((long long)feature_tiles * token_tiles, k_tiles, slots, sms, BT >= 64);
-    const dim3 grid((unsigned)split, (unsigned)token_tiles, (unsigned)feature_tiles);
-    if (split == 1) return cu_launch(st, grid, dim3(kThreads), smem, gemm_q4<BT, GS>, a);
-    /* cu_launch plus the cluster dimension */
+/* Launches kernel on grid (x: the split of k) as cu_launch does, in clusters of grid.x blocks
+ * when that is more than one. */
+cudaError_t launch_split(cudaStream_t st, void (*kernel)(GemmArgs), dim3 grid, size_t smem, const GemmArgs &a) {
+    if (grid.x == 1) return cu_launch(st, grid, dim3(kThreads), smem, kernel, a);
     cudaLaunchAttribute attr[2];
     attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = (unsigned)split;
+    attr[0].val.clusterDim.x = grid.x;
     attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = 1;
     attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -429,7 +710,46 @@ cudaError_t launch_gemm(cudaStream_t st, const GemmArgs &a, int sms) {
     cfg.stream = st;
     cfg.attrs = attr;
     cfg.numAttrs = cu_pdl_now ? 2 : 1;
-    return cudaLaunchKernelEx(&cfg, gemm_q4<BT, GS>, a);
+    return cudaLaunchKernelEx(&cfg, kernel, a);
+}
+
+/* A kernel's launch facts, found on its first launch: its shared memory limit raised, and its
+ * co-resident blocks per cluster size (split_slots). */
+struct KernelSlots {
+    bool ready;
+    int slots[4];
+};
+
+cudaError_t prepare(void (*kernel)(GemmArgs), size_t smem, int sms, KernelSlots &ks) {
+    if (ks.ready) return cudaSuccess;
+    const cudaError_t rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (rc != cudaSuccess) return rc;
+    split_slots(reinterpret_cast<const void *>(kernel), smem, sms, ks.slots);
+    ks.ready = true;
+    return cudaSuccess;
+}
+
+/* One launch of kernel over output tiles of `features` x BT with k in stages of kk columns. */
+cudaError_t launch_tiles(cudaStream_t st, void (*kernel)(GemmArgs), size_t smem, KernelSlots &ks, int features,
+                         int BT, int kk, const GemmArgs &a, int sms) {
+    const cudaError_t rc = prepare(kernel, smem, sms, ks);
+    if (rc != cudaSuccess) return rc;
+    const int feature_tiles = (a.n + features - 1) / features, token_tiles = (a.M + BT - 1) / BT;
+    const int k_tiles = (a.k + kk - 1) / kk;
+    const int split = choose_split((long long)feature_tiles * token_tiles, k_tiles, ks.slots, sms, BT >= 64);
+    return launch_split(st, kernel, dim3((unsigned)split, (unsigned)token_tiles, (unsigned)feature_tiles), smem, a);
+}
+
+template <int BT, int GS>
+cudaError_t launch_gemm(cudaStream_t st, const GemmArgs &a, int sms) {
+    static KernelSlots ks; /* one per instantiation (its shared memory decides its occupancy) */
+    return launch_tiles(st, gemm_q4<BT, GS>, Stage<BT, GS>::kSmem, ks, kFeatures, BT, Tile<BT>::kK, a, sms);
+}
+
+template <int BT, int GS>
+cudaError_t launch_wg(cudaStream_t st, const GemmArgs &a, int sms) {
+    static KernelSlots ks;
+    return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, a, sms);
 }
 
 template <int BT>
@@ -443,17 +763,43 @@ cudaError_t launch_tokens(cudaStream_t st, const GemmArgs &a, int gs, int sms) {
     }
 }
 
-/* Tokens per block for M, as measured (H100, one Qwen3-8B step's 144 linears, int4; ms):
- *   M      BT = 32   BT = 64   BT = 128
- *   48      5.87      6.58
- *   64      5.61      6.82
- *   96      9.31                 9.84
- *   128    10.33     10.60       9.89
- *   192    16.15     17.90
- *   256    18.41     17.91      15.30
- * (BT = 64 was never the best and is not built). Up to 96 tokens, 32-token tiles: more blocks to
- * fill the machine, each weight tile read again from L2 rather than HBM; from 128, 128-token
- * tiles, unless the last one would be at most half full. */
+template <int BT>
+cudaError_t launch_wg_tokens(cudaStream_t st, const GemmArgs &a, int gs, int sms) {
+    switch (gs) {
+    case 0: return launch_wg<BT, 0>(st, a, sms);
+    case 1: return launch_wg<BT, 1>(st, a, sms);
+    case 2: return launch_wg<BT, 2>(st, a, sms);
+    case 3: return launch_wg<BT, 3>(st, a, sms);
+    default: return cudaErrorInvalidValue;
+    }
+}
+
+/* Whether the wgmma kernel runs: the loaded device code has it (asked once), and the environment
+ * does not turn it off (QUILL_CUDA_WGMMA=0, which the tests use to cover the mma.sync kernel). */
+bool wg_available() {
+    static int built = -1;
+    if (built < 0) {
+        if (cudaMemcpyFromSymbol(&built, wg_built, sizeof built) != cudaSuccess) built = 0;
+        cudaGetLastError();
+    }
+    const char *env = getenv("QUILL_CUDA_WGMMA");
+    return built == 1 && !(env && !strcmp(env, "0"));
+}
+
+/* Which kernel, and how many tokens per block, for M (H100, one Qwen3-8B step's 144 linears,
+ * int4, bench_cuda_decode --matmul-m; ms):
+ *   M         24    32    48    64    96    128    192    256    512
+ *   mma.sync  4.01  4.07  5.86  5.58  9.31  9.89  16.15  15.31  (18.0 dequant + cuBLAS)
+ *   wgmma     3.89  3.96  5.22  5.48  6.84  6.89  10.30  10.36  17.86
+ * wgmma from 17 tokens, in tiles of 32 (M <= 32), 64 (M <= 64) or 128 (64-token tiles up to 128
+ * measured 5-7% slower). The mma.sync kernel keeps M <= 16, where its 16-token tile wastes
+ * less, and every M on GPUs (or builds) without wgmma, with 32-token tiles up to 96 tokens (more
+ * blocks to fill the machine, each weight tile read again from L2 rather than HBM) and 128-token
+ * tiles from 128, unless the last one would be at most half full. */
+constexpr int kWgMinM = 17;
+
+int wg_token_tile(int M) { return M <= 32 ? 32 : M <= 64 ? 64 : 128; }
+
 int token_tile(int M) {
     if (M <= 16) return 16;
     if (M <= 96) return 32;
@@ -471,6 +817,13 @@ cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, 
     const int gs = cu_group_shift(w);
     const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), y + w->n0, M,
                         w->n, w->k, ldy, accumulate};
+    if (M >= kWgMinM && wg_available()) {
+        switch (wg_token_tile(M)) {
+        case 32: return launch_wg_tokens<32>(st, a, gs, sms);
+        case 64: return launch_wg_tokens<64>(st, a, gs, sms);
+        default: return launch_wg_tokens<128>(st, a, gs, sms);
+        }
+    }
     switch (token_tile(M)) {
     case 16: return launch_tokens<16>(st, a, gs, sms);
     case 32: return launch_tokens<32>(st, a, gs, sms);
