@@ -648,6 +648,10 @@ static void test_attention(int nh, int nkv, int hd) {
 static void test_attention_batched(int nh, int nkv, int hd, int S, int ctx) {
     AttnRig r;
     const int per = ctx / BS + 2, n_blocks = S * per; /* blocks per sequence: the context + 2 decodes */
+    /* the rig's fixed tables: 16 sequences, MAX_BLOCKS per sequence, 1024 shuffled blocks */
+    CHECK(S <= 16 && per <= MAX_BLOCKS && n_blocks <= 1024, "batched attention test too large: %d seqs x %d blocks", S,
+          per);
+    if (S > 16 || per > MAX_BLOCKS || n_blocks > 1024) return;
     rig_init(&r, nh, nkv, hd, n_blocks);
     if (!r.kv_c || !r.kv_g) {
         rig_free(&r);

@@ -53,7 +53,7 @@ __global__ void arch_probe_kernel() {}
  * tensor-core GEMM reads the codes directly (M = 2..16: 2.85-2.92 ms, 64: 5.48, 128: 6.89,
  * 256: 10.36); above kGemmQ4MaxM the weights are dequantized to bf16 one matrix at a time for
  * cuBLAS, whose tensor-core rate then catches up despite the extra ~4 bytes per weight (M = 512:
- * 18.0 vs 17.9 ms; M = 2048: 51.8 vs 66 for a wgmma kernel with 256-feature tiles).
+ * 18.0 vs 17.9 ms; M = 2048: 51.8 vs 68.0).
  * bf16 uses the GEMV only at M = 1: cuBLAS is as fast from M = 2. */
 constexpr int kGemmQ4MaxM = 256;
 constexpr int kBf16GemvMaxM = 1;
