@@ -427,6 +427,19 @@ int main(int argc, char **argv) {
                 if (w == 3) op->matmul_add(b.be, b.xb, b.h, 1, ly->down);
             }
         }, reps, 20, false, xh);
+    /* the same with layer 0's weights every time: what each matmul costs when its weights are
+     * already in L2 (they fit, but for gate_up), i.e. what an L2 prefetch could win at most */
+    double t_mat_l2[4];
+    for (int w = 0; w < 4; w++)
+        t_mat_l2[w] = time_graph(&b, 30 + w, [&] {
+            for (int l = 0; l < L; l++) {
+                const Layer *ly = &b.layers[0];
+                if (w == 0) op->norm_matmul(b.be, b.qkv, b.x, ly->attn_norm, 1e-6f, 1, ly->qkv);
+                if (w == 1) op->matmul_add(b.be, b.xb, b.attn, 1, ly->o);
+                if (w == 2) op->norm_matmul(b.be, b.gate_up, b.x, ly->mlp_norm, 1e-6f, 1, ly->gate_up);
+                if (w == 3) op->matmul_add(b.be, b.xb, b.h, 1, ly->down);
+            }
+        }, reps, 20, false, xh);
     const char *small_names[] = {"swiglu", "qk_norm_rope_store", "attention"};
     const int n_small = 3;
     double t_small[n_small];
@@ -480,6 +493,9 @@ int main(int argc, char **argv) {
         snprintf(name, sizeof name, "%s x %d alone (graph)", mat_names[w], L);
         printf("  %-40s %9.3f ms  %6.0f GB/s  %5.1f%% of probe  (%.1f us each)\n", name, t_mat[w] * 1e3,
                by / t_mat[w] / 1e9, 100 * by / t_mat[w] / 1e9 / probe, t_mat[w] * 1e6 / L);
+        snprintf(name, sizeof name, "%s x %d, layer 0's (L2)", mat_names[w], L);
+        printf("  %-40s %9.3f ms  %6.0f GB/s  %5.1f%% of probe  (%.1f us each)\n", name, t_mat_l2[w] * 1e3,
+               by / t_mat_l2[w] / 1e9, 100 * by / t_mat_l2[w] / 1e9 / probe, t_mat_l2[w] * 1e6 / L);
     }
     for (int o = 0; o < n_small; o++) {
         char name[64];

@@ -73,13 +73,32 @@ __host__ __device__ constexpr int decode_batch() {
     return HD <= 128 ? 16 : 8;
 }
 
+/* VPL consecutive floats of a partial record (16-byte aligned for VPL >= 4), past L1. */
+template <int VPL>
+CU_DEV void load_part(const float *p, float (&v)[VPL]) {
+    if constexpr (VPL == 2) {
+        const float2 a = __ldcg(reinterpret_cast<const float2 *>(p));
+        v[0] = a.x, v[1] = a.y;
+    } else {
+#pragma unroll
+        for (int i = 0; i < VPL; i += 4) {
+            const float4 a = __ldcg(reinterpret_cast<const float4 *>(p + i));
+            v[i] = a.x, v[i + 1] = a.y, v[i + 2] = a.z, v[i + 3] = a.w;
+        }
+    }
+}
+
 /* After every split of (sequence, kv head) `pair` has written its partial (unnormalised output,
  * max, sum) for its G heads: the whole block publishes its writes with one fenced arrival, and the
- * last block to arrive combines all splits into out (a counter per pair, reset by that block). */
+ * last block to arrive combines all splits into out (a counter per pair, reset by that block).
+ * The combine sits on the decode step's critical path, so each warp requests every split's
+ * partial of its head at once (up to 128 floats per lane) before it uses any: one L2 round trip
+ * instead of one per few splits (H100, batch 1, 32 splits: see bench/RESULTS.md). */
 template <int HD>
 CU_DEV void combine_splits(float *out, const float *part, int *counters, size_t pair, int splits, int G, int t, int nh,
                            int kvh) {
-    constexpr int VPL = HD / 32;
+    constexpr int VPL = HD / 32, PS = cu_part_stride(HD);
+    constexpr int kBatch = 128 / VPL < 32 ? 128 / VPL : 32; /* splits whose partials are in flight together */
     __shared__ int last;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     __syncthreads();
@@ -91,24 +110,32 @@ CU_DEV void combine_splits(float *out, const float *part, int *counters, size_t 
     __syncthreads();
     if (!last) return;
     for (int g = warp; g < G; g += warps) {
-        /* lane i owns split i's max and sum (splits <= 32); the outputs are summed split by split
-         * with their loads unrolled, so many are in flight at once */
-        const float *base = part + (pair * splits * G + g) * (HD + 2);
-        const size_t stride = (size_t)G * (HD + 2);
+        /* lane i owns split i's max and sum (splits <= 32) */
+        const float *base = part + (pair * splits * G + g) * PS;
+        const size_t stride = (size_t)G * PS;
         const float ms = lane < splits ? __ldcg(base + lane * stride + HD) : -INFINITY;
         const float ls = lane < splits ? __ldcg(base + lane * stride + HD + 1) : 0.0f;
-        const float mx = warp_max(ms);
-        const float w = ms == -INFINITY ? 0.0f : __expf(ms - mx);
-        const float lsum = warp_sum(w * ls);
         float acc[VPL];
 #pragma unroll
         for (int i = 0; i < VPL; i++) acc[i] = 0.0f;
-#pragma unroll 8
-        for (int sp = 0; sp < splits; sp++) {
-            const float wsp = __shfl_sync(0xffffffffu, w, sp);
-            const float *pp = base + sp * stride + lane * VPL;
+        float mx = 0.0f, w = 0.0f, lsum = 0.0f;
+        for (int s0 = 0; s0 < splits; s0 += kBatch) {
+            float v[kBatch][VPL];
 #pragma unroll
-            for (int i = 0; i < VPL; i++) acc[i] = fmaf(wsp, __ldcg(pp + i), acc[i]);
+            for (int j = 0; j < kBatch; j++)
+                if (s0 + j < splits) load_part<VPL>(base + (s0 + j) * stride + lane * VPL, v[j]);
+            if (s0 == 0) {
+                mx = warp_max(ms);
+                w = ms == -INFINITY ? 0.0f : __expf(ms - mx);
+                lsum = warp_sum(w * ls);
+            }
+#pragma unroll
+            for (int j = 0; j < kBatch; j++) {
+                if (s0 + j >= splits) break;
+                const float wsp = __shfl_sync(0xffffffffu, w, s0 + j);
+#pragma unroll
+                for (int i = 0; i < VPL; i++) acc[i] = fmaf(wsp, v[j][i], acc[i]);
+            }
         }
         float *dst = out + (size_t)t * nh * HD + (size_t)(kvh * G + g) * HD + lane * VPL;
         const float inv = 1.0f / lsum;
@@ -217,7 +244,7 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, const float *qkv,
 #pragma unroll
             for (int i = 0; i < VPL; i++) dst[i] = o[i] * inv;
         } else {
-            float *mine = part + ((pair * splits + split) * G + g) * (HD + 2);
+            float *mine = part + ((pair * splits + split) * G + g) * cu_part_stride(HD);
 #pragma unroll
             for (int i = 0; i < VPL; i++) mine[lane * VPL + i] = o[i];
             if (lane == 0) mine[HD] = m, mine[HD + 1] = l;
@@ -442,7 +469,7 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, const float *
         if (splits == 1) {
             out[(size_t)t * nh * HD + (size_t)(kvh * G + row) * HD + i] = acc / lsum;
         } else {
-            float *mine = part + ((pair * splits + split) * G + row) * (HD + 2);
+            float *mine = part + ((pair * splits + split) * G + row) * cu_part_stride(HD);
             mine[i] = acc;
             if (i == 0) mine[HD] = mx, mine[HD + 1] = lsum;
         }
@@ -587,7 +614,7 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const float *qkv, int nh, 
         const long long pairs = (long long)mt->n_seqs * nkv;
         long long splits = (2LL * sms + pairs - 1) / pairs;
         if (splits > 32) splits = 32;
-        while (splits > 1 && (size_t)(pairs * splits * G * (HD + 2)) > scr->part_floats) splits--;
+        while (splits > 1 && (size_t)(pairs * splits * G * cu_part_stride(HD)) > scr->part_floats) splits--;
         if (pairs > scr->n_counters) splits = 1;
         if (splits < 1) splits = 1;
         if (HD == kMmaHD && G <= 16 && mt->n_seqs >= 2) { /* the tensor cores (see the top of the file) */

@@ -520,7 +520,7 @@ void *cu_kv_alloc(Backend *be, const KVShape *s, QErr *err) {
     size_t bytes = kv->layer_stride * s->n_layers * sizeof(__nv_bfloat16);
     /* split-KV partials: fewer than 4 x SMs (sequence, kv head, split) units, up to 16 query heads
      * per kv head (more only lowers the split count); one counter per (sequence, kv head). */
-    kv->scr.part_floats = (size_t)4 * c->sms * 16 * (s->head_dim + 2);
+    kv->scr.part_floats = (size_t)4 * c->sms * 16 * cu_part_stride(s->head_dim);
     kv->scr.n_counters = 2 * c->sms;
     kv->k = static_cast<__nv_bfloat16 *>(dev_alloc(c, bytes));
     kv->v = static_cast<__nv_bfloat16 *>(dev_alloc(c, bytes));

@@ -172,10 +172,14 @@ cudaError_t cu_qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_no
                                   const float *cs, int M, int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc,
                                   __nv_bfloat16 *vc, const int32_t *slots);
 
+/* Floats per (unit, query head) record of split-KV partials: hd outputs, max, sum, and padding
+ * that keeps every record 16-byte aligned (the combine reads them as vectors). */
+static __host__ __device__ constexpr int cu_part_stride(int hd) { return hd + 4; }
+
 /* Device scratch of the split-KV decode attention: per (sequence, kv head, split) partial
  * results and one arrival counter per (sequence, kv head), zero between launches. */
 typedef struct CuAttnScratch {
-    float *part;         /* [units][G][hd + 2]: unnormalised output, running max, running sum */
+    float *part;         /* [units][G][cu_part_stride(hd)]: unnormalised output, running max, running sum */
     size_t part_floats;  /* capacity of part */
     int *counters;       /* [n_counters], all zero */
     int n_counters;
