@@ -236,6 +236,18 @@ int matmul_steps(Bench *b, const int *Ms, int n_M, bool q4, int reps) {
         }, reps, inner, false, NULL);
         printf("  matmul-step M=%-5d time=%9.3f ms  TFLOP/s=%7.1f  GB/s(weights)=%6.0f\n", M, t * 1e3,
                2.0 * macs * M / t / 1e12, weights / t / 1e9);
+        double each[4];
+        for (int w = 0; w < 4; w++)
+            each[w] = time_graph(b, 1000 + 4 * (uint64_t)i + w, [&] {
+                for (int l = 0; l < b->L; l++) {
+                    const Layer *ly = &b->layers[l];
+                    if (w == 0) op->matmul(b->be, qkv, x, M, ly->qkv);
+                    if (w == 1) op->matmul(b->be, out, attn, M, ly->o);
+                    if (w == 2) op->matmul(b->be, gate_up, x, M, ly->gate_up);
+                    if (w == 3) op->matmul(b->be, out, h, M, ly->down);
+                }
+            }, reps, inner, false, NULL) / b->L * 1e6;
+        printf("    per launch (us): qkv %.1f  o %.1f  gate_up %.1f  down %.1f\n", each[0], each[1], each[2], each[3]);
     }
     const char *e = cuda_backend_error(b->be);
     printf("  CUDA error: %s\n", e ? e : "none");

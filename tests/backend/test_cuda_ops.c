@@ -580,8 +580,10 @@ static void attn_step(AttnRig *r, HostMeta *h, SeqState *seqs, const int *ids, c
      * near 1e-4 */
     CHECK(worst_ref <= 2e-3 && all_ref <= 3e-4,
           "%s: attention vs bf16-KV reference: relative L2 %.3g, worst row %.3g", what, all_ref, worst_ref);
-    /* the README's bf16 agreement over the whole output; rows may be a little worse */
-    CHECK(all_cpu <= 2e-2 && worst_cpu <= 5e-2, "%s: attention vs CPU: relative L2 %.3g (worst row %.3g)", what,
+    /* the README's bf16 agreement over the whole output; single rows are worse (the bf16 rounding
+     * of K/V, which the check above accounts for, reaches 5.4e-2 on a row of small norm: 12
+     * sequences, H100, with data drawn in another test order) */
+    CHECK(all_cpu <= 2e-2 && worst_cpu <= 1e-1, "%s: attention vs CPU: relative L2 %.3g (worst row %.3g)", what,
           all_cpu, worst_cpu);
     printf("attention %-36s T=%-4d qkv %.1e, vs bf16 ref %.1e, vs cpu %.1e (row %.1e)\n", what, T, eq, worst_ref,
            all_cpu, worst_cpu);
@@ -867,11 +869,17 @@ static void test_sample(int V) {
 /* QUILL_TEST_ONLY=name,name runs only those sections (debugging on a GPU machine). */
 static bool section(const char *name) {
     const char *only = getenv("QUILL_TEST_ONLY");
-    if (!only || !*only) return true;
+    bool run = !only || !*only;
     size_t n = strlen(name);
-    for (const char *p = only; (p = strstr(p, name)); p += n)
-        if ((p == only || p[-1] == ',') && (p[n] == ',' || !p[n])) return true;
-    return false;
+    for (const char *p = only; !run && (p = strstr(p, name)); p += n)
+        if ((p == only || p[-1] == ',') && (p[n] == ',' || !p[n])) run = true;
+    /* each section draws its data from a generator seeded by its name, so the data (and so how
+     * close a check comes to its tolerance) does not depend on which sections ran before, or on
+     * how many values an earlier test drew */
+    uint64_t seed = 0x2545f4914f6cdd1dull;
+    for (const char *c = name; *c; c++) seed = (seed ^ (uint8_t)*c) * 0x100000001b3ull;
+    rng_state = seed;
+    return run;
 }
 
 int main(void) {
