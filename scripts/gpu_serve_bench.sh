@@ -8,8 +8,9 @@
 # Usage: scripts/gpu_serve_bench.sh [BUILD_DIR]
 # Environment: PRESET (qwen3-8b), DTYPES ("int4 bf16"), CONC ("1 8 64 256"), IN (512), OUT_LEN (256),
 #              KV (the --kv-cache-memory, 32G: 256 sequences of 768 tokens need 28.3 GB in bf16),
-#              BATCHED (--max-num-batched-tokens, 2048: the prefill chunk; vLLM's own default on an
-#              H100 is larger still).
+#              BATCHED (--max-num-batched-tokens, 8192: the prefill chunk, vLLM's and quill serve's
+#              default on a GPU of 70 GiB or more). Start CONC at 1: the first requests after the
+#              server starts pay for graph captures and cuBLAS set-up.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${1:-$root/build-gpu}
@@ -28,7 +29,7 @@ healthy() { # GET /health through bash's /dev/tcp (the GPU machine may lack curl
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for dtype in ${DTYPES:-int4 bf16}; do
     "$build/quill" serve --random-weights "$preset" --dtype "$dtype" --port $port --max-num-seqs 256 \
-        --max-num-batched-tokens "${BATCHED:-2048}" \
+        --max-num-batched-tokens "${BATCHED:-8192}" \
         --kv-cache-memory "${KV:-32G}" --disable-log-requests 2>"$out/serve_$dtype.log" &
     server=$!
     for _ in $(seq 300); do

@@ -45,21 +45,40 @@ extern bool cu_pdl_graphs;
 extern bool cu_pdl_now;
 
 /* Launches kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream
- * serialization allowed when cu_pdl (see above). Returns the launch's error code. */
+ * serialization allowed when cu_pdl (see above), in thread-block clusters of cluster_x blocks
+ * along x when that is more than 1 (sm_90). Returns the launch's error code. */
 template <typename... KArgs, typename... Args>
-static inline cudaError_t cu_launch(cudaStream_t st, dim3 grid, dim3 block, size_t smem, void (*kernel)(KArgs...),
-                                    Args... args) {
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
+static inline cudaError_t cu_launch_clusters(cudaStream_t st, dim3 grid, dim3 block, size_t smem, unsigned cluster_x,
+                                             void (*kernel)(KArgs...), Args... args) {
+    cudaLaunchAttribute attr[2];
+    unsigned n = 0;
+    if (cluster_x > 1) {
+        attr[n].id = cudaLaunchAttributeClusterDimension;
+        attr[n].val.clusterDim.x = cluster_x;
+        attr[n].val.clusterDim.y = 1;
+        attr[n].val.clusterDim.z = 1;
+        n++;
+    }
+    if (cu_pdl_now) {
+        attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[n].val.programmaticStreamSerializationAllowed = 1;
+        n++;
+    }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = st;
     cfg.attrs = attr;
-    cfg.numAttrs = cu_pdl_now ? 1 : 0;
+    cfg.numAttrs = n;
     return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+/* cu_launch_clusters without clusters. */
+template <typename... KArgs, typename... Args>
+static inline cudaError_t cu_launch(cudaStream_t st, dim3 grid, dim3 block, size_t smem, void (*kernel)(KArgs...),
+                                    Args... args) {
+    return cu_launch_clusters(st, grid, block, smem, 1, kernel, args...);
 }
 
 /* ---- asynchronous copies and tensor-core products (sm_80+), shared by the kernels ---- */

@@ -692,27 +692,6 @@ int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, b
     return best;
 }
 
-/* Launches kernel on grid (x: the split of k) as cu_launch does, in clusters of grid.x blocks
- * when that is more than one. */
-cudaError_t launch_split(cudaStream_t st, void (*kernel)(GemmArgs), dim3 grid, size_t smem, const GemmArgs &a) {
-    if (grid.x == 1) return cu_launch(st, grid, dim3(kThreads), smem, kernel, a);
-    cudaLaunchAttribute attr[2];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = grid.x;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[1].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
-    cfg.attrs = attr;
-    cfg.numAttrs = cu_pdl_now ? 2 : 1;
-    return cudaLaunchKernelEx(&cfg, kernel, a);
-}
-
 /* A kernel's launch facts, found on its first launch: its shared memory limit raised, and its
  * co-resident blocks per cluster size (split_slots). */
 struct KernelSlots {
@@ -737,7 +716,9 @@ cudaError_t launch_tiles(cudaStream_t st, void (*kernel)(GemmArgs), size_t smem,
     const int feature_tiles = (a.n + features - 1) / features, token_tiles = (a.M + BT - 1) / BT;
     const int k_tiles = (a.k + kk - 1) / kk;
     const int split = choose_split((long long)feature_tiles * token_tiles, k_tiles, ks.slots, sms, BT >= 64);
-    return launch_split(st, kernel, dim3((unsigned)split, (unsigned)token_tiles, (unsigned)feature_tiles), smem, a);
+    /* grid x is the split of k: its blocks form a cluster (cluster_barrier, cluster_load) */
+    return cu_launch_clusters(st, dim3((unsigned)split, (unsigned)token_tiles, (unsigned)feature_tiles), dim3(kThreads),
+                              smem, (unsigned)split, kernel, a);
 }
 
 template <int BT, int GS>
