@@ -128,6 +128,10 @@ typedef struct BackendOps {
      * undefined. NULL op: the backend's ops cannot fail. */
     const char *(*error)(Backend *be);
 
+    /* Device bytes that can still be allocated now, and (in *total) the device's memory; for
+     * sizing the KV pool by a fraction of the device (NULL op: the host's memory, not managed). */
+    size_t (*mem_free)(Backend *be, size_t *total);
+
     /* Replay of captured op sequences (CUDA graphs). graph_replay(be, key) launches the sequence
      * captured earlier under key and returns true, or returns false when there is none; the
      * caller then issues the ops between graph_begin(be, key) and graph_end(be, key), which

@@ -32,7 +32,10 @@ static void usage(FILE *f) {
             "  --max-num-batched-tokens N   tokens per engine step, the prefill chunk (default, as vLLM's:\n"
             "                               8192 on a GPU of 70 GiB or more, 2048 on a smaller one; 512\n"
             "                               on the CPU)\n"
-            "  --kv-cache-memory BYTES      KV-cache pool size, e.g. 8G (default 1G)\n"
+            "  --kv-cache-memory BYTES      KV-cache pool size, e.g. 8G (default: on a GPU, what\n"
+            "                               --gpu-memory-utilization leaves; on the CPU 1G)\n"
+            "  --gpu-memory-utilization F   fraction of the GPU's memory the server may use: the KV cache\n"
+            "                               takes what the weights and scratch leave (default 0.9)\n"
             "  --no-enable-prefix-caching   do not reuse the KV blocks of shared prompt prefixes\n"
             "  --device cpu|cuda            where to run (default: cuda if available)\n"
             "  -t, --threads N              CPU threads (default: all cores)\n"
@@ -94,6 +97,10 @@ int cmd_serve(int argc, char **argv) {
             if (parse_int(a, v, 0, 4096, &ra.threads, &err)) goto bad;
         } else if (!strcmp(a, "--kv-cache-memory")) {
             if (parse_bytes(a, v, &ra.kv_bytes, &err)) goto bad;
+        } else if (!strcmp(a, "--gpu-memory-utilization")) {
+            float f;
+            if (parse_float(a, v, 0.01, 1.0, &f, &err)) goto bad;
+            ra.gpu_mem_util = f;
         } else if (!strcmp(a, "--no-enable-prefix-caching")) {
             ra.no_prefix_caching = true;
             takes_value = false;
@@ -138,6 +145,9 @@ int cmd_serve(int argc, char **argv) {
     }
 
     if (!ra.max_step_tokens) ra.max_step_tokens = default_step_tokens(ra.device);
+    /* an explicit --kv-cache-memory wins, as in vLLM */
+    if (ra.kv_bytes) ra.gpu_mem_util = 0;
+    else if (ra.gpu_mem_util == 0) ra.gpu_mem_util = 0.9;
 
     /* Block the stop signals before any thread exists, so every thread inherits the mask. */
     sigset_t stop;
@@ -160,10 +170,12 @@ int cmd_serve(int argc, char **argv) {
         return 1;
     }
     fprintf(stderr,
-            "quill serve: model %s (max_model_len %d, max_num_seqs %d, %d KV blocks of %d tokens)\n"
+            "quill serve: model %s (max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d, %d KV blocks "
+            "of %d tokens)\n"
             "quill serve: listening on http://%s%s%s:%d\n",
-            so.model_name, rt.eopt.max_model_len, rt.eopt.max_seqs, engine_stats(rt.engine).kv_blocks_total,
-            rt.eopt.block_size, strchr(so.host, ':') ? "[" : "", so.host, strchr(so.host, ':') ? "]" : "",
+            so.model_name, rt.eopt.max_model_len, rt.eopt.max_seqs, rt.eopt.max_step_tokens,
+            engine_stats(rt.engine).kv_blocks_total, rt.eopt.block_size, strchr(so.host, ':') ? "[" : "", so.host,
+            strchr(so.host, ':') ? "]" : "",
             server_port(s));
     fflush(stderr);
     int sig = 0;

@@ -82,6 +82,7 @@ ModelOptions engine_model_options(const EngineOptions *o, const QwenConfig *cfg)
         .max_seqs = o->max_seqs,
         .max_ctx = o->max_model_len,
         .kv_blocks = kv_blocks_for(o, cfg),
+        .kv_mem_fraction = o->kv_mem_fraction,
         .block_size = o->block_size,
     };
 }

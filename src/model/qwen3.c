@@ -191,6 +191,24 @@ Model *model_load(const char *dir, Backend *be, const ModelOptions *opt, QErr *e
     if (!st) return NULL;
     return model_create(&cfg, &gen, st, be, opt, dir, err);
 }
+/* KV blocks when the pool is sized by a fraction of the device (ModelOptions.kv_mem_fraction):
+ * the memory free now, less the part of the device to leave unused and a reserve for scratch
+ * that backends grow on first use (bf16 copies of activations and, for long steps, of one
+ * dequantized weight matrix: a generous estimate), in whole blocks, at most cap. */
+static long kv_blocks_by_memory(const Model *m, long cap) {
+    Backend *be = m->be;
+    const QwenConfig *c = &m->cfg;
+    size_t total = 0, avail = be->ops->mem_free(be, &total);
+    size_t keep = (size_t)((1.0 - m->opt.kv_mem_fraction) * (double)total);
+    size_t reserve = (size_t)m->opt.max_step_tokens * ((size_t)c->intermediate_size * 2 + (size_t)c->hidden_size * 4) +
+                     (size_t)c->intermediate_size * c->hidden_size * 2 + ((size_t)256 << 20);
+    size_t per_block = (size_t)c->num_hidden_layers * 2 * c->num_key_value_heads * c->head_dim *
+                       be->ops->kv_value_bytes * m->opt.block_size;
+    if (avail <= keep + reserve || per_block == 0) return 0;
+    long fit = (long)((avail - keep - reserve) / per_block);
+    return fit < cap ? fit : cap;
+}
+
 
 Model *model_create(const QwenConfig *cfg, const GenConfig *gen, StModel *st, Backend *be, const ModelOptions *opt,
                     const char *dir, QErr *err) {
@@ -260,9 +278,20 @@ Model *model_create(const QwenConfig *cfg, const GenConfig *gen, StModel *st, Ba
 
     if (alloc_scratch(m, err)) goto fail;
     int blocks_per_seq = (m->opt.max_ctx + m->opt.block_size - 1) / m->opt.block_size;
+    long n_blocks = m->opt.kv_blocks > 0 ? m->opt.kv_blocks : (long)blocks_per_seq * m->opt.max_seqs;
+    if (m->opt.kv_mem_fraction > 0 && be->ops->mem_free) {
+        n_blocks = kv_blocks_by_memory(m, (long)blocks_per_seq * m->opt.max_seqs);
+        if (n_blocks < blocks_per_seq) {
+            qerr_set(err,
+                     "%s memory: the KV cache of one %d-token request does not fit in %.0f%% of the device after "
+                     "the weights (lower --max-model-len or raise --gpu-memory-utilization)",
+                     be->ops->name, m->opt.max_ctx, 100 * m->opt.kv_mem_fraction);
+            goto fail;
+        }
+    }
     m->kv_shape = (KVShape){
         .n_layers = c->num_hidden_layers,
-        .n_blocks = m->opt.kv_blocks > 0 ? m->opt.kv_blocks : blocks_per_seq * m->opt.max_seqs,
+        .n_blocks = (int)n_blocks,
         .block_size = m->opt.block_size,
         .n_kv_heads = c->num_key_value_heads,
         .head_dim = c->head_dim,

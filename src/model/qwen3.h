@@ -31,6 +31,10 @@ typedef struct ModelOptions {
     int max_seqs;         /* largest number of sequences in one step */
     int max_ctx;          /* longest context (<= max_position_embeddings) */
     int kv_blocks;        /* KV pool size in blocks; 0: enough for max_seqs x max_ctx */
+    double kv_mem_fraction; /* > 0, on a backend with mem_free: instead of kv_blocks, the pool takes
+                               the device memory left after the weights and scratch up to this
+                               fraction of the device (vLLM's --gpu-memory-utilization), at most
+                               max_seqs x max_ctx */
     int block_size;       /* tokens per KV block (16) */
 } ModelOptions;
 

@@ -442,6 +442,22 @@ def test_random_weights_bad_arguments(quill_bin, tiny_model):
     assert p.returncode == 1 and "no-such-preset" in p.stderr
 
 
+def test_step_budget_and_memory_flags(quill_bin, tiny_model):
+    """The CPU keeps 512-token steps (a GPU of 70 GiB or more gets vLLM's 8192, a smaller one 2048)
+    and an explicit budget wins; --gpu-memory-utilization, which sizes the KV cache on a GPU, is
+    accepted on the CPU and refused outside (0, 1], naming the flag."""
+    for bad in ("0", "1.5", "most"):
+        p = subprocess.run([str(quill_bin), "serve", str(tiny_model), "--gpu-memory-utilization", bad, "--port", "0"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and "--gpu-memory-utilization" in p.stderr, p.stderr
+    for args, budget in (((), 512), (("--max-num-batched-tokens", 64, "--gpu-memory-utilization", 0.5), 64)):
+        s = Server(quill_bin, tiny_model, "--device", "cpu", *args)
+        try:
+            assert any(f"max_num_batched_tokens {budget}," in line for line in s.lines), s.lines
+        finally:
+            assert s.stop() == 0
+
+
 def test_prefix_cache_shared_system_prompt(rand):
     """A long shared system prompt is prefilled once: later requests take its KV blocks from the
     cache (hit counters in /metrics), and the cached path gives the same greedy tokens."""

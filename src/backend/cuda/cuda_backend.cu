@@ -241,6 +241,17 @@ void cu_sync(Backend *be) {
     note(c, cudaStreamSynchronize(c->st), "sync");
 }
 
+size_t cu_mem_free(Backend *be, size_t *total) {
+    use_device(cb(be));
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+        cudaGetLastError();
+        free_b = total_b = 0;
+    }
+    if (total) *total = total_b;
+    return free_b;
+}
+
 size_t cu_mem_used(Backend *be, size_t *peak) {
     CudaBackend *c = cb(be);
     if (peak) *peak = c->peak;
@@ -911,6 +922,7 @@ const BackendOps CUDA_OPS = {
     .attention = cu_attention_op,
     .probe_bandwidth = cu_probe_bandwidth,
     .error = cuda_backend_error,
+    .mem_free = cu_mem_free,
     .graph_replay = cu_graph_replay,
     .graph_begin = cu_graph_begin,
     .graph_end = cu_graph_end,
