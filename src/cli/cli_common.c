@@ -50,6 +50,7 @@ int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr 
     if (a->max_step_tokens > 0) eo.max_step_tokens = a->max_step_tokens;
     eo.kv_bytes = a->kv_bytes;
     eo.kv_mem_fraction = a->gpu_mem_util;
+    eo.every_logit = a->every_logit;
     eo.prefix_caching = !a->no_prefix_caching;
     if (a->max_model_len > 0) {
         if (a->max_model_len > cfg.max_position_embeddings)

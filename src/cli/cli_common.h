@@ -30,6 +30,7 @@ typedef struct RuntimeArgs {
     size_t kv_bytes;           /* KV-cache pool budget (0: the engine's default, 1 GiB) */
     double gpu_mem_util;       /* > 0: on a GPU, the KV pool fills the device up to this fraction */
     bool no_prefix_caching;    /* turn automatic prefix caching off */
+    bool every_logit;          /* EngineOptions.every_logit */
     const char *random_preset; /* build this preset's random weights in memory instead of a dir */
     bool random_bf16;          /* ... left in bf16 (default: quantized to int4) */
 } RuntimeArgs;

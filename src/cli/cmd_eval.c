@@ -149,6 +149,7 @@ int cmd_eval(int argc, char **argv) {
     }
     ra.max_seqs = batch;
     ra.max_step_tokens = batch * ctx;
+    ra.every_logit = true; /* every position of every window is scored */
     ra.max_model_len = ctx;
     Runtime rt[MAX_MODELS];
     memset(rt, 0, sizeof rt);

@@ -76,10 +76,23 @@ static int kv_blocks_for(const EngineOptions *o, const QwenConfig *cfg) {
     return (int)blocks;
 }
 
+/* Prompt tokens of prompt-logprobs requests per step (Scheduler.max_prompt_logit_tokens): each
+ * returns a row of logits (600 KB for Qwen3's vocabulary), so long steps would otherwise need
+ * logits buffers of max_step_tokens rows (5 GB at vLLM's 8192-token GPU steps). */
+static int prompt_logit_tokens(const EngineOptions *o) { return o->max_step_tokens < 1024 ? o->max_step_tokens : 1024; }
+
+/* Rows of logits a step can return: one per sequence, plus the prompt-logprobs tokens. */
+static int logit_rows(const EngineOptions *o) {
+    if (o->every_logit) return o->max_step_tokens;
+    long rows = (long)o->max_seqs + prompt_logit_tokens(o);
+    return rows < o->max_step_tokens ? (int)rows : o->max_step_tokens;
+}
+
 ModelOptions engine_model_options(const EngineOptions *o, const QwenConfig *cfg) {
     return (ModelOptions){
         .max_step_tokens = o->max_step_tokens,
         .max_seqs = o->max_seqs,
+        .max_logit_rows = logit_rows(o),
         .max_ctx = o->max_model_len,
         .kv_blocks = kv_blocks_for(o, cfg),
         .kv_mem_fraction = o->kv_mem_fraction,
@@ -94,7 +107,9 @@ Engine *engine_create(Model *m, const EngineOptions *o, QErr *err) {
     pthread_cond_init(&e->cv, NULL);
     e->model = m;
     e->opt = *o;
-    if (o->max_seqs > m->opt.max_seqs || o->max_step_tokens > m->opt.max_step_tokens || o->max_model_len > m->opt.max_ctx) {
+    const int model_rows = m->opt.max_logit_rows > 0 ? m->opt.max_logit_rows : m->opt.max_step_tokens;
+    if (o->max_seqs > m->opt.max_seqs || o->max_step_tokens > m->opt.max_step_tokens || o->max_model_len > m->opt.max_ctx ||
+        logit_rows(o) > model_rows) {
         qerr_set(err, "engine options exceed what the model was loaded for");
         engine_free(e);
         return NULL;
@@ -103,6 +118,7 @@ Engine *engine_create(Model *m, const EngineOptions *o, QErr *err) {
     if (sched_init(&e->sched, o->max_step_tokens, o->max_seqs, m->kv_shape.n_blocks, m->kv_shape.block_size,
                    o->prefix_caching))
         goto oom;
+    e->sched.max_prompt_logit_tokens = prompt_logit_tokens(o);
     e->out.items = calloc((size_t)o->max_seqs, sizeof *e->out.items);
     e->seqs = calloc((size_t)o->max_seqs, sizeof *e->seqs);
     e->step_tokens = malloc((size_t)o->max_step_tokens * sizeof *e->step_tokens);
@@ -111,7 +127,7 @@ Engine *engine_create(Model *m, const EngineOptions *o, QErr *err) {
     e->lp_buf = malloc((size_t)o->max_step_tokens * sizeof *e->lp_buf);
     e->lp_ids = malloc((size_t)o->max_step_tokens * ENGINE_MAX_LOGPROBS * sizeof *e->lp_ids);
     e->lp_top = malloc((size_t)o->max_step_tokens * ENGINE_MAX_LOGPROBS * sizeof *e->lp_top);
-    e->logits = malloc((size_t)o->max_step_tokens * V * sizeof *e->logits);
+    e->logits = malloc((size_t)logit_rows(o) * V * sizeof *e->logits);
     e->dev_params = malloc((size_t)o->max_seqs * sizeof *e->dev_params);
     e->dev_uniform = malloc((size_t)o->max_seqs * sizeof *e->dev_uniform);
     e->dev_ids = malloc((size_t)o->max_seqs * sizeof *e->dev_ids);

@@ -8,6 +8,7 @@
 int sched_init(Scheduler *s, int max_step_tokens, int max_seqs, int n_blocks, int block_size, bool prefix_caching) {
     memset(s, 0, sizeof *s);
     s->max_step_tokens = max_step_tokens;
+    s->max_prompt_logit_tokens = max_step_tokens;
     s->max_seqs = max_seqs;
     s->block_size = block_size;
     s->prefix_caching = prefix_caching;
@@ -117,17 +118,23 @@ static void preempt(Scheduler *s, Request *r) {
     push(&s->waiting, &s->n_waiting, &s->cap_waiting, r, true); /* cannot fail: it just left running */
 }
 
+/* Whether every token r computes now returns logits (prompt logprobs, while in its prompt). */
+static bool wants_prompt_logits(const Request *r) {
+    return r->params.prompt_logprobs >= 0 && r->n_computed < r->n_prompt;
+}
+
 void sched_schedule(Scheduler *s, SchedOutput *out) {
     out->n_items = 0;
     out->n_tokens = 0;
     out->n_preempted = 0;
-    int budget = s->max_step_tokens;
+    int budget = s->max_step_tokens, logit_budget = s->max_prompt_logit_tokens;
 
     for (int i = 0; i < s->n_running && budget > 0;) {
         Request *r = s->running[i];
         int total = r->n_prompt + r->n_output;
         int n = total - r->n_computed;
         if (n > budget) n = budget;
+        if (wants_prompt_logits(r) && n > logit_budget) n = logit_budget;
         if (n <= 0) {
             i++;
             continue;
@@ -139,6 +146,7 @@ void sched_schedule(Scheduler *s, SchedOutput *out) {
                 if (out->items[k].req == victim) {
                     out->n_tokens -= out->items[k].n_tokens;
                     budget += out->items[k].n_tokens;
+                    if (wants_prompt_logits(victim)) logit_budget += out->items[k].n_tokens;
                     out->items[k] = out->items[--out->n_items];
                     break;
                 }
@@ -149,6 +157,7 @@ void sched_schedule(Scheduler *s, SchedOutput *out) {
         out->items[out->n_items++] = (SchedItem){r, n};
         out->n_tokens += n;
         budget -= n;
+        if (wants_prompt_logits(r)) logit_budget -= n;
         i++;
     }
 
@@ -159,6 +168,8 @@ void sched_schedule(Scheduler *s, SchedOutput *out) {
         if (fresh) take_cached_prefix(s, r);
         int n = total - r->n_computed;
         if (n > budget) n = budget;
+        if (wants_prompt_logits(r) && n > logit_budget) n = logit_budget;
+        if (n <= 0) break; /* FIFO: it waits for a step with logit rows to spare */
         if (!reserve(s, r, r->n_computed + n)) { /* wait for blocks: admission control */
             free_blocks(s, r);
             r->n_computed = 0;
@@ -174,5 +185,6 @@ void sched_schedule(Scheduler *s, SchedOutput *out) {
         out->items[out->n_items++] = (SchedItem){r, n};
         out->n_tokens += n;
         budget -= n;
+        if (wants_prompt_logits(r)) logit_budget -= n;
     }
 }

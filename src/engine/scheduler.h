@@ -8,7 +8,9 @@
  * Prefix caching: a request admitted from scratch first takes the cached blocks that hold its
  * leading full blocks of tokens (at least its last token is always computed, to get logits), and
  * every block a request fills is registered for later requests (sched_cache_blocks). Requests
- * that want prompt logprobs compute their whole prompt. */
+ * that want prompt logprobs compute their whole prompt, in chunks of at most
+ * max_prompt_logit_tokens per step over all such requests (each of those tokens returns a row
+ * of logits; every other request at most one), which bounds the logits a step returns. */
 #ifndef QUILL_SCHEDULER_H
 #define QUILL_SCHEDULER_H
 
@@ -19,6 +21,7 @@
 
 typedef struct Scheduler {
     int max_step_tokens;
+    int max_prompt_logit_tokens; /* see above; sched_init sets max_step_tokens (no bound) */
     int max_seqs;
     int block_size;
     BlockPool pool;

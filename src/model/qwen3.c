@@ -168,7 +168,7 @@ static int alloc_scratch(Model *m, QErr *err) {
         {&m->gate_up, T * 2 * c->intermediate_size},
         {&m->h, T * c->intermediate_size},
         {&m->cs, T * c->head_dim},
-        {&m->logits, T * c->vocab_size},
+        {&m->logits, (m->opt.max_logit_rows > 0 ? (size_t)m->opt.max_logit_rows : T) * c->vocab_size},
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         *bufs[i].p = be->ops->alloc(be, bufs[i].n * sizeof(float));

@@ -29,6 +29,7 @@ typedef struct LayerWeights {
 typedef struct ModelOptions {
     int max_step_tokens;  /* largest number of tokens in one step (prompt chunk size) */
     int max_seqs;         /* largest number of sequences in one step */
+    int max_logit_rows;   /* most rows of logits one step returns (0: max_step_tokens) */
     int max_ctx;          /* longest context (<= max_position_embeddings) */
     int kv_blocks;        /* KV pool size in blocks; 0: enough for max_seqs x max_ctx */
     double kv_mem_fraction; /* > 0, on a backend with mem_free: instead of kv_blocks, the pool takes
@@ -93,7 +94,8 @@ typedef struct Step {
 /* Runs the step: writes its K/V to the cache and returns the device pointer to logits
  * [*n_rows][vocab] (rows in sequence order: every token of all_logits sequences, the last token
  * of the others, none for no_logits ones). The caller guarantees the step fits the options
- * (tokens <= max_step_tokens, seqs <= max_seqs, block tables valid). */
+ * (tokens <= max_step_tokens, seqs <= max_seqs, logit rows <= max_logit_rows, block tables
+ * valid). */
 float *model_forward(Model *m, const Step *step, int *n_rows);
 
 #endif

@@ -87,6 +87,35 @@ int main(void) {
     CHECK(s.pool.n_free == 7, "all blocks free");
     sched_destroy(&s);
 
+    /* Prompt logprobs: at most max_prompt_logit_tokens such prompt tokens per step, over all such
+     * requests (each returns a row of logits); other requests are not held back. */
+    CHECK(sched_init(&s, 512, 4, 64, 16, false) == 0, "init");
+    s.max_prompt_logit_tokens = 64;
+    Request *lp1 = req(30, 100, 4, 16), *lp2 = req(31, 50, 4, 16), *plain = req(32, 100, 4, 16);
+    lp1->params.prompt_logprobs = lp2->params.prompt_logprobs = 0;
+    sched_add(&s, lp1);
+    sched_add(&s, lp2);
+    sched_add(&s, plain);
+    sched_schedule(&s, &o);
+    CHECK(o.n_items == 1 && o.items[0].req == lp1 && o.items[0].n_tokens == 64,
+          "first step: 64 of lp1's prompt tokens, then the FIFO waits (%d items, %d tokens)", o.n_items,
+          o.n_items ? o.items[0].n_tokens : -1);
+    apply(&o);
+    sched_schedule(&s, &o);
+    CHECK(o.n_items == 3 && o.items[0].n_tokens == 36 && o.items[1].req == lp2 && o.items[1].n_tokens == 28 &&
+              o.items[2].req == plain && o.items[2].n_tokens == 100,
+          "second step: lp1's last 36, lp2's first 28, and all of plain's 100 (%d items)", o.n_items);
+    apply(&o);
+    sched_schedule(&s, &o);
+    CHECK(o.n_items == 3 && o.items[0].n_tokens == 1 && o.items[1].req == lp2 && o.items[1].n_tokens == 22,
+          "third step: lp1 decodes, lp2 finishes its prompt (%d tokens)", o.n_items > 1 ? o.items[1].n_tokens : -1);
+    Request *lps[3] = {lp1, lp2, plain};
+    for (int i = 0; i < 3; i++) {
+        sched_remove(&s, lps[i]);
+        free_req(lps[i]);
+    }
+    sched_destroy(&s);
+
     /* The sequence limit. */
     CHECK(sched_init(&s, 512, 2, 64, 16, false) == 0, "init");
     Request *q[3];
