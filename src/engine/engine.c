@@ -108,8 +108,8 @@ Engine *engine_create(Model *m, const EngineOptions *o, QErr *err) {
     e->model = m;
     e->opt = *o;
     const int model_rows = m->opt.max_logit_rows > 0 ? m->opt.max_logit_rows : m->opt.max_step_tokens;
-    if (o->max_seqs > m->opt.max_seqs || o->max_step_tokens > m->opt.max_step_tokens || o->max_model_len > m->opt.max_ctx ||
-        logit_rows(o) > model_rows) {
+    if (o->max_seqs > m->opt.max_seqs || o->max_step_tokens > m->opt.max_step_tokens ||
+        o->max_model_len > m->opt.max_ctx || logit_rows(o) > model_rows) {
         qerr_set(err, "engine options exceed what the model was loaded for");
         engine_free(e);
         return NULL;
