@@ -1,0 +1,92 @@
+/* test_kv_memory.c — the KV pool sized by a fraction of the device (ModelOptions.kv_mem_fraction,
+ * serve's --gpu-memory-utilization): it never takes more than the fraction leaves after what is
+ * already in use, grows with the free memory, stops at max_seqs full-length requests, refuses
+ * clearly when not one request fits, and is not used where the backend cannot report device
+ * memory. Runs tiny-qwen3's random weights on the CPU backend with its op table copied and a
+ * mem_free op injected that reports a device of the test's choosing. */
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../test_util.h"
+#include "backend/backend.h"
+#include "engine/engine.h"
+#include "model/random_weights.h"
+
+static size_t fake_free, fake_total;
+static size_t fake_mem_free(Backend *be, size_t *total) {
+    (void)be;
+    *total = fake_total;
+    return fake_free;
+}
+
+/* Blocks of the pool that model_create gives tiny-qwen3 with these options, or -1 (err set). */
+static long pool_blocks(Backend *be, double fraction, int max_seqs, QErr *err) {
+    QwenConfig cfg;
+    GenConfig gen;
+    StModel *st = random_weights_build("tiny-qwen3", false, &cfg, &gen, err);
+    if (!st) return -1;
+    EngineOptions eo = engine_default_options(&cfg);
+    eo.max_seqs = max_seqs;
+    eo.max_model_len = 256;
+    eo.kv_mem_fraction = fraction;
+    eo.kv_value_bytes = be->ops->kv_value_bytes;
+    ModelOptions mo = engine_model_options(&eo, &cfg);
+    Model *m = model_create(&cfg, &gen, st, be, &mo, "tiny-qwen3", err);
+    if (!m) return -1;
+    long n = m->kv_shape.n_blocks;
+    model_free(m);
+    return n;
+}
+
+int main(void) {
+    QErr err;
+    Backend *be = cpu_backend_create(1, &err);
+    CHECK(be != NULL, "cpu_backend_create: %s", err.msg);
+    if (!be) return test_finish();
+    QwenConfig cfg;
+    GenConfig gen;
+    StModel *probe = random_weights_build("tiny-qwen3", false, &cfg, &gen, &err);
+    CHECK(probe != NULL, "random_weights_build: %s", err.msg);
+    if (!probe) return test_finish();
+    st_close(probe);
+    const size_t block = (size_t)cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim *
+                         be->ops->kv_value_bytes * 16;
+    const long per_seq = 256 / 16;
+
+    /* Without the op (the CPU as it is): the engine's byte budget (1 GiB) decides, capped at
+     * max_seqs full-length requests. */
+    long plain = pool_blocks(be, 0.9, 4, &err);
+    CHECK(plain == 4 * per_seq, "no mem_free: %ld blocks, want %ld", plain, 4 * per_seq);
+
+    static BackendOps with_mem;
+    with_mem = *be->ops;
+    with_mem.mem_free = fake_mem_free;
+    be->ops = &with_mem;
+
+    /* A 1 GiB device with 700 MB free, 90%: at most 0.9 GiB - 324 MB in use for the pool. */
+    fake_total = (size_t)1 << 30;
+    fake_free = (size_t)700 << 20;
+    long n1 = pool_blocks(be, 0.9, 4096, &err);
+    size_t cap = (size_t)(0.9 * (double)fake_total) - (fake_total - fake_free);
+    CHECK(n1 > 0 && (size_t)n1 * block <= cap, "%ld blocks of %zu bytes within the %zu the fraction leaves (%s)", n1,
+          block, cap, n1 < 0 ? err.msg : "");
+    CHECK(n1 >= per_seq, "at least one full-length request fits: %ld blocks", n1);
+    /* more free memory, more blocks */
+    fake_free = (size_t)900 << 20;
+    long n2 = pool_blocks(be, 0.9, 4096, &err);
+    CHECK(n2 > n1, "900 MB free: %ld blocks, more than %ld", n2, n1);
+    /* plenty of memory: max_seqs full-length requests, no more */
+    fake_total = fake_free = (size_t)64 << 30;
+    long n3 = pool_blocks(be, 0.9, 4, &err);
+    CHECK(n3 == 4 * per_seq, "64 GiB free: capped at %ld blocks, got %ld", 4 * per_seq, n3);
+    /* not even one request: a clear refusal */
+    fake_total = (size_t)1 << 30;
+    fake_free = (size_t)120 << 20;
+    long n4 = pool_blocks(be, 0.9, 4, &err);
+    CHECK(n4 < 0 && strstr(err.msg, "--gpu-memory-utilization") && strstr(err.msg, "256-token"),
+          "120 MB free of 1 GiB refused: %ld, '%s'", n4, n4 < 0 ? err.msg : "");
+
+    be->ops->destroy(be);
+    return test_finish();
+}
