@@ -191,6 +191,7 @@ Model *model_load(const char *dir, Backend *be, const ModelOptions *opt, QErr *e
     if (!st) return NULL;
     return model_create(&cfg, &gen, st, be, opt, dir, err);
 }
+
 /* KV blocks when the pool is sized by a fraction of the device (ModelOptions.kv_mem_fraction):
  * the memory free now, less the part of the device to leave unused and a reserve for scratch
  * that backends grow on first use (bf16 copies of activations and, for long steps, of one
@@ -208,7 +209,6 @@ static long kv_blocks_by_memory(const Model *m, long cap) {
     long fit = (long)((avail - keep - reserve) / per_block);
     return fit < cap ? fit : cap;
 }
-
 
 Model *model_create(const QwenConfig *cfg, const GenConfig *gen, StModel *st, Backend *be, const ModelOptions *opt,
                     const char *dir, QErr *err) {
