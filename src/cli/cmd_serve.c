@@ -10,9 +10,6 @@
 
 #include "cli/cli_common.h"
 #include "cli/commands.h"
-#ifdef QUILL_HAVE_CUDA
-#include "backend/cuda/cuda_backend.h"
-#endif
 #include "io/config.h"
 #include "server/server.h"
 
@@ -45,23 +42,9 @@ static void usage(FILE *f) {
             "GET /health, GET /metrics. SIGINT or SIGTERM stops the server.\n");
 }
 
-/* The step budget when --max-num-batched-tokens is not given: vLLM serve's default on GPUs (a
- * large GPU gets large prefill chunks: H100, qwen3-8b int4, 512 in / 256 out at concurrency
- * 256, 8192 tokens per step 6234 output tok/s, 2048 4905 in an earlier run; bench/RESULTS.md);
- * on the CPU a step of 512 tokens is already long. */
-static int default_step_tokens(const char *device) {
-#ifdef QUILL_HAVE_CUDA
-    if (device ? !strcmp(device, "cuda") : cuda_backend_available())
-        return cuda_device_memory(0) >= (size_t)70 << 30 ? 8192 : 2048;
-#else
-    (void)device;
-#endif
-    return 512;
-}
-
 int cmd_serve(int argc, char **argv) {
     const char *dir = NULL;
-    RuntimeArgs ra = {.max_seqs = 256, .need_tokenizer = true};
+    RuntimeArgs ra = {.max_seqs = 256, .need_tokenizer = true, .serve_steps = true};
     ServerOptions so = {.host = "127.0.0.1", .port = 8000, .log = stderr};
     QErr err;
     for (int i = 1; i < argc; i++) {
@@ -144,7 +127,6 @@ int cmd_serve(int argc, char **argv) {
         ra.max_model_len = cfg.max_position_embeddings;
     }
 
-    if (!ra.max_step_tokens) ra.max_step_tokens = default_step_tokens(ra.device);
     /* an explicit --kv-cache-memory wins, as in vLLM */
     if (ra.kv_bytes) ra.gpu_mem_util = 0;
     else if (ra.gpu_mem_util == 0) ra.gpu_mem_util = 0.9;

@@ -931,15 +931,6 @@ const BackendOps CUDA_OPS = {
 
 } // namespace
 
-extern "C" size_t cuda_device_memory(int device) {
-    cudaDeviceProp prop;
-    if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
-        cudaGetLastError();
-        return 0;
-    }
-    return prop.totalGlobalMem;
-}
-
 extern "C" bool cuda_backend_available(void) {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {

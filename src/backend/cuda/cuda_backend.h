@@ -21,9 +21,6 @@ extern "C" {
  * error state). Cheap enough to call once at start-up; never fails loudly. */
 bool cuda_backend_available(void);
 
-/* Total memory of CUDA device `device` in bytes, or 0 when it cannot be read. */
-size_t cuda_device_memory(int device);
-
 /* The CUDA backend on `device` (0-based). Returns NULL with err set when the device does not
  * exist, cannot be initialised, or cuBLAS / the stream / the pinned staging buffers cannot be
  * created. The backend's ops must be called from one thread at a time (the engine thread); the
