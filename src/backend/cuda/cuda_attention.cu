@@ -124,7 +124,7 @@ CU_DEV void combine_splits(float *out, const float *part, int *counters, size_t 
 #pragma unroll
             for (int j = 0; j < kBatch; j++)
                 if (s0 + j < splits) load_part<VPL>(base + (s0 + j) * stride + lane * VPL, v[j]);
-            if (s0 == 0) {
+            if (s0 == 0) { /* after the first loads are issued, so their latency covers this */
                 mx = warp_max(ms);
                 w = ms == -INFINITY ? 0.0f : __expf(ms - mx);
                 lsum = warp_sum(w * ls);
