@@ -100,8 +100,10 @@ typedef struct BackendOps {
                         const Linear *w);
     /* dst[r] = src[rows[r]] for r < n, rows of width floats (rows: device ints, ascending) */
     void (*gather_rows)(Backend *be, float *dst, const float *src, const int32_t *rows, int n, int width);
-    /* h[m][i] = silu(g[m][i]) * u[m][i]; gate_up is [M][2*I] (gate first), h is [M][I] */
-    void (*swiglu)(Backend *be, float *h, const float *gate_up, int M, int I);
+    /* y[M][N] += SwiGLU(gate_up)[M][I] * W^T, where SwiGLU(gate_up)[m][i] = silu(g[m][i]) * u[m][i]
+     * and gate_up is [M][2*I] (gate first): the MLP's down projection, whose input only feeds
+     * this matmul, so a backend may fuse the two; gate_up is unchanged */
+    void (*swiglu_matmul_add)(Backend *be, float *y, const float *gate_up, int M, int I, const Linear *w);
     /* cs[m][i] = cos(positions[m] * inv_freq[i]), cs[m][half + i] = sin(...), i < half, in
      * float32 as transformers computes them (angle rounded to float32 first). Once per step. */
     void (*rope_cos_sin)(Backend *be, float *cs, const int32_t *positions, int M,

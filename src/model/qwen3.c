@@ -166,7 +166,6 @@ static int alloc_scratch(Model *m, QErr *err) {
         {&m->qkv, T * qkv_w},
         {&m->attn, T * c->num_attention_heads * c->head_dim},
         {&m->gate_up, T * 2 * c->intermediate_size},
-        {&m->h, T * c->intermediate_size},
         {&m->cs, T * c->head_dim},
         {&m->logits, (m->opt.max_logit_rows > 0 ? (size_t)m->opt.max_logit_rows : T) * c->vocab_size},
     };
@@ -326,7 +325,7 @@ void model_free(Model *m) {
     if (m->lm_head) be->ops->linear_free(be, m->lm_head);
     be->ops->free(be, m->final_norm);
     be->ops->free(be, m->inv_freq);
-    float *bufs[] = {m->x, m->xb, m->qkv, m->attn, m->gate_up, m->h, m->cs, m->logits};
+    float *bufs[] = {m->x, m->xb, m->qkv, m->attn, m->gate_up, m->cs, m->logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->ops->free(be, bufs[i]);
     be->ops->free(be, m->d_meta);
     if (m->kv) be->ops->kv_free(be, m->kv);
@@ -429,8 +428,7 @@ float *model_forward(Model *m, const Step *step, int *n_rows) {
 
         /* x += down(silu(gate) * up), with gate|up = rmsnorm(x) W_gate_up^T */
         op->norm_matmul(be, m->gate_up, m->x, w->mlp_norm, eps, T, w->gate_up);
-        op->swiglu(be, m->h, m->gate_up, T, I);
-        op->matmul_add(be, m->x, m->h, T, w->down);
+        op->swiglu_matmul_add(be, m->x, m->gate_up, T, I, w->down);
     }
 
     /* Only the rows whose logits are wanted go through the final norm and lm_head. */

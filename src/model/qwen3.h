@@ -53,7 +53,7 @@ typedef struct Model {
     KVShape kv_shape;
     void *kv;
     /* scratch (device), sized for opt.max_step_tokens rows */
-    float *x, *xb, *qkv, *attn, *gate_up, *h, *cs, *logits;
+    float *x, *xb, *qkv, *attn, *gate_up, *cs, *logits;
     int32_t *d_meta;      /* device copy of the step's metadata arrays */
     int32_t *h_meta;      /* host staging of the same */
 } Model;

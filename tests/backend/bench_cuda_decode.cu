@@ -113,7 +113,7 @@ struct Bench {
     Linear *lm_head;
     float *final_norm, *inv_freq;
     void *kv;
-    float *x, *xb, *qkv, *attn, *gate_up, *h, *cs, *logits;
+    float *x, *xb, *qkv, *attn, *gate_up, *cs, *logits;
     int32_t *d_meta;
 };
 
@@ -123,7 +123,7 @@ void die(const char *what, const QErr &err) {
 }
 
 /* model_forward's layer walk (qwen3.c) for T tokens of one sequence; matmuls_only skips all but
- * the matmuls (with the norms and residual adds they fuse), to see what the rest costs. */
+ * the matmuls (with the norms, SwiGLU and residual adds they fuse), to see what the rest costs. */
 void forward(Bench *b, const AttnMeta *m, int T, bool matmuls_only) {
     const BackendOps *op = b->op;
     Backend *be = b->be;
@@ -138,8 +138,7 @@ void forward(Bench *b, const AttnMeta *m, int T, bool matmuls_only) {
         }
         op->matmul_add(be, b->x, b->attn, T, w->o);
         op->norm_matmul(be, b->gate_up, b->x, w->mlp_norm, eps, T, w->gate_up);
-        if (!matmuls_only) op->swiglu(be, b->h, b->gate_up, T, I);
-        op->matmul_add(be, b->x, b->h, T, w->down);
+        op->swiglu_matmul_add(be, b->x, b->gate_up, T, I, w->down);
     }
     if (!matmuls_only) op->gather_rows(be, b->xb, b->x, m->logit_rows, 1, H);
     op->norm_matmul(be, b->logits, b->xb, b->final_norm, eps, 1, b->lm_head);
@@ -391,7 +390,7 @@ int main(int argc, char **argv) {
         float **p;
         size_t n;
     } bufs[] = {{&b.x, (size_t)T * H},       {&b.xb, (size_t)T * H},          {&b.qkv, (size_t)T * (NH + 2 * NKV) * HD},
-                {&b.attn, (size_t)T * NH * HD}, {&b.gate_up, (size_t)T * 2 * I}, {&b.h, (size_t)T * I},
+                {&b.attn, (size_t)T * NH * HD}, {&b.gate_up, (size_t)T * 2 * I},
                 {&b.cs, (size_t)T * HD},     {&b.logits, (size_t)V}};
     for (auto &bf : bufs)
         if (!(*bf.p = (float *)op->alloc(b.be, bf.n * 4))) die("activations", err);
@@ -436,7 +435,7 @@ int main(int argc, char **argv) {
                 if (w == 0) op->norm_matmul(b.be, b.qkv, b.x, ly->attn_norm, 1e-6f, 1, ly->qkv);
                 if (w == 1) op->matmul_add(b.be, b.xb, b.attn, 1, ly->o);
                 if (w == 2) op->norm_matmul(b.be, b.gate_up, b.x, ly->mlp_norm, 1e-6f, 1, ly->gate_up);
-                if (w == 3) op->matmul_add(b.be, b.xb, b.h, 1, ly->down);
+                if (w == 3) op->swiglu_matmul_add(b.be, b.xb, b.gate_up, 1, I, ly->down);
             }
         }, reps, 20, false, xh);
     /* the same with layer 0's weights every time: what each matmul costs when its weights are
@@ -449,20 +448,19 @@ int main(int argc, char **argv) {
                 if (w == 0) op->norm_matmul(b.be, b.qkv, b.x, ly->attn_norm, 1e-6f, 1, ly->qkv);
                 if (w == 1) op->matmul_add(b.be, b.xb, b.attn, 1, ly->o);
                 if (w == 2) op->norm_matmul(b.be, b.gate_up, b.x, ly->mlp_norm, 1e-6f, 1, ly->gate_up);
-                if (w == 3) op->matmul_add(b.be, b.xb, b.h, 1, ly->down);
+                if (w == 3) op->swiglu_matmul_add(b.be, b.xb, b.gate_up, 1, I, ly->down);
             }
         }, reps, 20, false, xh);
-    const char *small_names[] = {"swiglu", "qk_norm_rope_store", "attention"};
-    const int n_small = 3;
+    const char *small_names[] = {"qk_norm_rope_store", "attention"};
+    const int n_small = 2;
     double t_small[n_small];
     for (int o = 0; o < n_small; o++)
         t_small[o] = time_graph(&b, 20 + o, [&] {
             for (int l = 0; l < L; l++) {
                 const Layer *ly = &b.layers[l];
-                if (o == 0) op->swiglu(b.be, b.h, b.gate_up, 1, I);
-                if (o == 1)
+                if (o == 0)
                     op->qk_norm_rope_store(b.be, b.qkv, ly->q_norm, ly->k_norm, b.cs, 1, NH, NKV, HD, 1e-6f, b.kv, l, &dm);
-                if (o == 2) op->attention(b.be, b.attn, b.qkv, NH, NKV, HD, b.kv, l, &dm);
+                if (o == 1) op->attention(b.be, b.attn, b.qkv, NH, NKV, HD, b.kv, l, &dm);
             }
         }, reps, 20, false, xh);
     /* the same step captured with programmatic dependent launch switched the other way */

@@ -1,8 +1,8 @@
 /* test_cuda_ops.c — every op of the CUDA backend against the CPU backend (the reference
- * semantics) on random inputs of odd sizes: matmul (bf16, f16, f32 and int4 with groups 32..256,
- * stacked and mixed parts; the GEMV path M <= 8, the int4 tensor-core GEMM and the cuBLAS path
- * M > 8; outputs poisoned first, canaries after them), rmsnorm (also in place), add, swiglu,
- * gather_rows (also in place), rope_cos_sin, qk_norm_rope_store + attention over a paged cache
+ * semantics) on random inputs of odd sizes: matmul, matmul_add, norm_matmul and
+ * swiglu_matmul_add (bf16, f16, f32 and int4 with groups 32..256, stacked and mixed parts; the
+ * GEMVs at M = 1, the int4 tensor-core GEMMs and the cuBLAS paths above; outputs poisoned first,
+ * canaries after them), gather_rows (also in place), rope_cos_sin, qk_norm_rope_store + attention over a paged cache
  * with shuffled block tables (prefill, chunked prefill, mixed steps and split-KV decode, at
  * head_dim 64, 128 and 256 and GQA 1..8), embed, CUDA graph capture and replay of a decode step
  * (with new metadata, and with the int4 GEMM inside the capture), device sampling against the
@@ -193,9 +193,9 @@ static void free_part(Part *p) {
 
 #define CANARY 12345.678f
 
-/* The three matmul ops: y = x W^T, y += x W^T, y = RMSNorm(x) W^T. */
-typedef enum { MM_PLAIN, MM_ADD, MM_NORM } MmMode;
-static const char *const mm_mode_name[] = {"", " (+=)", " (norm)"};
+/* The four matmul ops: y = x W^T, y += x W^T, y = RMSNorm(x) W^T, y += SwiGLU(x) W^T. */
+typedef enum { MM_PLAIN, MM_ADD, MM_NORM, MM_SWIGLU } MmMode;
+static const char *const mm_mode_name[] = {"", " (+=)", " (norm)", " (swiglu+=)"};
 
 static void host_rmsnorm(float *y, const float *x, const float *w, int M, int D, float eps) {
     for (int m = 0; m < M; m++) {
@@ -214,7 +214,8 @@ static void check_matmul_mode(const char *what, Part *parts, int n_parts, Linear
     int N = 0, K = (int)parts[0].src.k;
     for (int i = 0; i < n_parts; i++) N += (int)parts[i].src.n;
     const float eps = 1e-6f;
-    float *x = rand_f32((size_t)M * K), *xe = x; /* xe: what multiplies W */
+    const size_t xn = (size_t)M * K * (mode == MM_SWIGLU ? 2 : 1); /* SwiGLU reads rows [gate | up] */
+    float *x = rand_f32(xn), *xe = x; /* xe: what multiplies W */
     float *nw = NULL, *nwc = NULL, *nwg = NULL;
     StTensor t;
     if (mode == MM_NORM) {
@@ -224,14 +225,21 @@ static void check_matmul_mode(const char *what, Part *parts, int n_parts, Linear
         nwg = vec_on(gpu, nw, K, &t);
         xe = malloc((size_t)M * K * sizeof *xe);
         host_rmsnorm(xe, x, nw, M, K, eps);
+    } else if (mode == MM_SWIGLU) {
+        xe = malloc((size_t)M * K * sizeof *xe);
+        for (int m = 0; m < M; m++)
+            for (int i = 0; i < K; i++) {
+                const float g = x[(size_t)m * 2 * K + i], u = x[(size_t)m * 2 * K + K + i];
+                xe[(size_t)m * K + i] = g / (1.0f + expf(-g)) * u;
+            }
     }
     float *y0 = rand_f32((size_t)M * N); /* the residual for MM_ADD */
     float *yc = malloc((size_t)M * N * sizeof *yc);
     float *init = malloc(((size_t)M * N + 64) * sizeof *init);
     for (size_t i = 0; i < (size_t)M * N + 64; i++)
-        init[i] = i >= (size_t)M * N ? CANARY : mode == MM_ADD ? y0[i] : NAN;
+        init[i] = i >= (size_t)M * N ? CANARY : mode == MM_ADD || mode == MM_SWIGLU ? y0[i] : NAN;
     memcpy(yc, init, (size_t)M * N * sizeof *yc);
-    float *dx = upload(gpu, x, (size_t)M * K * sizeof *x);
+    float *dx = upload(gpu, x, xn * sizeof *x);
     float *dy = upload(gpu, init, ((size_t)M * N + 64) * sizeof *init);
     if (mode == MM_PLAIN) {
         cpu->ops->matmul(cpu, yc, x, M, lc);
@@ -239,9 +247,12 @@ static void check_matmul_mode(const char *what, Part *parts, int n_parts, Linear
     } else if (mode == MM_ADD) {
         cpu->ops->matmul_add(cpu, yc, x, M, lc);
         gpu->ops->matmul_add(gpu, dy, dx, M, lg);
-    } else {
+    } else if (mode == MM_NORM) {
         cpu->ops->norm_matmul(cpu, yc, x, nwc, eps, M, lc);
         gpu->ops->norm_matmul(gpu, dy, dx, nwg, eps, M, lg);
+    } else {
+        cpu->ops->swiglu_matmul_add(cpu, yc, x, M, K, lc);
+        gpu->ops->swiglu_matmul_add(gpu, dy, dx, M, K, lg);
     }
     float *yg = download(gpu, dy, (size_t)M * N + 64);
     /* Error bound per part. M = 1 runs the GEMV kernels: float32 throughout (only summation
@@ -255,7 +266,7 @@ static void check_matmul_mode(const char *what, Part *parts, int n_parts, Linear
         for (int m = 0; m < M; m++)
             for (int j = 0; j < (int)parts[p].src.n; j++) {
                 size_t at = (size_t)m * N + n0 + j;
-                double mag = mode == MM_ADD ? fabs((double)y0[at]) + 1e-30 : 1e-30;
+                double mag = mode == MM_ADD || mode == MM_SWIGLU ? fabs((double)y0[at]) + 1e-30 : 1e-30;
                 for (int kk = 0; kk < K; kk++) mag += fabs((double)xe[(size_t)m * K + kk] * parts[p].wf[(size_t)j * K + kk]);
                 double e = fabs((double)yg[at] - yc[at]) / mag;
                 if (!(e <= worst)) worst = isnan(e) ? INFINITY : e;
@@ -274,8 +285,8 @@ static void check_matmul_mode(const char *what, Part *parts, int n_parts, Linear
         cpu->ops->free(cpu, nwc);
         gpu->ops->free(gpu, nwg);
         free(nw);
-        free(xe);
     }
+    if (xe != x) free(xe);
     free(x), free(y0), free(yc), free(yg), free(init);
 }
 
@@ -290,7 +301,7 @@ static void check_matmul(const char *what, Part *parts, int n_parts, const int *
     CHECK(lg != NULL, "%s: cuda load: %s", what, err.msg);
     if (!lc || !lg) return;
     for (int t = 0; t < n_M; t++)
-        for (int mode = MM_PLAIN; mode <= MM_NORM; mode++)
+        for (int mode = MM_PLAIN; mode <= MM_SWIGLU; mode++)
             check_matmul_mode(what, parts, n_parts, lc, lg, Ms[t], (MmMode)mode, bf16_exact);
     cpu->ops->linear_free(cpu, lc);
     gpu->ops->linear_free(gpu, lg);
@@ -372,17 +383,6 @@ static float *vec_on(Backend *be, const float *v, int n, StTensor *t) {
 }
 
 static void test_elementwise(void) {
-    int M = 3, I = 777;
-    float *gu = rand_f32((size_t)M * 2 * I), *h = malloc((size_t)M * I * 4);
-    float *dgu = upload(gpu, gu, (size_t)M * 2 * I * 4), *dh = gpu->ops->alloc(gpu, (size_t)M * I * 4);
-    cpu->ops->swiglu(cpu, h, gu, M, I);
-    gpu->ops->swiglu(gpu, dh, dgu, M, I);
-    float *g = download(gpu, dh, (size_t)M * I);
-    double e = max_rel(g, h, (size_t)M * I);
-    CHECK(e <= 1e-5, "swiglu: error %.3g", e);
-    free(g), free(gu), free(h);
-    gpu->ops->free(gpu, dgu), gpu->ops->free(gpu, dh);
-
     /* gather: 3 of 7 rows, then in place */
     int width = 333, rows[3] = {1, 4, 6};
     float *src = rand_f32(7 * (size_t)width), *dst = malloc(3 * (size_t)width * 4);
@@ -390,7 +390,7 @@ static void test_elementwise(void) {
     int32_t *drows = upload(gpu, rows, sizeof rows);
     cpu->ops->gather_rows(cpu, dst, src, rows, 3, width);
     gpu->ops->gather_rows(gpu, ddst, dsrc, drows, 3, width);
-    g = download(gpu, ddst, 3 * (size_t)width);
+    float *g = download(gpu, ddst, 3 * (size_t)width);
     CHECK(max_rel(g, dst, 3 * (size_t)width) == 0, "gather_rows differs");
     free(g);
     cpu->ops->gather_rows(cpu, src, src, rows, 3, width);

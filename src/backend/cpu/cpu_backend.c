@@ -28,6 +28,8 @@ typedef struct CpuBackend {
     size_t scratch_n;
     float *staged;       /* the intermediate of matmul_add / norm_matmul (they call cpu_matmul, */
     size_t staged_n;     /* which uses scratch) */
+    float *swiglu;       /* the SwiGLU of swiglu_matmul_add (which calls cpu_matmul_add) */
+    size_t swiglu_n;
 } CpuBackend;
 
 /* A buffer of at least n floats in *buf (kept between calls, so the forward pass does not
@@ -312,7 +314,7 @@ static void rmsnorm_row(float *y, const float *x, const float *w, int D, float e
     for (int i = 0; i < D; i++) y[i] = w[i] * (x[i] * inv);
 }
 
-/* The CPU gains nothing from fusing: both composite ops stage their intermediate. */
+/* The CPU gains nothing from fusing: the composite ops stage their intermediate. */
 static void cpu_matmul_add(Backend *be, float *y, const float *x, int M, const Linear *l) {
     CpuBackend *c = cpu(be);
     size_t n = (size_t)M * l->n;
@@ -336,13 +338,15 @@ static void cpu_gather_rows(Backend *be, float *dst, const float *src, const int
         memmove(dst + (size_t)r * width, src + (size_t)rows[r] * width, (size_t)width * sizeof(float));
 }
 
-static void cpu_swiglu(Backend *be, float *h, const float *gu, int M, int I) {
-    (void)be;
+static void cpu_swiglu_matmul_add(Backend *be, float *y, const float *gu, int M, int I, const Linear *l) {
+    CpuBackend *c = cpu(be);
+    float *h = grow(&c->swiglu, &c->swiglu_n, (size_t)M * I);
     for (int m = 0; m < M; m++) {
         const float *g = gu + (size_t)m * 2 * I, *u = g + I;
         float *o = h + (size_t)m * I;
         for (int i = 0; i < I; i++) o[i] = g[i] / (1.0f + fast_expf(-g[i])) * u[i];
     }
+    cpu_matmul_add(be, y, h, M, l);
 }
 
 static void cpu_rope_cos_sin(Backend *be, float *cs, const int32_t *pos, int M, const float *inv_freq, int half) {
@@ -496,6 +500,7 @@ static void cpu_destroy(Backend *be) {
     tp_free(cpu(be)->pool);
     free(cpu(be)->scratch);
     free(cpu(be)->staged);
+    free(cpu(be)->swiglu);
     free(be);
 }
 
@@ -521,7 +526,7 @@ static const BackendOps CPU_OPS = {
     .matmul_add = cpu_matmul_add,
     .norm_matmul = cpu_norm_matmul,
     .gather_rows = cpu_gather_rows,
-    .swiglu = cpu_swiglu,
+    .swiglu_matmul_add = cpu_swiglu_matmul_add,
     .rope_cos_sin = cpu_rope_cos_sin,
     .qk_norm_rope_store = cpu_qk_norm_rope_store,
     .attention = cpu_attention,

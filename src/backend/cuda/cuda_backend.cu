@@ -84,7 +84,7 @@ struct CudaBackend {
     size_t n_allocs, cap_allocs;
     __nv_bfloat16 *xb; /* x as bf16 for cuBLAS, xb_n elements */
     size_t xb_n;
-    float *xn;         /* RMSNorm(x) where a matmul cannot apply the norm itself, xn_n floats */
+    float *xn;         /* RMSNorm or SwiGLU of x for a float GEMV that cannot make it, xn_n floats */
     size_t xn_n;
     __nv_bfloat16 *dq; /* dequantized int4 rows for cuBLAS, dq_n elements */
     size_t dq_n;
@@ -615,6 +615,16 @@ void gemm(CudaBackend *c, const __nv_bfloat16 *a, int n, int lda, int k, int M, 
               "matmul (cuBLAS)");
 }
 
+/* What a matmul multiplies: x, RMSNorm(x) (weight norm_w, eps) or SwiGLU(x) (x holds rows
+ * [gate | up] of 2 k values; silu(gate) * up). */
+enum class InOp { Plain, Norm, SwiGLU };
+struct MatIn {
+    const float *x;
+    InOp op;
+    const float *norm_w; /* Norm */
+    float eps;
+};
+
 /* Which kernel multiplies one matrix at M rows. */
 enum class MatPath { Gemv, GemmQ4, DequantBlas, Blas };
 
@@ -624,42 +634,60 @@ MatPath mat_path(const CuMat *m, int M) {
     return M <= kGemmQ4MaxM ? MatPath::GemmQ4 : MatPath::DequantBlas;
 }
 
-/* y (+)= x' W^T with x' = x, or RMSNorm(x) when norm_w is set. The decode GEMV kernels apply the
- * norm and the accumulation themselves where they can (int4, M = 1); elsewhere the norm is
- * written to c->xn first. Every other kernel accumulates too (cuBLAS with beta = 1). */
-void matmul(CudaBackend *c, float *y, const float *x, int M, const Linear *l, const float *norm_w, float eps,
-            bool accumulate) {
+/* Grows the matmul scratch *buf to count elements; false (the error noted) when out of memory. */
+template <class T>
+bool matmul_scratch(CudaBackend *c, T **buf, size_t *cap, size_t count) {
+    if (grow(c, reinterpret_cast<void **>(buf), cap, count, sizeof(T))) return true;
+    note(c, cudaErrorMemoryAllocation, "matmul scratch");
+    return false;
+}
+
+/* Writes in's x' (RMSNorm or SwiGLU of in->x, M rows of K) to out, float or bf16. */
+template <class T>
+cudaError_t make_input(cudaStream_t st, const MatIn *in, T *out, int M, int K) {
+    if (in->op == InOp::Norm) return cu_rmsnorm(st, out, in->x, in->norm_w, M, K, in->eps);
+    return cu_swiglu(st, out, in->x, M, K);
+}
+
+/* y (+)= x' W^T with x' from `in` (x, RMSNorm(x) or SwiGLU(x)). The batch-1 int4 GEMV applies
+ * an RMSNorm itself and accumulates in its store. Elsewhere x' is written first: as float to
+ * c->xn where a GEMV reads it (then converted to bf16 if another part needs that), else straight
+ * as bf16 to c->xb, what the tensor-core kernels and cuBLAS read (saving a conversion launch;
+ * cuBLAS accumulates with beta = 1). */
+void matmul(CudaBackend *c, float *y, MatIn in, int M, const Linear *l, bool accumulate) {
     if (M <= 0) return;
     use_device(c);
     const int ldy = (int)l->n, K = (int)l->k;
     MatPath path[kMaxParts];
-    bool fused_norm = norm_w != nullptr, need_bf16 = false;
+    bool fused_input = in.op == InOp::Norm, need_float = false, need_bf16 = false;
     for (int i = 0; i < l->n_mats; i++) {
         path[i] = mat_path(&l->mat[i], M);
-        fused_norm = fused_norm && path[i] == MatPath::Gemv && l->mat[i].group;
+        fused_input = fused_input && path[i] == MatPath::Gemv && l->mat[i].group;
+        need_float = need_float || path[i] == MatPath::Gemv;
         need_bf16 = need_bf16 || path[i] != MatPath::Gemv;
     }
-    if (norm_w && !fused_norm) {
-        if (!grow(c, reinterpret_cast<void **>(&c->xn), &c->xn_n, (size_t)M * K, sizeof(float))) {
-            note(c, cudaErrorMemoryAllocation, "matmul scratch");
-            return;
+    bool have_bf16 = false;
+    if (in.op != InOp::Plain && !fused_input) {
+        if (need_float) {
+            if (!matmul_scratch(c, &c->xn, &c->xn_n, (size_t)M * K)) return;
+            if (!note(c, make_input(c->st, &in, c->xn, M, K), "matmul input")) return;
+            in = MatIn{c->xn, InOp::Plain, nullptr, 0.0f};
+        } else {
+            if (!matmul_scratch(c, &c->xb, &c->xb_n, (size_t)M * K)) return;
+            if (!note(c, make_input(c->st, &in, c->xb, M, K), "matmul input")) return;
+            have_bf16 = true;
         }
-        if (!note(c, cu_rmsnorm(c->st, c->xn, x, norm_w, M, K, eps), "rmsnorm")) return;
-        x = c->xn;
-        norm_w = nullptr;
     }
-    if (need_bf16) {
-        if (!grow(c, reinterpret_cast<void **>(&c->xb), &c->xb_n, (size_t)M * K, sizeof(__nv_bfloat16))) {
-            note(c, cudaErrorMemoryAllocation, "matmul scratch");
-            return;
-        }
-        if (!note(c, cu_to_bf16(c->st, x, c->xb, (size_t)M * K), "matmul")) return;
+    if (need_bf16 && !have_bf16) {
+        if (!matmul_scratch(c, &c->xb, &c->xb_n, (size_t)M * K)) return;
+        if (!note(c, cu_to_bf16(c->st, in.x, c->xb, (size_t)M * K), "matmul")) return;
     }
     for (int i = 0; i < l->n_mats; i++) {
         const CuMat *m = &l->mat[i];
         switch (path[i]) {
         case MatPath::Gemv:
-            note(c, cu_gemv(c->st, m, x, y, c->sms, norm_w, eps, accumulate), "matmul");
+            note(c, cu_gemv(c->st, m, in.x, y, c->sms, fused_input ? in.norm_w : nullptr, in.eps, accumulate),
+                 "matmul");
             break;
         case MatPath::GemmQ4:
             note(c, cu_gemm_q4(c->st, m, c->xb, M, y, ldy, c->sms, accumulate), "matmul (int4 GEMM)");
@@ -671,10 +699,7 @@ void matmul(CudaBackend *c, float *y, const float *x, int M, const Linear *l, co
             size_t rows = kDequantElems / (size_t)K;
             if (rows < 1) rows = 1;
             if (rows > (size_t)m->n) rows = (size_t)m->n;
-            if (!grow(c, reinterpret_cast<void **>(&c->dq), &c->dq_n, rows * K, sizeof(__nv_bfloat16))) {
-                note(c, cudaErrorMemoryAllocation, "matmul scratch");
-                return;
-            }
+            if (!matmul_scratch(c, &c->dq, &c->dq_n, rows * K)) return;
             for (int r0 = 0; r0 < m->n; r0 += (int)rows) {
                 int nr = m->n - r0 < (int)rows ? m->n - r0 : (int)rows;
                 if (!note(c, cu_dequant_q4(c->st, m, r0, nr, c->dq), "matmul dequant")) return;
@@ -687,25 +712,28 @@ void matmul(CudaBackend *c, float *y, const float *x, int M, const Linear *l, co
 }
 
 void cu_matmul(Backend *be, float *y, const float *x, int M, const Linear *l) {
-    matmul(cb(be), y, x, M, l, nullptr, 0.0f, false);
+    matmul(cb(be), y, MatIn{x, InOp::Plain, nullptr, 0.0f}, M, l, false);
 }
 
 void cu_matmul_add(Backend *be, float *y, const float *x, int M, const Linear *l) {
-    matmul(cb(be), y, x, M, l, nullptr, 0.0f, true);
+    matmul(cb(be), y, MatIn{x, InOp::Plain, nullptr, 0.0f}, M, l, true);
 }
 
 void cu_norm_matmul(Backend *be, float *y, const float *x, const float *norm_w, float eps, int M, const Linear *l) {
-    matmul(cb(be), y, x, M, l, norm_w, eps, false);
+    matmul(cb(be), y, MatIn{x, InOp::Norm, norm_w, eps}, M, l, false);
+}
+
+void cu_swiglu_matmul_add(Backend *be, float *y, const float *gate_up, int M, int I, const Linear *l) {
+    if (I != l->k) {
+        note(cb(be), cudaErrorInvalidValue, "swiglu_matmul_add: I is not the matrix's in_features");
+        return;
+    }
+    matmul(cb(be), y, MatIn{gate_up, InOp::SwiGLU, nullptr, 0.0f}, M, l, true);
 }
 
 void cu_gather_op(Backend *be, float *dst, const float *src, const int32_t *rows, int n, int width) {
     CudaBackend *c = cb(be);
     note(c, cu_gather_rows(c->st, dst, src, rows, n, width), "gather_rows");
-}
-
-void cu_swiglu_op(Backend *be, float *h, const float *gate_up, int M, int I) {
-    CudaBackend *c = cb(be);
-    note(c, cu_swiglu(c->st, h, gate_up, M, I), "swiglu");
 }
 
 void cu_rope_op(Backend *be, float *cs, const int32_t *pos, int M, const float *inv_freq, int half) {
@@ -916,7 +944,7 @@ const BackendOps CUDA_OPS = {
     .matmul_add = cu_matmul_add,
     .norm_matmul = cu_norm_matmul,
     .gather_rows = cu_gather_op,
-    .swiglu = cu_swiglu_op,
+    .swiglu_matmul_add = cu_swiglu_matmul_add,
     .rope_cos_sin = cu_rope_op,
     .qk_norm_rope_store = cu_qk_op,
     .attention = cu_attention_op,

@@ -181,8 +181,12 @@ cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size
 /* Rows r0 .. r0+rows-1 of an int4 matrix dequantized to bf16 into out[rows][k]. */
 cudaError_t cu_dequant_q4(cudaStream_t st, const CuMat *w, int r0, int rows, __nv_bfloat16 *out);
 
+/* y[m] = RMSNorm(x[m]) with weight w for m < M, rows of D; y float or bf16 (not in place for bf16). */
 cudaError_t cu_rmsnorm(cudaStream_t st, float *y, const float *x, const float *w, int M, int D, float eps);
+cudaError_t cu_rmsnorm(cudaStream_t st, __nv_bfloat16 *y, const float *x, const float *w, int M, int D, float eps);
+/* h[m][i] = silu(gate_up[m][i]) * gate_up[m][I + i] for m < M, i < I; h float or bf16. */
 cudaError_t cu_swiglu(cudaStream_t st, float *h, const float *gate_up, int M, int I);
+cudaError_t cu_swiglu(cudaStream_t st, __nv_bfloat16 *h, const float *gate_up, int M, int I);
 cudaError_t cu_gather_rows(cudaStream_t st, float *dst, const float *src, const int32_t *rows, int n, int width);
 cudaError_t cu_rope_cos_sin(cudaStream_t st, float *cs, const int32_t *pos, int M, const float *inv_freq, int half);
 

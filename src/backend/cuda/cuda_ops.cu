@@ -1,5 +1,5 @@
-/* cuda_ops.cu — the small kernels of a layer: RMSNorm (where a matmul does not fuse it), SwiGLU,
- * row gather, the RoPE table, and q/k-norm + RoPE + KV-cache store fused into one pass over the
+/* cuda_ops.cu — the small kernels of a layer: RMSNorm and SwiGLU where a matmul does not fuse
+ * them (written as float, or straight as the bf16 a tensor-core matmul reads), row gather, the RoPE table, and q/k-norm + RoPE + KV-cache store fused into one pass over the
  * qkv row.
  *
  * These move a few KB per token, so at decode they cost launch latency, not bandwidth: each is a
@@ -13,27 +13,34 @@
 
 namespace {
 
-__global__ void rmsnorm_kernel(float *y, const float *x, const float *w, int D, float eps) {
+/* A float result stored as the output's type (bf16 rounds to nearest even). */
+CU_DEV void store_as(float *p, float v) { *p = v; }
+CU_DEV void store_as(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
+
+/* T: float, or bf16 when the result only feeds a tensor-core matmul (saves a conversion pass) */
+template <class T>
+__global__ void rmsnorm_kernel(T *y, const float *x, const float *w, int D, float eps) {
     __shared__ float red[32];
     pdl_trigger();
     pdl_wait();
     const float *xr = x + (size_t)blockIdx.x * D;
-    float *yr = y + (size_t)blockIdx.x * D;
+    T *yr = y + (size_t)blockIdx.x * D;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < D; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
     ss = block_sum(ss, red);
     const float inv = 1.0f / sqrtf(ss / (float)D + eps);
-    for (int i = threadIdx.x; i < D; i += blockDim.x) yr[i] = w[i] * (xr[i] * inv);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) store_as(yr + i, w[i] * (xr[i] * inv));
 }
 
-__global__ void swiglu_kernel(float *h, const float *gu, int M, int I) {
+template <class T>
+__global__ void swiglu_kernel(T *h, const float *gu, int M, int I) {
     pdl_trigger();
     pdl_wait();
     const size_t n = (size_t)M * I;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const size_t m = i / I, j = i % I;
         const float g = gu[m * 2 * I + j], u = gu[m * 2 * I + I + j];
-        h[i] = g / (1.0f + expf(-g)) * u;
+        store_as(h + i, g / (1.0f + expf(-g)) * u);
     }
 }
 
@@ -124,17 +131,32 @@ int grid_for(size_t n, int threads) {
     return (int)(b < 4096 ? (b ? b : 1) : 4096);
 }
 
+template <class T>
+cudaError_t rmsnorm(cudaStream_t st, T *y, const float *x, const float *w, int M, int D, float eps) {
+    if (M <= 0 || D <= 0) return cudaSuccess;
+    int threads = D >= 4096 ? 1024 : D >= 1024 ? 512 : 256;
+    return cu_launch(st, dim3(M), dim3(threads), 0, rmsnorm_kernel<T>, y, x, w, D, eps);
+}
+
+template <class T>
+cudaError_t swiglu(cudaStream_t st, T *h, const float *gate_up, int M, int I) {
+    if (M <= 0 || I <= 0) return cudaSuccess;
+    return cu_launch(st, dim3(grid_for((size_t)M * I, 256)), dim3(256), 0, swiglu_kernel<T>, h, gate_up, M, I);
+}
+
 } // namespace
 
 cudaError_t cu_rmsnorm(cudaStream_t st, float *y, const float *x, const float *w, int M, int D, float eps) {
-    if (M <= 0 || D <= 0) return cudaSuccess;
-    int threads = D >= 4096 ? 1024 : D >= 1024 ? 512 : 256;
-    return cu_launch(st, dim3(M), dim3(threads), 0, rmsnorm_kernel, y, x, w, D, eps);
+    return rmsnorm(st, y, x, w, M, D, eps);
 }
-
+cudaError_t cu_rmsnorm(cudaStream_t st, __nv_bfloat16 *y, const float *x, const float *w, int M, int D, float eps) {
+    return rmsnorm(st, y, x, w, M, D, eps);
+}
 cudaError_t cu_swiglu(cudaStream_t st, float *h, const float *gate_up, int M, int I) {
-    if (M <= 0 || I <= 0) return cudaSuccess;
-    return cu_launch(st, dim3(grid_for((size_t)M * I, 256)), dim3(256), 0, swiglu_kernel, h, gate_up, M, I);
+    return swiglu(st, h, gate_up, M, I);
+}
+cudaError_t cu_swiglu(cudaStream_t st, __nv_bfloat16 *h, const float *gate_up, int M, int I) {
+    return swiglu(st, h, gate_up, M, I);
 }
 
 cudaError_t cu_gather_rows(cudaStream_t st, float *dst, const float *src, const int32_t *rows, int n, int width) {
