@@ -364,11 +364,25 @@ static void test_matmul(void) {
     check_matmul("f32 odd K", p, 1, Ms, 3, false);
     free_part(&p[0]);
     test_matmul_q4();
-    /* again with the mma.sync GEMM at every M (what GPUs without wgmma run) */
+    /* again with the mma.sync GEMM at every M (what GPUs without wgmma run): the backend reads
+     * the switch when it is created */
     printf("int4 again with QUILL_CUDA_WGMMA=0\n");
     setenv("QUILL_CUDA_WGMMA", "0", 1);
-    test_matmul_q4();
+    QErr err;
+    const char *e = cuda_backend_error(gpu);
+    CHECK(e == NULL, "CUDA error recorded: %s", e);
+    gpu->ops->destroy(gpu);
+    gpu = cuda_backend_create(0, &err);
+    CHECK(gpu != NULL, "cuda backend without wgmma: %s", err.msg);
+    if (gpu) test_matmul_q4();
     unsetenv("QUILL_CUDA_WGMMA");
+    if (gpu) {
+        e = cuda_backend_error(gpu);
+        CHECK(e == NULL, "CUDA error recorded (mma.sync only): %s", e);
+        gpu->ops->destroy(gpu);
+    }
+    gpu = cuda_backend_create(0, &err);
+    CHECK(gpu != NULL, "cuda backend: %s", err.msg);
 }
 
 /* ---- elementwise ops ---------------------------------------------------------------------- */
@@ -904,7 +918,8 @@ int main(void) {
     gpu->ops->free(gpu, p);
     CHECK(gpu->ops->mem_used(gpu, NULL) == before, "mem_used after free: %zu, not %zu", gpu->ops->mem_used(gpu, NULL), before);
 
-    if (section("matmul")) test_matmul();
+    if (section("matmul")) test_matmul(); /* (which recreates gpu) */
+    if (!gpu) return test_finish();
     if (section("elementwise")) test_elementwise();
     if (section("attention")) {
         test_attention(8, 2, 128);

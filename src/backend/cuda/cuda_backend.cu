@@ -76,6 +76,7 @@ struct GraphRec {
 struct CudaBackend {
     Backend base;
     int device, sms;
+    bool wgmma; /* the int4 GEMM may use its wgmma kernel (QUILL_CUDA_WGMMA) */
     cudaStream_t st;
     cublasHandle_t blas;
     void *blas_ws;
@@ -690,7 +691,7 @@ void matmul(CudaBackend *c, float *y, MatIn in, int M, const Linear *l, bool acc
                  "matmul");
             break;
         case MatPath::GemmQ4:
-            note(c, cu_gemm_q4(c->st, m, c->xb, M, y, ldy, c->sms, accumulate), "matmul (int4 GEMM)");
+            note(c, cu_gemm_q4(c->st, m, c->xb, M, y, ldy, c->sms, accumulate, c->wgmma), "matmul (int4 GEMM)");
             break;
         case MatPath::Blas:
             gemm(c, static_cast<const __nv_bfloat16 *>(m->w), m->n, m->k_pad, K, M, y + m->n0, ldy, accumulate);
@@ -1013,6 +1014,9 @@ extern "C" Backend *cuda_backend_create(int device, QErr *err) {
     if (pdl_env && !strcmp(pdl_env, "0")) cu_pdl = false;
     cu_pdl_graphs = !(pdl_env && !strcmp(pdl_env, "eager"));
     cu_pdl_now = cu_pdl;
+    /* QUILL_CUDA_WGMMA=0 keeps the int4 GEMM on mma.sync at every M (the tests cover it so) */
+    const char *wgmma_env = getenv("QUILL_CUDA_WGMMA");
+    c->wgmma = !(wgmma_env && !strcmp(wgmma_env, "0"));
     cublasStatus_t bs = cublasCreate(&c->blas);
     if (bs == CUBLAS_STATUS_SUCCESS) bs = cublasSetStream(c->blas, c->st);
     if (bs == CUBLAS_STATUS_SUCCESS) bs = cublasSetWorkspace(c->blas, c->blas_ws, kBlasWorkspace);

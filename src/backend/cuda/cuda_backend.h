@@ -28,7 +28,8 @@ bool cuda_backend_available(void);
  * be->ops->destroy(be).
  * Kernels are launched with programmatic dependent launch (sm_90) so each overlaps the end of the
  * previous one; the environment variable QUILL_CUDA_PDL=0 turns that off and QUILL_CUDA_PDL=eager
- * keeps it out of CUDA graphs (for debugging and timing comparisons; read once, here). The KV
+ * keeps it out of CUDA graphs, and QUILL_CUDA_WGMMA=0 keeps the int4 GEMM off its Hopper (wgmma)
+ * kernel (for debugging, timing comparisons and tests; each read here, at creation). The KV
  * block size must be a power of two and head_dim 64, 128 or 256 (kv_alloc says so otherwise). */
 Backend *cuda_backend_create(int device, QErr *err);
 

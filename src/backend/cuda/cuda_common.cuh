@@ -173,9 +173,10 @@ bool cu_gemv_fuses_norm(const CuMat *w);
  * y[m][n0 + j] (+)= sum_k x[m][k] * W[j][k] on the tensor cores, x bf16 [M][w->k] (16-byte
  * aligned), y row stride ldy; sms: multiprocessor count (sizes the split of k). Products use
  * bf16 x and bf16-rounded weights with float32 accumulation, as the dequant + cuBLAS path does.
- * With accumulate the result is added to y instead of stored. */
+ * With accumulate the result is added to y instead of stored. wgmma: the Hopper (sm_90a) kernel
+ * may run where the build has it (false: the mma.sync kernel at every M, as on older GPUs). */
 cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, int M, float *y, int ldy, int sms,
-                       bool accumulate);
+                       bool accumulate, bool wgmma);
 /* out[i] = bf16(x[i]) (round to nearest even) for i < n. */
 cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size_t n);
 /* Rows r0 .. r0+rows-1 of an int4 matrix dequantized to bf16 into out[rows][k]. */

@@ -47,9 +47,6 @@
  * S-th of the tile over all S blocks (distributed shared memory, in a fixed order, so results do
  * not depend on timing) and writes it to y. No global workspace, no atomics, no second launch.
  * Code built for an older target runs every matrix unsplit. */
-#include <stdlib.h>
-#include <string.h>
-
 #include "backend/cuda/cuda_common.cuh"
 
 namespace {
@@ -721,50 +718,43 @@ cudaError_t launch_tiles(cudaStream_t st, void (*kernel)(GemmArgs), size_t smem,
                               smem, (unsigned)split, kernel, a);
 }
 
+/* The launches of the two kernels for BT tokens per block and groups of 32 << GS columns. */
 template <int BT, int GS>
-cudaError_t launch_gemm(cudaStream_t st, const GemmArgs &a, int sms) {
-    static KernelSlots ks; /* one per instantiation (its shared memory decides its occupancy) */
-    return launch_tiles(st, gemm_q4<BT, GS>, Stage<BT, GS>::kSmem, ks, kFeatures, BT, Tile<BT>::kK, a, sms);
-}
+struct MmaSync {
+    static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms) {
+        static KernelSlots ks; /* one per instantiation (its shared memory decides its occupancy) */
+        return launch_tiles(st, gemm_q4<BT, GS>, Stage<BT, GS>::kSmem, ks, kFeatures, BT, Tile<BT>::kK, a, sms);
+    }
+};
 
 template <int BT, int GS>
-cudaError_t launch_wg(cudaStream_t st, const GemmArgs &a, int sms) {
-    static KernelSlots ks;
-    return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, a, sms);
-}
+struct Wgmma {
+    static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms) {
+        static KernelSlots ks;
+        return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, a, sms);
+    }
+};
 
-template <int BT>
-cudaError_t launch_tokens(cudaStream_t st, const GemmArgs &a, int gs, int sms) {
+/* Kernel K's launch for the matrix's group size (gs = log2(group / 32)). */
+template <template <int, int> class K, int BT>
+cudaError_t launch_group(cudaStream_t st, const GemmArgs &a, int gs, int sms) {
     switch (gs) {
-    case 0: return launch_gemm<BT, 0>(st, a, sms);
-    case 1: return launch_gemm<BT, 1>(st, a, sms);
-    case 2: return launch_gemm<BT, 2>(st, a, sms);
-    case 3: return launch_gemm<BT, 3>(st, a, sms);
+    case 0: return K<BT, 0>::launch(st, a, sms);
+    case 1: return K<BT, 1>::launch(st, a, sms);
+    case 2: return K<BT, 2>::launch(st, a, sms);
+    case 3: return K<BT, 3>::launch(st, a, sms);
     default: return cudaErrorInvalidValue;
     }
 }
 
-template <int BT>
-cudaError_t launch_wg_tokens(cudaStream_t st, const GemmArgs &a, int gs, int sms) {
-    switch (gs) {
-    case 0: return launch_wg<BT, 0>(st, a, sms);
-    case 1: return launch_wg<BT, 1>(st, a, sms);
-    case 2: return launch_wg<BT, 2>(st, a, sms);
-    case 3: return launch_wg<BT, 3>(st, a, sms);
-    default: return cudaErrorInvalidValue;
-    }
-}
-
-/* Whether the wgmma kernel runs: the loaded device code has it (asked once), and the environment
- * does not turn it off (QUILL_CUDA_WGMMA=0, which the tests use to cover the mma.sync kernel). */
-bool wg_available() {
+/* Whether the loaded device code has the wgmma kernel (built for sm_90a; asked once). */
+bool wg_in_build() {
     static int built = -1;
     if (built < 0) {
         if (cudaMemcpyFromSymbol(&built, wg_built, sizeof built) != cudaSuccess) built = 0;
         cudaGetLastError();
     }
-    const char *env = getenv("QUILL_CUDA_WGMMA");
-    return built == 1 && !(env && !strcmp(env, "0"));
+    return built == 1;
 }
 
 /* Which kernel, and how many tokens per block, for M (H100, one Qwen3-8B step's 144 linears,
@@ -792,22 +782,22 @@ int token_tile(int M) {
 } // namespace
 
 cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, int M, float *y, int ldy, int sms,
-                       bool accumulate) {
+                       bool accumulate, bool wgmma) {
     if (M <= 0 || w->n <= 0) return cudaSuccess;
     if (!w->group || w->k % 32) return cudaErrorInvalidValue;
     const int gs = cu_group_shift(w);
     const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), y + w->n0, M,
                         w->n, w->k, ldy, accumulate};
-    if (M >= kWgMinM && wg_available()) {
+    if (M >= kWgMinM && wgmma && wg_in_build()) {
         switch (wg_token_tile(M)) {
-        case 32: return launch_wg_tokens<32>(st, a, gs, sms);
-        case 64: return launch_wg_tokens<64>(st, a, gs, sms);
-        default: return launch_wg_tokens<128>(st, a, gs, sms);
+        case 32: return launch_group<Wgmma, 32>(st, a, gs, sms);
+        case 64: return launch_group<Wgmma, 64>(st, a, gs, sms);
+        default: return launch_group<Wgmma, 128>(st, a, gs, sms);
         }
     }
     switch (token_tile(M)) {
-    case 16: return launch_tokens<16>(st, a, gs, sms);
-    case 32: return launch_tokens<32>(st, a, gs, sms);
-    default: return launch_tokens<128>(st, a, gs, sms);
+    case 16: return launch_group<MmaSync, 16>(st, a, gs, sms);
+    case 32: return launch_group<MmaSync, 32>(st, a, gs, sms);
+    default: return launch_group<MmaSync, 128>(st, a, gs, sms);
     }
 }
