@@ -34,12 +34,12 @@
  * 64 features x 64 tokens (each pair of code words a lane dequantizes feeds 16 mma, so
  * dequantization costs a fraction of the tensor-core time).
  *
- * Pipeline. Three stages of cp.async (global -> shared): the codes (16-byte copies), their scale
- * words (4-byte copies) and the x tile (16-byte copies), with rows past n, tokens past M and
- * columns past k zero-filled (zero x keeps the k tail exact; any k that is a multiple of 32 works).
- * Shared-memory layouts are XOR-swizzled so both the copies and the fragment loads are free of
- * bank conflicts. Under programmatic dependent launch the first stages' weights are requested
- * before pdl_wait(), x only after it.
+ * Pipeline. Two or three stages (Tile::kStages) of cp.async (global -> shared): the codes
+ * (16-byte copies), their scale words (4-byte copies) and the x tile (16-byte copies), with rows
+ * past n, tokens past M and columns past k zero-filled (zero x keeps the k tail exact; any k that
+ * is a multiple of 32 works). Shared-memory layouts are XOR-swizzled so both the copies and the
+ * fragment loads are free of bank conflicts. Under programmatic dependent launch the first
+ * stages' weights are requested before pdl_wait(), x only after it.
  *
  * Split-K. When the output tiles are too few to fill the machine (a small M, or a narrow matrix),
  * k is split over the S blocks (S = 2, 4 or 8) of a thread-block cluster (sm_90): each block
@@ -53,7 +53,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kFeatures = 128; /* output features (weight rows) per block */
-constexpr int kStages = 3;
 constexpr int kTileLd = kFeatures + 4; /* row stride (floats) of the output tile in shared memory */
 
 /* The block shape for BT tokens. */
@@ -69,6 +68,10 @@ struct Tile {
     static constexpr int kWarpChunks = kChunks / kWarpsK;  /* chunks of a stage per warp */
     static constexpr int kMT = kWarpF / 16, kNT = kWarpT / 8; /* mma tiles per warp */
     static constexpr int kMinBlocks = BT >= 64 ? 1 : 2;
+    /* cp.async stages: two for the small tiles, which leaves two blocks' shared memory room for
+     * a block of the next matmul to start its loads beside them (H100, one Qwen3-8B step's
+     * matmuls at M = 16: 2.90 -> 2.87 ms; 3 blocks x 2 stages, 4 x 2: 4.24, 5.19 ms) */
+    static constexpr int kStages = BT <= 32 ? 2 : 3;
     static_assert(kWarpsK == 2 && kChunks % kWarpsK == 0, "warp layout");
 };
 
@@ -82,7 +85,7 @@ struct Stage {
     static constexpr size_t kCodes = (size_t)kFeatures * Tile<BT>::kChunks * 16;
     static constexpr size_t kX = (size_t)BT * Tile<BT>::kK * 2;
     static constexpr size_t kBytes = kCodes + kX + (size_t)kFeatures * kScaleStride * 4;
-    static constexpr size_t kSmem = kStages * kBytes;
+    static constexpr size_t kSmem = Tile<BT>::kStages * kBytes;
     static_assert(kSmem >= (size_t)BT * kTileLd * 4, "the output tile reuses the stages");
 };
 
@@ -300,11 +303,11 @@ __global__ void __launch_bounds__(kThreads, Tile<BT>::kMinBlocks) gemm_q4(GemmAr
 
     /* weights of the first stages before the predecessor is done; x after; one group per stage */
 #pragma unroll
-    for (int s = 0; s < kStages - 1; s++)
+    for (int s = 0; s < T::kStages - 1; s++)
         if (s < n_kt) load_weights<BT, GS>(a, f0, kt0 + s, codes_of(s), scales_of(s));
     pdl_wait();
 #pragma unroll
-    for (int s = 0; s < kStages - 1; s++) {
+    for (int s = 0; s < T::kStages - 1; s++) {
         if (s < n_kt) load_x<BT>(a, t0, kt0 + s, x_of(s));
         cp_async_commit();
     }
@@ -318,15 +321,15 @@ __global__ void __launch_bounds__(kThreads, Tile<BT>::kMinBlocks) gemm_q4(GemmAr
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
 
     for (int it = 0; it < n_kt; it++) {
-        cp_async_wait<kStages - 2>(); /* stage it has landed (for this thread) ... */
+        cp_async_wait<T::kStages - 2>(); /* stage it has landed (for this thread) ... */
         __syncthreads();              /* ... for all, and stage it - 1 is no longer read */
-        const int next = it + kStages - 1, ns = next % kStages;
+        const int next = it + T::kStages - 1, ns = next % T::kStages;
         if (next < n_kt) {
             load_weights<BT, GS>(a, f0, kt0 + next, codes_of(ns), scales_of(ns));
             load_x<BT>(a, t0, kt0 + next, x_of(ns));
         }
         cp_async_commit();
-        const int s = it % kStages;
+        const int s = it % T::kStages;
         mma_stage<BT, GS>(codes_of(s), x_of(s), scales_of(s), acc, wf, wt, wk, g, t);
     }
     cp_async_wait<0>();
@@ -396,7 +399,12 @@ struct WgTile {
     static constexpr size_t kScales = (size_t)kFeatures * kScaleStride * 4;
     static constexpr size_t kBytes = (kX + kCodes + kScales + 1023) / 1024 * 1024;
     static constexpr int kFit = (int)((kSmemPerSm / kMinBlocks - 2048) / kBytes);
-    static constexpr int kSlots = kFit < 6 ? kFit : 6;
+    /* at most 4 stage buffers for 32-token tiles and 3 for larger ones: fewer than fit, which
+     * leaves shared memory for the next matmul's blocks to start beside these (H100, one
+     * Qwen3-8B step's matmuls, ms, 6 / 4 / 3 buffers: M = 32 3.97 / 3.60 / 3.76, 64 5.45 / 5.46
+     * / 5.27, 128 6.85 / 6.80 / 6.77, 256 10.37 / 10.33 / 10.28) */
+    static constexpr int kCap = BT <= 32 ? 4 : 3;
+    static constexpr int kSlots = kFit < kCap ? kFit : kCap;
     static constexpr int kAhead = kSlots - 2;
     static constexpr size_t kSmem = kSlots * kBytes + 1024; /* + alignment slack */
     static_assert(kSlots >= 3, "stage buffers");
@@ -758,10 +766,11 @@ bool wg_in_build() {
 }
 
 /* Which kernel, and how many tokens per block, for M (H100, one Qwen3-8B step's 144 linears,
- * int4, bench_cuda_decode --matmul-m; ms):
+ * int4, bench_cuda_decode --matmul-m; ms; 192 and 512 measured before the stage counts above
+ * were cut):
  *   M         24    32    48    64    96    128    192    256    512
- *   mma.sync  4.01  4.07  5.86  5.58  9.31  9.89  16.15  15.31  (18.0 dequant + cuBLAS)
- *   wgmma     3.89  3.96  5.22  5.48  6.84  6.89  10.30  10.36  17.86
+ *   mma.sync  3.71  3.76  5.54  5.25  8.65  9.89  16.15  15.31  (18.0 dequant + cuBLAS)
+ *   wgmma     3.55  3.60  5.06  5.27  6.76  6.77  10.30  10.28  17.86
  * wgmma from 17 tokens, in tiles of 32 (M <= 32), 64 (M <= 64) or 128 (64-token tiles up to 128
  * measured 5-7% slower). The mma.sync kernel keeps M <= 16, where its 16-token tile wastes
  * less, and every M on GPUs (or builds) without wgmma, with 32-token tiles up to 96 tokens (more
