@@ -68,9 +68,9 @@ struct Tile {
     static constexpr int kWarpChunks = kChunks / kWarpsK;  /* chunks of a stage per warp */
     static constexpr int kMT = kWarpF / 16, kNT = kWarpT / 8; /* mma tiles per warp */
     static constexpr int kMinBlocks = BT >= 64 ? 1 : 2;
-    /* cp.async stages: two for the small tiles, which leaves two blocks' shared memory room for
-     * a block of the next matmul to start its loads beside them (H100, one Qwen3-8B step's
-     * matmuls at M = 16: 2.90 -> 2.87 ms; 3 blocks x 2 stages, 4 x 2: 4.24, 5.19 ms) */
+    /* cp.async stages: two for the small tiles, measured faster than three (H100, one Qwen3-8B
+     * step's matmuls at M = 16: 2.90 -> 2.87 ms, at M = 32 with 32-token tiles 4.09 -> 3.77;
+     * 3 or 4 blocks per SM at 2 stages, which caps registers at 80 / 64: M = 16 4.24 / 5.19) */
     static constexpr int kStages = BT <= 32 ? 2 : 3;
     static_assert(kWarpsK == 2 && kChunks % kWarpsK == 0, "warp layout");
 };
@@ -399,10 +399,12 @@ struct WgTile {
     static constexpr size_t kScales = (size_t)kFeatures * kScaleStride * 4;
     static constexpr size_t kBytes = (kX + kCodes + kScales + 1023) / 1024 * 1024;
     static constexpr int kFit = (int)((kSmemPerSm / kMinBlocks - 2048) / kBytes);
-    /* at most 4 stage buffers for 32-token tiles and 3 for larger ones: fewer than fit, which
-     * leaves shared memory for the next matmul's blocks to start beside these (H100, one
-     * Qwen3-8B step's matmuls, ms, 6 / 4 / 3 buffers: M = 32 3.97 / 3.60 / 3.76, 64 5.45 / 5.46
-     * / 5.27, 128 6.85 / 6.80 / 6.77, 256 10.37 / 10.33 / 10.28) */
+    /* at most 4 stage buffers for 32-token tiles and 3 for larger ones, fewer than fit: measured
+     * faster (H100, one Qwen3-8B step's matmuls, ms, 6 / 4 / 3 buffers: M = 32 3.97 / 3.60 /
+     * 3.76, 64 5.45 / 5.46 / 5.27, 128 6.85 / 6.80 / 6.77, 256 10.37 / 10.33 / 10.28). Not
+     * because the next kernel's blocks could start beside these (the registers of two blocks
+     * leave no room for a third); not profiled. Stages of 64 columns instead of 128 (more
+     * buffers, fewer registers) were slower at every M (M = 32 5.5-5.7, 128 7.1-7.3). */
     static constexpr int kCap = BT <= 32 ? 4 : 3;
     static constexpr int kSlots = kFit < kCap ? kFit : kCap;
     static constexpr int kAhead = kSlots - 2;
