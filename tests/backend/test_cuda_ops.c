@@ -258,8 +258,8 @@ static void check_matmul_mode(const char *what, Part *parts, int n_parts, Linear
     /* Error bound per part. M = 1 runs the GEMV kernels: float32 throughout (only summation
      * order differs) for bf16 weights; int4 takes x in 16-bit fixed point per 32 columns (error
      * <= max|x| of the chunk / 65024 per element); f16/f32 weights are rounded to bf16 on the GPU.
-     * Larger M may go to cuBLAS or the int4 GEMM, which round x and dequantized int4 weights to
-     * bf16 (2^-9 relative each). */
+     * Larger M may go to the int4 GEMV (up to 3 tokens), cuBLAS or the int4 GEMMs, the last two
+     * rounding x and dequantized int4 weights to bf16 (2^-9 relative each). */
     double worst = 0, worst_ratio = 0;
     for (int p = 0, n0 = 0; p < n_parts; n0 += (int)parts[p].src.n, p++) {
         double tol = M > 1 || !bf16_exact ? 1e-2 : parts[p].src.q4 ? 5e-4 : 2e-5;
@@ -309,9 +309,10 @@ static void check_matmul(const char *what, Part *parts, int n_parts, const int *
 
 /* The int4 matmuls (tensor-core GEMMs, GEMV at M = 1, dequant + cuBLAS above 256 tokens). */
 static void test_matmul_q4(void) {
-    /* the GEMMs' token tiles (mma.sync 16: 9, 16; wgmma 32: 24; 64: 33, 64; 128: 127, 160, 200)
-     * and ragged last tiles; 257 is past their range (dequantized for cuBLAS) */
-    static const int Mq[] = {1, 2, 3, 5, 8, 9, 16, 24, 33, 64, 127, 160, 200, 257};
+    /* the GEMV (1..3 tokens), the GEMMs' token tiles (mma.sync 16: 4, 5, 8, 9, 16; wgmma 32: 24;
+     * 64: 33, 64; 128: 127, 160, 200) and ragged last tiles; 257 is past their range (dequantized
+     * for cuBLAS) */
+    static const int Mq[] = {1, 2, 3, 4, 5, 8, 9, 16, 24, 33, 64, 127, 160, 200, 257};
     const int nMq = sizeof Mq / sizeof Mq[0];
     Part p[3];
     static const int groups[] = {32, 64, 128, 256};

@@ -7,8 +7,8 @@
  *    int4 keeps the checkpoint's codes as they are (they already suit 16-byte loads) with scale
  *    and zero packed into one word per group, so an int4 model costs its file size on the GPU.
  *    Stacked parts (q|k|v, gate|up) become one matrix and one launch.
- *  - Batch-1 decode (M = 1) uses our GEMV kernels (cuda_gemv.cu), built to stream weights from
- *    HBM once. Larger M converts x to bf16: int4 parts up to kGemmQ4MaxM rows (batched decode,
+ *  - Decode at M = 1 (and int4 up to 3 tokens) uses our GEMV kernels (cuda_gemv.cu), built to
+ *    stream weights from HBM once. Larger M converts x to bf16: int4 parts up to kGemmQ4MaxM rows (batched decode,
  *    chunked prefill) go to our tensor-core int4 GEMM (cuda_gemm_q4.cu), which reads the codes as
  *    they are (0.5 byte per weight); bf16 parts, and int4 parts at larger M, call cuBLAS, int4
  *    weights first dequantized to a bf16 scratch one matrix at a time (~4.5 bytes per weight,
@@ -49,9 +49,9 @@ namespace {
 __global__ void arch_probe_kernel() {}
 
 /* Which kernel multiplies at which M (H100, one step's 144 linears of Qwen3-8B, bench_cuda_decode
- * --matmul-m): int4 at M = 1 streams through the fixed-point GEMV (1.71 ms); from M = 2 the
- * tensor-core GEMM reads the codes directly (M = 2..16: 2.85-2.92 ms, 64: 5.48, 128: 6.89,
- * 256: 10.36); above kGemmQ4MaxM the weights are dequantized to bf16 one matrix at a time for
+ * --matmul-m): int4 up to M = 3 streams through the fixed-point GEMV (M = 1: 1.71 ms, 2: 2.18,
+ * 3: 2.58; cu_gemv_takes); from there the tensor-core GEMM reads the codes directly (M = 4..16:
+ * 2.87-2.90 ms, 32: 3.62, 64: 5.26, 128: 6.80, 256: 10.3); above kGemmQ4MaxM the weights are dequantized to bf16 one matrix at a time for
  * cuBLAS, whose tensor-core rate then catches up despite the extra ~4 bytes per weight (M = 512:
  * 18.0 vs 17.9 ms; M = 2048: 51.8 vs 68.0).
  * bf16 uses the GEMV only at M = 1: cuBLAS is as fast from M = 2. */
@@ -631,7 +631,7 @@ enum class MatPath { Gemv, GemmQ4, DequantBlas, Blas };
 
 MatPath mat_path(const CuMat *m, int M) {
     if (!m->group) return M <= kBf16GemvMaxM ? MatPath::Gemv : MatPath::Blas;
-    if (M == 1 && cu_gemv_fuses_norm(m)) return MatPath::Gemv; /* the batch-1 int4 kernel */
+    if (cu_gemv_takes(m, M)) return MatPath::Gemv; /* the decode int4 kernel (M <= 3) */
     return M <= kGemmQ4MaxM ? MatPath::GemmQ4 : MatPath::DequantBlas;
 }
 
@@ -687,7 +687,8 @@ void matmul(CudaBackend *c, float *y, MatIn in, int M, const Linear *l, bool acc
         const CuMat *m = &l->mat[i];
         switch (path[i]) {
         case MatPath::Gemv:
-            note(c, cu_gemv(c->st, m, in.x, y, c->sms, fused_input ? in.norm_w : nullptr, in.eps, accumulate),
+            note(c,
+                 cu_gemv(c->st, m, in.x, K, M, y, ldy, c->sms, fused_input ? in.norm_w : nullptr, in.eps, accumulate),
                  "matmul");
             break;
         case MatPath::GemmQ4:

@@ -154,12 +154,13 @@ typedef struct CuMat {
     const uint32_t *sz;  /* int4: [n][k/group] words, scale bf16 in the low half, zero in the high */
 } CuMat;
 
-/* Batch-1 matrix-vector product: y[n0 + j] = sum_k x'[k] * W[j][k]; sms: multiprocessor count
- * (sizes the grid). x' is x, or, when norm_w is not NULL, RMSNorm(x) with weight norm_w and eps
- * (allowed only where cu_gemv_fuses_norm says so). With accumulate the result is added to y (the
- * residual stream) instead of stored. */
-cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, float *y, int sms, const float *norm_w,
-                    float eps, bool accumulate);
+/* Matrix-vector products for decode: y[m][n0 + j] = sum_k x'[m][k] * W[j][k] for the M tokens
+ * (rows ldx and ldy floats apart); sms: multiprocessor count (sizes the grid). x' is x, or, when
+ * norm_w is not NULL, RMSNorm(x) with weight norm_w and eps. bf16 matrices take M = 1 and no
+ * norm; int4 matrices the M that cu_gemv_takes allows. With accumulate the result is added to y
+ * (the residual stream) instead of stored. */
+cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, int ldx, int M, float *y, int ldy, int sms,
+                    const float *norm_w, float eps, bool accumulate);
 /* log2(group / 32): an int4 group of w->group columns is 32 << shift columns (one 16-byte chunk
  * of codes per 32). */
 static inline int cu_group_shift(const CuMat *w) {
@@ -167,8 +168,10 @@ static inline int cu_group_shift(const CuMat *w) {
     while ((32 << shift) < w->group) shift++;
     return shift;
 }
-/* Whether this matrix takes the int4 GEMV, which also applies the RMSNorm of its input itself. */
-bool cu_gemv_fuses_norm(const CuMat *w);
+/* Whether the int4 GEMV takes this matrix at M tokens (it also applies an RMSNorm of its input
+ * itself): an int4 matrix, M small enough, and M rows of quantized x beside its weight ring in
+ * shared memory. */
+bool cu_gemv_takes(const CuMat *w, int M);
 /* int4 matrices only (w->group != 0), any M >= 1 (meant for M > 1; cuda_gemm_q4.cu):
  * y[m][n0 + j] (+)= sum_k x[m][k] * W[j][k] on the tensor cores, x bf16 [M][w->k] (16-byte
  * aligned), y row stride ldy; sms: multiprocessor count (sizes the split of k). Products use

@@ -2,12 +2,12 @@
  * is streaming the weights once from HBM: a batch-1 decode step of an int4 8B model reads ~3.7 GB
  * of codes and scales plus 1.25 GB of bf16 lm_head, and nothing else comes close.
  *
- * Two kernels, used for batch-1 decode (M = 1; from M = 2 the tensor-core GEMM of
- * cuda_gemm_q4.cu or cuBLAS is as fast):
- *  - bf16 (lm_head and bf16 models): measured at 100% of a device-to-device copy on an H100 for
- *    the large matrices.
- *  - int4 (gemv_q4x below): integer dot products against x in 16-bit fixed point, weights
- *    streamed through a cp.async ring in shared memory.
+ * Two kernels:
+ *  - bf16 (lm_head and bf16 models), batch-1 decode only (from M = 2 cuBLAS is as fast):
+ *    measured at 100% of a device-to-device copy on an H100 for the large matrices.
+ *  - int4 (gemv_q4x below), 1 to 3 tokens (the tensor-core GEMM of cuda_gemm_q4.cu from 4):
+ *    integer dot products against x in 16-bit fixed point, weights streamed through a cp.async
+ *    ring in shared memory, each weight's codes unpacked once for all tokens.
  *
  * Layout. A warp owns a contiguous range of output rows (split evenly over every warp of a grid
  * sized to the machine, so no multiprocessor gets a whole extra block of work; the int4 kernel
@@ -179,7 +179,12 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16(const uint4 *__restrict__ 
  * are requested before pdl_wait(): a block that starts while the previous kernels run has its
  * weights arriving by the time x is ready. One block of 12 warps per multiprocessor: the dot
  * products are latency-bound (ncu, H100: 2 warps per scheduler issued once per 5.7 cycles), so
- * more warps with shallower rings beat fewer with deeper ones. */
+ * more warps with shallower rings beat fewer with deeper ones.
+ *
+ * Two or three tokens (small decode batches) share the weight stream: the block quantizes every
+ * token's x' (one after another in shared memory), and each item's codes, unpacked once, feed
+ * every token's dp4a. Being latency-bound at one token, the kernel takes the second almost for
+ * free (a step's matmuls: 1.72 ms at M = 1, 2.18 at 2, 2.58 at 3). */
 
 constexpr int kQBatch = 4; /* x loads issued together while quantizing (12 was slower on the H100) */
 constexpr int kQSlot = kRows * 32 * (16 + 4); /* one item: 16-byte chunks, then 4-byte scale words */
@@ -326,35 +331,45 @@ CU_DEV float4 scaled4(const float *x, const float *g, int col, float &ss) {
     ss = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss))));
     return make_float4(w.x * v.x, w.y * v.y, w.z * v.z, w.w * v.w);
 }
-/* acc[r] += the warp's part of row r's dot product with x' over chunk c (this lane's 32 columns),
- * from an int4 item in `slot`. */
-CU_DEV void q4_item(const char *slot, int lane, const XQuant &xq, int c, float (&acc)[kRows]) {
-    uint4 q[kRows];
-    uint32_t s[kRows];
+/* acc[t][r] += the warp's part of row r's dot product with token t's x' over chunk c (this
+ * lane's 32 columns), from an int4 item in `slot`, for the M tokens of xq (token t's chunks
+ * follow token t - 1's; kc chunks per token). The codes are unpacked once for all tokens. */
+template <int M>
+CU_DEV void q4_item(const char *slot, int lane, const XQuant &xq, int kc, int c, float (&acc)[M][kRows]) {
+    int lo[kRows][4], hi[kRows][4]; /* the nibbles of even and odd columns */
+    float sc[kRows], ze[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; r++) {
-        q[r] = *reinterpret_cast<const uint4 *>(slot + (r * 32 + lane) * 16);
-        s[r] = *reinterpret_cast<const uint32_t *>(slot + kRows * 512 + (r * 32 + lane) * 4);
-    }
-    const uint4 *planes = reinterpret_cast<const uint4 *>(xq.words);
-    const uint4 xh[2] = {planes[c], planes[xq.chunks + c]}, xl[2] = {planes[2 * xq.chunks + c], planes[3 * xq.chunks + c]};
-    const XParam p = xq.param[c];
-#pragma unroll
-    for (int r = 0; r < kRows; r++) {
-        int ih = 0, il = 0;
+        const uint4 q = *reinterpret_cast<const uint4 *>(slot + (r * 32 + lane) * 16);
+        const uint32_t s = *reinterpret_cast<const uint32_t *>(slot + kRows * 512 + (r * 32 + lane) * 4);
 #pragma unroll
         for (int wi = 0; wi < 4; wi++) {
-            const uint32_t cw = word_of(q[r], wi);
-            const int lo = (int)(cw & 0x0f0f0f0fu), hi = (int)((cw >> 4) & 0x0f0f0f0fu);
-            const uint4 &h = xh[wi >> 1], &l = xl[wi >> 1];
-            ih = __dp4a((int)word_of(h, 2 * (wi & 1)), lo, ih);
-            ih = __dp4a((int)word_of(h, 2 * (wi & 1) + 1), hi, ih);
-            il = __dp4a((int)word_of(l, 2 * (wi & 1)), lo, il);
-            il = __dp4a((int)word_of(l, 2 * (wi & 1) + 1), hi, il);
+            const uint32_t cw = word_of(q, wi);
+            lo[r][wi] = (int)(cw & 0x0f0f0f0fu), hi[r][wi] = (int)((cw >> 4) & 0x0f0f0f0fu);
         }
-        const float sc = bf16_lo(s[r]), ze = bf16_hi(s[r]);
-        const float dot = p.xs * fmaf((float)(il - p.sl8), 1.0f / 256.0f, (float)(ih - p.sh8));
-        acc[r] = fmaf(sc, dot, fmaf(ze, p.xsum, acc[r]));
+        sc[r] = bf16_lo(s), ze[r] = bf16_hi(s);
+    }
+    const uint4 *planes = reinterpret_cast<const uint4 *>(xq.words);
+#pragma unroll
+    for (int t = 0; t < M; t++) {
+        const int ct = t * kc + c;
+        const uint4 xh[2] = {planes[ct], planes[xq.chunks + ct]};
+        const uint4 xl[2] = {planes[2 * xq.chunks + ct], planes[3 * xq.chunks + ct]};
+        const XParam p = xq.param[ct];
+#pragma unroll
+        for (int r = 0; r < kRows; r++) {
+            int ih = 0, il = 0;
+#pragma unroll
+            for (int wi = 0; wi < 4; wi++) {
+                const uint4 &h = xh[wi >> 1], &l = xl[wi >> 1];
+                ih = __dp4a((int)word_of(h, 2 * (wi & 1)), lo[r][wi], ih);
+                ih = __dp4a((int)word_of(h, 2 * (wi & 1) + 1), hi[r][wi], ih);
+                il = __dp4a((int)word_of(l, 2 * (wi & 1)), lo[r][wi], il);
+                il = __dp4a((int)word_of(l, 2 * (wi & 1) + 1), hi[r][wi], il);
+            }
+            const float dot = p.xs * fmaf((float)(il - p.sl8), 1.0f / 256.0f, (float)(ih - p.sh8));
+            acc[t][r] = fmaf(sc[r], dot, fmaf(ze[r], p.xsum, acc[t][r]));
+        }
     }
 }
 
@@ -363,6 +378,10 @@ CU_DEV float block_inv_rms(float ss, int k, float eps, float *red) {
     return 1.0f / sqrtf(block_sum(ss, red) / (float)k + eps);
 }
 
+/* Tokens the int4 GEMV takes per launch: it beats the tensor-core GEMM up to 3 (H100, one
+ * Qwen3-8B step's matmuls, ms, GEMV vs mma.sync GEMM: M = 2 2.18 vs 2.86, 3 2.58 vs 2.87, 4 3.02
+ * vs 2.87), each token costing its x prologue and 16 dp4a per 32 weights and row. */
+constexpr int kQ4GemvMaxM = 3;
 constexpr int kQThreads = 384;
 /* Ring depth of the fixed-point kernel: items of 2.5 KB per warp in flight (H100, batch-1
  * Qwen3-8B step, bench_cuda_decode: 8 warps x 6 stages 2.81 ms, 16 x 3 2.74 ms, 16 x 4 2.76 ms,
@@ -373,21 +392,23 @@ constexpr int kQThreads = 384;
 constexpr int kQStages = 4;
 constexpr int kQWarps = kQThreads / 32;
 
+/* M tokens (1 .. kQ4GemvMaxM): x and y rows ldx and ldy apart. */
+template <int M>
 __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ codes, const uint32_t *__restrict__ sz,
-                                                      const float *x, float *y, int n, int k, int gshift,
-                                                      const float *norm_w, float eps, bool accumulate) {
+                                                      const float *x, int ldx, float *y, int ldy, int n, int k,
+                                                      int gshift, const float *norm_w, float eps, bool accumulate) {
     extern __shared__ uint4 q4x_smem[];
     __shared__ float red[32];
     pdl_trigger();
-    const int lane = threadIdx.x & 31;
-    const XQuant xq = xquant_at(q4x_smem, k);
+    const int lane = threadIdx.x & 31, kc = k >> 5;
+    const XQuant xq = xquant_at(q4x_smem, M * k); /* the tokens one after another */
     /* whole row groups, an even share of them per warp of the grid */
     const long long warp = (long long)blockIdx.x * kQWarps + (threadIdx.x >> 5), nw = (long long)gridDim.x * kQWarps;
     const long long row_groups = (n + kRows - 1) / kRows;
-    WeightStream w = weight_stream(codes, sz, n, xq.chunks, gshift, (int)(warp * row_groups / nw),
+    WeightStream w = weight_stream(codes, sz, n, kc, gshift, (int)(warp * row_groups / nw),
                                    (int)((warp + 1) * row_groups / nw));
     WeightStream ahead = w; /* the next item to request */
-    char *ring = reinterpret_cast<char *>(q4x_smem) + xquant_bytes(k) + (size_t)(threadIdx.x >> 5) * kQStages * kQSlot;
+    char *ring = reinterpret_cast<char *>(q4x_smem) + xquant_bytes(M * k) + (size_t)(threadIdx.x >> 5) * kQStages * kQSlot;
     /* one cp.async group per item, empty or not, so groups and items stay in step */
     auto request = [&](char *slot) {
         if (ahead.count > 0) {
@@ -400,29 +421,53 @@ __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ 
     for (int i = 0; i < kQStages; i++) request(ring + i * kQSlot);
 
     pdl_wait();
-    float scale = 1.0f; /* RMSNorm's 1 / rms, applied to the dot products */
+    float scale[M]; /* RMSNorm's 1 / rms per token, applied to the dot products */
+    /* column col of the tokens' concatenated x' (a multiple of 4: never across two tokens) */
+    auto token_of = [&](int col) {
+        int t = 0;
+#pragma unroll
+        for (int i = 1; i < M; i++) t += col >= i * k;
+        return t;
+    };
     if (norm_w) {
-        float ss = 0.0f;
-        quantize_x([&](int col) { return scaled4(x, norm_w, col, ss); }, xq);
-        scale = block_inv_rms(ss, k, eps, red);
+        float ss[M] = {};
+        quantize_x([&](int col) {
+            const int t = token_of(col), c = col - t * k;
+            float part = 0.0f;
+            const float4 v = scaled4(x + (size_t)t * ldx, norm_w, c, part);
+#pragma unroll
+            for (int i = 0; i < M; i++) ss[i] += i == t ? part : 0.0f;
+            return v;
+        }, xq);
+#pragma unroll
+        for (int t = 0; t < M; t++) scale[t] = block_inv_rms(ss[t], k, eps, red);
     } else {
-        quantize_x([&](int col) { return ld4(x + col); }, xq);
+        quantize_x([&](int col) {
+            const int t = token_of(col);
+            return ld4(x + (size_t)t * ldx + (col - t * k));
+        }, xq);
+#pragma unroll
+        for (int t = 0; t < M; t++) scale[t] = 1.0f;
     }
     __syncthreads();
 
-    float acc[kRows] = {};
+    float acc[M][kRows] = {};
     for (int item = 0; w.count > 0; item++) { /* warp-uniform */
         cp_async_wait<kQStages - 1>(); /* this item's group has landed */
         char *slot = ring + (item % kQStages) * kQSlot;
-        if (w.it * 32 + lane < w.chunks) q4_item(slot, lane, xq, w.it * 32 + lane, acc);
-        if (w.it == w.iters - 1) store_rows(acc, y, w.g * kRows, min(kRows, n - w.g * kRows), scale, accumulate);
+        if (w.it * 32 + lane < w.chunks) q4_item<M>(slot, lane, xq, kc, w.it * 32 + lane, acc);
+        if (w.it == w.iters - 1) {
+#pragma unroll
+            for (int t = 0; t < M; t++)
+                store_rows(acc[t], y + (size_t)t * ldy, w.g * kRows, min(kRows, n - w.g * kRows), scale[t], accumulate);
+        }
         request(slot); /* the slot's data is in registers by now */
         walk_next(w);
     }
     cp_async_wait<0>();
 }
 
-size_t q4x_smem_bytes(int k) { return xquant_bytes(k) + (size_t)kQWarps * kQStages * kQSlot; }
+size_t q4x_smem_bytes(int k, int M) { return xquant_bytes(M * k) + (size_t)kQWarps * kQStages * kQSlot; }
 
 /* Grid of whole waves: enough blocks that every warp gets about kRows rows, capped at what fits
  * on the machine at once (so no second partial wave leaves most multiprocessors idle). The
@@ -446,6 +491,7 @@ int gemv_blocks(int n, int sms) {
 struct GemvArgs { /* what every launcher passes on */
     const CuMat *w;
     const float *x, *norm_w;
+    int M, ldx, ldy;
     float *y;
     int sms;
     float eps;
@@ -462,23 +508,27 @@ cudaError_t launch_bf16(const GemvArgs &a, cudaStream_t st) {
                      a.y + w->n0, w->n, w->k, w->k_pad, a.accumulate);
 }
 
-/* The fixed-point kernel (when x and the ring fit in shared memory): one block per
- * multiprocessor. */
+/* The fixed-point kernel for M tokens (when their x and the ring fit in shared memory): one
+ * block per multiprocessor. */
+template <int M>
 cudaError_t launch_q4x(const GemvArgs &a, cudaStream_t st) {
-    const size_t smem = q4x_smem_bytes(a.w->k);
-    static size_t smem_set = 0; /* the largest opt-in so far */
+    const size_t smem = q4x_smem_bytes(a.w->k, M);
+    static size_t smem_set = 0; /* the largest opt-in so far (per M) */
     if (smem > smem_set) {
-        cudaError_t rc = cudaFuncSetAttribute(gemv_q4x, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        cudaError_t rc = cudaFuncSetAttribute(gemv_q4x<M>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         /* the whole carveout as shared memory, so the next kernel's block fits beside this one */
-        if (rc == cudaSuccess) rc = cudaFuncSetAttribute(gemv_q4x, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+        if (rc == cudaSuccess) rc = cudaFuncSetAttribute(gemv_q4x<M>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
         if (rc != cudaSuccess) return rc;
         smem_set = smem;
     }
-    return cu_launch(st, dim3((unsigned)a.sms), dim3(kQThreads), smem, gemv_q4x, static_cast<const uint4 *>(a.w->w),
-                     a.w->sz, a.x, a.y + a.w->n0, a.w->n, a.w->k, cu_group_shift(a.w), a.norm_w, a.eps, a.accumulate);
+    return cu_launch(st, dim3((unsigned)a.sms), dim3(kQThreads), smem, gemv_q4x<M>, static_cast<const uint4 *>(a.w->w),
+                     a.w->sz, a.x, a.ldx, a.y + a.w->n0, a.ldy, a.w->n, a.w->k, cu_group_shift(a.w), a.norm_w, a.eps,
+                     a.accumulate);
 }
 
-bool use_q4x(const CuMat *w) { return w->group && q4x_smem_bytes(w->k) <= (size_t)220 << 10; }
+bool use_q4x(const CuMat *w, int M) {
+    return w->group && M >= 1 && M <= kQ4GemvMaxM && q4x_smem_bytes(w->k, M) <= (size_t)220 << 10;
+}
 
 __global__ void to_bf16_kernel(const float *x, __nv_bfloat16 *out, size_t n) {
     pdl_trigger();
@@ -519,14 +569,21 @@ int grid_for(size_t n, int threads) {
 
 } // namespace
 
-bool cu_gemv_fuses_norm(const CuMat *w) { return use_q4x(w); }
+bool cu_gemv_takes(const CuMat *w, int M) { return use_q4x(w, M); }
 
-cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, float *y, int sms, const float *norm_w,
-                    float eps, bool accumulate) {
-    if (w->n <= 0) return cudaSuccess;
-    const GemvArgs a{w, x, norm_w, y, sms, eps, accumulate};
-    if (use_q4x(w)) return launch_q4x(a, st);
-    return w->group || norm_w ? cudaErrorInvalidValue : launch_bf16(a, st);
+cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, int ldx, int M, float *y, int ldy, int sms,
+                    const float *norm_w, float eps, bool accumulate) {
+    if (w->n <= 0 || M <= 0) return cudaSuccess;
+    const GemvArgs a{w, x, norm_w, M, ldx, ldy, y, sms, eps, accumulate};
+    if (use_q4x(w, M)) {
+        static_assert(kQ4GemvMaxM == 3, "one case per token count");
+        switch (M) {
+        case 1: return launch_q4x<1>(a, st);
+        case 2: return launch_q4x<2>(a, st);
+        default: return launch_q4x<3>(a, st);
+        }
+    }
+    return w->group || norm_w || M != 1 ? cudaErrorInvalidValue : launch_bf16(a, st);
 }
 
 cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size_t n) {
