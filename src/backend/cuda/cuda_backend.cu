@@ -650,8 +650,9 @@ cudaError_t make_input(cudaStream_t st, const MatIn *in, T *out, int M, int K) {
     return cu_swiglu(st, out, in->x, M, K);
 }
 
-/* y (+)= x' W^T with x' from `in` (x, RMSNorm(x) or SwiGLU(x)). The batch-1 int4 GEMV applies
- * an RMSNorm itself and accumulates in its store. Elsewhere x' is written first: as float to
+/* y (+)= x' W^T with x' from `in` (x, RMSNorm(x) or SwiGLU(x)). The decode GEMVs (int4 up to 3
+ * tokens, bf16 at M = 1) apply an RMSNorm themselves where cu_gemv_fuses_norm says it pays, and
+ * accumulate in their store. Elsewhere x' is written first: as float to
  * c->xn where a GEMV reads it (then converted to bf16 if another part needs that), else straight
  * as bf16 to c->xb, what the tensor-core kernels and cuBLAS read (saving a conversion launch;
  * cuBLAS accumulates with beta = 1). */
@@ -663,7 +664,7 @@ void matmul(CudaBackend *c, float *y, MatIn in, int M, const Linear *l, bool acc
     bool fused_input = in.op == InOp::Norm, need_float = false, need_bf16 = false;
     for (int i = 0; i < l->n_mats; i++) {
         path[i] = mat_path(&l->mat[i], M);
-        fused_input = fused_input && path[i] == MatPath::Gemv && l->mat[i].group;
+        fused_input = fused_input && path[i] == MatPath::Gemv && cu_gemv_fuses_norm(&l->mat[i], c->sms);
         need_float = need_float || path[i] == MatPath::Gemv;
         need_bf16 = need_bf16 || path[i] != MatPath::Gemv;
     }

@@ -156,8 +156,8 @@ typedef struct CuMat {
 
 /* Matrix-vector products for decode: y[m][n0 + j] = sum_k x'[m][k] * W[j][k] for the M tokens
  * (rows ldx and ldy floats apart); sms: multiprocessor count (sizes the grid). x' is x, or, when
- * norm_w is not NULL, RMSNorm(x) with weight norm_w and eps. bf16 matrices take M = 1 and no
- * norm; int4 matrices the M that cu_gemv_takes allows. With accumulate the result is added to y
+ * norm_w is not NULL, RMSNorm(x) with weight norm_w and eps. bf16 matrices take M = 1, int4
+ * matrices the M that cu_gemv_takes allows. With accumulate the result is added to y
  * (the residual stream) instead of stored. */
 cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, int ldx, int M, float *y, int ldy, int sms,
                     const float *norm_w, float eps, bool accumulate);
@@ -168,10 +168,12 @@ static inline int cu_group_shift(const CuMat *w) {
     while ((32 << shift) < w->group) shift++;
     return shift;
 }
-/* Whether the int4 GEMV takes this matrix at M tokens (it also applies an RMSNorm of its input
- * itself): an int4 matrix, M small enough, and M rows of quantized x beside its weight ring in
- * shared memory. */
+/* Whether the int4 GEMV takes this matrix at M tokens: an int4 matrix, M small enough, and M
+ * rows of quantized x beside its weight ring in shared memory. */
 bool cu_gemv_takes(const CuMat *w, int M);
+/* Whether cu_gemv should apply an RMSNorm of this matrix's input itself (where that is faster
+ * than the separate norm kernel); sms: multiprocessor count. */
+bool cu_gemv_fuses_norm(const CuMat *w, int sms);
 /* int4 matrices only (w->group != 0), any M >= 1 (meant for M > 1; cuda_gemm_q4.cu):
  * y[m][n0 + j] (+)= sum_k x[m][k] * W[j][k] on the tensor cores, x bf16 [M][w->k] (16-byte
  * aligned), y row stride ldy; sms: multiprocessor count (sizes the split of k). Products use

@@ -98,16 +98,23 @@ CU_DEV void store_rows(float (&acc)[kRows], float *y, int row0, int nr, float sc
 
 /* bf16: w [n][k_pad] as 16-byte chunks of 8 columns (k_pad = k rounded up to 8, padding zero).
  * VEC: k is a multiple of 8, so x can be read as float4 (otherwise element by element, with the
- * columns past k skipped). */
+ * columns past k skipped). With norm_w the product is with RMSNorm(x): each warp multiplies x by
+ * norm_w as it loads it and scales its dot products by 1 / rms(x), whose sum of squares it takes
+ * from the loads of its first rows (its lanes read all of x for each row group), which saves the
+ * separate norm kernel's launch. */
 template <bool VEC>
 __global__ void __launch_bounds__(kThreads) gemv_bf16(const uint4 *__restrict__ w, const float *x, float *y, int n,
-                                                      int k, int k_pad, bool accumulate) {
+                                                      int k, int k_pad, const float *norm_w, float eps,
+                                                      bool accumulate) {
     pdl_trigger();
     int begin, end;
     warp_rows(n, &begin, &end);
     const int lane = threadIdx.x & 31, chunks = k_pad >> 3;
     bool waited = false;
+    float scale = 1.0f; /* 1 / rms(x) once known */
     for (int r0 = begin; r0 < end; r0 += kRows) {
+        const bool first = r0 == begin;
+        float ss = 0.0f;
         const uint4 *row[kRows];
 #pragma unroll
         for (int r = 0; r < kRows; r++) row[r] = w + (size_t)min(r0 + r, end - 1) * chunks;
@@ -137,6 +144,13 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16(const uint4 *__restrict__ 
 #pragma unroll
                 for (int j = 0; j < 8; j++) xv[j] = c * 8 + j < k ? xp[j] : 0.0f;
             }
+            if (norm_w) {
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    ss = fmaf(xv[j], xv[j], ss);
+                    xv[j] *= c * 8 + j < k ? __ldg(norm_w + c * 8 + j) : 0.0f;
+                }
+            }
 #pragma unroll
             for (int r = 0; r < kRows; r++) {
 #pragma unroll
@@ -150,7 +164,8 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16(const uint4 *__restrict__ 
                 for (int r = 0; r < kRows; r++) q[r] = qn[r];
             }
         }
-        store_rows(acc, y, r0, min(kRows, end - r0), 1.0f, accumulate);
+        if (norm_w && first) scale = 1.0f / sqrtf(warp_sum(ss) / (float)k + eps);
+        store_rows(acc, y, r0, min(kRows, end - r0), scale, accumulate);
     }
 }
 
@@ -503,9 +518,9 @@ cudaError_t launch_bf16(const GemvArgs &a, cudaStream_t st) {
     const uint4 *wp = static_cast<const uint4 *>(w->w);
     if (w->k % 8 == 0)
         return cu_launch(st, dim3(gemv_blocks<gemv_bf16<true>>(w->n, a.sms)), dim3(kThreads), 0, gemv_bf16<true>, wp,
-                         a.x, a.y + w->n0, w->n, w->k, w->k_pad, a.accumulate);
+                         a.x, a.y + w->n0, w->n, w->k, w->k_pad, a.norm_w, a.eps, a.accumulate);
     return cu_launch(st, dim3(gemv_blocks<gemv_bf16<false>>(w->n, a.sms)), dim3(kThreads), 0, gemv_bf16<false>, wp, a.x,
-                     a.y + w->n0, w->n, w->k, w->k_pad, a.accumulate);
+                     a.y + w->n0, w->n, w->k, w->k_pad, a.norm_w, a.eps, a.accumulate);
 }
 
 /* The fixed-point kernel for M tokens (when their x and the ring fit in shared memory): one
@@ -571,6 +586,16 @@ int grid_for(size_t n, int threads) {
 
 bool cu_gemv_takes(const CuMat *w, int M) { return use_q4x(w, M); }
 
+bool cu_gemv_fuses_norm(const CuMat *w, int sms) {
+    if (w->group) return true; /* int4: the block quantizes the normed x once */
+    /* bf16: each warp applies the norm weight again for every group of rows it walks, which
+     * costs more than the separate norm kernel once warps walk many (H100, a 151936-row lm_head:
+     * decode step 2.630 -> 2.683 ms) */
+    const int blocks =
+        w->k % 8 == 0 ? gemv_blocks<gemv_bf16<true>>(w->n, sms) : gemv_blocks<gemv_bf16<false>>(w->n, sms);
+    return (long long)w->n <= 2LL * kRows * kWarps * blocks;
+}
+
 cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, int ldx, int M, float *y, int ldy, int sms,
                     const float *norm_w, float eps, bool accumulate) {
     if (w->n <= 0 || M <= 0) return cudaSuccess;
@@ -583,7 +608,7 @@ cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, int ldx, in
         default: return launch_q4x<3>(a, st);
         }
     }
-    return w->group || norm_w || M != 1 ? cudaErrorInvalidValue : launch_bf16(a, st);
+    return w->group || M != 1 ? cudaErrorInvalidValue : launch_bf16(a, st);
 }
 
 cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size_t n) {
