@@ -79,7 +79,9 @@ static int kv_blocks_for(const EngineOptions *o, const QwenConfig *cfg) {
 /* Prompt tokens of prompt-logprobs requests per step (Scheduler.max_prompt_logit_tokens): each
  * returns a row of logits (600 KB for Qwen3's vocabulary), so long steps would otherwise need
  * logits buffers of max_step_tokens rows (5 GB at vLLM's 8192-token GPU steps). */
-static int prompt_logit_tokens(const EngineOptions *o) { return o->max_step_tokens < 1024 ? o->max_step_tokens : 1024; }
+static int prompt_logit_tokens(const EngineOptions *o) {
+    return o->max_step_tokens < 1024 ? o->max_step_tokens : 1024;
+}
 
 /* Rows of logits a step can return: one per sequence, plus the prompt-logprobs tokens. */
 static int logit_rows(const EngineOptions *o) {
@@ -107,9 +109,8 @@ Engine *engine_create(Model *m, const EngineOptions *o, QErr *err) {
     pthread_cond_init(&e->cv, NULL);
     e->model = m;
     e->opt = *o;
-    const int model_rows = m->opt.max_logit_rows > 0 ? m->opt.max_logit_rows : m->opt.max_step_tokens;
     if (o->max_seqs > m->opt.max_seqs || o->max_step_tokens > m->opt.max_step_tokens ||
-        o->max_model_len > m->opt.max_ctx || logit_rows(o) > model_rows) {
+        o->max_model_len > m->opt.max_ctx || logit_rows(o) > m->opt.max_logit_rows) {
         qerr_set(err, "engine options exceed what the model was loaded for");
         engine_free(e);
         return NULL;

@@ -167,7 +167,7 @@ static int alloc_scratch(Model *m, QErr *err) {
         {&m->attn, T * c->num_attention_heads * c->head_dim},
         {&m->gate_up, T * 2 * c->intermediate_size},
         {&m->cs, T * c->head_dim},
-        {&m->logits, (m->opt.max_logit_rows > 0 ? (size_t)m->opt.max_logit_rows : T) * c->vocab_size},
+        {&m->logits, (size_t)m->opt.max_logit_rows * c->vocab_size},
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         *bufs[i].p = be->ops->alloc(be, bufs[i].n * sizeof(float));
@@ -228,6 +228,7 @@ Model *model_create(const QwenConfig *cfg, const GenConfig *gen, StModel *st, Ba
         goto fail;
     }
     m->opt = opt ? *opt : model_default_options(c);
+    if (m->opt.max_logit_rows <= 0) m->opt.max_logit_rows = m->opt.max_step_tokens;
     if (m->opt.max_ctx > c->max_position_embeddings) m->opt.max_ctx = c->max_position_embeddings;
     if (m->opt.max_step_tokens < 1 || m->opt.max_seqs < 1 || m->opt.block_size < 1 || m->opt.max_ctx < 1) {
         qerr_set(err, "invalid model options (step tokens %d, seqs %d, block size %d, context %d)",

@@ -29,7 +29,8 @@ typedef struct LayerWeights {
 typedef struct ModelOptions {
     int max_step_tokens;  /* largest number of tokens in one step (prompt chunk size) */
     int max_seqs;         /* largest number of sequences in one step */
-    int max_logit_rows;   /* most rows of logits one step returns (0: max_step_tokens) */
+    int max_logit_rows;   /* most rows of logits one step returns (0: max_step_tokens; the
+                             model's copy holds the resolved value) */
     int max_ctx;          /* longest context (<= max_position_embeddings) */
     int kv_blocks;        /* KV pool size in blocks; 0: enough for max_seqs x max_ctx */
     double kv_mem_fraction; /* > 0, on a backend with mem_free: instead of kv_blocks, the pool takes
@@ -52,7 +53,7 @@ typedef struct Model {
     ModelOptions opt;
     KVShape kv_shape;
     void *kv;
-    /* scratch (device), sized for opt.max_step_tokens rows */
+    /* scratch (device), sized for opt.max_step_tokens rows (logits: opt.max_logit_rows) */
     float *x, *xb, *qkv, *attn, *gate_up, *cs, *logits;
     int32_t *d_meta;      /* device copy of the step's metadata arrays */
     int32_t *h_meta;      /* host staging of the same */
