@@ -8,9 +8,9 @@
  *    and zero packed into one word per group, so an int4 model costs its file size on the GPU.
  *    Stacked parts (q|k|v, gate|up) become one matrix and one launch.
  *  - Decode at M = 1 (and int4 up to 3 tokens) uses our GEMV kernels (cuda_gemv.cu), built to
- *    stream weights from HBM once. Larger M converts x to bf16: int4 parts up to kGemmQ4MaxM rows (batched decode,
- *    chunked prefill) go to our tensor-core int4 GEMM (cuda_gemm_q4.cu), which reads the codes as
- *    they are (0.5 byte per weight); bf16 parts, and int4 parts at larger M, call cuBLAS, int4
+ *    stream weights from HBM once. Larger M converts x to bf16: int4 parts up to kGemmQ4MaxM
+ *    rows (batched decode, chunked prefill) go to our tensor-core int4 GEMM (cuda_gemm_q4.cu),
+ *    which reads the codes as they are (0.5 byte per weight); bf16 parts, and int4 parts at larger M, call cuBLAS, int4
  *    weights first dequantized to a bf16 scratch one matrix at a time (~4.5 bytes per weight,
  *    which cuBLAS's higher bf16 rate outweighs at large M). See kGemmQ4MaxM for the measurements.
  *  - The embedding table stays in host memory: M rows are gathered and converted on the host
@@ -51,9 +51,9 @@ __global__ void arch_probe_kernel() {}
 /* Which kernel multiplies at which M (H100, one step's 144 linears of Qwen3-8B, bench_cuda_decode
  * --matmul-m): int4 up to M = 3 streams through the fixed-point GEMV (M = 1: 1.71 ms, 2: 2.18,
  * 3: 2.58; cu_gemv_takes); from there the tensor-core GEMM reads the codes directly (M = 4..16:
- * 2.87-2.90 ms, 32: 3.62, 64: 5.26, 128: 6.80, 256: 10.3); above kGemmQ4MaxM the weights are dequantized to bf16 one matrix at a time for
- * cuBLAS, whose tensor-core rate then catches up despite the extra ~4 bytes per weight (M = 512:
- * 18.0 vs 17.9 ms; M = 2048: 51.8 vs 68.0).
+ * 2.87-2.90 ms, 32: 3.62, 64: 5.26, 128: 6.80, 256: 10.3); above kGemmQ4MaxM the weights are
+ * dequantized to bf16 one matrix at a time for cuBLAS, whose tensor-core rate then catches up
+ * despite the extra ~4 bytes per weight (M = 512: 18.0 vs 17.9 ms; M = 2048: 51.8 vs 68.0).
  * bf16 uses the GEMV only at M = 1: cuBLAS is as fast from M = 2. */
 constexpr int kGemmQ4MaxM = 256;
 constexpr int kBf16GemvMaxM = 1;
@@ -652,10 +652,10 @@ cudaError_t make_input(cudaStream_t st, const MatIn *in, T *out, int M, int K) {
 
 /* y (+)= x' W^T with x' from `in` (x, RMSNorm(x) or SwiGLU(x)). The decode GEMVs (int4 up to 3
  * tokens, bf16 at M = 1) apply an RMSNorm themselves where cu_gemv_fuses_norm says it pays, and
- * accumulate in their store. Elsewhere x' is written first: as float to
- * c->xn where a GEMV reads it (then converted to bf16 if another part needs that), else straight
- * as bf16 to c->xb, what the tensor-core kernels and cuBLAS read (saving a conversion launch;
- * cuBLAS accumulates with beta = 1). */
+ * accumulate in their store. Elsewhere x' is written first: as float to c->xn where a GEMV reads
+ * it (then converted to bf16 if another part needs that), else straight as bf16 to c->xb, what
+ * the tensor-core kernels and cuBLAS read (saving a conversion launch; cuBLAS accumulates with
+ * beta = 1). */
 void matmul(CudaBackend *c, float *y, MatIn in, int M, const Linear *l, bool accumulate) {
     if (M <= 0) return;
     use_device(c);

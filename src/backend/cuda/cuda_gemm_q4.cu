@@ -322,7 +322,7 @@ __global__ void __launch_bounds__(kThreads, Tile<BT>::kMinBlocks) gemm_q4(GemmAr
 
     for (int it = 0; it < n_kt; it++) {
         cp_async_wait<T::kStages - 2>(); /* stage it has landed (for this thread) ... */
-        __syncthreads();              /* ... for all, and stage it - 1 is no longer read */
+        __syncthreads();                 /* ... for all, and stage it - 1 is no longer read */
         const int next = it + T::kStages - 1, ns = next % T::kStages;
         if (next < n_kt) {
             load_weights<BT, GS>(a, f0, kt0 + next, codes_of(ns), scales_of(ns));

@@ -423,7 +423,8 @@ __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ 
     WeightStream w = weight_stream(codes, sz, n, kc, gshift, (int)(warp * row_groups / nw),
                                    (int)((warp + 1) * row_groups / nw));
     WeightStream ahead = w; /* the next item to request */
-    char *ring = reinterpret_cast<char *>(q4x_smem) + xquant_bytes(M * k) + (size_t)(threadIdx.x >> 5) * kQStages * kQSlot;
+    char *ring =
+        reinterpret_cast<char *>(q4x_smem) + xquant_bytes(M * k) + (size_t)(threadIdx.x >> 5) * kQStages * kQSlot;
     /* one cp.async group per item, empty or not, so groups and items stay in step */
     auto request = [&](char *slot) {
         if (ahead.count > 0) {
@@ -532,7 +533,8 @@ cudaError_t launch_q4x(const GemvArgs &a, cudaStream_t st) {
     if (smem > smem_set) {
         cudaError_t rc = cudaFuncSetAttribute(gemv_q4x<M>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         /* the whole carveout as shared memory, so the next kernel's block fits beside this one */
-        if (rc == cudaSuccess) rc = cudaFuncSetAttribute(gemv_q4x<M>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+        if (rc == cudaSuccess)
+            rc = cudaFuncSetAttribute(gemv_q4x<M>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
         if (rc != cudaSuccess) return rc;
         smem_set = smem;
     }

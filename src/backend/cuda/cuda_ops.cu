@@ -1,6 +1,6 @@
 /* cuda_ops.cu — the small kernels of a layer: RMSNorm and SwiGLU where a matmul does not fuse
- * them (written as float, or straight as the bf16 a tensor-core matmul reads), row gather, the RoPE table, and q/k-norm + RoPE + KV-cache store fused into one pass over the
- * qkv row.
+ * them (written as float, or straight as the bf16 a tensor-core matmul reads), row gather, the
+ * RoPE table, and q/k-norm + RoPE + KV-cache store fused into one pass over the qkv row.
  *
  * These move a few KB per token, so at decode they cost launch latency, not bandwidth: each is a
  * single launch over all M rows with one block (or one warp) per row, and each follows the
