@@ -310,8 +310,8 @@ static void check_matmul(const char *what, Part *parts, int n_parts, const int *
 /* The int4 matmuls (tensor-core GEMMs, GEMV at M = 1, dequant + cuBLAS above 256 tokens). */
 static void test_matmul_q4(void) {
     /* the GEMV (1..3 tokens), the GEMMs' token tiles (mma.sync 16: 4, 5, 8, 9, 16; wgmma 32: 24;
-     * 64: 33, 64; 128: 127, 160, 200) and ragged last tiles; 257 is past their range (dequantized
-     * for cuBLAS) */
+     * 64: 33, 64; 128: 127, 160, 200 on these narrow matrices) and ragged last tiles; 257 is past
+     * their range (dequantized for cuBLAS) */
     static const int Mq[] = {1, 2, 3, 4, 5, 8, 9, 16, 24, 33, 64, 127, 160, 200, 257};
     const int nMq = sizeof Mq / sizeof Mq[0];
     Part p[3];
@@ -328,6 +328,11 @@ static void test_matmul_q4(void) {
     static const int Mqwen[] = {16, 130}; /* a Qwen3-like row: k split over clusters of 8 */
     make_q4(&p[0], "int4 g128 512x4096", 512, 4096, 128);
     check_matmul("int4 g128 512x4096", p, 1, Mqwen, 2, true);
+    free_part(&p[0]);
+    /* a wide matrix: 256-token wgmma tiles from 129 tokens (enough feature tiles for them) */
+    static const int Mwide[] = {130, 256};
+    make_q4(&p[0], "int4 g128 6200x256", 6200, 256, 128);
+    check_matmul("int4 g128 6200x256", p, 1, Mwide, 2, true);
     free_part(&p[0]);
     make_q4(&p[0], "q", 128, 256, 128);
     make_q4(&p[1], "k", 32, 256, 128);

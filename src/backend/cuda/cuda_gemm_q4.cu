@@ -471,6 +471,38 @@ CU_DEV void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b, bool ac
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"((int)acc));
 }
 
+/* m64n256k16: 128 accumulators per thread. */
+CU_DEV void wgmma_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t b, bool acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+                 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+                 "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+                 "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                   "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                   "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                   "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+                   "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+                   "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+                   "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+                   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"((int)acc));
+}
+
 #else
 #define QUILL_WGMMA 0
 CU_DEV void fence_operand(float &) {}
@@ -777,10 +809,23 @@ bool wg_in_build() {
  * measured 5-7% slower). The mma.sync kernel keeps M <= 16, where its 16-token tile wastes
  * less, and every M on GPUs (or builds) without wgmma, with 32-token tiles up to 96 tokens (more
  * blocks to fill the machine, each weight tile read again from L2 rather than HBM) and 128-token
- * tiles from 128, unless the last one would be at most half full. */
+ * tiles from 128, unless the last one would be at most half full.
+ *
+ * Above 128 tokens, wgmma tiles of 256 (each weight dequantized once for all of them, m64n256
+ * products) where the matrix has enough feature tiles to fill a third of the machine without
+ * them: qkv and gate_up of Qwen3-8B, not o and down (32 feature tiles, whose split of k over
+ * clusters of 4 then costs more than the second token tile saves). Same card, the step's
+ * matmuls (per launch, us, qkv / o / gate_up / down):
+ *   M = 160  10.08 -> 8.58 ms, 192  10.30 -> 8.88, 256  10.34 -> 9.08 (74.6 / 27.4 / 121.0 / 66.3
+ *   -> 39.8 / 26.6 / 120.2 / 67.5); 256-token tiles for all four: 10.71 (o 49.5, down 95.2). */
 constexpr int kWgMinM = 17;
 
-int wg_token_tile(int M) { return M <= 32 ? 32 : M <= 64 ? 64 : 128; }
+int wg_token_tile(int M, int n, int sms) {
+    if (M <= 32) return 32;
+    if (M <= 64) return 64;
+    if (M <= 128) return 128;
+    return (n + kFeatures - 1) / kFeatures * 3 >= sms ? 256 : 128;
+}
 
 int token_tile(int M) {
     if (M <= 16) return 16;
@@ -800,10 +845,11 @@ cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, 
     const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), y + w->n0, M,
                         w->n, w->k, ldy, accumulate};
     if (M >= kWgMinM && wgmma && wg_in_build()) {
-        switch (wg_token_tile(M)) {
+        switch (wg_token_tile(M, w->n, sms)) {
         case 32: return launch_group<Wgmma, 32>(st, a, gs, sms);
         case 64: return launch_group<Wgmma, 64>(st, a, gs, sms);
-        default: return launch_group<Wgmma, 128>(st, a, gs, sms);
+        case 128: return launch_group<Wgmma, 128>(st, a, gs, sms);
+        default: return launch_group<Wgmma, 256>(st, a, gs, sms);
         }
     }
     switch (token_tile(M)) {
