@@ -329,10 +329,11 @@ static void test_matmul_q4(void) {
     make_q4(&p[0], "int4 g128 512x4096", 512, 4096, 128);
     check_matmul("int4 g128 512x4096", p, 1, Mqwen, 2, true);
     free_part(&p[0]);
-    /* a wide matrix: 256-token wgmma tiles from 129 tokens (enough feature tiles for them) */
-    static const int Mwide[] = {130, 256};
+    /* a wide matrix: 128-token wgmma tiles up to 128 tokens and 256-token tiles above (narrow
+     * matrices take 64 and 128) */
+    static const int Mwide[] = {100, 130, 256};
     make_q4(&p[0], "int4 g128 6200x256", 6200, 256, 128);
-    check_matmul("int4 g128 6200x256", p, 1, Mwide, 2, true);
+    check_matmul("int4 g128 6200x256", p, 1, Mwide, 3, true);
     free_part(&p[0]);
     make_q4(&p[0], "q", 128, 256, 128);
     make_q4(&p[1], "k", 32, 256, 128);

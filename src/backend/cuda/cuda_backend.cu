@@ -51,7 +51,7 @@ __global__ void arch_probe_kernel() {}
 /* Which kernel multiplies at which M (H100, one step's 144 linears of Qwen3-8B, bench_cuda_decode
  * --matmul-m): int4 up to M = 3 streams through the fixed-point GEMV (M = 1: 1.71 ms, 2: 2.18,
  * 3: 2.58; cu_gemv_takes); from there the tensor-core GEMM reads the codes directly (M = 4..16:
- * 2.87-2.90 ms, 32: 3.62, 64: 5.26, 128: 6.80, 256: 9.08); above kGemmQ4MaxM the weights are
+ * 2.85-2.88 ms, 32: 3.61, 64: 4.49, 128: 6.06, 256: 8.96); above kGemmQ4MaxM the weights are
  * dequantized to bf16 one matrix at a time for cuBLAS, whose tensor-core rate then catches up
  * despite the extra ~4 bytes per weight (M = 384: 15.9 vs 16.0 ms with 256-token tiles, whose
  * qkv is the slower there; 1024: 29.5 vs 29.8; 2048: 53.3 vs 59.3).

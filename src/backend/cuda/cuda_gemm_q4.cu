@@ -709,10 +709,14 @@ void split_slots(const void *kernel, size_t smem, int sms, int (&slots)[4]) {
     cudaGetLastError(); /* a failed query is not sticky; clear it */
 }
 
-/* Blocks per output tile (the split of k). Memory-bound tiles (BT <= 32) only need every
- * multiprocessor busy; compute-bound ones want whole waves. A larger split must fill the machine
- * 10% better (it costs a reduction), and each split keeps at least two stages of k. */
-int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, bool compute_bound) {
+/* Blocks per output tile (the split of k). A kernel that fits one block per multiprocessor wants
+ * whole waves of them; with two per multiprocessor, every multiprocessor busy is enough (the
+ * second block evens out the load). A larger split must fill the machine 10% better (it costs a
+ * reduction), and each split keeps at least two stages of k. Measured on an H100 for the 64-token
+ * wgmma tile (two blocks per multiprocessor), waves vs busy multiprocessors, us per launch at
+ * M = 64: gate_up 72.0 (split 8) -> 47.5 (split 1); at M = 128 in two token tiles, o 27.1 -> 19.8
+ * and down 64.8 -> 51.6 (split 4 -> 2). */
+int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, bool whole_waves) {
     int best = 1;
     double best_fill = -1.0;
     for (int i = 0; i < 4; i++) {
@@ -720,7 +724,7 @@ int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, b
         if (!slots[i] || (s > 1 && k_tiles < 2 * s)) break;
         const long long blocks = tiles * s;
         double fill;
-        if (compute_bound) {
+        if (whole_waves) {
             const long long waves = (blocks + slots[i] - 1) / slots[i];
             fill = (double)blocks / (double)(waves * slots[i]);
         } else {
@@ -749,12 +753,12 @@ cudaError_t prepare(void (*kernel)(GemmArgs), size_t smem, int sms, KernelSlots 
 
 /* One launch of kernel over output tiles of `features` x BT with k in stages of kk columns. */
 cudaError_t launch_tiles(cudaStream_t st, void (*kernel)(GemmArgs), size_t smem, KernelSlots &ks, int features,
-                         int BT, int kk, const GemmArgs &a, int sms) {
+                         int BT, int kk, bool whole_waves, const GemmArgs &a, int sms) {
     const cudaError_t rc = prepare(kernel, smem, sms, ks);
     if (rc != cudaSuccess) return rc;
     const int feature_tiles = (a.n + features - 1) / features, token_tiles = (a.M + BT - 1) / BT;
     const int k_tiles = (a.k + kk - 1) / kk;
-    const int split = choose_split((long long)feature_tiles * token_tiles, k_tiles, ks.slots, sms, BT >= 64);
+    const int split = choose_split((long long)feature_tiles * token_tiles, k_tiles, ks.slots, sms, whole_waves);
     /* grid x is the split of k: its blocks form a cluster (cluster_barrier, cluster_load) */
     return cu_launch_clusters(st, dim3((unsigned)split, (unsigned)token_tiles, (unsigned)feature_tiles), dim3(kThreads),
                               smem, (unsigned)split, kernel, a);
@@ -765,7 +769,8 @@ template <int BT, int GS>
 struct MmaSync {
     static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms) {
         static KernelSlots ks; /* one per instantiation (its shared memory decides its occupancy) */
-        return launch_tiles(st, gemm_q4<BT, GS>, Stage<BT, GS>::kSmem, ks, kFeatures, BT, Tile<BT>::kK, a, sms);
+        return launch_tiles(st, gemm_q4<BT, GS>, Stage<BT, GS>::kSmem, ks, kFeatures, BT, Tile<BT>::kK,
+                            Tile<BT>::kMinBlocks == 1, a, sms);
     }
 };
 
@@ -773,7 +778,8 @@ template <int BT, int GS>
 struct Wgmma {
     static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms) {
         static KernelSlots ks;
-        return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, a, sms);
+        return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK,
+                            WgTile<BT, GS>::kMinBlocks == 1, a, sms);
     }
 };
 
@@ -817,14 +823,17 @@ bool wg_in_build() {
  * clusters of 4 then costs more than the second token tile saves). Same card, the step's
  * matmuls (per launch, us, qkv / o / gate_up / down):
  *   M = 160  10.08 -> 8.58 ms, 192  10.30 -> 8.88, 256  10.34 -> 9.08 (74.6 / 27.4 / 121.0 / 66.3
- *   -> 39.8 / 26.6 / 120.2 / 67.5); 256-token tiles for all four: 10.71 (o 49.5, down 95.2). */
+ *   -> 39.8 / 26.6 / 120.2 / 67.5); 256-token tiles for all four: 10.71 (o 49.5, down 95.2).
+ * Likewise from 65 to 128 tokens the narrow matrices take two 64-token tiles (o 31.8 -> 19.8,
+ * down 59.5 -> 51.6 us at M = 128, with choose_split's rule for two blocks per multiprocessor). */
 constexpr int kWgMinM = 17;
 
 int wg_token_tile(int M, int n, int sms) {
+    const bool wide = (n + kFeatures - 1) / kFeatures * 3 >= sms;
     if (M <= 32) return 32;
     if (M <= 64) return 64;
-    if (M <= 128) return 128;
-    return (n + kFeatures - 1) / kFeatures * 3 >= sms ? 256 : 128;
+    if (M <= 128) return wide ? 128 : 64;
+    return wide ? 256 : 128;
 }
 
 int token_tile(int M) {
