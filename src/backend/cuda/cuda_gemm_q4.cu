@@ -709,26 +709,36 @@ void split_slots(const void *kernel, size_t smem, int sms, int (&slots)[4]) {
     cudaGetLastError(); /* a failed query is not sticky; clear it */
 }
 
-/* Blocks per output tile (the split of k). A kernel that fits one block per multiprocessor wants
- * whole waves of them; with two per multiprocessor, every multiprocessor busy is enough (the
- * second block evens out the load). A larger split must fill the machine 10% better (it costs a
- * reduction), and each split keeps at least two stages of k. Measured on an H100 for the 64-token
- * wgmma tile (two blocks per multiprocessor), waves vs busy multiprocessors, us per launch at
- * M = 64: gate_up 72.0 (split 8) -> 47.5 (split 1); at M = 128 in two token tiles, o 27.1 -> 19.8
- * and down 64.8 -> 51.6 (split 4 -> 2). */
-int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, bool whole_waves) {
+/* How a split of k is judged: by whole waves of the co-resident blocks (kernels that fit one block
+ * per multiprocessor), by every multiprocessor busy, or by every co-resident slot busy. */
+enum class Fill { WholeWaves, BusySms, AllSlots };
+
+/* Blocks per output tile (the split of k). A larger split must fill the machine 10% better (it
+ * costs a reduction), and each split keeps at least two stages of k (AllSlots: eight). Measured
+ * on an H100 (us per launch, Qwen3-8B matrices):
+ *  - one block per multiprocessor (128- and 256-token tiles): whole waves;
+ *  - two per multiprocessor, several token tiles (wgmma 64-token tiles at 65..128 tokens) and
+ *    the mma.sync kernel: every multiprocessor busy once; waves at M = 128 picked split 4 for o
+ *    and down, 27.1 / 64.8 vs 19.8 / 51.6 with split 2; all slots (below): M = 4..16 2.85 ->
+ *    3.17-3.31 ms for the step's matmuls, M = 128 6.06 -> 6.70;
+ *  - wgmma with one token tile (17..64 tokens): every slot busy, at least eight stages of k per
+ *    block, since each block then streams weights no other block reads: gate_up at M = 32 39.6 ->
+ *    35.8 (split 1 -> 2), down 33.8 -> 30.4 (4 -> 8); the step's matmuls M = 32 3.61 -> 3.33 ms,
+ *    64 4.45 -> 4.21 (waves at 64 had picked split 8 for gate_up: 72.0). */
+int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, Fill rule) {
     int best = 1;
     double best_fill = -1.0;
     for (int i = 0; i < 4; i++) {
         const int s = 1 << i;
-        if (!slots[i] || (s > 1 && k_tiles < 2 * s)) break;
+        if (!slots[i] || (s > 1 && k_tiles < (rule == Fill::AllSlots ? 8 : 2) * s)) break;
         const long long blocks = tiles * s;
         double fill;
-        if (whole_waves) {
+        if (rule == Fill::WholeWaves) {
             const long long waves = (blocks + slots[i] - 1) / slots[i];
             fill = (double)blocks / (double)(waves * slots[i]);
         } else {
-            fill = blocks >= sms ? 1.0 : (double)blocks / sms;
+            const int room = rule == Fill::AllSlots ? slots[i] : sms;
+            fill = blocks >= room ? 1.0 : (double)blocks / room;
         }
         if (fill > 1.1 * best_fill) best = s, best_fill = fill;
     }
@@ -753,12 +763,12 @@ cudaError_t prepare(void (*kernel)(GemmArgs), size_t smem, int sms, KernelSlots 
 
 /* One launch of kernel over output tiles of `features` x BT with k in stages of kk columns. */
 cudaError_t launch_tiles(cudaStream_t st, void (*kernel)(GemmArgs), size_t smem, KernelSlots &ks, int features,
-                         int BT, int kk, bool whole_waves, const GemmArgs &a, int sms) {
+                         int BT, int kk, Fill rule, const GemmArgs &a, int sms) {
     const cudaError_t rc = prepare(kernel, smem, sms, ks);
     if (rc != cudaSuccess) return rc;
     const int feature_tiles = (a.n + features - 1) / features, token_tiles = (a.M + BT - 1) / BT;
     const int k_tiles = (a.k + kk - 1) / kk;
-    const int split = choose_split((long long)feature_tiles * token_tiles, k_tiles, ks.slots, sms, whole_waves);
+    const int split = choose_split((long long)feature_tiles * token_tiles, k_tiles, ks.slots, sms, rule);
     /* grid x is the split of k: its blocks form a cluster (cluster_barrier, cluster_load) */
     return cu_launch_clusters(st, dim3((unsigned)split, (unsigned)token_tiles, (unsigned)feature_tiles), dim3(kThreads),
                               smem, (unsigned)split, kernel, a);
@@ -770,7 +780,7 @@ struct MmaSync {
     static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms) {
         static KernelSlots ks; /* one per instantiation (its shared memory decides its occupancy) */
         return launch_tiles(st, gemm_q4<BT, GS>, Stage<BT, GS>::kSmem, ks, kFeatures, BT, Tile<BT>::kK,
-                            Tile<BT>::kMinBlocks == 1, a, sms);
+                            Tile<BT>::kMinBlocks == 1 ? Fill::WholeWaves : Fill::BusySms, a, sms);
     }
 };
 
@@ -778,8 +788,10 @@ template <int BT, int GS>
 struct Wgmma {
     static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms) {
         static KernelSlots ks;
-        return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK,
-                            WgTile<BT, GS>::kMinBlocks == 1, a, sms);
+        const Fill rule = WgTile<BT, GS>::kMinBlocks == 1 ? Fill::WholeWaves
+                          : a.M <= BT                      ? Fill::AllSlots
+                                                           : Fill::BusySms;
+        return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, rule, a, sms);
     }
 };
 
@@ -825,7 +837,7 @@ bool wg_in_build() {
  *   M = 160  10.08 -> 8.58 ms, 192  10.30 -> 8.88, 256  10.34 -> 9.08 (74.6 / 27.4 / 121.0 / 66.3
  *   -> 39.8 / 26.6 / 120.2 / 67.5); 256-token tiles for all four: 10.71 (o 49.5, down 95.2).
  * Likewise from 65 to 128 tokens the narrow matrices take two 64-token tiles (o 31.8 -> 19.8,
- * down 59.5 -> 51.6 us at M = 128, with choose_split's rule for two blocks per multiprocessor). */
+ * down 59.5 -> 51.6 us at M = 128, split as choose_split says). */
 constexpr int kWgMinM = 17;
 
 int wg_token_tile(int M, int n, int sms) {
