@@ -104,6 +104,12 @@ typedef struct BackendOps {
      * and gate_up is [M][2*I] (gate first): the MLP's down projection, whose input only feeds
      * this matmul, so a backend may fuse the two; gate_up is unchanged */
     void (*swiglu_matmul_add)(Backend *be, float *y, const float *gate_up, int M, int I, const Linear *w);
+    /* The whole MLP block: x[M][H] += SwiGLU(RMSNorm(x) gate_up^T) down^T, i.e. norm_matmul into
+     * scratch, then swiglu_matmul_add; gate_up stacks gate over up ([2I][H]), down is [H][I].
+     * scratch: [M][2I] floats the backend may use (its contents after the call are unspecified).
+     * One op, so that a backend may fuse across it (CUDA: SwiGLU in the gate|up GEMM's store). */
+    void (*mlp_add)(Backend *be, float *x, const float *norm_w, float eps, int M, const Linear *gate_up,
+                    const Linear *down, float *scratch);
     /* cs[m][i] = cos(positions[m] * inv_freq[i]), cs[m][half + i] = sin(...), i < half, in
      * float32 as transformers computes them (angle rounded to float32 first). Once per step. */
     void (*rope_cos_sin)(Backend *be, float *cs, const int32_t *positions, int M,

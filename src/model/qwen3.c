@@ -399,7 +399,7 @@ float *model_forward(Model *m, const Step *step, int *n_rows) {
     const QwenConfig *c = &m->cfg;
     Backend *be = m->be;
     const BackendOps *op = be->ops;
-    int H = c->hidden_size, I = c->intermediate_size, hd = c->head_dim;
+    int H = c->hidden_size, hd = c->head_dim;
     int nh = c->num_attention_heads, nkv = c->num_key_value_heads;
     float eps = c->rms_norm_eps;
 
@@ -428,8 +428,7 @@ float *model_forward(Model *m, const Step *step, int *n_rows) {
         op->matmul_add(be, m->x, m->attn, T, w->o);
 
         /* x += down(silu(gate) * up), with gate|up = rmsnorm(x) W_gate_up^T */
-        op->norm_matmul(be, m->gate_up, m->x, w->mlp_norm, eps, T, w->gate_up);
-        op->swiglu_matmul_add(be, m->x, m->gate_up, T, I, w->down);
+        op->mlp_add(be, m->x, w->mlp_norm, eps, T, w->gate_up, w->down, m->gate_up);
     }
 
     /* Only the rows whose logits are wanted go through the final norm and lm_head. */

@@ -137,8 +137,7 @@ void forward(Bench *b, const AttnMeta *m, int T, bool matmuls_only) {
             op->attention(be, b->attn, b->qkv, NH, NKV, HD, b->kv, l, m);
         }
         op->matmul_add(be, b->x, b->attn, T, w->o);
-        op->norm_matmul(be, b->gate_up, b->x, w->mlp_norm, eps, T, w->gate_up);
-        op->swiglu_matmul_add(be, b->x, b->gate_up, T, I, w->down);
+        op->mlp_add(be, b->x, w->mlp_norm, eps, T, w->gate_up, w->down, b->gate_up);
     }
     if (!matmuls_only) op->gather_rows(be, b->xb, b->x, m->logit_rows, 1, H);
     op->norm_matmul(be, b->logits, b->xb, b->final_norm, eps, 1, b->lm_head);

@@ -1,6 +1,6 @@
 /* test_cuda_ops.c — every op of the CUDA backend against the CPU backend (the reference
  * semantics) on random inputs of odd sizes: matmul, matmul_add, norm_matmul and
- * swiglu_matmul_add (bf16, f16, f32 and int4 with groups 32..256, stacked and mixed parts; the
+ * swiglu_matmul_add, mlp_add (bf16, f16, f32 and int4 with groups 32..256, stacked and mixed parts; the
  * GEMVs at M = 1, the int4 tensor-core GEMMs and the cuBLAS paths above; outputs poisoned first,
  * canaries after them), gather_rows (also in place), rope_cos_sin, qk_norm_rope_store + attention over a paged cache
  * with shuffled block tables (prefill, chunked prefill, mixed steps and split-KV decode, at
@@ -307,6 +307,90 @@ static void check_matmul(const char *what, Part *parts, int n_parts, const int *
     gpu->ops->linear_free(gpu, lg);
 }
 
+/* mlp_add on both backends: x += SwiGLU(RMSNorm(x) gate_up^T) down^T, gate_up = [gate | up]
+ * [2I][H], down [H][I]. CUDA fuses the SwiGLU into the int4 GEMM's store where gate|up runs on it
+ * (4..256 tokens, I a multiple of 8) and runs the ops one by one elsewhere. Error of each element
+ * relative to |x0| + sum_i |h_i down_i| (h: the CPU's SwiGLU output), bound 1e-2 as for the
+ * bf16-rounding paths of check_matmul_mode. */
+static void check_mlp(const char *what, Part *gu, Part *dn, const int *Ms, int n_M) {
+    const int H = (int)gu[0].src.k, I = (int)gu[0].src.n;
+    QErr err;
+    LinearSource src[2] = {gu[0].src, gu[1].src};
+    Linear *gc = cpu->ops->linear_load(cpu, src, 2, &err), *gg = gpu->ops->linear_load(gpu, src, 2, &err);
+    Linear *dc = cpu->ops->linear_load(cpu, &dn->src, 1, &err), *dg = gpu->ops->linear_load(gpu, &dn->src, 1, &err);
+    CHECK(gc && gg && dc && dg, "%s: load: %s", what, err.msg);
+    if (!gc || !gg || !dc || !dg) return;
+    float *nw = malloc((size_t)H * sizeof *nw);
+    for (int i = 0; i < H; i++) nw[i] = 1.0f + 0.5f * rng_val();
+    StTensor t;
+    float *nwc = vec_on(cpu, nw, H, &t), *nwg = vec_on(gpu, nw, H, &t);
+    for (int mi = 0; mi < n_M; mi++) {
+        const int M = Ms[mi];
+        float *x0 = rand_f32((size_t)M * H), *xc = malloc((size_t)M * H * sizeof *xc);
+        float *gate_up = malloc((size_t)M * 2 * I * sizeof *gate_up), *scratch_c = malloc((size_t)M * 2 * I * 4);
+        memcpy(xc, x0, (size_t)M * H * sizeof *xc);
+        cpu->ops->norm_matmul(cpu, gate_up, x0, nwc, 1e-6f, M, gc); /* for the error scale */
+        cpu->ops->mlp_add(cpu, xc, nwc, 1e-6f, M, gc, dc, scratch_c);
+        float *dx = upload(gpu, x0, (size_t)M * H * 4), *dscr = gpu->ops->alloc(gpu, (size_t)M * 2 * I * 4);
+        gpu->ops->mlp_add(gpu, dx, nwg, 1e-6f, M, gg, dg, dscr);
+        float *xg = download(gpu, dx, (size_t)M * H);
+        for (int m = 0; m < M; m++) /* h in the first half of each row */
+            for (int i = 0; i < I; i++) {
+                const float g = gate_up[(size_t)m * 2 * I + i], u = gate_up[(size_t)m * 2 * I + I + i];
+                gate_up[(size_t)m * 2 * I + i] = g / (1.0f + expf(-g)) * u;
+            }
+        double worst = 0;
+        for (int m = 0; m < M; m++)
+            for (int j = 0; j < H; j++) {
+                double mag = fabs((double)x0[(size_t)m * H + j]) + 1e-30;
+                for (int i = 0; i < I; i++)
+                    mag += fabs((double)gate_up[(size_t)m * 2 * I + i] * dn->wf[(size_t)j * I + i]);
+                const double e = fabs((double)xg[(size_t)m * H + j] - xc[(size_t)m * H + j]) / mag;
+                if (!(e <= worst)) worst = isnan(e) ? INFINITY : e;
+            }
+        CHECK(worst <= 1e-2, "%s M=%d: error %.3g (relative to |x0| + sum |h w|)", what, M, worst);
+        printf("mlp_add %-30s M=%-3d H=%-4d I=%-5d err %.2e\n", what, M, H, I, worst);
+        gpu->ops->free(gpu, dx);
+        gpu->ops->free(gpu, dscr);
+        free(x0), free(xc), free(xg), free(gate_up), free(scratch_c);
+    }
+    cpu->ops->free(cpu, nwc);
+    gpu->ops->free(gpu, nwg);
+    free(nw);
+    cpu->ops->linear_free(cpu, gc), cpu->ops->linear_free(cpu, dc);
+    gpu->ops->linear_free(gpu, gg), gpu->ops->linear_free(gpu, dg);
+}
+
+static void test_mlp(void) {
+    static const int Ms[] = {1, 3, 4, 16, 24, 64, 100, 130, 256, 257};
+    const int nM = sizeof Ms / sizeof Ms[0];
+    Part gu[2], dn;
+    /* I = 3072: enough feature tiles for the wide token tiles; 256: the narrow ones */
+    static const int Is[] = {3072, 256};
+    for (int i = 0; i < 2; i++) {
+        char what[64];
+        snprintf(what, sizeof what, "int4 g128 H=256 I=%d", Is[i]);
+        make_q4(&gu[0], "gate", Is[i], 256, 128);
+        make_q4(&gu[1], "up", Is[i], 256, 128);
+        make_q4(&dn, "down", 256, Is[i], 128);
+        check_mlp(what, gu, &dn, Ms, nM);
+        free_part(&gu[0]), free_part(&gu[1]), free_part(&dn);
+    }
+    /* I not a multiple of 8 (no fusion) with a bf16 down; int4 gate|up with a bf16 down (fused) */
+    make_q4(&gu[0], "gate", 300, 256, 64);
+    make_q4(&gu[1], "up", 300, 256, 64);
+    make_dense(&dn, "down", 256, 300, DT_BF16);
+    check_mlp("int4 gate|up, bf16 down, I=300", gu, &dn, Ms, nM);
+    free_part(&dn);
+    for (int i = 0; i < 2; i++) free_part(&gu[i]);
+    make_q4(&gu[0], "gate", 3016, 256, 64); /* a ragged last feature tile */
+    make_q4(&gu[1], "up", 3016, 256, 64);
+    make_dense(&dn, "down", 256, 3016, DT_BF16);
+    check_mlp("int4 gate|up, bf16 down, I=3016", gu, &dn, Ms, nM);
+    free_part(&dn);
+    for (int i = 0; i < 2; i++) free_part(&gu[i]);
+}
+
 /* The int4 matmuls (tensor-core GEMMs, GEMV at M = 1, dequant + cuBLAS above 256 tokens). */
 static void test_matmul_q4(void) {
     /* the GEMV (1..3 tokens), the GEMMs' token tiles (mma.sync 16: 4, 5, 8, 9, 16; wgmma 32: 24;
@@ -352,6 +436,7 @@ static void test_matmul_q4(void) {
     make_q4(&p[1], "int4 part", 70, 256, 64);
     check_matmul("mixed bf16|int4", p, 2, Mq, nMq, true);
     for (int i = 0; i < 2; i++) free_part(&p[i]);
+    test_mlp();
 }
 
 static void test_matmul(void) {

@@ -349,6 +349,12 @@ static void cpu_swiglu_matmul_add(Backend *be, float *y, const float *gu, int M,
     cpu_matmul_add(be, y, h, M, l);
 }
 
+static void cpu_mlp_add(Backend *be, float *x, const float *norm_w, float eps, int M, const Linear *gate_up,
+                        const Linear *down, float *scratch) {
+    cpu_norm_matmul(be, scratch, x, norm_w, eps, M, gate_up);
+    cpu_swiglu_matmul_add(be, x, scratch, M, (int)(gate_up->n / 2), down);
+}
+
 static void cpu_rope_cos_sin(Backend *be, float *cs, const int32_t *pos, int M, const float *inv_freq, int half) {
     (void)be;
     for (int m = 0; m < M; m++) {
@@ -527,6 +533,7 @@ static const BackendOps CPU_OPS = {
     .norm_matmul = cpu_norm_matmul,
     .gather_rows = cpu_gather_rows,
     .swiglu_matmul_add = cpu_swiglu_matmul_add,
+    .mlp_add = cpu_mlp_add,
     .rope_cos_sin = cpu_rope_cos_sin,
     .qk_norm_rope_store = cpu_qk_norm_rope_store,
     .attention = cpu_attention,

@@ -608,23 +608,26 @@ void cu_embed(Backend *be, float *x, const int32_t *ids, int M, const Embedding 
     note(c, cudaEventRecord(c->embed_done, c->st), "embed");
 }
 
-/* y[:, off .. off + n) (+)= x_bf16 [M][k] * A^T with A bf16 [n][lda]; y row stride ldy. */
-void gemm(CudaBackend *c, const __nv_bfloat16 *a, int n, int lda, int k, int M, float *y, int ldy, bool accumulate) {
+/* y[:, off .. off + n) (+)= x [M][k] * A^T with x and A bf16, A [n][lda]; y row stride ldy. */
+void gemm(CudaBackend *c, const __nv_bfloat16 *x, const __nv_bfloat16 *a, int n, int lda, int k, int M, float *y, int ldy,
+          bool accumulate) {
     const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     note_blas(c,
-              cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, M, k, &one, a, CUDA_R_16BF, lda, c->xb, CUDA_R_16BF, k,
+              cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, M, k, &one, a, CUDA_R_16BF, lda, x, CUDA_R_16BF, k,
                            &beta, y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
               "matmul (cuBLAS)");
 }
 
-/* What a matmul multiplies: x, RMSNorm(x) (weight norm_w, eps) or SwiGLU(x) (x holds rows
- * [gate | up] of 2 k values; silu(gate) * up). */
-enum class InOp { Plain, Norm, SwiGLU };
+/* What a matmul multiplies: x, RMSNorm(x) (weight norm_w, eps), SwiGLU(x) (x holds rows
+ * [gate | up] of 2 k values; silu(gate) * up), or bf16 rows already made (xb; for the
+ * tensor-core paths only). */
+enum class InOp { Plain, Norm, SwiGLU, Bf16 };
 struct MatIn {
     const float *x;
     InOp op;
     const float *norm_w; /* Norm */
     float eps;
+    const __nv_bfloat16 *xb; /* Bf16 */
 };
 
 /* Which kernel multiplies one matrix at M rows. */
@@ -670,20 +673,30 @@ void matmul(CudaBackend *c, float *y, MatIn in, int M, const Linear *l, bool acc
         need_bf16 = need_bf16 || path[i] != MatPath::Gemv;
     }
     bool have_bf16 = false;
-    if (in.op != InOp::Plain && !fused_input) {
+    const __nv_bfloat16 *xbf = c->xb; /* what the tensor-core paths read */
+    if (in.op == InOp::Bf16) {
+        if (need_float) {
+            note(c, cudaErrorInvalidValue, "matmul: bf16 input for a GEMV");
+            return;
+        }
+        xbf = in.xb;
+        have_bf16 = true;
+    } else if (in.op != InOp::Plain && !fused_input) {
         if (need_float) {
             if (!matmul_scratch(c, &c->xn, &c->xn_n, (size_t)M * K)) return;
             if (!note(c, make_input(c->st, &in, c->xn, M, K), "matmul input")) return;
-            in = MatIn{c->xn, InOp::Plain, nullptr, 0.0f};
+            in = MatIn{c->xn, InOp::Plain, nullptr, 0.0f, nullptr};
         } else {
             if (!matmul_scratch(c, &c->xb, &c->xb_n, (size_t)M * K)) return;
             if (!note(c, make_input(c->st, &in, c->xb, M, K), "matmul input")) return;
+            xbf = c->xb;
             have_bf16 = true;
         }
     }
     if (need_bf16 && !have_bf16) {
         if (!matmul_scratch(c, &c->xb, &c->xb_n, (size_t)M * K)) return;
         if (!note(c, cu_to_bf16(c->st, in.x, c->xb, (size_t)M * K), "matmul")) return;
+        xbf = c->xb;
     }
     for (int i = 0; i < l->n_mats; i++) {
         const CuMat *m = &l->mat[i];
@@ -694,10 +707,10 @@ void matmul(CudaBackend *c, float *y, MatIn in, int M, const Linear *l, bool acc
                  "matmul");
             break;
         case MatPath::GemmQ4:
-            note(c, cu_gemm_q4(c->st, m, c->xb, M, y, ldy, c->sms, accumulate, c->wgmma), "matmul (int4 GEMM)");
+            note(c, cu_gemm_q4(c->st, m, xbf, M, y, ldy, c->sms, accumulate, c->wgmma), "matmul (int4 GEMM)");
             break;
         case MatPath::Blas:
-            gemm(c, static_cast<const __nv_bfloat16 *>(m->w), m->n, m->k_pad, K, M, y + m->n0, ldy, accumulate);
+            gemm(c, xbf, static_cast<const __nv_bfloat16 *>(m->w), m->n, m->k_pad, K, M, y + m->n0, ldy, accumulate);
             break;
         case MatPath::DequantBlas: {
             size_t rows = kDequantElems / (size_t)K;
@@ -707,7 +720,7 @@ void matmul(CudaBackend *c, float *y, MatIn in, int M, const Linear *l, bool acc
             for (int r0 = 0; r0 < m->n; r0 += (int)rows) {
                 int nr = m->n - r0 < (int)rows ? m->n - r0 : (int)rows;
                 if (!note(c, cu_dequant_q4(c->st, m, r0, nr, c->dq), "matmul dequant")) return;
-                gemm(c, c->dq, nr, K, K, M, y + m->n0 + r0, ldy, accumulate);
+                gemm(c, xbf, c->dq, nr, K, K, M, y + m->n0 + r0, ldy, accumulate);
             }
             break;
         }
@@ -716,15 +729,15 @@ void matmul(CudaBackend *c, float *y, MatIn in, int M, const Linear *l, bool acc
 }
 
 void cu_matmul(Backend *be, float *y, const float *x, int M, const Linear *l) {
-    matmul(cb(be), y, MatIn{x, InOp::Plain, nullptr, 0.0f}, M, l, false);
+    matmul(cb(be), y, MatIn{x, InOp::Plain, nullptr, 0.0f, nullptr}, M, l, false);
 }
 
 void cu_matmul_add(Backend *be, float *y, const float *x, int M, const Linear *l) {
-    matmul(cb(be), y, MatIn{x, InOp::Plain, nullptr, 0.0f}, M, l, true);
+    matmul(cb(be), y, MatIn{x, InOp::Plain, nullptr, 0.0f, nullptr}, M, l, true);
 }
 
 void cu_norm_matmul(Backend *be, float *y, const float *x, const float *norm_w, float eps, int M, const Linear *l) {
-    matmul(cb(be), y, MatIn{x, InOp::Norm, norm_w, eps}, M, l, false);
+    matmul(cb(be), y, MatIn{x, InOp::Norm, norm_w, eps, nullptr}, M, l, false);
 }
 
 void cu_swiglu_matmul_add(Backend *be, float *y, const float *gate_up, int M, int I, const Linear *l) {
@@ -732,7 +745,32 @@ void cu_swiglu_matmul_add(Backend *be, float *y, const float *gate_up, int M, in
         note(cb(be), cudaErrorInvalidValue, "swiglu_matmul_add: I is not the matrix's in_features");
         return;
     }
-    matmul(cb(be), y, MatIn{gate_up, InOp::SwiGLU, nullptr, 0.0f}, M, l, true);
+    matmul(cb(be), y, MatIn{gate_up, InOp::SwiGLU, nullptr, 0.0f, nullptr}, M, l, true);
+}
+
+/* The fused MLP: RMSNorm(x) as bf16, the int4 gate|up GEMM writing SwiGLU's bf16 h (into the
+ * caller's scratch) in its epilogue, and down reading h as it is. Where gate|up does not run on
+ * the int4 GEMM (a GEMV at up to 3 tokens, cuBLAS, stacked parts) or down would need a float
+ * input, the ops one by one. */
+void cu_mlp_add(Backend *be, float *x, const float *norm_w, float eps, int M, const Linear *gu, const Linear *down,
+                float *scratch) {
+    CudaBackend *c = cb(be);
+    if (M <= 0) return;
+    const int I = (int)(gu->n / 2), K = (int)gu->k;
+    bool fuse = gu->n_mats == 1 && mat_path(&gu->mat[0], M) == MatPath::GemmQ4 && I % 8 == 0;
+    for (int i = 0; i < down->n_mats; i++) fuse = fuse && mat_path(&down->mat[i], M) != MatPath::Gemv;
+    if (!fuse) {
+        cu_norm_matmul(be, scratch, x, norm_w, eps, M, gu);
+        cu_swiglu_matmul_add(be, x, scratch, M, I, down);
+        return;
+    }
+    use_device(c);
+    if (!matmul_scratch(c, &c->xb, &c->xb_n, (size_t)M * K)) return;
+    if (!note(c, cu_rmsnorm(c->st, c->xb, x, norm_w, M, K, eps), "mlp norm")) return;
+    __nv_bfloat16 *h = reinterpret_cast<__nv_bfloat16 *>(scratch); /* [M][I] of the [M][2I] floats */
+    if (!note(c, cu_gemm_q4_swiglu(c->st, &gu->mat[0], c->xb, M, h, c->sms, c->wgmma), "mlp gate_up (int4 GEMM)"))
+        return;
+    matmul(c, x, MatIn{nullptr, InOp::Bf16, nullptr, 0.0f, h}, M, down, true);
 }
 
 void cu_gather_op(Backend *be, float *dst, const float *src, const int32_t *rows, int n, int width) {
@@ -949,6 +987,7 @@ const BackendOps CUDA_OPS = {
     .norm_matmul = cu_norm_matmul,
     .gather_rows = cu_gather_op,
     .swiglu_matmul_add = cu_swiglu_matmul_add,
+    .mlp_add = cu_mlp_add,
     .rope_cos_sin = cu_rope_op,
     .qk_norm_rope_store = cu_qk_op,
     .attention = cu_attention_op,

@@ -182,6 +182,11 @@ bool cu_gemv_fuses_norm(const CuMat *w, int sms);
  * may run where the build has it (false: the mma.sync kernel at every M, as on older GPUs). */
 cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, int M, float *y, int ldy, int sms,
                        bool accumulate, bool wgmma);
+/* The MLP's gate|up product with its SwiGLU: w stacks gate rows [0, I) over up rows [I, 2I)
+ * (I = w->n / 2, w->n0 = 0); h[m][j] = silu(x_m . gate_j) * (x_m . up_j) as bf16 [M][I], the
+ * products as cu_gemm_q4 computes them and the SwiGLU in float, rounded once. */
+cudaError_t cu_gemm_q4_swiglu(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, int M, __nv_bfloat16 *h, int sms,
+                              bool wgmma);
 /* out[i] = bf16(x[i]) (round to nearest even) for i < n. */
 cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size_t n);
 /* Rows r0 .. r0+rows-1 of an int4 matrix dequantized to bf16 into out[rows][k]. */

@@ -46,7 +46,13 @@
  * leaves its partial tile in its shared memory, and after a cluster barrier each block sums an
  * S-th of the tile over all S blocks (distributed shared memory, in a fixed order, so results do
  * not depend on timing) and writes it to y. No global workspace, no atomics, no second launch.
- * Code built for an older target runs every matrix unsplit. */
+ * Code built for an older target runs every matrix unsplit.
+ *
+ * SwiGLU pairs (cu_gemm_q4_swiglu, the MLP's gate|up). A block's 128 tile rows are 64 gate rows
+ * and the same 64 up rows, so its epilogue holds both halves of each SwiGLU and writes the bf16
+ * h that the down projection reads: the [M][2I] float product and the separate SwiGLU pass
+ * (~6 MB each way per layer at 64 tokens) are gone. Serving int4 on an H100 at concurrency 64:
+ * 5028 -> 5105 tok/s, mean TPOT 10.39 -> 10.22 ms (same call). */
 #include "backend/cuda/cuda_common.cuh"
 
 namespace {
@@ -96,7 +102,24 @@ struct GemmArgs {
     float *y;            /* column n0 of row 0 */
     int M, n, k, ldy;
     bool accumulate;     /* y += instead of y = */
+    /* SwiGLU pairs (pair > 0): rows [0, pair) are gate and [pair, 2 pair) up; the block of
+     * feature tile z multiplies gate rows 64 z .. 64 z + 63 and the same up rows, and writes
+     * h[m][j] = silu(gate) * up (bf16, row stride pair) instead of y */
+    int pair;
+    __nv_bfloat16 *h;
 };
+
+/* The weight row behind row r (0 .. 127) of the block's tile starting at feature f0; ok says
+ * whether it exists (when not, the row returned is a valid one, to be zero-filled). */
+CU_DEV int weight_row(const GemmArgs &a, int f0, int r, bool &ok) {
+    if (!a.pair) {
+        ok = f0 + r < a.n;
+        return ok ? f0 + r : 0;
+    }
+    const int j = f0 / 2 + (r & 63);
+    ok = j < a.pair;
+    return ok ? (r < 64 ? j : a.pair + j) : 0;
+}
 
 /* Slot of chunk c of row r in a stage of codes: rows of CH chunks, XORed so that the 8 rows g of
  * a fragment load (same chunk) and the 8 chunks of a copy phase land in distinct banks. */
@@ -137,14 +160,18 @@ CU_DEV void load_weights(const GemmArgs &a, int f0, int kt, uint4 *codes, uint32
 #pragma unroll
     for (int it = 0; it < kFeatures * T::kChunks / kThreads; it++) {
         const int i = it * kThreads + threadIdx.x, r = i / T::kChunks, c = i % T::kChunks;
-        const int row = f0 + r, col = kt * T::kChunks + c;
-        const bool ok = row < a.n && col < row_chunks;
+        const int col = kt * T::kChunks + c;
+        bool ok;
+        const int row = weight_row(a, f0, r, ok);
+        ok = ok && col < row_chunks;
         cp_async16(codes + r * T::kChunks + code_slot<T::kChunks>(r, c),
                    ok ? a.codes + (size_t)row * row_chunks + col : a.codes, ok);
     }
     for (int i = threadIdx.x; i < kFeatures * SW; i += kThreads) {
-        const int r = i / SW, row = f0 + r, gi = ((kt * T::kK) >> (5 + GS)) + i % SW;
-        const bool ok = row < a.n && gi < groups;
+        const int r = i / SW, gi = ((kt * T::kK) >> (5 + GS)) + i % SW;
+        bool ok;
+        const int row = weight_row(a, f0, r, ok);
+        ok = ok && gi < groups;
         cp_async4(scales + r * SZS + i % SW, ok ? a.sz + (size_t)row * groups + gi : a.sz, ok);
     }
 }
@@ -256,29 +283,51 @@ CU_DEV void store_out(const GemmArgs &a, int m, int f, float4 v) {
         if (f + e < a.n) p[e] = a.accumulate ? p[e] + vals[e] : vals[e];
 }
 
-/* y from a block's finished tile [BT tokens][F features] (row stride ld floats) in shared
- * memory, in float4 units; under a split of k each block of the cluster sums an S-th of the tile
- * over all blocks and writes it. Call with every thread of the block. */
+/* The float4 at tile offset p summed over the cluster's blocks (splits > 1) or this block's. */
+CU_DEV float4 tile_sum(const float *p, int splits) {
+    if (splits == 1) return *reinterpret_cast<const float4 *>(p);
+    float4 v = cluster_load(p, 0);
+    for (int r = 1; r < splits; r++) {
+        const float4 o = cluster_load(p, r);
+        v.x += o.x, v.y += o.y, v.z += o.z, v.w += o.w;
+    }
+    return v;
+}
+
+/* h[m][j .. j + 3] = silu(g) * u as bf16, columns past a.pair dropped. */
+CU_DEV void store_swiglu(const GemmArgs &a, int m, int j, float4 g, float4 u) {
+    const float gv[4] = {g.x, g.y, g.z, g.w}, uv[4] = {u.x, u.y, u.z, u.w};
+    __nv_bfloat16 hv[4];
+#pragma unroll
+    for (int e = 0; e < 4; e++) hv[e] = __float2bfloat16_rn(gv[e] / (1.0f + expf(-gv[e])) * uv[e]);
+    __nv_bfloat16 *p = a.h + (size_t)m * a.pair + j;
+    if (j + 4 <= a.pair && ((uintptr_t)p & 7) == 0) {
+        *reinterpret_cast<uint2 *>(p) = *reinterpret_cast<const uint2 *>(hv);
+        return;
+    }
+    for (int e = 0; e < 4; e++)
+        if (j + e < a.pair) p[e] = hv[e];
+}
+
+/* y (or h, for SwiGLU pairs) from a block's finished tile [BT tokens][F features] (row stride
+ * ld floats) in shared memory, in float4 units; under a split of k each block of the cluster
+ * sums an S-th of the tile over all blocks and writes it. Call with every thread of the block. */
 template <int F, int BT>
 CU_DEV void store_tile(const GemmArgs &a, const float *tile, int ld, int f0, int t0, int split, int splits) {
-    constexpr int kQuads = F / 4, kUnits = BT * kQuads;
-    const int u0 = split * kUnits / splits, u1 = (split + 1) * kUnits / splits;
+    constexpr int kQuads = F / 4;
+    const int quads = a.pair ? kQuads / 2 : kQuads, units = BT * quads; /* pairs: gate quads */
+    const int u0 = split * units / splits, u1 = (split + 1) * units / splits;
     if (splits > 1) cluster_barrier();
     for (int u = u0 + threadIdx.x; u < u1; u += kThreads) {
-        const int tk = u / kQuads, fq = u % kQuads, m = t0 + tk, f = f0 + 4 * fq;
-        if (m >= a.M || f >= a.n) continue;
+        const int tk = u / quads, fq = u % quads, m = t0 + tk;
         const float *p = tile + tk * ld + 4 * fq;
-        float4 v;
-        if (splits == 1) {
-            v = *reinterpret_cast<const float4 *>(p);
+        if (a.pair) {
+            const int j = f0 / 2 + 4 * fq;
+            if (m < a.M && j < a.pair) store_swiglu(a, m, j, tile_sum(p, splits), tile_sum(p + F / 2, splits));
         } else {
-            v = cluster_load(p, 0);
-            for (int r = 1; r < splits; r++) {
-                const float4 o = cluster_load(p, r);
-                v.x += o.x, v.y += o.y, v.z += o.z, v.w += o.w;
-            }
+            const int f = f0 + 4 * fq;
+            if (m < a.M && f < a.n) store_out(a, m, f, tile_sum(p, splits));
         }
-        store_out(a, m, f, v);
     }
     if (splits > 1) cluster_barrier(); /* the tile stays readable until every block is done */
 }
@@ -541,18 +590,22 @@ CU_DEV void wg_load_weights(const GemmArgs &a, int f0, int kt, uint4 *codes, uin
     const int c = threadIdx.x % kWgChunks, col = kt * kWgChunks + c, col_ok = col < row_chunks;
 #pragma unroll
     for (int it = 0; it < kFeatures * kWgChunks / kThreads; it++) {
-        const int r = threadIdx.x / kWgChunks + it * (kThreads / kWgChunks), row = f0 + r;
+        const int r = threadIdx.x / kWgChunks + it * (kThreads / kWgChunks);
+        bool ok;
+        const int row = weight_row(a, f0, r, ok);
         cp_async16(codes + r * kWgChunks + code_slot<kWgChunks>(r, c),
-                   a.codes + (size_t)min(row, a.n - 1) * row_chunks + min(col, row_chunks - 1), row < a.n && col_ok);
+                   a.codes + (size_t)row * row_chunks + min(col, row_chunks - 1), ok && col_ok);
     }
     constexpr int kWords = kFeatures * T::kScaleWords;
 #pragma unroll
     for (int it = 0; it < (kWords + kThreads - 1) / kThreads; it++) {
         const int i = it * kThreads + threadIdx.x, r = i / T::kScaleWords, w = i % T::kScaleWords;
-        const int row = f0 + r, gi = ((kt * kWgK) >> (5 + GS)) + w;
+        const int gi = ((kt * kWgK) >> (5 + GS)) + w;
+        bool ok;
+        const int row = weight_row(a, f0, r, ok);
         if (kWords % kThreads == 0 || i < kWords)
-            cp_async4(scales + r * T::kScaleStride + w, a.sz + (size_t)min(row, a.n - 1) * groups + min(gi, groups - 1),
-                      row < a.n && gi < groups);
+            cp_async4(scales + r * T::kScaleStride + w, a.sz + (size_t)row * groups + min(gi, groups - 1),
+                      ok && gi < groups);
     }
 }
 
@@ -856,15 +909,9 @@ int token_tile(int M) {
     return rem == 0 || rem > 64 ? 128 : 32;
 }
 
-} // namespace
-
-cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, int M, float *y, int ldy, int sms,
-                       bool accumulate, bool wgmma) {
-    if (M <= 0 || w->n <= 0) return cudaSuccess;
-    if (!w->group || w->k % 32) return cudaErrorInvalidValue;
+/* The product a describes, for w at M tokens: the kernel and token tile for M. */
+cudaError_t launch_gemm(cudaStream_t st, const CuMat *w, const GemmArgs &a, int M, int sms, bool wgmma) {
     const int gs = cu_group_shift(w);
-    const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), y + w->n0, M,
-                        w->n, w->k, ldy, accumulate};
     if (M >= kWgMinM && wgmma && wg_in_build()) {
         switch (wg_token_tile(M, w->n, sms)) {
         case 32: return launch_group<Wgmma, 32>(st, a, gs, sms);
@@ -878,4 +925,24 @@ cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, 
     case 32: return launch_group<MmaSync, 32>(st, a, gs, sms);
     default: return launch_group<MmaSync, 128>(st, a, gs, sms);
     }
+}
+
+} // namespace
+
+cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, int M, float *y, int ldy, int sms,
+                       bool accumulate, bool wgmma) {
+    if (M <= 0 || w->n <= 0) return cudaSuccess;
+    if (!w->group || w->k % 32) return cudaErrorInvalidValue;
+    const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), y + w->n0, M,
+                        w->n, w->k, ldy, accumulate, 0, nullptr};
+    return launch_gemm(st, w, a, M, sms, wgmma);
+}
+
+cudaError_t cu_gemm_q4_swiglu(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, int M, __nv_bfloat16 *h, int sms,
+                              bool wgmma) {
+    if (M <= 0 || w->n <= 0) return cudaSuccess;
+    if (!w->group || w->k % 32 || w->n % 2 || w->n0) return cudaErrorInvalidValue;
+    const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), nullptr, M,
+                        w->n, w->k, 0, false, w->n / 2, h};
+    return launch_gemm(st, w, a, M, sms, wgmma);
 }
