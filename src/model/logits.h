@@ -4,9 +4,11 @@
 #ifndef QUILL_LOGITS_H
 #define QUILL_LOGITS_H
 
-/* exp(x) for x <= 88 (underflows to 0 below -87); auto-vectorises. */
+/* exp(x), clamped to [exp(-87), exp(88)] (above 88 the exponent field would overflow into the
+ * sign: SwiGLU's silu(g) = g / (1 + exp(-g)) then went wrong for g < -88); auto-vectorises. */
 static inline float fast_expf(float x) {
     if (x < -87.0f) x = -87.0f;
+    if (x > 88.0f) x = 88.0f;
     /* n = nearest integer to x / ln 2, by the 1.5 * 2^23 trick (exact for |n| < 2^22; no libm) */
     float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693145751953125f;                 /* ln 2, split for accuracy */

@@ -1,11 +1,13 @@
 /* test_sampler.c — sampling rules on hand-made logits: greedy is argmax, seeds reproduce, top-k /
  * top-p / min-p only ever pick from the tokens they allow, penalties follow transformers' and
- * vLLM's formulas, and out-of-range parameters are refused naming the parameter. */
+ * vLLM's formulas, and out-of-range parameters are refused naming the parameter. Also the exp
+ * that the sampler shares with the CPU backend's softmax and SwiGLU (fast_expf). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../test_util.h"
+#include "model/logits.h"
 #include "model/sampler.h"
 
 #define V 1000
@@ -14,7 +16,21 @@ static void fill(float *l) {
     for (int i = 0; i < V; i++) l[i] = (float)((i * 7919) % 1000) / 100.0f; /* max 9.99 at some id */
 }
 
+/* fast_expf: within 1e-6 of libm where float has range, clamped (finite) beyond; silu(g) =
+ * g / (1 + exp(-g)) stays ~0 for very negative g (it went wrong below -88 before the clamp). */
+static void test_fast_expf(void) {
+    double worst = 0;
+    for (float x = -87.0f; x <= 88.0f; x += 0.37f) worst = fmax(worst, fabs(fast_expf(x) / expf(x) - 1.0));
+    CHECK(worst < 1e-6, "fast_expf relative error %.3g", worst);
+    CHECK(isfinite(fast_expf(100.0f)) && fast_expf(100.0f) == fast_expf(88.0f), "fast_expf(100) = %g", fast_expf(100.0f));
+    for (float g = -89.0f; g > -2000.0f; g *= 1.5f) {
+        const float silu = g / (1.0f + fast_expf(-g));
+        CHECK(silu <= 0.0f && silu > -1e-30f, "silu(%g) = %g", g, silu);
+    }
+}
+
 int main(void) {
+    test_fast_expf();
     Sampler *s = sampler_create(V);
     float l[V], c[V];
     fill(l);
