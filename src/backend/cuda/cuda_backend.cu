@@ -748,29 +748,36 @@ void cu_swiglu_matmul_add(Backend *be, float *y, const float *gate_up, int M, in
     matmul(cb(be), y, MatIn{gate_up, InOp::SwiGLU, nullptr, 0.0f, nullptr}, M, l, true);
 }
 
-/* The fused MLP: RMSNorm(x) as bf16, the int4 gate|up GEMM writing SwiGLU's bf16 h (into the
- * caller's scratch) in its epilogue, and down reading h as it is. Where gate|up does not run on
- * the int4 GEMM (a GEMV at up to 3 tokens, cuBLAS, stacked parts) or down would need a float
- * input, the ops one by one. */
+/* The fused MLP. Up to 3 tokens (int4 GEMV): the gate|up GEMV normalizes x itself and stores
+ * SwiGLU's float h (into the caller's scratch) for the down GEMV. 4..256 tokens (int4 GEMM):
+ * RMSNorm(x) as bf16, the gate|up GEMM stores SwiGLU's bf16 h in its epilogue, down reads it as
+ * it is. Elsewhere (cuBLAS, stacked parts, shapes the kernels do not pair) the ops one by one. */
 void cu_mlp_add(Backend *be, float *x, const float *norm_w, float eps, int M, const Linear *gu, const Linear *down,
                 float *scratch) {
     CudaBackend *c = cb(be);
     if (M <= 0) return;
     const int I = (int)(gu->n / 2), K = (int)gu->k;
-    bool fuse = gu->n_mats == 1 && mat_path(&gu->mat[0], M) == MatPath::GemmQ4 && I % 8 == 0;
-    for (int i = 0; i < down->n_mats; i++) fuse = fuse && mat_path(&down->mat[i], M) != MatPath::Gemv;
-    if (!fuse) {
-        cu_norm_matmul(be, scratch, x, norm_w, eps, M, gu);
-        cu_swiglu_matmul_add(be, x, scratch, M, I, down);
+    const MatPath gp = gu->n_mats == 1 ? mat_path(&gu->mat[0], M) : MatPath::Blas;
+    bool down_gemv = false; /* a part of down needs a float input */
+    for (int i = 0; i < down->n_mats; i++) down_gemv = down_gemv || mat_path(&down->mat[i], M) == MatPath::Gemv;
+    use_device(c);
+    if (gp == MatPath::Gemv && gu->mat[0].group && I % 2 == 0) {
+        if (!note(c, cu_gemv_swiglu(c->st, &gu->mat[0], x, K, M, scratch, I, c->sms, norm_w, eps), "mlp gate_up (GEMV)"))
+            return;
+        matmul(c, x, MatIn{scratch, InOp::Plain, nullptr, 0.0f, nullptr}, M, down, true);
         return;
     }
-    use_device(c);
-    if (!matmul_scratch(c, &c->xb, &c->xb_n, (size_t)M * K)) return;
-    if (!note(c, cu_rmsnorm(c->st, c->xb, x, norm_w, M, K, eps), "mlp norm")) return;
-    __nv_bfloat16 *h = reinterpret_cast<__nv_bfloat16 *>(scratch); /* [M][I] of the [M][2I] floats */
-    if (!note(c, cu_gemm_q4_swiglu(c->st, &gu->mat[0], c->xb, M, h, c->sms, c->wgmma), "mlp gate_up (int4 GEMM)"))
+    if (gp == MatPath::GemmQ4 && I % 8 == 0 && !down_gemv) {
+        if (!matmul_scratch(c, &c->xb, &c->xb_n, (size_t)M * K)) return;
+        if (!note(c, cu_rmsnorm(c->st, c->xb, x, norm_w, M, K, eps), "mlp norm")) return;
+        __nv_bfloat16 *h = reinterpret_cast<__nv_bfloat16 *>(scratch); /* [M][I] of the [M][2I] floats */
+        if (!note(c, cu_gemm_q4_swiglu(c->st, &gu->mat[0], c->xb, M, h, c->sms, c->wgmma), "mlp gate_up (int4 GEMM)"))
+            return;
+        matmul(c, x, MatIn{nullptr, InOp::Bf16, nullptr, 0.0f, h}, M, down, true);
         return;
-    matmul(c, x, MatIn{nullptr, InOp::Bf16, nullptr, 0.0f, h}, M, down, true);
+    }
+    cu_norm_matmul(be, scratch, x, norm_w, eps, M, gu);
+    cu_swiglu_matmul_add(be, x, scratch, M, I, down);
 }
 
 void cu_gather_op(Backend *be, float *dst, const float *src, const int32_t *rows, int n, int width) {

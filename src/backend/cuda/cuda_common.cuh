@@ -161,6 +161,11 @@ typedef struct CuMat {
  * (the residual stream) instead of stored. */
 cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, int ldx, int M, float *y, int ldy, int sms,
                     const float *norm_w, float eps, bool accumulate);
+/* The MLP's gate|up product with its SwiGLU on the int4 GEMV (cu_gemv_takes(w, M), w->n a
+ * multiple of 4, w->n0 = 0): w stacks gate rows [0, I) over up rows [I, 2I); h[m][j] =
+ * silu(x'_m . gate_j) * (x'_m . up_j) in float [M][I] (rows ldh apart), x' as for cu_gemv. */
+cudaError_t cu_gemv_swiglu(cudaStream_t st, const CuMat *w, const float *x, int ldx, int M, float *h, int ldh, int sms,
+                           const float *norm_w, float eps);
 /* log2(group / 32): an int4 group of w->group columns is 32 << shift columns (one 16-byte chunk
  * of codes per 32). */
 static inline int cu_group_shift(const CuMat *w) {

@@ -96,6 +96,16 @@ CU_DEV void store_rows(float (&acc)[kRows], float *y, int row0, int nr, float sc
     }
 }
 
+/* SwiGLU pairs: acc holds gate rows 2g, 2g + 1 and up rows 2g, 2g + 1 (a WeightStream with
+ * pair); h[2g + i] = silu(scale * gate_i) * (scale * up_i). Clears acc. */
+CU_DEV void store_swiglu_rows(float (&acc)[kRows], float *h, int g, float scale) {
+    const int lane = threadIdx.x & 31;
+    const float v = reduce4(acc) * scale, up = __shfl_down_sync(0xffffffffu, v, 16);
+#pragma unroll
+    for (int i = 0; i < kRows; i++) acc[i] = 0.0f;
+    if (lane == 0 || lane == 8) h[2 * g + (lane >> 3)] = v / (1.0f + expf(-v)) * up;
+}
+
 /* bf16: w [n][k_pad] as 16-byte chunks of 8 columns (k_pad = k rounded up to 8, padding zero).
  * VEC: k is a multiple of 8, so x can be read as float4 (otherwise element by element, with the
  * columns past k skipped). With norm_w the product is with RMSNorm(x): each warp multiplies x by
@@ -238,13 +248,16 @@ struct WeightStream {
     const uint4 *w;
     const uint32_t *sz;
     int n, chunks, groups, gshift, iters;
+    int pair; /* > 0: group g is gate rows 2g, 2g + 1 and up rows pair + 2g, pair + 2g + 1 */
     int count; /* items left */
     int g, it; /* the current item */
 };
 
 /* The walk over row groups [g0, g1), each whole, in order. */
-CU_DEV WeightStream weight_stream(const void *w, const uint32_t *sz, int n, int chunks, int gshift, int g0, int g1) {
+CU_DEV WeightStream weight_stream(const void *w, const uint32_t *sz, int n, int chunks, int gshift, int g0, int g1,
+                                  int pair) {
     WeightStream s;
+    s.pair = pair;
     s.w = static_cast<const uint4 *>(w);
     s.sz = sz;
     s.n = n;
@@ -270,7 +283,7 @@ CU_DEV void issue_item(const WeightStream &s, int lane, char *slot) {
     if (c >= s.chunks) return;
 #pragma unroll
     for (int r = 0; r < kRows; r++) {
-        const int row = min(s.g * kRows + r, s.n - 1);
+        const int row = s.pair ? (r < 2 ? 0 : s.pair) + 2 * s.g + (r & 1) : min(s.g * kRows + r, s.n - 1);
         cp_async16(slot + (r * 32 + lane) * 16, s.w + (size_t)row * s.chunks + c);
         cp_async4(slot + kRows * 512 + (r * 32 + lane) * 4, s.sz + (size_t)row * s.groups + (c >> s.gshift));
     }
@@ -407,11 +420,13 @@ constexpr int kQThreads = 384;
 constexpr int kQStages = 4;
 constexpr int kQWarps = kQThreads / 32;
 
-/* M tokens (1 .. kQ4GemvMaxM): x and y rows ldx and ldy apart. */
+/* M tokens (1 .. kQ4GemvMaxM): x and y rows ldx and ldy apart. pair > 0: w is a gate|up matrix
+ * (n = 2 pair), each warp's row groups are SwiGLU pairs (WeightStream) and y receives h [M][pair]. */
 template <int M>
 __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ codes, const uint32_t *__restrict__ sz,
                                                       const float *x, int ldx, float *y, int ldy, int n, int k,
-                                                      int gshift, const float *norm_w, float eps, bool accumulate) {
+                                                      int gshift, const float *norm_w, float eps, bool accumulate,
+                                                      int pair) {
     extern __shared__ uint4 q4x_smem[];
     __shared__ float red[32];
     pdl_trigger();
@@ -421,7 +436,7 @@ __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ 
     const long long warp = (long long)blockIdx.x * kQWarps + (threadIdx.x >> 5), nw = (long long)gridDim.x * kQWarps;
     const long long row_groups = (n + kRows - 1) / kRows;
     WeightStream w = weight_stream(codes, sz, n, kc, gshift, (int)(warp * row_groups / nw),
-                                   (int)((warp + 1) * row_groups / nw));
+                                   (int)((warp + 1) * row_groups / nw), pair);
     WeightStream ahead = w; /* the next item to request */
     char *ring =
         reinterpret_cast<char *>(q4x_smem) + xquant_bytes(M * k) + (size_t)(threadIdx.x >> 5) * kQStages * kQSlot;
@@ -474,8 +489,13 @@ __global__ void __launch_bounds__(kQThreads) gemv_q4x(const uint4 *__restrict__ 
         if (w.it * 32 + lane < w.chunks) q4_item<M>(slot, lane, xq, kc, w.it * 32 + lane, acc);
         if (w.it == w.iters - 1) {
 #pragma unroll
-            for (int t = 0; t < M; t++)
-                store_rows(acc[t], y + (size_t)t * ldy, w.g * kRows, min(kRows, n - w.g * kRows), scale[t], accumulate);
+            for (int t = 0; t < M; t++) {
+                if (pair)
+                    store_swiglu_rows(acc[t], y + (size_t)t * ldy, w.g, scale[t]);
+                else
+                    store_rows(acc[t], y + (size_t)t * ldy, w.g * kRows, min(kRows, n - w.g * kRows), scale[t],
+                               accumulate);
+            }
         }
         request(slot); /* the slot's data is in registers by now */
         walk_next(w);
@@ -512,6 +532,7 @@ struct GemvArgs { /* what every launcher passes on */
     int sms;
     float eps;
     bool accumulate;
+    int pair; /* SwiGLU pairs (gemv_q4x) */
 };
 
 cudaError_t launch_bf16(const GemvArgs &a, cudaStream_t st) {
@@ -540,7 +561,7 @@ cudaError_t launch_q4x(const GemvArgs &a, cudaStream_t st) {
     }
     return cu_launch(st, dim3((unsigned)a.sms), dim3(kQThreads), smem, gemv_q4x<M>, static_cast<const uint4 *>(a.w->w),
                      a.w->sz, a.x, a.ldx, a.y + a.w->n0, a.ldy, a.w->n, a.w->k, cu_group_shift(a.w), a.norm_w, a.eps,
-                     a.accumulate);
+                     a.accumulate, a.pair);
 }
 
 bool use_q4x(const CuMat *w, int M) {
@@ -601,7 +622,7 @@ bool cu_gemv_fuses_norm(const CuMat *w, int sms) {
 cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, int ldx, int M, float *y, int ldy, int sms,
                     const float *norm_w, float eps, bool accumulate) {
     if (w->n <= 0 || M <= 0) return cudaSuccess;
-    const GemvArgs a{w, x, norm_w, M, ldx, ldy, y, sms, eps, accumulate};
+    const GemvArgs a{w, x, norm_w, M, ldx, ldy, y, sms, eps, accumulate, 0};
     if (use_q4x(w, M)) {
         static_assert(kQ4GemvMaxM == 3, "one case per token count");
         switch (M) {
@@ -611,6 +632,18 @@ cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, int ldx, in
         }
     }
     return w->group || M != 1 ? cudaErrorInvalidValue : launch_bf16(a, st);
+}
+
+cudaError_t cu_gemv_swiglu(cudaStream_t st, const CuMat *w, const float *x, int ldx, int M, float *h, int ldh, int sms,
+                           const float *norm_w, float eps) {
+    if (w->n <= 0 || M <= 0) return cudaSuccess;
+    if (!use_q4x(w, M) || w->n % 4 || w->n0) return cudaErrorInvalidValue;
+    const GemvArgs a{w, x, norm_w, M, ldx, ldh, h, sms, eps, false, w->n / 2};
+    switch (M) {
+    case 1: return launch_q4x<1>(a, st);
+    case 2: return launch_q4x<2>(a, st);
+    default: return launch_q4x<3>(a, st);
+    }
 }
 
 cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size_t n) {
