@@ -757,6 +757,11 @@ void cu_mlp_add(Backend *be, float *x, const float *norm_w, float eps, int M, co
     CudaBackend *c = cb(be);
     if (M <= 0) return;
     const int I = (int)(gu->n / 2), K = (int)gu->k;
+    if (gu->n % 2 || down->k != I) {
+        note(c, cudaErrorInvalidValue, "mlp_add: gate|up is not [2I][H] for down's I");
+        return;
+    }
+    /* gate|up in stacked parts (mixed dtypes) is never fused: taken as cuBLAS here */
     const MatPath gp = gu->n_mats == 1 ? mat_path(&gu->mat[0], M) : MatPath::Blas;
     bool down_gemv = false; /* a part of down needs a float input */
     for (int i = 0; i < down->n_mats; i++) down_gemv = down_gemv || mat_path(&down->mat[i], M) == MatPath::Gemv;
