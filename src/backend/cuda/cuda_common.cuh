@@ -118,6 +118,10 @@ CU_DEV void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint3
 CU_DEV float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 CU_DEV float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 
+/* SwiGLU of one gate / up pair, silu(g) * u: the one definition the SwiGLU kernel and the
+ * matmuls that store SwiGLU themselves share, so every path rounds it alike. */
+CU_DEV float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 CU_DEV float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

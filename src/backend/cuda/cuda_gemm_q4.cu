@@ -299,7 +299,7 @@ CU_DEV void store_swiglu(const GemmArgs &a, int m, int j, float4 g, float4 u) {
     const float gv[4] = {g.x, g.y, g.z, g.w}, uv[4] = {u.x, u.y, u.z, u.w};
     __nv_bfloat16 hv[4];
 #pragma unroll
-    for (int e = 0; e < 4; e++) hv[e] = __float2bfloat16_rn(gv[e] / (1.0f + expf(-gv[e])) * uv[e]);
+    for (int e = 0; e < 4; e++) hv[e] = __float2bfloat16_rn(silu_mul(gv[e], uv[e]));
     __nv_bfloat16 *p = a.h + (size_t)m * a.pair + j;
     if (j + 4 <= a.pair && ((uintptr_t)p & 7) == 0) {
         *reinterpret_cast<uint2 *>(p) = *reinterpret_cast<const uint2 *>(hv);
@@ -909,9 +909,9 @@ int token_tile(int M) {
     return rem == 0 || rem > 64 ? 128 : 32;
 }
 
-/* The product a describes, for w at M tokens: the kernel and token tile for M. */
-cudaError_t launch_gemm(cudaStream_t st, const CuMat *w, const GemmArgs &a, int M, int sms, bool wgmma) {
-    const int gs = cu_group_shift(w);
+/* The product a describes, for w: the kernel and token tile for a.M tokens. */
+cudaError_t launch_gemm(cudaStream_t st, const CuMat *w, const GemmArgs &a, int sms, bool wgmma) {
+    const int gs = cu_group_shift(w), M = a.M;
     if (M >= kWgMinM && wgmma && wg_in_build()) {
         switch (wg_token_tile(M, w->n, sms)) {
         case 32: return launch_group<Wgmma, 32>(st, a, gs, sms);
@@ -935,7 +935,7 @@ cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, 
     if (!w->group || w->k % 32) return cudaErrorInvalidValue;
     const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), y + w->n0, M,
                         w->n, w->k, ldy, accumulate, 0, nullptr};
-    return launch_gemm(st, w, a, M, sms, wgmma);
+    return launch_gemm(st, w, a, sms, wgmma);
 }
 
 cudaError_t cu_gemm_q4_swiglu(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, int M, __nv_bfloat16 *h, int sms,
@@ -944,5 +944,5 @@ cudaError_t cu_gemm_q4_swiglu(cudaStream_t st, const CuMat *w, const __nv_bfloat
     if (!w->group || w->k % 32 || w->n % 2 || w->n0) return cudaErrorInvalidValue;
     const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), nullptr, M,
                         w->n, w->k, 0, false, w->n / 2, h};
-    return launch_gemm(st, w, a, M, sms, wgmma);
+    return launch_gemm(st, w, a, sms, wgmma);
 }

@@ -103,7 +103,7 @@ CU_DEV void store_swiglu_rows(float (&acc)[kRows], float *h, int g, float scale)
     const float v = reduce4(acc) * scale, up = __shfl_down_sync(0xffffffffu, v, 16);
 #pragma unroll
     for (int i = 0; i < kRows; i++) acc[i] = 0.0f;
-    if (lane == 0 || lane == 8) h[2 * g + (lane >> 3)] = v / (1.0f + expf(-v)) * up;
+    if (lane == 0 || lane == 8) h[2 * g + (lane >> 3)] = silu_mul(v, up);
 }
 
 /* bf16: w [n][k_pad] as 16-byte chunks of 8 columns (k_pad = k rounded up to 8, padding zero).
@@ -569,6 +569,16 @@ cudaError_t launch_q4x(const GemvArgs &a, cudaStream_t st) {
                      a.accumulate, a.pair);
 }
 
+/* The fixed-point kernel for a.M tokens (1 .. kQ4GemvMaxM). */
+cudaError_t launch_q4x_tokens(const GemvArgs &a, cudaStream_t st) {
+    static_assert(kQ4GemvMaxM == 3, "one case per token count");
+    switch (a.M) {
+    case 1: return launch_q4x<1>(a, st);
+    case 2: return launch_q4x<2>(a, st);
+    default: return launch_q4x<3>(a, st);
+    }
+}
+
 bool use_q4x(const CuMat *w, int M) {
     return w->group && M >= 1 && M <= kQ4GemvMaxM && q4x_smem_bytes(w->k, M) <= (size_t)220 << 10;
 }
@@ -628,14 +638,7 @@ cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, int ldx, in
                     const float *norm_w, float eps, bool accumulate) {
     if (w->n <= 0 || M <= 0) return cudaSuccess;
     const GemvArgs a{w, x, norm_w, M, ldx, ldy, y, sms, eps, accumulate, 0};
-    if (use_q4x(w, M)) {
-        static_assert(kQ4GemvMaxM == 3, "one case per token count");
-        switch (M) {
-        case 1: return launch_q4x<1>(a, st);
-        case 2: return launch_q4x<2>(a, st);
-        default: return launch_q4x<3>(a, st);
-        }
-    }
+    if (use_q4x(w, M)) return launch_q4x_tokens(a, st);
     return w->group || M != 1 ? cudaErrorInvalidValue : launch_bf16(a, st);
 }
 
@@ -643,12 +646,7 @@ cudaError_t cu_gemv_swiglu(cudaStream_t st, const CuMat *w, const float *x, int 
                            const float *norm_w, float eps) {
     if (w->n <= 0 || M <= 0) return cudaSuccess;
     if (!use_q4x(w, M) || w->n % 4 || w->n0) return cudaErrorInvalidValue;
-    const GemvArgs a{w, x, norm_w, M, ldx, ldh, h, sms, eps, false, w->n / 2};
-    switch (M) {
-    case 1: return launch_q4x<1>(a, st);
-    case 2: return launch_q4x<2>(a, st);
-    default: return launch_q4x<3>(a, st);
-    }
+    return launch_q4x_tokens(GemvArgs{w, x, norm_w, M, ldx, ldh, h, sms, eps, false, w->n / 2}, st);
 }
 
 cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size_t n) {

@@ -40,7 +40,7 @@ __global__ void swiglu_kernel(T *h, const float *gu, int M, int I) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const size_t m = i / I, j = i % I;
         const float g = gu[m * 2 * I + j], u = gu[m * 2 * I + I + j];
-        store_as(h + i, g / (1.0f + expf(-g)) * u);
+        store_as(h + i, silu_mul(g, u));
     }
 }
 
