@@ -406,6 +406,12 @@ static void test_mlp(void) {
     check_mlp("bf16 gate|up and down, I=300", gu, &dn, Ms, nM);
     free_part(&dn);
     for (int i = 0; i < 2; i++) free_part(&gu[i]);
+    make_dense(&gu[0], "gate", 9000, 256, DT_BF16); /* bf16 GEMV warps walking several pairs */
+    make_dense(&gu[1], "up", 9000, 256, DT_BF16);
+    make_dense(&dn, "down", 256, 9000, DT_BF16);
+    check_mlp("bf16 gate|up and down, I=9000", gu, &dn, Ms, 2);
+    free_part(&dn);
+    for (int i = 0; i < 2; i++) free_part(&gu[i]);
     make_q4(&gu[0], "gate", 3016, 256, 64); /* a ragged last feature tile */
     make_q4(&gu[1], "up", 3016, 256, 64);
     make_dense(&dn, "down", 256, 3016, DT_BF16);
@@ -471,6 +477,9 @@ static void test_matmul(void) {
     free_part(&p[0]);
     make_dense(&p[0], "bf16 1000x1024", 1000, 1024, DT_BF16);
     check_matmul("bf16", p, 1, Ms, nM, true);
+    free_part(&p[0]);
+    make_dense(&p[0], "bf16 40001x264", 40001, 264, DT_BF16); /* GEMV warps walking several row groups */
+    check_matmul("bf16 many rows", p, 1, Ms, 2, true);
     free_part(&p[0]);
     make_dense(&p[0], "f16 65x96", 65, 96, DT_F16);
     check_matmul("f16", p, 1, Ms, 3, false);

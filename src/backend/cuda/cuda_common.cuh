@@ -165,8 +165,8 @@ typedef struct CuMat {
  * (the residual stream) instead of stored. */
 cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, int ldx, int M, float *y, int ldy, int sms,
                     const float *norm_w, float eps, bool accumulate);
-/* The MLP's gate|up product with its SwiGLU on the int4 GEMV (cu_gemv_takes(w, M), w->n a
- * multiple of 4, w->n0 = 0): w stacks gate rows [0, I) over up rows [I, 2I); h[m][j] =
+/* The MLP's gate|up product with its SwiGLU on a GEMV (the M that cu_gemv takes for w's dtype,
+ * w->n a multiple of 4, w->n0 = 0): w stacks gate rows [0, I) over up rows [I, 2I); h[m][j] =
  * silu(x'_m . gate_j) * (x'_m . up_j) in float [M][I] (rows ldh apart), x' as for cu_gemv. */
 cudaError_t cu_gemv_swiglu(cudaStream_t st, const CuMat *w, const float *x, int ldx, int M, float *h, int ldh, int sms,
                            const float *norm_w, float eps);
