@@ -55,7 +55,9 @@ int engine_add(Engine *e, const int32_t *prompt, int n_prompt, const EngineParam
  * FINISH_ABORT. Unknown or finished ids are ignored. Thread-safe. */
 void engine_abort(Engine *e, uint64_t id);
 
-/* Runs one step on the calling thread. Returns the number of unfinished requests. */
+/* Runs one step on the calling thread. Returns the number of unfinished requests. A step's token
+ * events reach their callbacks during the next step (around its forward pass), or before this
+ * call returns when no request is left unfinished. */
 int engine_step(Engine *e);
 /* Runs steps until no request is left (CLI use). */
 void engine_run_until_idle(Engine *e);
