@@ -749,8 +749,10 @@ void cu_swiglu_matmul_add(Backend *be, float *y, const float *gate_up, int M, in
 }
 
 /* The fused MLP. On the GEMVs (int4 up to 3 tokens, bf16 at 1): the gate|up GEMV normalizes x
- * (where cu_gemv_fuses_norm says it pays) and stores SwiGLU's float h (into the caller's scratch)
- * for the down GEMV. 4..256 tokens (int4 GEMM):
+ * itself and stores SwiGLU's float h (into the caller's scratch) for the down GEMV. (A bf16
+ * GEMV re-applies the norm weight for every row group a warp walks, which the H100 measured
+ * slower than the separate norm only at lm_head's 24 groups per warp; a gate|up's warps walk a
+ * few pairs: Qwen3-8B 2.) 4..256 tokens (int4 GEMM):
  * RMSNorm(x) as bf16, the gate|up GEMM stores SwiGLU's bf16 h in its epilogue, down reads it as
  * it is. Elsewhere (cuBLAS, stacked parts, shapes the kernels do not pair) the ops one by one. */
 void cu_mlp_add(Backend *be, float *x, const float *norm_w, float eps, int M, const Linear *gu, const Linear *down,
@@ -768,14 +770,7 @@ void cu_mlp_add(Backend *be, float *x, const float *norm_w, float eps, int M, co
     for (int i = 0; i < down->n_mats; i++) down_gemv = down_gemv || mat_path(&down->mat[i], M) == MatPath::Gemv;
     use_device(c);
     if (gp == MatPath::Gemv && I % 2 == 0) {
-        const float *in = x, *in_norm = norm_w;
-        if (!cu_gemv_fuses_norm(&gu->mat[0], c->sms)) { /* RMSNorm(x) first, as float */
-            if (!matmul_scratch(c, &c->xn, &c->xn_n, (size_t)M * K)) return;
-            if (!note(c, cu_rmsnorm(c->st, c->xn, x, norm_w, M, K, eps), "mlp norm")) return;
-            in = c->xn, in_norm = nullptr;
-        }
-        if (!note(c, cu_gemv_swiglu(c->st, &gu->mat[0], in, K, M, scratch, I, c->sms, in_norm, eps),
-                  "mlp gate_up (GEMV)"))
+        if (!note(c, cu_gemv_swiglu(c->st, &gu->mat[0], x, K, M, scratch, I, c->sms, norm_w, eps), "mlp gate_up (GEMV)"))
             return;
         matmul(c, x, MatIn{scratch, InOp::Plain, nullptr, 0.0f, nullptr}, M, down, true);
         return;

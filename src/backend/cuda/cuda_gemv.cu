@@ -96,8 +96,13 @@ CU_DEV void store_rows(float (&acc)[kRows], float *y, int row0, int nr, float sc
     }
 }
 
-/* SwiGLU pairs: acc holds gate rows 2g, 2g + 1 and up rows 2g, 2g + 1 (a WeightStream with
- * pair); h[2g + i] = silu(scale * gate_i) * (scale * up_i). Clears acc. */
+/* SwiGLU pairs (a gate|up matrix, gate rows [0, pair) over up rows [pair, 2 pair)): row r of
+ * group g is gate row 2g + r for r < 2, up row 2g + r - 2 otherwise, so one group's four dot
+ * products make h[2g] and h[2g + 1] (store_swiglu_rows). */
+CU_DEV int swiglu_pair_row(int g, int r, int pair) { return (r < 2 ? 0 : pair) + 2 * g + (r & 1); }
+
+/* SwiGLU pairs: acc holds group g's rows (swiglu_pair_row); h[2g + i] = silu(scale * gate_i) *
+ * (scale * up_i). Clears acc. */
 CU_DEV void store_swiglu_rows(float (&acc)[kRows], float *h, int g, float scale) {
     const int lane = threadIdx.x & 31;
     const float v = reduce4(acc) * scale, up = __shfl_down_sync(0xffffffffu, v, 16);
@@ -129,13 +134,7 @@ struct Bf16Rows { /* which rows a warp's group g (0-based in the warp's range) c
     const uint4 *w;
     int chunks, begin, end, pair;
     __device__ __forceinline__ const uint4 *row(int g, int r) const {
-        int i;
-        if (pair) {
-            const int j = 2 * (begin + g) + (r & 1);
-            i = r < 2 ? j : pair + j;
-        } else {
-            i = min(begin + g * kRows + r, end - 1);
-        }
+        const int i = pair ? swiglu_pair_row(begin + g, r, pair) : min(begin + g * kRows + r, end - 1);
         return w + (size_t)i * chunks;
     }
 };
@@ -287,7 +286,7 @@ struct WeightStream {
     const uint4 *w;
     const uint32_t *sz;
     int n, chunks, groups, gshift, iters;
-    int pair; /* > 0: group g is gate rows 2g, 2g + 1 and up rows pair + 2g, pair + 2g + 1 */
+    int pair; /* > 0: SwiGLU pairs, group g's rows as swiglu_pair_row says */
     int count; /* items left */
     int g, it; /* the current item */
 };
@@ -322,7 +321,7 @@ CU_DEV void issue_item(const WeightStream &s, int lane, char *slot) {
     if (c >= s.chunks) return;
 #pragma unroll
     for (int r = 0; r < kRows; r++) {
-        const int row = s.pair ? (r < 2 ? 0 : s.pair) + 2 * s.g + (r & 1) : min(s.g * kRows + r, s.n - 1);
+        const int row = s.pair ? swiglu_pair_row(s.g, r, s.pair) : min(s.g * kRows + r, s.n - 1);
         cp_async16(slot + (r * 32 + lane) * 16, s.w + (size_t)row * s.chunks + c);
         cp_async4(slot + kRows * 512 + (r * 32 + lane) * 4, s.sz + (size_t)row * s.groups + (c >> s.gshift));
     }
@@ -654,6 +653,12 @@ int grid_for(size_t n, int threads) {
     return (int)(b < 4096 ? (b ? b : 1) : 4096);
 }
 
+/* The GEMV for a's matrix and token count: int4 as use_q4x allows, bf16 at one token. */
+cudaError_t launch_gemv(const GemvArgs &a, cudaStream_t st) {
+    if (use_q4x(a.w, a.M)) return launch_q4x_tokens(a, st);
+    return a.w->group || a.M != 1 ? cudaErrorInvalidValue : launch_bf16(a, st);
+}
+
 } // namespace
 
 bool cu_gemv_takes(const CuMat *w, int M) { return use_q4x(w, M); }
@@ -671,18 +676,14 @@ bool cu_gemv_fuses_norm(const CuMat *w, int sms) {
 cudaError_t cu_gemv(cudaStream_t st, const CuMat *w, const float *x, int ldx, int M, float *y, int ldy, int sms,
                     const float *norm_w, float eps, bool accumulate) {
     if (w->n <= 0 || M <= 0) return cudaSuccess;
-    const GemvArgs a{w, x, norm_w, M, ldx, ldy, y, sms, eps, accumulate, 0};
-    if (use_q4x(w, M)) return launch_q4x_tokens(a, st);
-    return w->group || M != 1 ? cudaErrorInvalidValue : launch_bf16(a, st);
+    return launch_gemv(GemvArgs{w, x, norm_w, M, ldx, ldy, y, sms, eps, accumulate, 0}, st);
 }
 
 cudaError_t cu_gemv_swiglu(cudaStream_t st, const CuMat *w, const float *x, int ldx, int M, float *h, int ldh, int sms,
                            const float *norm_w, float eps) {
     if (w->n <= 0 || M <= 0) return cudaSuccess;
     if (w->n % 4 || w->n0) return cudaErrorInvalidValue;
-    const GemvArgs a{w, x, norm_w, M, ldx, ldh, h, sms, eps, false, w->n / 2};
-    if (use_q4x(w, M)) return launch_q4x_tokens(a, st);
-    return w->group || M != 1 ? cudaErrorInvalidValue : launch_bf16(a, st);
+    return launch_gemv(GemvArgs{w, x, norm_w, M, ldx, ldh, h, sms, eps, false, w->n / 2}, st);
 }
 
 cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size_t n) {
