@@ -139,21 +139,30 @@ struct Bf16Rows { /* which rows a warp's group g (0-based in the warp's range) c
     }
 };
 
-template <bool VEC>
+template <bool VEC, bool SPLIT>
 __global__ void __launch_bounds__(kThreads) gemv_bf16(const uint4 *__restrict__ w, const float *x, float *y, int n,
                                                       int k, int k_pad, const float *norm_w, float eps,
                                                       bool accumulate, int pair) {
     pdl_trigger();
     constexpr int D = kBf16Depth;
-    const int lane = threadIdx.x & 31, chunks = k_pad >> 3, iters = (chunks + 31) >> 5;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, chunks = k_pad >> 3;
+    int iters = (chunks + 31) >> 5, it0 = 0; /* chunk columns of a group this warp walks */
     Bf16Rows rows{w, chunks, 0, 0, pair};
-    warp_rows(pair ? pair / 2 : n, &rows.begin, &rows.end);
-    const int groups = pair ? rows.end - rows.begin : (rows.end - rows.begin + kRows - 1) / kRows;
+    if (SPLIT) { /* one group per warp pair, each warp half of its columns */
+        const int g = blockIdx.x * (kWarps / 2) + (warp >> 1), half = (iters + 1) / 2;
+        rows.begin = pair ? g : g * kRows;
+        rows.end = pair ? min(g + 1, pair / 2) : min(n, rows.begin + kRows);
+        it0 = (warp & 1) * half;
+        iters = min(iters - it0, half);
+    } else {
+        warp_rows(pair ? pair / 2 : n, &rows.begin, &rows.end);
+    }
+    const int groups = max(0, pair ? rows.end - rows.begin : (rows.end - rows.begin + kRows - 1) / kRows);
     const int total = groups * iters; /* items of this warp */
     uint4 q[D][kRows];
     int lg = 0, lit = 0; /* the next item to request */
     auto request = [&](uint4(&dst)[kRows]) {
-        const int c = lit * 32 + lane;
+        const int c = (it0 + lit) * 32 + lane;
         if (c < chunks) {
 #pragma unroll
             for (int r = 0; r < kRows; r++) dst[r] = ld_weights(rows.row(lg, r) + c);
@@ -170,7 +179,7 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16(const uint4 *__restrict__ 
 #pragma unroll
         for (int d = 0; d < D; d++) {
             if (i0 + d >= total) break; /* warp-uniform */
-            const int c = it * 32 + lane;
+            const int c = (it0 + it) * 32 + lane;
             if (c < chunks) {
                 float xv[8];
                 const float *xp = x + c * 8;
@@ -199,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16(const uint4 *__restrict__ 
                 }
             }
             if (i0 + d + D < total) request(q[d]); /* the slot's data is in acc by now */
-            if (++it == iters) {
+            if (++it == iters && !SPLIT) {
                 if (norm_w && g == 0) scale = 1.0f / sqrtf(warp_sum(ss) / (float)k + eps);
                 if (pair)
                     store_swiglu_rows(acc, y, rows.begin + g, scale);
@@ -207,6 +216,24 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16(const uint4 *__restrict__ 
                     store_rows(acc, y, rows.begin + g * kRows, min(kRows, rows.end - rows.begin - g * kRows), scale,
                                accumulate);
                 it = 0, g++;
+            }
+        }
+    }
+    if (SPLIT) { /* the even warp of each pair adds its partner's sums and stores */
+        __shared__ float part[kWarps][kRows + 1]; /* row sums, then the sum of squares */
+        const float v = reduce4(acc), sq = warp_sum(ss);
+        if ((lane & 7) == 0) part[warp][lane >> 3] = v;
+        if (lane == 0) part[warp][kRows] = sq;
+        __syncthreads();
+        if ((warp & 1) == 0 && groups > 0 && lane < kRows) {
+            if (norm_w) scale = 1.0f / sqrtf((part[warp][kRows] + part[warp + 1][kRows]) / (float)k + eps);
+            const float t = (part[warp][lane] + part[warp + 1][lane]) * scale;
+            if (pair) {
+                const float up = __shfl_down_sync(0xfu, t, 2);
+                if (lane < 2) y[2 * rows.begin + lane] = silu_mul(t, up);
+            } else if (lane < rows.end - rows.begin) {
+                float *dst = y + rows.begin + lane;
+                *dst = accumulate ? __ldcg(dst) + t : t;
             }
         }
     }
@@ -573,14 +600,26 @@ struct GemvArgs { /* what every launcher passes on */
     int pair; /* SwiGLU pairs */
 };
 
-cudaError_t launch_bf16(const GemvArgs &a, cudaStream_t st) {
+/* Narrow matrices (every group of rows twice in one wave of 3 blocks per multiprocessor) split
+ * each group's columns over two warps: an H100 streamed Qwen3-8B's o and down at ~76% of its
+ * copy rate with one warp per group (8 warps per multiprocessor, ncu: 12% occupancy, stalls on
+ * the loads), gate_up (24 warps) at 98%. */
+template <bool VEC>
+cudaError_t launch_bf16_as(const GemvArgs &a, cudaStream_t st) {
     const CuMat *w = a.w;
     const uint4 *wp = static_cast<const uint4 *>(w->w);
-    if (w->k % 8 == 0)
-        return cu_launch(st, dim3(gemv_blocks<gemv_bf16<true>>(w->n, a.sms)), dim3(kThreads), 0, gemv_bf16<true>, wp,
-                         a.x, a.y + w->n0, w->n, w->k, w->k_pad, a.norm_w, a.eps, a.accumulate, a.pair);
-    return cu_launch(st, dim3(gemv_blocks<gemv_bf16<false>>(w->n, a.sms)), dim3(kThreads), 0, gemv_bf16<false>, wp, a.x,
-                     a.y + w->n0, w->n, w->k, w->k_pad, a.norm_w, a.eps, a.accumulate, a.pair);
+    const long long groups = a.pair ? a.pair / 2 : ((long long)w->n + kRows - 1) / kRows;
+    if (2 * groups <= 3LL * a.sms * kWarps)
+        return cu_launch(st, dim3((unsigned)((groups + kWarps / 2 - 1) / (kWarps / 2))), dim3(kThreads), 0,
+                         gemv_bf16<VEC, true>, wp, a.x, a.y + w->n0, w->n, w->k, w->k_pad, a.norm_w, a.eps,
+                         a.accumulate, a.pair);
+    return cu_launch(st, dim3(gemv_blocks<gemv_bf16<VEC, false>>(w->n, a.sms)), dim3(kThreads), 0,
+                     gemv_bf16<VEC, false>, wp, a.x, a.y + w->n0, w->n, w->k, w->k_pad, a.norm_w, a.eps, a.accumulate,
+                     a.pair);
+}
+
+cudaError_t launch_bf16(const GemvArgs &a, cudaStream_t st) {
+    return a.w->k % 8 == 0 ? launch_bf16_as<true>(a, st) : launch_bf16_as<false>(a, st);
 }
 
 /* The fixed-point kernel for M tokens (when their x and the ring fit in shared memory): one
@@ -669,7 +708,7 @@ bool cu_gemv_fuses_norm(const CuMat *w, int sms) {
      * costs more than the separate norm kernel once warps walk many (H100, a 151936-row lm_head:
      * decode step 2.630 -> 2.683 ms) */
     const int blocks =
-        w->k % 8 == 0 ? gemv_blocks<gemv_bf16<true>>(w->n, sms) : gemv_blocks<gemv_bf16<false>>(w->n, sms);
+        w->k % 8 == 0 ? gemv_blocks<gemv_bf16<true, false>>(w->n, sms) : gemv_blocks<gemv_bf16<false, false>>(w->n, sms);
     return (long long)w->n <= 2LL * kRows * kWarps * blocks;
 }
 
