@@ -62,6 +62,7 @@ int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr 
     eo.kv_mem_fraction = a->gpu_mem_util;
     eo.every_logit = a->every_logit;
     eo.prefix_caching = !a->no_prefix_caching;
+    eo.embed_resident = a->embed_resident;
     if (a->max_model_len > 0) {
         if (a->max_model_len > cfg.max_position_embeddings)
         {

@@ -28,6 +28,7 @@ typedef struct RuntimeArgs {
     int max_step_tokens; /* 0: 512, or with serve_steps vLLM serve's default on a GPU (8192 at
                             >= 70 GiB, else 2048; runtime_open) */
     bool serve_steps;
+    bool embed_resident; /* EngineOptions.embed_resident */
     bool need_tokenizer;
     size_t kv_bytes;           /* KV-cache pool budget (0: the engine's default, 1 GiB) */
     double gpu_mem_util;       /* > 0: on a GPU, the KV pool fills the device up to this fraction */

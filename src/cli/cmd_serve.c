@@ -44,7 +44,7 @@ static void usage(FILE *f) {
 
 int cmd_serve(int argc, char **argv) {
     const char *dir = NULL;
-    RuntimeArgs ra = {.max_seqs = 256, .need_tokenizer = true, .serve_steps = true};
+    RuntimeArgs ra = {.max_seqs = 256, .need_tokenizer = true, .serve_steps = true, .embed_resident = true};
     ServerOptions so = {.host = "127.0.0.1", .port = 8000, .log = stderr};
     QErr err;
     for (int i = 1; i < argc; i++) {

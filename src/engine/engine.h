@@ -25,6 +25,7 @@ typedef struct EngineOptions {
     int kv_value_bytes;  /* bytes of one cached K or V value in the backend (0: 4, float32) */
     int block_size;      /* 16 */
     bool prefix_caching; /* reuse KV blocks of identical prompt prefixes (default on) */
+    bool embed_resident; /* ModelOptions.embed_resident (a server's choice: default off) */
     bool every_logit;    /* the model returns logits for every token of a step (callers of
                             model_forward that score whole windows, e.g. quill eval); otherwise
                             a step has at most max_seqs + min(max_step_tokens, 1024) rows */

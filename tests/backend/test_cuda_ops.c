@@ -821,6 +821,7 @@ static void test_attention_batched(int nh, int nkv, int hd, int S, int ctx) {
 
 /* ---- embed -------------------------------------------------------------------------------- */
 
+/* Host-gathered and resident tables, each checked twice (the staging buffer is reused). */
 static void test_embed(void) {
     int V = 1000, D = 96, M = 5;
     float *w = rand_f32((size_t)V * D);
@@ -828,17 +829,26 @@ static void test_embed(void) {
     f32_to_dtype(tb, w, (size_t)V * D, DT_BF16);
     StTensor t = {.name = "embed", .dtype = DT_BF16, .ndim = 2, .shape = {V, D}, .data = tb, .nbytes = (size_t)V * D * 2};
     QErr err;
-    Embedding *ec = cpu->ops->embedding_load(cpu, &t, &err), *eg = gpu->ops->embedding_load(gpu, &t, &err);
-    CHECK(ec && eg, "embedding_load: %s", err.msg);
-    int32_t ids[5] = {0, 999, 17, 17, 512};
+    Embedding *ec = cpu->ops->embedding_load(cpu, &t, false, &err);
+    CHECK(ec, "embedding_load: %s", err.msg);
+    int32_t ids[2][5] = {{0, 999, 17, 17, 512}, {3, 1, 4, 1, 5}};
     float *xc = malloc((size_t)M * D * 4), *dx = gpu->ops->alloc(gpu, (size_t)M * D * 4);
-    cpu->ops->embed(cpu, xc, ids, M, ec);
-    gpu->ops->embed(gpu, dx, ids, M, eg);
-    float *xg = download(gpu, dx, (size_t)M * D);
-    CHECK(max_rel(xg, xc, (size_t)M * D) == 0, "embed differs");
-    cpu->ops->embedding_free(cpu, ec), gpu->ops->embedding_free(gpu, eg);
+    for (int resident = 0; resident < 2; resident++) {
+        Embedding *eg = gpu->ops->embedding_load(gpu, &t, resident, &err);
+        CHECK(eg, "embedding_load (resident %d): %s", resident, err.msg);
+        if (!eg) continue;
+        for (int round = 0; round < 2; round++) {
+            cpu->ops->embed(cpu, xc, ids[round], M, ec);
+            gpu->ops->embed(gpu, dx, ids[round], M, eg);
+            float *xg = download(gpu, dx, (size_t)M * D);
+            CHECK(max_rel(xg, xc, (size_t)M * D) == 0, "embed differs (resident %d, round %d)", resident, round);
+            free(xg);
+        }
+        gpu->ops->embedding_free(gpu, eg);
+    }
+    cpu->ops->embedding_free(cpu, ec);
     gpu->ops->free(gpu, dx);
-    free(w), free(tb), free(xc), free(xg);
+    free(w), free(tb), free(xc);
 }
 
 /* ---- graph capture and replay ------------------------------------------------------------- */

@@ -215,8 +215,8 @@ struct Embedding {
     const StTensor *table;
 };
 
-static Embedding *cpu_embedding_load(Backend *be, const StTensor *table, QErr *err) {
-    (void)be;
+static Embedding *cpu_embedding_load(Backend *be, const StTensor *table, bool resident, QErr *err) {
+    (void)be, (void)resident; /* host memory is the device */
     Embedding *e = malloc(sizeof *e);
     if (!e) {
         qerr_set(err, "out of memory");

@@ -13,8 +13,11 @@
  *    which reads the codes as they are (0.5 byte per weight); bf16 parts, and int4 parts at larger M, call cuBLAS, int4
  *    weights first dequantized to a bf16 scratch one matrix at a time (~4.5 bytes per weight,
  *    which cuBLAS's higher bf16 rate outweighs at large M). See kGemmQ4MaxM for the measurements.
- *  - The embedding table stays in host memory: M rows are gathered and converted on the host
- *    into pinned memory and uploaded (16 KB per decode token), which keeps ~1.2 GB off the GPU.
+ *  - The embedding table stays in host memory unless the model asks for it resident (a server):
+ *    M rows are gathered and converted on the host into pinned memory and uploaded (16 KB per
+ *    decode token), which keeps ~1.2 GB off the GPU; resident (bf16 tables), only the ids are
+ *    uploaded and a kernel gathers the rows, so a large prefill chunk does not wait for the host
+ *    to convert and upload its rows (8192 tokens: 128 MB) with the GPU idle.
  *  - Ops cannot fail (backend.h), so a CUDA error is recorded (the first one wins) for
  *    cuda_backend_error() and the op does nothing more.
  *  - Graph capture uses relaxed mode so scratch can still grow during a capture; a scratch buffer
@@ -92,8 +95,11 @@ struct CudaBackend {
     size_t dq_n;
     void **retired; /* scratch replaced while graphs may still point into it */
     size_t n_retired, cap_retired;
-    float *h_embed; /* pinned (or, if pinning failed, malloc'd) staging of embedding rows */
+    float *h_embed; /* pinned (or, if pinning failed, malloc'd) staging of embedding rows, or of
+                       the ids (as int32) for a resident table */
     size_t h_embed_n;
+    int32_t *d_embed_ids; /* the ids for a resident table, d_embed_ids_n of them */
+    size_t d_embed_ids_n;
     bool h_embed_pinned;
     cudaEvent_t embed_done;
     CuSampleRow *h_rows, *d_rows;
@@ -338,6 +344,7 @@ struct Linear {
 struct Embedding {
     const StTensor *table;
     int64_t vocab, dim;
+    __nv_bfloat16 *dev; /* the resident copy, or NULL */
 };
 
 namespace {
@@ -481,8 +488,8 @@ float *cu_vector_load(Backend *be, const StTensor *t, QErr *err) {
     return v;
 }
 
-Embedding *cu_embedding_load(Backend *be, const StTensor *table, QErr *err) {
-    (void)be;
+Embedding *cu_embedding_load(Backend *be, const StTensor *table, bool resident, QErr *err) {
+    CudaBackend *c = cb(be);
     if (table->ndim != 2 || (table->dtype != DT_BF16 && table->dtype != DT_F16 && table->dtype != DT_F32)) {
         set_err(err, "%s: expected a 2-D float tensor", table->name);
         return NULL;
@@ -495,11 +502,30 @@ Embedding *cu_embedding_load(Backend *be, const StTensor *table, QErr *err) {
     e->table = table;
     e->vocab = table->shape[0];
     e->dim = table->shape[1];
+    e->dev = NULL;
+    if (resident && table->dtype == DT_BF16) { /* other dtypes: gathered on the host */
+        use_device(c);
+        const size_t bytes = (size_t)e->vocab * e->dim * sizeof(uint16_t);
+        e->dev = static_cast<__nv_bfloat16 *>(dev_alloc(c, bytes));
+        if (!e->dev || cudaMemcpy(e->dev, table->data, bytes, cudaMemcpyHostToDevice) != cudaSuccess) {
+            cudaGetLastError();
+            set_err(err, "%s: no room for the embedding table on the GPU (%.2f GB)", table->name, bytes / 1e9);
+            dev_free(c, e->dev);
+            free(e);
+            return NULL;
+        }
+    }
     return e;
 }
 
 void cu_embedding_free(Backend *be, Embedding *e) {
-    (void)be;
+    if (!e) return;
+    if (e->dev) {
+        CudaBackend *c = cb(be);
+        use_device(c);
+        drop_graphs(c);
+        dev_free(c, e->dev);
+    }
     free(e);
 }
 
@@ -570,7 +596,8 @@ void cu_embed(Backend *be, float *x, const int32_t *ids, int M, const Embedding 
     CudaBackend *c = cb(be);
     if (M <= 0) return;
     use_device(c);
-    const size_t D = (size_t)e->dim, n = (size_t)M * D;
+    /* a resident table stages only the ids */
+    const size_t D = (size_t)e->dim, n = e->dev ? (size_t)M : (size_t)M * D;
     /* the staging buffer may still feed the previous upload */
     if (!note(c, cudaEventSynchronize(c->embed_done), "embed")) return;
     if (n > c->h_embed_n) {
@@ -592,6 +619,18 @@ void cu_embed(Backend *be, float *x, const int32_t *ids, int M, const Embedding 
         }
         c->h_embed = static_cast<float *>(p);
         c->h_embed_n = n;
+    }
+    if (e->dev) {
+        if (!grow(c, reinterpret_cast<void **>(&c->d_embed_ids), &c->d_embed_ids_n, n, sizeof(int32_t))) {
+            note(c, cudaErrorMemoryAllocation, "embed");
+            return;
+        }
+        memcpy(c->h_embed, ids, n * sizeof(int32_t));
+        note(c, cudaMemcpyAsync(c->d_embed_ids, c->h_embed, n * sizeof(int32_t), cudaMemcpyHostToDevice, c->st),
+             "embed");
+        note(c, cudaEventRecord(c->embed_done, c->st), "embed");
+        note(c, cu_embed_rows(c->st, x, e->dev, c->d_embed_ids, M, (int)D), "embed");
+        return;
     }
     const StTensor *t = e->table;
     for (int m = 0; m < M; m++) {

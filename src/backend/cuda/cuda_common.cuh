@@ -208,6 +208,8 @@ cudaError_t cu_rmsnorm(cudaStream_t st, __nv_bfloat16 *y, const float *x, const 
 cudaError_t cu_swiglu(cudaStream_t st, float *h, const float *gate_up, int M, int I);
 cudaError_t cu_swiglu(cudaStream_t st, __nv_bfloat16 *h, const float *gate_up, int M, int I);
 cudaError_t cu_gather_rows(cudaStream_t st, float *dst, const float *src, const int32_t *rows, int n, int width);
+/* x[m] = table[ids[m]] (bf16 rows of D, as float) for m < M; ids on the device. */
+cudaError_t cu_embed_rows(cudaStream_t st, float *x, const __nv_bfloat16 *table, const int32_t *ids, int M, int D);
 cudaError_t cu_rope_cos_sin(cudaStream_t st, float *cs, const int32_t *pos, int M, const float *inv_freq, int half);
 
 /* kc / vc point at the layer's K and V pools ([n_blocks * block_size][nkv][hd] bf16). */

@@ -1,6 +1,6 @@
 /* cuda_ops.cu — the small kernels of a layer: RMSNorm and SwiGLU where a matmul does not fuse
  * them (written as float, or straight as the bf16 a tensor-core matmul reads), row gather, the
- * RoPE table, and q/k-norm + RoPE + KV-cache store fused into one pass over the qkv row.
+ * embedding lookup from a resident table, the RoPE table, and q/k-norm + RoPE + KV-cache store fused into one pass over the qkv row.
  *
  * These move a few KB per token, so at decode they cost launch latency, not bandwidth: each is a
  * single launch over all M rows with one block (or one warp) per row, and each follows the
@@ -68,6 +68,15 @@ __global__ void gather_kernel(float *dst, const float *src, const int32_t *rows,
         }
         if (serial) __syncthreads();
     }
+}
+
+/* x[m] = table[ids[m]] as float, one block per row (a resident bf16 embedding table). */
+__global__ void embed_rows_kernel(float *x, const __nv_bfloat16 *table, const int32_t *ids, int D) {
+    pdl_trigger();
+    pdl_wait();
+    const __nv_bfloat16 *row = table + (size_t)ids[blockIdx.x] * D;
+    float *out = x + (size_t)blockIdx.x * D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) out[i] = __bfloat162float(row[i]);
 }
 
 __global__ void rope_kernel(float *cs, const int32_t *pos, int M, const float *inv_freq, int half) {
@@ -163,6 +172,11 @@ cudaError_t cu_gather_rows(cudaStream_t st, float *dst, const float *src, const 
     if (n <= 0 || width <= 0) return cudaSuccess;
     const int serial = dst == src;
     return cu_launch(st, dim3(serial ? 1 : n), dim3(256), 0, gather_kernel, dst, src, rows, n, width, serial);
+}
+
+cudaError_t cu_embed_rows(cudaStream_t st, float *x, const __nv_bfloat16 *table, const int32_t *ids, int M, int D) {
+    if (M <= 0) return cudaSuccess;
+    return cu_launch(st, dim3(M), dim3(256), 0, embed_rows_kernel, x, table, ids, D);
 }
 
 cudaError_t cu_rope_cos_sin(cudaStream_t st, float *cs, const int32_t *pos, int M, const float *inv_freq, int half) {
