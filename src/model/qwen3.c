@@ -241,7 +241,7 @@ Model *model_create(const QwenConfig *cfg, const GenConfig *gen, StModel *st, Ba
     }
 
     const StTensor *emb = need(&L, "model.embed_tokens.weight", 2, c->vocab_size, c->hidden_size);
-    if (!emb || !(m->embed = be->ops->embedding_load(be, emb, m->opt.embed_resident, err))) goto fail;
+    if (!emb) goto fail;
     if (!(m->final_norm = load_vector(&L, "model.norm.weight", c->hidden_size))) goto fail;
     const char *lm_name = c->tie_word_embeddings ? "model.embed_tokens" : "lm_head";
     const char *lm[1] = {lm_name};
@@ -255,6 +255,8 @@ Model *model_create(const QwenConfig *cfg, const GenConfig *gen, StModel *st, Ba
     }
     for (int i = 0; i < c->num_hidden_layers; i++)
         if (load_layer(&L, i, &m->layers[i])) goto fail;
+    /* after the layers: a resident table takes device memory only where the weights left room */
+    if (!(m->embed = be->ops->embedding_load(be, emb, m->opt.embed_resident, err))) goto fail;
 
     for (size_t i = 0; i < st_count(m->st); i++) {
         const StTensor *t = st_at(m->st, i);

@@ -503,13 +503,13 @@ Embedding *cu_embedding_load(Backend *be, const StTensor *table, bool resident, 
     e->vocab = table->shape[0];
     e->dim = table->shape[1];
     e->dev = NULL;
-    if (resident && table->dtype == DT_BF16) { /* other dtypes: gathered on the host */
+    if (resident && table->dtype == DT_BF16) { /* other dtypes, or no room: gathered on the host */
         use_device(c);
         const size_t bytes = (size_t)e->vocab * e->dim * sizeof(uint16_t);
         e->dev = static_cast<__nv_bfloat16 *>(dev_alloc(c, bytes));
-        if (!e->dev || cudaMemcpy(e->dev, table->data, bytes, cudaMemcpyHostToDevice) != cudaSuccess) {
-            cudaGetLastError();
-            set_err(err, "%s: no room for the embedding table on the GPU (%.2f GB)", table->name, bytes / 1e9);
+        cudaError_t rc = e->dev ? cudaMemcpy(e->dev, table->data, bytes, cudaMemcpyHostToDevice) : cudaSuccess;
+        if (rc != cudaSuccess) {
+            set_err(err, "%s: copying the embedding table to the GPU: %s", table->name, cudaGetErrorString(rc));
             dev_free(c, e->dev);
             free(e);
             return NULL;
