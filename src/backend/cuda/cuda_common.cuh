@@ -212,7 +212,8 @@ cudaError_t cu_gather_rows(cudaStream_t st, float *dst, const float *src, const 
 cudaError_t cu_embed_rows(cudaStream_t st, float *x, const __nv_bfloat16 *table, const int32_t *ids, int M, int D);
 cudaError_t cu_rope_cos_sin(cudaStream_t st, float *cs, const int32_t *pos, int M, const float *inv_freq, int half);
 
-/* kc / vc point at the layer's K and V pools ([n_blocks * block_size][nkv][hd] bf16). */
+/* kc / vc point at the layer's K and V pools ([n_blocks * block_size][nkv][hd] bf16); hd a multiple of
+ * 64 up to 256 (else cudaErrorInvalidValue), the head sizes the attention kernels take. */
 cudaError_t cu_qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_norm, const float *k_norm,
                                   const float *cs, int M, int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc,
                                   __nv_bfloat16 *vc, const int32_t *slots);

@@ -1,6 +1,7 @@
 /* cuda_ops.cu — the small kernels of a layer: RMSNorm and SwiGLU where a matmul does not fuse
  * them (written as float, or straight as the bf16 a tensor-core matmul reads), row gather, the
- * embedding lookup from a resident table, the RoPE table, and q/k-norm + RoPE + KV-cache store fused into one pass over the qkv row.
+ * embedding lookup from a resident table, the RoPE table, and q/k-norm + RoPE + KV-cache store
+ * fused into one pass over the qkv row.
  *
  * These move a few KB per token, so at decode they cost launch latency, not bandwidth: each is a
  * single launch over all M rows with one block (or one warp) per row, and each follows the
@@ -97,40 +98,68 @@ __global__ void rope_kernel(float *cs, const int32_t *pos, int M, const float *i
  * with their weight, then rotate-half RoPE (lane holds the pairs (i, i + half) for i = lane,
  * lane + 32, ...), written back in place; k and v heads are also stored (bf16) at the token's
  * cache slot. */
+/* Rotation pairs (i, i + hd / 2) per lane: head_dim <= 256, what the attention kernels take. */
+constexpr int kMaxPairsPerLane = 4;
+
+/* One warp per head of one token. The norm weight (constant) is loaded before pdl_wait(); after
+ * it, the head's values and its cos / sin all in one round trip (cs, written at the step's start,
+ * has usually left L2 by the time a later layer needs it), so the wait for the qkv GEMV is
+ * followed by one memory latency, not three in a row. head_dim: a multiple of 64, <= 256. */
 __global__ void qk_norm_rope_store_kernel(float *qkv, const float *q_norm, const float *k_norm, const float *cs,
                                           int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
                                           const int32_t *slots) {
     pdl_trigger();
-    pdl_wait();
     const int m = blockIdx.x, lane = threadIdx.x & 31, half = hd / 2;
     const int heads = nh + 2 * nkv;
-    float *row = qkv + (size_t)m * heads * hd;
-    const float *c = cs + (size_t)m * hd;
-    const size_t slot = (size_t)slots[m];
     const int h = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (h < heads) {
-        float *x = row + (size_t)h * hd;
-        if (h < nh + nkv) {
-            const float *w = h < nh ? q_norm : k_norm;
-            float ss = 0.0f;
-            for (int i = lane; i < hd; i += 32) ss = fmaf(x[i], x[i], ss);
-            ss = warp_sum(ss);
-            const float inv = 1.0f / sqrtf(ss / (float)hd + eps);
-            for (int i = lane; i < half; i += 32) {
-                const float a = w[i] * (x[i] * inv), b = w[i + half] * (x[i + half] * inv);
-                const float co = c[i], si = c[half + i];
-                const float ra = a * co - b * si, rb = b * co + a * si;
-                x[i] = ra;
-                x[i + half] = rb;
-                if (h >= nh) {
-                    __nv_bfloat16 *k = kc + (slot * nkv + (h - nh)) * hd;
-                    k[i] = __float2bfloat16_rn(ra);
-                    k[i + half] = __float2bfloat16_rn(rb);
-                }
-            }
-        } else {
-            __nv_bfloat16 *v = vc + (slot * nkv + (h - nh - nkv)) * hd;
-            for (int i = lane; i < hd; i += 32) v[i] = __float2bfloat16_rn(x[i]);
+    const bool normed = h < nh + nkv; /* q or k; v is only stored */
+    float wa[kMaxPairsPerLane], wb[kMaxPairsPerLane];
+    if (normed) {
+        const float *w = h < nh ? q_norm : k_norm;
+#pragma unroll
+        for (int j = 0; j < kMaxPairsPerLane; j++) {
+            const int i = lane + 32 * j;
+            wa[j] = i < half ? w[i] : 0.0f;
+            wb[j] = i < half ? w[i + half] : 0.0f;
+        }
+    }
+    pdl_wait();
+    if (h >= heads) return;
+    float *x = qkv + ((size_t)m * heads + h) * hd;
+    const size_t slot = (size_t)slots[m];
+    if (!normed) {
+        __nv_bfloat16 *v = vc + (slot * nkv + (h - nh - nkv)) * hd;
+        for (int i = lane; i < hd; i += 32) v[i] = __float2bfloat16_rn(x[i]);
+        return;
+    }
+    const float *c = cs + (size_t)m * hd;
+    float xa[kMaxPairsPerLane], xb[kMaxPairsPerLane], co[kMaxPairsPerLane], si[kMaxPairsPerLane];
+#pragma unroll
+    for (int j = 0; j < kMaxPairsPerLane; j++) {
+        const int i = lane + 32 * j;
+        const bool in = i < half;
+        xa[j] = in ? x[i] : 0.0f, xb[j] = in ? x[i + half] : 0.0f;
+        co[j] = in ? c[i] : 0.0f, si[j] = in ? c[half + i] : 0.0f;
+    }
+    float ss = 0.0f; /* in column order, as one pass over i = lane, lane + 32, .. would sum */
+#pragma unroll
+    for (int j = 0; j < kMaxPairsPerLane; j++) ss = fmaf(xa[j], xa[j], ss);
+#pragma unroll
+    for (int j = 0; j < kMaxPairsPerLane; j++) ss = fmaf(xb[j], xb[j], ss);
+    ss = warp_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / (float)hd + eps);
+    __nv_bfloat16 *k = h >= nh ? kc + (slot * nkv + (h - nh)) * hd : nullptr;
+#pragma unroll
+    for (int j = 0; j < kMaxPairsPerLane; j++) {
+        const int i = lane + 32 * j;
+        if (i >= half) break;
+        const float a = wa[j] * (xa[j] * inv), b = wb[j] * (xb[j] * inv);
+        const float ra = a * co[j] - b * si[j], rb = b * co[j] + a * si[j];
+        x[i] = ra;
+        x[i + half] = rb;
+        if (k) {
+            k[i] = __float2bfloat16_rn(ra);
+            k[i + half] = __float2bfloat16_rn(rb);
         }
     }
 }
@@ -188,6 +217,7 @@ cudaError_t cu_qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_no
                                   const float *cs, int M, int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc,
                                   __nv_bfloat16 *vc, const int32_t *slots) {
     if (M <= 0) return cudaSuccess;
+    if (hd % 64 || hd > 64 * kMaxPairsPerLane) return cudaErrorInvalidValue; /* the kernel's lanes */
     int heads = nh + 2 * nkv, warps = heads < 8 ? heads : 8;
     return cu_launch(st, dim3(M, (heads + warps - 1) / warps), dim3(32 * warps), 0, qk_norm_rope_store_kernel, qkv, q_norm, k_norm, cs, nh, nkv,
                      hd, eps, kc, vc, slots);
