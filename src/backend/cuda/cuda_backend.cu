@@ -104,6 +104,7 @@ struct CudaBackend {
     cudaEvent_t embed_done;
     CuSampleRow *h_rows, *d_rows;
     int32_t *h_ids, *d_ids;
+    CuArgmax *d_argmax; /* sample_cap * kArgmaxSplits */
     int sample_cap;
     GraphRec *graphs;
     int n_graphs, cap_graphs;
@@ -922,6 +923,7 @@ bool cu_sample_op(Backend *be, const float *logits, int rows, int vocab, const S
         cudaFreeHost(c->h_ids);
         dev_free(c, c->d_rows);
         dev_free(c, c->d_ids);
+        dev_free(c, c->d_argmax);
         c->sample_cap = 0;
         void *hr = NULL, *hi = NULL;
         bool ok = cudaHostAlloc(&hr, (size_t)rows * sizeof(CuSampleRow), cudaHostAllocDefault) == cudaSuccess;
@@ -930,7 +932,8 @@ bool cu_sample_op(Backend *be, const float *logits, int rows, int vocab, const S
         c->h_ids = static_cast<int32_t *>(hi);
         c->d_rows = static_cast<CuSampleRow *>(dev_alloc(c, (size_t)rows * sizeof(CuSampleRow)));
         c->d_ids = static_cast<int32_t *>(dev_alloc(c, (size_t)rows * sizeof(int32_t)));
-        if (!ok || !c->d_rows || !c->d_ids) {
+        c->d_argmax = static_cast<CuArgmax *>(dev_alloc(c, (size_t)rows * kArgmaxSplits * sizeof(CuArgmax)));
+        if (!ok || !c->d_rows || !c->d_ids || !c->d_argmax) {
             cudaGetLastError();
             return false;
         }
@@ -948,7 +951,7 @@ bool cu_sample_op(Backend *be, const float *logits, int rows, int vocab, const S
     }
     if (!note(c, cudaMemcpyAsync(c->d_rows, c->h_rows, (size_t)rows * sizeof(CuSampleRow), cudaMemcpyHostToDevice, c->st),
               "sample") ||
-        !note(c, cu_sample(c->st, logits, rows, vocab, c->d_rows, c->d_ids), "sample") ||
+        !note(c, cu_sample(c->st, logits, rows, vocab, c->d_rows, c->d_argmax, c->d_ids), "sample") ||
         !note(c, cudaMemcpyAsync(c->h_ids, c->d_ids, (size_t)rows * sizeof(int32_t), cudaMemcpyDeviceToHost, c->st),
               "sample") ||
         !note(c, cudaStreamSynchronize(c->st), "sample"))

@@ -247,7 +247,16 @@ typedef struct CuSampleRow {
     int greedy;        /* argmax, nothing else */
 } CuSampleRow;
 
+/* A row's maximum over one split, and the first index of it (vocab: none). */
+typedef struct CuArgmax {
+    float v;
+    int i;
+} CuArgmax;
+constexpr int kArgmaxSplits = 32; /* splits of each row for its maximum */
+
+/* One token per row of logits [rows][vocab] into out_ids (device), as params say; part: scratch
+ * of rows * kArgmaxSplits. */
 cudaError_t cu_sample(cudaStream_t st, const float *logits, int rows, int vocab, const CuSampleRow *params,
-                      int32_t *out_ids);
+                      CuArgmax *part, int32_t *out_ids);
 
 #endif

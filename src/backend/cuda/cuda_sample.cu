@@ -8,6 +8,10 @@
  * the draw r = u * (kept mass) walks the kept tokens in descending order when top-k or top-p is
  * on (sorted, as the host does) and in index order otherwise.
  *
+ * The maximum (all a greedy row needs, and the reference of the weights) comes first, from
+ * kArgmaxSplits blocks per row (row_argmax_kernel): one block scanning a 151936-entry row was
+ * latency-bound on its loads (H100: see bench/RESULTS.md, ninth session).
+ *
  * Nothing is sorted: every "k largest" / "mass reaches x" question is a radix select over the
  * logits' order-preserving 32-bit keys, 8 bits per pass (4 passes over the row, each a 256-bin
  * histogram of counts or masses in shared memory). Ties between equal logits are broken by index
@@ -20,6 +24,59 @@
 namespace {
 
 constexpr int kThreads = 1024;
+constexpr int kArgmaxThreads = 256;
+static_assert(kArgmaxSplits == 32, "one lane of a warp per split when combining");
+
+/* Makes (best, bi) the first index of the maximum of itself and (v, j); bi == V: none yet. The
+ * first candidate is taken whatever its value, as a scan in index order would. */
+CU_DEV void take_max(float &best, int &bi, float v, int j, int V) {
+    if (j < V && (bi == V || v > best || (v == best && j < bi))) best = v, bi = j;
+}
+
+CU_DEV void warp_take_max(float &best, int &bi, int V) {
+    for (int o = 16; o; o >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, best, o);
+        const int j = __shfl_xor_sync(0xffffffffu, bi, o);
+        take_max(best, bi, v, j, V);
+    }
+}
+
+/* Block (s, row): the first index of the maximum over split s of the row (a multiple-of-4 range,
+ * read as float4 when V is a multiple of 4) into part[row * kArgmaxSplits + s]. */
+__global__ void __launch_bounds__(kArgmaxThreads) row_argmax_kernel(const float *logits, int V, CuArgmax *part) {
+    __shared__ float wbest[kArgmaxThreads / 32];
+    __shared__ int wbi[kArgmaxThreads / 32];
+    pdl_trigger();
+    pdl_wait();
+    const int split = blockIdx.x, row = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const float *l = logits + (size_t)row * V;
+    const int chunk = ((V + kArgmaxSplits - 1) / kArgmaxSplits + 3) & ~3;
+    const int b = min(V, split * chunk), e = min(V, b + chunk);
+    float best = -INFINITY;
+    int bi = V;
+    if ((V & 3) == 0) {
+        const float4 *l4 = reinterpret_cast<const float4 *>(l);
+#pragma unroll 4
+        for (int q = b / 4 + tid; q < e / 4; q += kArgmaxThreads) {
+            const float4 v = l4[q];
+            take_max(best, bi, v.x, 4 * q, V);
+            take_max(best, bi, v.y, 4 * q + 1, V);
+            take_max(best, bi, v.z, 4 * q + 2, V);
+            take_max(best, bi, v.w, 4 * q + 3, V);
+        }
+    } else {
+        for (int i = b + tid; i < e; i += kArgmaxThreads) take_max(best, bi, l[i], i, V);
+    }
+    warp_take_max(best, bi, V);
+    if (lane == 0) wbest[warp] = best, wbi[warp] = bi;
+    __syncthreads();
+    if (warp == 0) {
+        best = lane < kArgmaxThreads / 32 ? wbest[lane] : -INFINITY;
+        bi = lane < kArgmaxThreads / 32 ? wbi[lane] : V;
+        warp_take_max(best, bi, V);
+        if (lane == 0) part[(size_t)row * kArgmaxSplits + split] = CuArgmax{best, bi};
+    }
+}
 
 /* Order-preserving key of a float (larger float, larger key). */
 CU_DEV uint32_t okey(float f) {
@@ -108,7 +165,7 @@ __device__ float total_weight(const float *l, int V, F weight, Shared &sh) {
 }
 
 __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, int V, const CuSampleRow *rows,
-                                                          int32_t *out) {
+                                                          const CuArgmax *part, int32_t *out) {
     __shared__ Shared sh;
     pdl_trigger();
     pdl_wait();
@@ -116,28 +173,14 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
     const CuSampleRow P = rows[blockIdx.x];
     const float *l = logits + (size_t)blockIdx.x * V;
 
-    /* max and first index of it */
-    float best = -INFINITY;
-    int bi = V;
-    for (int i = tid; i < V; i += blockDim.x)
-        if (l[i] > best || bi == V) best = l[i], bi = i;
-    for (int o = 16; o; o >>= 1) {
-        const float v = __shfl_xor_sync(0xffffffffu, best, o);
-        const int j = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (v > best || (v == best && j < bi)) best = v, bi = j;
-    }
-    __shared__ float wbest[32];
-    __shared__ int wbi[32];
-    if (lane == 0) wbest[warp] = best, wbi[warp] = bi;
-    __syncthreads();
+    /* max and first index of it, from the splits of row_argmax_kernel */
+    __shared__ float wbest[1];
+    __shared__ int wbi[1];
     if (warp == 0) {
-        best = lane < (int)(blockDim.x >> 5) ? wbest[lane] : -INFINITY;
-        bi = lane < (int)(blockDim.x >> 5) ? wbi[lane] : V;
-        for (int o = 16; o; o >>= 1) {
-            const float v = __shfl_xor_sync(0xffffffffu, best, o);
-            const int j = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (v > best || (v == best && j < bi)) best = v, bi = j;
-        }
+        const CuArgmax a = part[(size_t)blockIdx.x * kArgmaxSplits + lane];
+        float best = a.v;
+        int bi = a.i;
+        warp_take_max(best, bi, V);
         if (lane == 0) wbest[0] = best, wbi[0] = bi;
     }
     __syncthreads();
@@ -226,7 +269,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
 } // namespace
 
 cudaError_t cu_sample(cudaStream_t st, const float *logits, int rows, int vocab, const CuSampleRow *params,
-                      int32_t *out_ids) {
+                      CuArgmax *part, int32_t *out_ids) {
     if (rows <= 0) return cudaSuccess;
-    return cu_launch(st, dim3(rows), dim3(kThreads), 0, sample_kernel, logits, vocab, params, out_ids);
+    cudaError_t rc = cu_launch(st, dim3(kArgmaxSplits, rows), dim3(kArgmaxThreads), 0, row_argmax_kernel, logits,
+                               vocab, part);
+    if (rc != cudaSuccess) return rc;
+    return cu_launch(st, dim3(rows), dim3(kThreads), 0, sample_kernel, logits, vocab, params,
+                     static_cast<const CuArgmax *>(part), out_ids);
 }
