@@ -433,9 +433,14 @@ float *model_forward(Model *m, const Step *step, int *n_rows) {
         op->mlp_add(be, m->x, w->mlp_norm, eps, T, w->gate_up, w->down, m->gate_up);
     }
 
-    /* Only the rows whose logits are wanted go through the final norm and lm_head. */
-    op->gather_rows(be, m->xb, m->x, meta.logit_rows, rows, H);
-    op->norm_matmul(be, m->logits, m->xb, m->final_norm, eps, rows, m->lm_head);
+    /* Only the rows whose logits are wanted go through the final norm and lm_head (all of them in
+     * a decode step, where the gather would be a copy). */
+    const float *last = m->x;
+    if (rows < T) {
+        op->gather_rows(be, m->xb, m->x, meta.logit_rows, rows, H);
+        last = m->xb;
+    }
+    op->norm_matmul(be, m->logits, last, m->final_norm, eps, rows, m->lm_head);
     if (graphable) op->graph_end(be, key);
     *n_rows = rows;
     return m->logits;

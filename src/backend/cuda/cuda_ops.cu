@@ -23,6 +23,9 @@ template <class T>
 __global__ void rmsnorm_kernel(T *y, const float *x, const float *w, int D, float eps) {
     __shared__ float red[32];
     pdl_trigger();
+    /* the norm weight (constant) on its way to L1 before the wait, so that the loads after the
+     * sum of squares do not make a second trip to HBM */
+    for (int i = threadIdx.x * 32; i < D; i += blockDim.x * 32) asm volatile("prefetch.global.L1 [%0];" ::"l"(w + i));
     pdl_wait();
     const float *xr = x + (size_t)blockIdx.x * D;
     T *yr = y + (size_t)blockIdx.x * D;
