@@ -82,9 +82,9 @@ typedef struct BackendOps {
     /* A float32 device copy of a 1-D bf16/f16/f32 tensor of n elements (norm weights). */
     float *(*vector_load)(Backend *be, const StTensor *t, QErr *err);
     /* resident: keep a device copy of the table where the backend has one to keep and room for
-     * it (CUDA, bf16 tables: vocab x hidden x 2 bytes), so that embed uploads the ids and gathers on the device
-     * instead of gathering and converting rows on the host (a serving engine's 8192-token prefill
-     * steps, and every decode step, wait for that host work with the GPU idle). */
+     * it (CUDA, bf16 tables: vocab x hidden x 2 bytes), so that embed uploads the ids and gathers
+     * on the device instead of gathering and converting rows on the host (a serving engine's
+     * 8192-token prefill steps, and every decode step, wait for that host work with the GPU idle). */
     Embedding *(*embedding_load)(Backend *be, const StTensor *table, bool resident, QErr *err);
     void (*embedding_free)(Backend *be, Embedding *e);
     /* KV pool; returns an opaque handle or NULL (err set) when it does not fit. */

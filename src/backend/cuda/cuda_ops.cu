@@ -97,17 +97,18 @@ __global__ void rope_kernel(float *cs, const int32_t *pos, int M, const float *i
     }
 }
 
-/* Grid (token, head block); warp w of head block b handles head 8 b + w: q and k heads get RMSNorm over hd
- * with their weight, then rotate-half RoPE (lane holds the pairs (i, i + half) for i = lane,
- * lane + 32, ...), written back in place; k and v heads are also stored (bf16) at the token's
- * cache slot. */
 /* Rotation pairs (i, i + hd / 2) per lane: head_dim <= 256, what the attention kernels take. */
 constexpr int kMaxPairsPerLane = 4;
 
-/* One warp per head of one token. The norm weight (constant) is loaded before pdl_wait(); after
- * it, the head's values and its cos / sin all in one round trip (cs, written at the step's start,
- * has usually left L2 by the time a later layer needs it), so the wait for the qkv GEMV is
- * followed by one memory latency, not three in a row. head_dim: a multiple of 64, <= 256. */
+/* Grid (token, head block); warp w of head block b handles head 8 b + w: q and k heads get
+ * RMSNorm over hd with their weight, then rotate-half RoPE (lane holds the pairs (i, i + half)
+ * for i = lane, lane + 32, ...), written back in place; k and v heads are also stored (bf16) at
+ * the token's cache slot. head_dim: a multiple of 64, <= 256.
+ *
+ * The norm weight (constant) is loaded before pdl_wait(); after it, the head's values and its
+ * cos / sin in one round trip (cs, written at the step's start, has usually left L2 by the time
+ * a later layer needs it), so the wait for the qkv GEMV is followed by one memory latency, not
+ * three in a row. */
 __global__ void qk_norm_rope_store_kernel(float *qkv, const float *q_norm, const float *k_norm, const float *cs,
                                           int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
                                           const int32_t *slots) {
