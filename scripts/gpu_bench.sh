@@ -2,7 +2,8 @@
 # gpu_bench.sh — on a GPU machine, after scripts/gpu_build.sh (or gpu_check.sh): builds
 # tests/backend/bench_cuda_decode.cu against the CUDA backend library and times a Qwen3-8B-shaped
 # batch-1 decode step (int4, then bf16) at context 512 next to a copy-bandwidth probe of the same
-# run, then one step's linear layers alone at M = 1 .. 2048 tokens (both dtypes). Output to stdout
+# run, then one step's linear layers alone at M = 1 .. 2048 tokens (both dtypes), then decode and
+# prefill attention. Output to stdout
 # and $OUT/bench.txt. Usage: scripts/gpu_bench.sh [extra bench args]
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,6 +27,8 @@ nvcc -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc $cuflags tests/b
     done
     # batched decode attention at the serving benchmark's mean context (512 prompt + 128)
     timeout 100 "$build/bench_cuda_decode" --ctx 640 --attn-seqs 1,8,64,256 "$@"
+    # prefill attention: one 512-token prompt, and an 8192-token step of 16 of them
+    timeout 100 "$build/bench_cuda_decode" --ctx 512 --prefill-seqs 1,16 "$@"
 } 2>&1 | tee "$out/bench.txt"
 # PROFILE=1: Nsight Compute over the kernels of one 2-layer int4 decode step (clocks as found)
 if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then

@@ -42,7 +42,8 @@ typedef struct KVShape {
 
 /* Per-step attention metadata (device pointers). The step's tokens form one flat batch; the
  * tokens of sequence s are rows q_start[s] .. q_start[s+1]-1, and are the last tokens of a
- * context of ctx_len[s] tokens (all already written to the cache by qk_norm_rope_store). Query
+ * context of ctx_len[s] tokens (the earlier ones in the cache, the step's own stored there by the
+ * attention op). Query
  * at flat row t of seq s has position ctx_len[s] - (q_start[s+1] - t) and attends causally to
  * positions 0..itself. block_tables[s * max_blocks + j] is the pool block holding positions
  * j*block_size .. (j+1)*block_size-1 of sequence s. */
@@ -60,6 +61,14 @@ typedef struct AttnMeta {
     const int32_t *logit_rows;   /* [n_logit_rows] flat rows whose logits are wanted */
     int n_logit_rows;
 } AttnMeta;
+
+/* A layer's attention heads: counts, head size, and the q / k RMSNorm (weights [head_dim] on the
+ * backend, eps). */
+typedef struct AttnHeads {
+    int nh, nkv, hd;
+    const float *q_norm, *k_norm;
+    float eps;
+} AttnHeads;
 
 typedef struct BackendOps {
     const char *name;
@@ -118,16 +127,16 @@ typedef struct BackendOps {
      * float32 as transformers computes them (angle rounded to float32 first). Once per step. */
     void (*rope_cos_sin)(Backend *be, float *cs, const int32_t *positions, int M,
                          const float *inv_freq, int half);
-    /* In place on qkv [M][(nh + 2*nkv) * hd] (q heads, then k heads, then v heads): per-head
-     * RMSNorm of q and k with q_norm/k_norm [hd], rotate-half RoPE with cs from rope_cos_sin,
-     * then K and V of each token stored at meta->slots of `layer`. */
-    void (*qk_norm_rope_store)(Backend *be, float *qkv, const float *q_norm, const float *k_norm,
-                               const float *cs, int M, int nh, int nkv, int hd, float eps,
-                               void *kv, int layer, const AttnMeta *meta);
-    /* out[M][nh*hd] = softmax(q k^T / sqrt(hd)) v over the paged cache of `layer`, GQA (head h
-     * reads kv head h / (nh/nkv)), causal as AttnMeta says; q is read from qkv as above. */
-    void (*attention)(Backend *be, float *out, const float *qkv, int nh, int nkv, int hd,
-                      void *kv, int layer, const AttnMeta *meta);
+    /* One layer's attention for the step's M tokens, over the paged cache of `layer`. qkv
+     * [M][(nh + 2*nkv) * hd] holds each token's raw q heads, then k heads, then v heads; q and k
+     * get per-head RMSNorm with heads->q_norm / k_norm [hd], then rotate-half RoPE with cs from
+     * rope_cos_sin; each token's K and V are stored at meta->slots; then out[M][nh*hd] =
+     * softmax(q k^T / sqrt(hd)) v, GQA (head h reads kv head h / (nh/nkv)), causal as AttnMeta
+     * says. One op, so that a backend may fuse the steps (CUDA: the decode kernel normalises its
+     * own token). qkv is scratch: afterwards its q and k parts hold the raw or the normalised
+     * values. */
+    void (*attention)(Backend *be, float *out, float *qkv, const AttnHeads *heads, const float *cs, void *kv,
+                      int layer, const AttnMeta *meta);
 
     /* Memory bandwidth probe for benchmarks, in GB/s: the CPU reads a large buffer with all
      * threads (bytes read); a GPU copies device to device (bytes read + written). */

@@ -425,8 +425,8 @@ float *model_forward(Model *m, const Step *step, int *n_rows) {
         const LayerWeights *w = &m->layers[l];
         /* x += o(attention(q, k, v)), with q|k|v = rmsnorm(x) W_qkv^T */
         op->norm_matmul(be, m->qkv, m->x, w->attn_norm, eps, T, w->qkv);
-        op->qk_norm_rope_store(be, m->qkv, w->q_norm, w->k_norm, m->cs, T, nh, nkv, hd, eps, m->kv, l, &meta);
-        op->attention(be, m->attn, m->qkv, nh, nkv, hd, m->kv, l, &meta);
+        const AttnHeads heads = {nh, nkv, hd, w->q_norm, w->k_norm, eps};
+        op->attention(be, m->attn, m->qkv, &heads, m->cs, m->kv, l, &meta);
         op->matmul_add(be, m->x, m->attn, T, w->o);
 
         /* x += down(silu(gate) * up), with gate|up = rmsnorm(x) W_gate_up^T */

@@ -8,13 +8,14 @@
  *   nvcc -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc \
  *        tests/backend/bench_cuda_decode.cu build-gpu/libquill_cuda.a -lcublas -o /tmp/bench
  *   /tmp/bench [--dtype int4|bf16] [--ctx N] [--layers L] [--reps R] [--profile] [--matmul-m LIST]
- *              [--attn-seqs LIST]
+ *              [--attn-seqs LIST] [--prefill-seqs LIST]
  *
  * --profile runs one decode step eagerly and exits (for ncu: the step's kernels, nothing else).
  * --matmul-m 1,16,128,... times, for each M of the list instead of the decode step, one step's
  * 4 x L linear layers (qkv, o, gate_up, down; the backend table's matmul, as a CUDA graph) on M
  * tokens, with the FLOP rate and the rate at which the weights are read. --attn-seqs 1,64,...
- * times instead one step's L decode attentions for that many sequences of context --ctx each.
+ * times instead one step's L decode attentions for that many sequences of context --ctx each;
+ * --prefill-seqs the same for prefill chunks (every sequence's --ctx tokens at once).
  * The layer sequence is model_forward's (src/model/qwen3.c), issued through the backend table. */
 #include <math.h>
 #include <stdio.h>
@@ -133,8 +134,8 @@ void forward(Bench *b, const AttnMeta *m, int T, bool matmuls_only) {
         const Layer *w = &b->layers[l];
         op->norm_matmul(be, b->qkv, b->x, w->attn_norm, eps, T, w->qkv);
         if (!matmuls_only) {
-            op->qk_norm_rope_store(be, b->qkv, w->q_norm, w->k_norm, b->cs, T, NH, NKV, HD, eps, b->kv, l, m);
-            op->attention(be, b->attn, b->qkv, NH, NKV, HD, b->kv, l, m);
+            const AttnHeads heads = {NH, NKV, HD, w->q_norm, w->k_norm, eps};
+            op->attention(be, b->attn, b->qkv, &heads, b->cs, b->kv, l, m);
         }
         op->matmul_add(be, b->x, b->attn, T, w->o);
         op->mlp_add(be, b->x, w->mlp_norm, eps, T, w->gate_up, w->down, b->gate_up);
@@ -252,44 +253,57 @@ int matmul_steps(Bench *b, const int *Ms, int n_M, bool q4, int reps) {
     return e ? 1 : 0;
 }
 
-/* --attn-seqs: one step's 36 decode attentions for S sequences of context ctx each (distinct
- * KV blocks per sequence, so the cache is read from HBM as in serving). Returns nonzero on a
+/* --attn-seqs / --prefill-seqs: one step's L attentions for S sequences of context ctx each, with
+ * one new token per sequence (decode) or all ctx of them (a prefill chunk of S x ctx tokens).
+ * Distinct KV blocks per sequence, so the cache is read from HBM as in serving; the cache is
+ * filled once (qk-norm + rope + store of every token) before the timing. Returns nonzero on a
  * CUDA error. */
-int attention_steps(Bench *b, const int *Ss, int n_S, int ctx, int reps) {
+int attention_steps(Bench *b, const int *Ss, int n_S, int ctx, bool prefill, int reps) {
     const BackendOps *op = b->op;
     int max_s = 1;
     for (int i = 0; i < n_S; i++) max_s = Ss[i] > max_s ? Ss[i] : max_s;
-    const int mb = (ctx + BS - 1) / BS, W = (NH + 2 * NKV) * HD;
+    const int mb = (ctx + BS - 1) / BS, W = (NH + 2 * NKV) * HD, nq = prefill ? ctx : 1;
+    const size_t max_t = (size_t)max_s * ctx;
     QErr err;
     KVShape ks = {b->L, max_s * mb, BS, NKV, HD};
     if (!(b->kv = op->kv_alloc(b->be, &ks, &err))) die("kv_alloc", err);
-    float *qkv = (float *)op->alloc(b->be, (size_t)max_s * W * 4), *out = (float *)op->alloc(b->be, (size_t)max_s * NH * HD * 4);
-    size_t meta_n = (size_t)max_s * (5 + mb) + 1;
+    float *qkv = (float *)op->alloc(b->be, max_t * W * 4), *out = (float *)op->alloc(b->be, max_t * NH * HD * 4);
+    float *cs = (float *)op->alloc(b->be, max_t * HD * 4);
+    size_t meta_n = (size_t)max_s * (2 + mb) + 3 * max_t + 1;
     int32_t *h = (int32_t *)calloc(meta_n, 4), *d = (int32_t *)op->alloc(b->be, meta_n * 4);
-    if (!qkv || !out || !d) die("attention buffers", err);
-    float *xq = (float *)malloc((size_t)max_s * W * 4);
-    for (size_t i = 0; i < (size_t)max_s * W; i++) xq[i] = (float)((int)(next() % 2001) - 1000) * 1e-3f;
-    op->to_device(b->be, qkv, xq, (size_t)max_s * W * 4);
-    printf("decode attention, ctx %d, %d layers (graph), KV bf16 read once per kv head\n", ctx, b->L);
+    if (!qkv || !out || !cs || !d) die("attention buffers", err);
+    float *xq = (float *)malloc(max_t * W * 4);
+    for (size_t i = 0; i < max_t * W; i++) xq[i] = (float)((int)(next() % 2001) - 1000) * 1e-3f;
+    printf("%s attention, ctx %d, %d layers (graph), KV bf16\n", prefill ? "prefill" : "decode", ctx, b->L);
     for (int i = 0; i < n_S; i++) {
-        const int S = Ss[i];
+        const int S = Ss[i], T = S * nq;
         int32_t *q_start = h, *ctx_len = q_start + S + 1, *tables = ctx_len + S, *pos = tables + (size_t)S * mb,
-                *slots = pos + S, *rows = slots + S;
+                *slots = pos + T, *rows = slots + T;
         for (int s = 0; s < S; s++) {
-            q_start[s] = s, ctx_len[s] = ctx, pos[s] = ctx - 1, rows[s] = s;
+            q_start[s] = s * nq, ctx_len[s] = ctx, rows[s] = s * nq + nq - 1;
             for (int j = 0; j < mb; j++) tables[(size_t)s * mb + j] = s * mb + j;
-            slots[s] = tables[(size_t)s * mb + (ctx - 1) / BS] * BS + (ctx - 1) % BS;
+            for (int q = 0; q < nq; q++) {
+                const int t = s * nq + q, p = ctx - nq + q;
+                pos[t] = p, slots[t] = tables[(size_t)s * mb + p / BS] * BS + p % BS;
+            }
         }
-        q_start[S] = S;
+        q_start[S] = T;
         op->to_device(b->be, d, h, (size_t)(rows + S - h) * 4);
-        AttnMeta m = {S, S, mb, ctx, 1, d, d + (ctx_len - h), d + (tables - h), d + (pos - h), d + (slots - h),
+        AttnMeta m = {S, T, mb, ctx, nq, d, d + (ctx_len - h), d + (tables - h), d + (pos - h), d + (slots - h),
                       d + (rows - h), S};
-        double t = time_graph(b, 200 + (uint64_t)i, [&] {
-            for (int l = 0; l < b->L; l++) op->attention(b->be, out, qkv, NH, NKV, HD, b->kv, l, &m);
-        }, reps, 5, false, NULL);
+        op->to_device(b->be, qkv, xq, (size_t)T * W * 4);
+        op->rope_cos_sin(b->be, cs, m.positions, T, b->inv_freq, HD / 2);
+        /* (q and k are normalised again at each replay: the same work as in a step) */
+        double t = time_graph(b, 200 + (uint64_t)i + (prefill ? 100 : 0), [&] {
+            for (int l = 0; l < b->L; l++) {
+                const AttnHeads heads = {NH, NKV, HD, b->layers[l].q_norm, b->layers[l].k_norm, 1e-6f};
+                op->attention(b->be, out, qkv, &heads, cs, b->kv, l, &m);
+            }
+        }, reps, prefill ? 1 : 5, false, NULL);
         const double kv_bytes = (double)S * ctx * NKV * HD * 2 * 2 * b->L;
-        printf("  attention S=%-4d time=%8.3f ms  (%6.1f us per layer)  KV %.2f GB at %5.0f GB/s\n", S, t * 1e3,
-               t * 1e6 / b->L, kv_bytes / 1e9, kv_bytes / t / 1e9);
+        const double flops = 4.0 * HD * NH * b->L * S * (prefill ? (double)ctx * (ctx + 1) / 2 : (double)ctx);
+        printf("  attention S=%-4d time=%8.3f ms  (%6.1f us per layer)  KV %.2f GB at %5.0f GB/s  %6.1f TFLOP/s\n", S,
+               t * 1e3, t * 1e6 / b->L, kv_bytes / 1e9, kv_bytes / t / 1e9, flops / t / 1e12);
     }
     free(h), free(xq);
     const char *e = cuda_backend_error(b->be);
@@ -304,6 +318,7 @@ int main(int argc, char **argv) {
     int ctx = 512, L = 36, reps = 15;
     bool profile = false;
     int mm[32], n_mm = 0, as[32], n_as = 0;
+    bool prefill_attn = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--dtype") && i + 1 < argc) {
             q4 = !strcmp(argv[++i], "int4");
@@ -315,8 +330,10 @@ int main(int argc, char **argv) {
             reps = atoi(argv[++i]);
         } else if (!strcmp(argv[i], "--profile")) {
             profile = true;
-        } else if ((!strcmp(argv[i], "--matmul-m") || !strcmp(argv[i], "--attn-seqs")) && i + 1 < argc) {
+        } else if ((!strcmp(argv[i], "--matmul-m") || !strcmp(argv[i], "--attn-seqs") ||
+                    !strcmp(argv[i], "--prefill-seqs")) && i + 1 < argc) {
             int *list = argv[i][2] == 'm' ? mm : as, *n = argv[i][2] == 'm' ? &n_mm : &n_as;
+            prefill_attn = argv[i][2] == 'p';
             for (char *p = argv[++i], *end; *p && *n < 32; p = *end ? end + 1 : end) {
                 list[*n] = (int)strtol(p, &end, 10);
                 if (end == p || list[*n] < 1) return 2;
@@ -324,7 +341,7 @@ int main(int argc, char **argv) {
             }
         } else {
             fprintf(stderr, "usage: %s [--dtype int4|bf16] [--ctx N] [--layers L] [--reps R] [--profile]"
-                            " [--matmul-m M,M,...] [--attn-seqs S,S,...]\n", argv[0]);
+                            " [--matmul-m M,M,...] [--attn-seqs S,S,...] [--prefill-seqs S,S,...]\n", argv[0]);
             return 2;
         }
     }
@@ -373,7 +390,7 @@ int main(int argc, char **argv) {
     op->to_device(b.be, b.inv_freq, inv, sizeof inv);
     double t_load = now_s() - t0;
     if (n_mm || n_as) {
-        int rc = n_mm ? matmul_steps(&b, mm, n_mm, q4, reps) : attention_steps(&b, as, n_as, ctx, reps);
+        int rc = n_mm ? matmul_steps(&b, mm, n_mm, q4, reps) : attention_steps(&b, as, n_as, ctx, prefill_attn, reps);
         free(ones);
         free_host_linear(&hq), free_host_linear(&hk), free_host_linear(&hv), free_host_linear(&ho);
         free_host_linear(&hg), free_host_linear(&hu), free_host_linear(&hd), free_host_linear(&hlm);
@@ -450,16 +467,15 @@ int main(int argc, char **argv) {
                 if (w == 3) op->swiglu_matmul_add(b.be, b.xb, b.gate_up, 1, I, ly->down);
             }
         }, reps, 20, false, xh);
-    const char *small_names[] = {"qk_norm_rope_store", "attention"};
-    const int n_small = 2;
+    const char *small_names[] = {"attention (+ q/k norm)"};
+    const int n_small = 1;
     double t_small[n_small];
     for (int o = 0; o < n_small; o++)
         t_small[o] = time_graph(&b, 20 + o, [&] {
             for (int l = 0; l < L; l++) {
                 const Layer *ly = &b.layers[l];
-                if (o == 0)
-                    op->qk_norm_rope_store(b.be, b.qkv, ly->q_norm, ly->k_norm, b.cs, 1, NH, NKV, HD, 1e-6f, b.kv, l, &dm);
-                if (o == 1) op->attention(b.be, b.attn, b.qkv, NH, NKV, HD, b.kv, l, &dm);
+                const AttnHeads heads = {NH, NKV, HD, ly->q_norm, ly->k_norm, 1e-6f};
+                op->attention(b.be, b.attn, b.qkv, &heads, b.cs, b.kv, l, &dm);
             }
         }, reps, 20, false, xh);
     /* the same step captured with programmatic dependent launch switched the other way */

@@ -378,11 +378,12 @@ static void norm_rope_head(float *x, const float *w, const float *cs, int hd, fl
     }
 }
 
-static void cpu_qk_norm_rope_store(Backend *be, float *qkv, const float *q_norm, const float *k_norm,
-                                   const float *cs, int M, int nh, int nkv, int hd, float eps, void *kvp,
-                                   int layer, const AttnMeta *meta) {
-    (void)be;
-    CpuKV *kv = kvp;
+/* The attention op's first half: q and k normalised and rotated in place, K and V stored. */
+static void qk_norm_rope_store(float *qkv, const AttnHeads *ah, const float *cs, CpuKV *kv, int layer,
+                               const AttnMeta *meta) {
+    const int M = meta->n_tokens, nh = ah->nh, nkv = ah->nkv, hd = ah->hd;
+    const float *q_norm = ah->q_norm, *k_norm = ah->k_norm;
+    const float eps = ah->eps;
     size_t width = (size_t)(nh + 2 * nkv) * hd;
     for (int m = 0; m < M; m++) {
         float *row = qkv + (size_t)m * width;
@@ -457,11 +458,14 @@ static void attn_task(void *ctx, int task, int thread) {
     }
 }
 
-static void cpu_attention(Backend *be, float *out, const float *qkv, int nh, int nkv, int hd, void *kv,
+static void cpu_attention(Backend *be, float *out, float *qkv, const AttnHeads *ah, const float *cs, void *kv,
                           int layer, const AttnMeta *meta) {
     CpuBackend *c = cpu(be);
+    qk_norm_rope_store(qkv, ah, cs, kv, layer, meta);
     int threads = tp_size(c->pool);
-    AttnJob j = {out, qkv, nh, nkv, hd, kv, layer, meta, scratch(c, (size_t)threads * meta->max_ctx), meta->n_tokens};
+    const int nh = ah->nh;
+    AttnJob j = {out, qkv, nh, ah->nkv, ah->hd, kv, layer, meta, scratch(c, (size_t)threads * meta->max_ctx),
+                 meta->n_tokens};
     tp_run(c->pool, meta->n_tokens * nh, attn_task, &j);
 }
 
@@ -535,7 +539,6 @@ static const BackendOps CPU_OPS = {
     .swiglu_matmul_add = cpu_swiglu_matmul_add,
     .mlp_add = cpu_mlp_add,
     .rope_cos_sin = cpu_rope_cos_sin,
-    .qk_norm_rope_store = cpu_qk_norm_rope_store,
     .attention = cpu_attention,
     .probe_bandwidth = cpu_probe_bandwidth,
 };

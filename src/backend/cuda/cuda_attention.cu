@@ -1,4 +1,5 @@
-/* cuda_attention.cu — causal GQA attention over the paged bf16 KV cache:
+/* cuda_attention.cu — the attention op: q / k RMSNorm + RoPE, the step's K/V stored in the paged
+ * bf16 cache, and causal GQA attention over that cache.
  *
  * Decode (every sequence has one new token; the shape captured in CUDA graphs). One token's work
  * is tiny but its context can be long, so the context is split (flash-decoding): block
@@ -9,20 +10,25 @@
  * block), which saves a second launch per layer. Two kernels:
  *  - from 2 sequences at head_dim 128 (Qwen3): all query heads of the kv head at once on the
  *    tensor cores (attn_decode_mma below; H100, 36 layers at context 640: 8 sequences 0.94 ->
- *    0.63 ms, 64: 4.09 -> 2.36 ms, 256: 15.9 -> 8.8 ms, 2.75 TB/s of KV).
+ *    0.63 ms, 64: 4.09 -> 2.36 ms, 256: 15.9 -> 8.8 ms, 2.75 TB/s of KV), after the qk-norm
+ *    kernel (cuda_ops.cu).
  *  - batch 1 and other head dims: 4 warps take the kv head's query heads, walking the same K/V
  *    rows (L1 serves the repeats) in batches of 16 tokens (8 at head_dim 256) whose block-table
  *    lookups run in parallel across lanes and whose loads are all issued together; the first
  *    batch is requested before the PDL wait, which inside a decode step beats the tensor-core
- *    kernel at batch 1 (8.5 vs 9.0 us per layer).
+ *    kernel at batch 1 (8.5 vs 9.0 us per layer). It normalises and rotates its own q and new k
+ *    (no qk-norm launch: one link less in the batch-1 chain, H100 decode step 2.533 -> 2.499 ms).
  *
- * Prefill (chunks of many tokens; also mixed steps). Block = a tile of consecutive queries of one
- * sequence times the query heads of one kv head (64 rows, or 32 at head_dim 256); keys come in
- * tiles of 32 through shared memory (rows padded by one float so lane-per-key reads hit distinct
- * banks), scores are register-blocked over 32 dims, and softmax is online (flash attention), so
- * a chunk attends to everything earlier chunks left in the cache without materialising scores.
+ * Prefill (chunks of many tokens; also mixed steps), after the qk-norm kernel. At head_dim 128
+ * flash attention 2 on the tensor cores (attn_prefill_mma: 64 keys per tile, 70-130 TFLOP/s on an
+ * H100, 6-8x the scalar kernel). Otherwise the scalar kernel: block = a tile of consecutive
+ * queries of one sequence times the query heads of one kv head (64 rows, or 32 at head_dim 256);
+ * keys come in tiles of 32 through shared memory (rows padded by one float so lane-per-key reads
+ * hit distinct banks), scores are register-blocked over 32 dims, and softmax is online, so a chunk
+ * attends to everything earlier chunks left in the cache without materialising scores.
  *
- * All arithmetic is float32 with K/V rounded to bf16 in the cache (bf16 tolerances apply). */
+ * All arithmetic is float32 (the tensor-core kernels split their float operands into bf16 hi +
+ * lo) with K/V rounded to bf16 in the cache (bf16 tolerances apply). */
 #include <math.h>
 
 #include "backend/cuda/cuda_common.cuh"
@@ -145,21 +151,55 @@ CU_DEV void combine_splits(float *out, const float *part, int *counters, size_t 
     if (threadIdx.x == 0) counters[pair] = 0;
 }
 
+/* The step's new token, fused in (the decode kernel does qk_norm_rope_store's work for it): the
+ * per-step inputs of that work, and the layer's cache slots. */
+struct NewToken {
+    const float *qkv;            /* [tokens][(nh + 2 nkv) HD]: raw q | k | v (left raw) */
+    const float *q_norm, *k_norm; /* [HD] */
+    const float *cs;             /* [tokens][HD] from rope_cos_sin */
+    const int32_t *slots;        /* [tokens]: cache slot of each token */
+    float eps;
+};
+
+/* One head in the lane layout of qk_norm_rope: lane holds the pairs (i, i + HD / 2) for
+ * i = lane + 32 j, j < P. */
+template <int HD>
+struct PairHead {
+    static constexpr int P = HD / 64;
+    float a[P], b[P];
+    __device__ __forceinline__ void load(const float *h, int lane) {
+#pragma unroll
+        for (int j = 0; j < P; j++) a[j] = h[lane + 32 * j], b[j] = h[lane + 32 * j + HD / 2];
+    }
+    __device__ __forceinline__ void store(float *h, int lane) const {
+#pragma unroll
+        for (int j = 0; j < P; j++) h[lane + 32 * j] = a[j], h[lane + 32 * j + HD / 2] = b[j];
+    }
+};
+
 /* Grid (splits, nkv, n_seqs), 4 warps; warp w handles query heads kvh * G + g for g = w, w + 4, ..
  * (the K/V rows of the kv head are read once per head, from L1 after the first); lane holds dims
- * lane * VPL .. + VPL. */
+ * lane * VPL .. + VPL.
+ *
+ * It also does qk_norm_rope_store's work for the step's tokens (one per sequence), which saves
+ * that kernel's launch and its link in the decode chain: every block normalises and rotates its
+ * query heads itself, and the block whose split holds the new token (position ctx - 1)
+ * normalises and rotates its k, stores k and v in the cache and uses them from registers: the
+ * other splits never read that row. qkv stays raw (nothing may write it while other splits read
+ * their q from it). The math is qk_norm_rope's, as in qk_norm_rope_store_kernel, so both paths
+ * round alike. */
 template <int HD>
-__global__ void __launch_bounds__(128) attn_decode(float *out, const float *qkv, const __nv_bfloat16 *kc,
-                                                   const __nv_bfloat16 *vc, const int32_t *q_start,
+__global__ void __launch_bounds__(128) attn_decode(float *out, NewToken nt, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
+                                                   const int32_t *q_start,
                                                    const int32_t *ctx_len, const int32_t *tables, int max_blocks,
                                                    int bs, int bs_shift, int nh, int nkv, int splits, float *part,
                                                    int *counters, float scale) {
-    constexpr int VPL = HD / 32, TB = decode_batch<HD>();
+    constexpr int VPL = HD / 32, TB = decode_batch<HD>(), P = PairHead<HD>::P;
+    __shared__ float relayout[4][HD]; /* per warp: a head from pair layout to lane * VPL layout */
     pdl_trigger();
     /* Before pdl_wait() only what no running kernel writes: the step's metadata (uploaded before
-     * the step's first kernel) and the cache rows of earlier tokens. So the first batch of K/V
-     * streams in while the previous kernels finish; the new token's row (position ctx - 1, just
-     * stored by qk_norm_rope_store) is loaded after the wait. */
+     * the step's first kernel), the norm weights and the cache rows of earlier tokens. So the first
+     * batch of K/V streams in while the previous kernels finish. */
     const int split = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
     const int G = nh / nkv, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int t = q_start[s], ctx = ctx_len[s];
@@ -167,22 +207,31 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, const float *qkv,
     const int p0 = split * chunk, p1 = min(ctx, p0 + chunk);
     const int32_t *table = tables + (size_t)s * max_blocks;
     const size_t pair = (size_t)s * nkv + kvh;
+    const bool active = warp < G;
+    const bool owns_new = active && p0 <= ctx - 1 && ctx - 1 < p1;
+    float qwa[P], qwb[P], kwa[P], kwb[P];
+#pragma unroll
+    for (int j = 0; j < P; j++) {
+        const int i = lane + 32 * j;
+        qwa[j] = nt.q_norm[i], qwb[j] = nt.q_norm[i + HD / 2];
+        kwa[j] = owns_new ? nt.k_norm[i] : 0.0f, kwb[j] = owns_new ? nt.k_norm[i + HD / 2] : 0.0f;
+    }
 
     /* Batch at p: lane j < TB finds token p + j's cache row (one table load each, in parallel),
-     * then all K/V rows are requested; tokens past the split re-read token p (masked later), so
-     * no load is conditional and all of them issue together. */
-    Bf16Vec<VPL> kr[TB], vr[TB];
-    size_t row = 0;
-    auto load_batch = [&](int p, int skip) {
-        row = 0;
+     * then all K/V rows are requested; tokens past the split re-read token p (masked later), and
+     * the new token's row (not in the cache yet) is replaced from registers, so no load is
+     * conditional and all of them issue together. */
+    Bf16Vec<VPL> kr[TB], vr[TB], knew, vnew;
+    auto load_batch = [&](int p, bool before_wait) {
+        size_t row = 0;
         if (lane < TB && p + lane < p1) {
             const int pos = p + lane;
             row = (((size_t)table[pos >> bs_shift] * bs + (pos & (bs - 1))) * nkv + kvh) * HD;
         }
 #pragma unroll
         for (int j = 0; j < TB; j++) {
-            const size_t off = __shfl_sync(0xffffffffu, row, p + j < p1 && p + j != skip ? j : 0) + lane * VPL;
-            if (skip >= 0) { /* before the wait (warp-uniform) */
+            const size_t off = __shfl_sync(0xffffffffu, row, p + j < p1 && p + j != ctx - 1 ? j : 0) + lane * VPL;
+            if (before_wait) { /* warp-uniform */
                 kr[j] = load_raw<VPL, true>(kc + off);
                 vr[j] = load_raw<VPL, true>(vc + off);
             } else {
@@ -191,26 +240,74 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, const float *qkv,
             }
         }
     };
-    if (warp < G && p0 < p1) load_batch(p0, ctx - 1);
+    if (active && p0 < p1) load_batch(p0, true);
     pdl_wait();
-    if (warp < G && p0 <= ctx - 1 && ctx - 1 < min(p1, p0 + TB)) {
-        const size_t off = __shfl_sync(0xffffffffu, row, ctx - 1 - p0) + lane * VPL;
+
+    /* One round trip: the token's cos / sin, this warp's first query head, and (the new token's
+     * split) its k and v. */
+    const size_t width = (size_t)(nh + 2 * nkv) * HD;
+    const float *row = nt.qkv + (size_t)t * width;
+    const float *c = nt.cs + (size_t)t * HD;
+    float co[P], si[P], vv[VPL];
+    PairHead<HD> qh, kh;
+    if (active) {
 #pragma unroll
-        for (int j = 0; j < TB; j++)
-            if (p0 + j == ctx - 1) kr[j] = load_raw<VPL, true>(kc + off), vr[j] = load_raw<VPL, true>(vc + off);
+        for (int j = 0; j < P; j++) co[j] = c[lane + 32 * j], si[j] = c[HD / 2 + lane + 32 * j];
+        qh.load(row + (size_t)(kvh * G + warp) * HD, lane);
+    }
+    if (owns_new) {
+        kh.load(row + (size_t)(nh + kvh) * HD, lane);
+#pragma unroll
+        for (int i = 0; i < VPL; i++) vv[i] = row[(size_t)(nh + nkv + kvh) * HD + lane * VPL + i];
+        qk_norm_rope(kh.a, kh.b, kwa, kwb, co, si, HD, nt.eps);
+        kh.store(relayout[warp], lane);
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < VPL; i += 2) {
+            const __nv_bfloat162 k2 = __floats2bfloat162_rn(relayout[warp][lane * VPL + i], relayout[warp][lane * VPL + i + 1]);
+            const __nv_bfloat162 v2 = __floats2bfloat162_rn(vv[i], vv[i + 1]);
+            knew.w[i / 2] = *reinterpret_cast<const uint32_t *>(&k2);
+            vnew.w[i / 2] = *reinterpret_cast<const uint32_t *>(&v2);
+        }
+        __syncwarp();
+        if (warp == 0) {
+            const size_t off = ((size_t)nt.slots[t] * nkv + kvh) * HD + lane * VPL;
+#pragma unroll
+            for (int i = 0; i < VPL / 2; i++) {
+                reinterpret_cast<uint32_t *>(kc + off)[i] = knew.w[i];
+                reinterpret_cast<uint32_t *>(vc + off)[i] = vnew.w[i];
+            }
+        }
+        /* the first batch went out before the wait: put the new token in */
+        if (ctx - 1 < p0 + TB) {
+#pragma unroll
+            for (int j = 0; j < TB; j++)
+                if (p0 + j == ctx - 1) kr[j] = knew, vr[j] = vnew;
+        }
     }
 
     for (int g = warp; g < G; g += 4) {
         const int h = kvh * G + g;
+        if (g != warp) qh.load(row + (size_t)h * HD, lane);
+        qk_norm_rope(qh.a, qh.b, qwa, qwb, co, si, HD, nt.eps);
+        qh.store(relayout[warp], lane);
+        __syncwarp();
         float q[VPL];
-        const float *qp = qkv + (size_t)t * (nh + 2 * nkv) * HD + (size_t)h * HD + lane * VPL;
 #pragma unroll
-        for (int i = 0; i < VPL; i++) q[i] = qp[i] * scale;
+        for (int i = 0; i < VPL; i++) q[i] = relayout[warp][lane * VPL + i] * scale;
+        __syncwarp();
         float m = -INFINITY, l = 0.0f, o[VPL];
 #pragma unroll
         for (int i = 0; i < VPL; i++) o[i] = 0.0f;
         for (int p = p0; p < p1; p += TB) {
-            if (g != warp || p != p0) load_batch(p, -1); /* the first batch of the first head is in */
+            if (g != warp || p != p0) { /* the first batch of the first head is in */
+                load_batch(p, false);
+                if (owns_new && p <= ctx - 1 && ctx - 1 < p + TB) {
+#pragma unroll
+                    for (int j = 0; j < TB; j++)
+                        if (p + j == ctx - 1) kr[j] = knew, vr[j] = vnew;
+                }
+            }
             float sc[TB];
             float mt = m;
 #pragma unroll
@@ -228,8 +325,8 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, const float *qkv,
             for (int i = 0; i < VPL; i++) o[i] *= corr;
 #pragma unroll
             for (int j = 0; j < TB; j++) {
-                /* masked tokens are skipped, not weighted by 0: their rows may be a prefetched
-                 * copy of the new token's slot from before it was written (any bits, NaN too) */
+                /* masked tokens are skipped, not weighted by 0: their rows may be a copy of a
+                 * slot not written yet (any bits, NaN too) */
                 if (p + j >= p1) continue;
                 const float pj = sc[j] == -INFINITY ? 0.0f : __expf(sc[j] - mt);
                 l += pj;
@@ -599,9 +696,188 @@ __global__ void __launch_bounds__(128) attn_prefill(float *out, const float *qkv
     }
 }
 
+/* ---- prefill on the tensor cores (head_dim 128) ------------------------------------------- *
+ *
+ * Flash attention 2 on mma.sync m16n8k16: block (query tile, kv head, sequence), 4 warps of 16
+ * rows each; block row r is query r / G of the tile and head kvh * G + r % G, so the G query heads
+ * of a kv head share every K/V tile (64 rows: 64 / G queries). Keys come in tiles of 64 through a
+ * two-stage cp.async ring that the whole block fills (16-byte chunks swizzled as in the decode
+ * kernel: ldmatrix without bank conflicts); each warp computes its 16 x 64 scores S = Q K^T, the
+ * online softmax on the accumulators (rows g and g + 8 of a thread, the 4 lanes of a row reduced
+ * by shuffles) and O += P V with P's A fragments taken from S's. As in the decode kernel, q and p
+ * enter the tensor cores as bf16 hi + lo, so the result keeps float precision (K and V are exact).
+ * Query tiles are issued latest first (they have the most keys). */
+constexpr int kPfRows = 64;                       /* (query, head) rows per block, 16 per warp */
+constexpr int kPfKeys = 64;                       /* keys per tile */
+constexpr int kPfStage = 2 * kPfKeys * kMmaRow;   /* K and V of one tile: 32 KB */
+constexpr size_t kPfSmem = 2 * (size_t)kPfStage;  /* two stages: 64 KB */
+
+__global__ void __launch_bounds__(128) attn_prefill_mma(float *out, const float *qkv, const __nv_bfloat16 *kc,
+                                                        const __nv_bfloat16 *vc, const int32_t *q_start,
+                                                        const int32_t *ctx_len, const int32_t *tables, int max_blocks,
+                                                        int bs, int bs_shift, int nh, int nkv, float scale) {
+    constexpr int HD = kMmaHD;
+    extern __shared__ uint4 pf_smem[];
+    char *ring = reinterpret_cast<char *>(pf_smem);
+    pdl_trigger();
+    pdl_wait();
+    const int G = nh / nkv, QT = kPfRows / G;
+    const int s = blockIdx.z, kvh = blockIdx.y;
+    const int t0 = q_start[s], nq = q_start[s + 1] - t0, ctx = ctx_len[s];
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * QT;
+    if (i0 >= nq) return;
+    const int n_tile = min(QT, nq - i0);
+    const int pos_first = ctx - nq + i0, pos_last = pos_first + n_tile - 1;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const size_t width = (size_t)(nh + 2 * nkv) * HD;
+
+    /* Q (scaled; bf16 hi + lo) as A fragments of rows g (h = 0) and g + 8 (h = 1); rows past the
+     * tile's queries are zero and have no position (qpos -1: every key masked) */
+    int qpos[2];
+    uint32_t qa[HD / 16][4], ql[HD / 16][4];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int r = 16 * warp + g + 8 * h, qi = r / G;
+        qpos[h] = qi < n_tile ? pos_first + qi : -1;
+        const float *qp = qkv + (size_t)(t0 + i0 + min(qi, n_tile - 1)) * width + (size_t)(kvh * G + r % G) * HD;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            float2 lo = make_float2(0.0f, 0.0f), hi = lo;
+            if (qpos[h] >= 0) {
+                lo = *reinterpret_cast<const float2 *>(qp + kk * 16 + 2 * t4);
+                hi = *reinterpret_cast<const float2 *>(qp + kk * 16 + 8 + 2 * t4);
+            }
+            split_bf16(lo.x * scale, lo.y * scale, &qa[kk][h], &ql[kk][h]);
+            split_bf16(hi.x * scale, hi.y * scale, &qa[kk][2 + h], &ql[kk][2 + h]);
+        }
+    }
+    /* the last position among this warp's rows (-1: the warp has none) */
+    const int warp_last = 16 * warp / G < n_tile ? pos_first + min((16 * warp + 15) / G, n_tile - 1) : -1;
+
+    /* Tile kt = keys 64 kt .. + 63: 64 rows x 16 chunks for K and V, 8 + 8 per thread (16
+     * consecutive threads read one 256-byte row); keys past the tile's last query are zero-filled
+     * (masked below: a zero V times a zero weight stays zero). */
+    const int32_t *table = tables + (size_t)s * max_blocks;
+    auto load_tile = [&](int kt, char *dst) {
+#pragma unroll
+        for (int j = 0; j < kPfKeys * 16 / 128; j++) {
+            const int idx = j * 128 + threadIdx.x, r = idx >> 4, c = idx & 15, p = kt * kPfKeys + r;
+            const bool ok = p <= pos_last;
+            const size_t off = ok ? (((size_t)table[p >> bs_shift] * bs + (p & (bs - 1))) * nkv + kvh) * HD + c * 8 : 0;
+            cp_async16(dst + tile_at(r, c), kc + off, ok);
+            cp_async16(dst + kPfKeys * kMmaRow + tile_at(r, c), vc + off, ok);
+        }
+        cp_async_commit();
+    };
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}; /* l: this thread's columns' part */
+    float o[HD / 8][4];
+#pragma unroll
+    for (int d = 0; d < HD / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+    const int n_kt = pos_last / kPfKeys + 1;
+    load_tile(0, ring);
+    for (int kt = 0; kt < n_kt; kt++) {
+        const char *cur = ring + (kt & 1) * kPfStage;
+        if (kt + 1 < n_kt) {
+            load_tile(kt + 1, ring + ((kt + 1) & 1) * kPfStage);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int p0 = kt * kPfKeys;
+        if (warp_last >= p0) { /* else every score of the warp's rows is masked */
+            float sc[kPfKeys / 8][4];
+#pragma unroll
+            for (int j = 0; j < kPfKeys / 8; j++) {
+                sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; kk += 2) {
+                    uint32_t b[4];
+                    ldmatrix_x4(b, cur + tile_at(8 * j + (lane & 7), 2 * kk + (lane >> 3)), false);
+                    mma_bf16(sc[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[0], b[1]);
+                    mma_bf16(sc[j], ql[kk][0], ql[kk][1], ql[kk][2], ql[kk][3], b[0], b[1]);
+                    mma_bf16(sc[j], qa[kk + 1][0], qa[kk + 1][1], qa[kk + 1][2], qa[kk + 1][3], b[2], b[3]);
+                    mma_bf16(sc[j], ql[kk + 1][0], ql[kk + 1][1], ql[kk + 1][2], ql[kk + 1][3], b[2], b[3]);
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int j = 0; j < kPfKeys / 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        if (p0 + 8 * j + 2 * t4 + e > qpos[h]) sc[j][2 * h + e] = -INFINITY;
+                        mx = fmaxf(mx, sc[j][2 * h + e]);
+                    }
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float mn = fmaxf(m[h], mx);
+                const float corr = m[h] == -INFINITY ? 0.0f : __expf(m[h] - mn);
+                float sum = 0.0f;
+#pragma unroll
+                for (int j = 0; j < kPfKeys / 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const float v = sc[j][2 * h + e];
+                        const float pv = v == -INFINITY ? 0.0f : __expf(v - mn);
+                        sc[j][2 * h + e] = pv;
+                        sum += pv;
+                    }
+                l[h] = l[h] * corr + sum;
+                m[h] = mn;
+#pragma unroll
+                for (int d = 0; d < HD / 8; d++) o[d][2 * h] *= corr, o[d][2 * h + 1] *= corr;
+            }
+            const char *vt = cur + kPfKeys * kMmaRow;
+#pragma unroll
+            for (int kk = 0; kk < kPfKeys / 16; kk++) { /* keys 16 kk .. + 15: S's n-tiles 2 kk, 2 kk + 1 */
+                uint32_t pa[4], pl[4];
+                split_bf16(sc[2 * kk][0], sc[2 * kk][1], &pa[0], &pl[0]);
+                split_bf16(sc[2 * kk][2], sc[2 * kk][3], &pa[1], &pl[1]);
+                split_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1], &pa[2], &pl[2]);
+                split_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3], &pa[3], &pl[3]);
+#pragma unroll
+                for (int d = 0; d < HD / 8; d += 2) {
+                    uint32_t b[4];
+                    const int mat = lane >> 3;
+                    ldmatrix_x4(b, vt + tile_at(16 * kk + (mat & 1) * 8 + (lane & 7), d + (mat >> 1)), true);
+                    mma_bf16(o[d], pa[0], pa[1], pa[2], pa[3], b[0], b[1]);
+                    mma_bf16(o[d], pl[0], pl[1], pl[2], pl[3], b[0], b[1]);
+                    mma_bf16(o[d + 1], pa[0], pa[1], pa[2], pa[3], b[2], b[3]);
+                    mma_bf16(o[d + 1], pl[0], pl[1], pl[2], pl[3], b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads(); /* the stage is read before the load that refills it */
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+        if (qpos[h] < 0) continue;
+        const int r = 16 * warp + g + 8 * h;
+        float *dst = out + (size_t)(t0 + i0 + r / G) * nh * HD + (size_t)(kvh * G + r % G) * HD;
+        const float inv = 1.0f / l[h];
+#pragma unroll
+        for (int d = 0; d < HD / 8; d++)
+            *reinterpret_cast<float2 *>(dst + 8 * d + 2 * t4) = make_float2(o[d][2 * h] * inv, o[d][2 * h + 1] * inv);
+    }
+}
+
+/* The separate qk-norm + rope + store launch, for the kernels that do not fuse it. */
+cudaError_t qk_norm_rope_store(cudaStream_t st, const CuAttnHeads *ah, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
+                               const AttnMeta *mt) {
+    return cu_qk_norm_rope_store(st, ah->qkv, ah->q_norm, ah->k_norm, ah->cs, mt->n_tokens, ah->nh, ah->nkv, ah->hd,
+                                 ah->eps, kc, vc, mt->slots);
+}
+
 template <int HD>
-cudaError_t attention_hd(cudaStream_t st, float *out, const float *qkv, int nh, int nkv, const __nv_bfloat16 *kc,
-                         const __nv_bfloat16 *vc, int bs, const AttnMeta *mt, const CuAttnScratch *scr, int sms) {
+cudaError_t attention_hd(cudaStream_t st, float *out, const CuAttnHeads *ah, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
+                         int bs, const AttnMeta *mt, const CuAttnScratch *scr, int sms) {
+    const int nh = ah->nh, nkv = ah->nkv;
+    float *qkv = ah->qkv;
     const int G = nh / nkv;
     const float scale = 1.0f / sqrtf((float)HD);
     int bs_shift = 0; /* block sizes are powers of two (checked at kv_alloc) */
@@ -625,20 +901,37 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const float *qkv, int nh, 
                 if (rc != cudaSuccess) return rc;
                 mma_attr = true;
             }
+            cudaError_t rc = qk_norm_rope_store(st, ah, kc, vc, mt);
+            if (rc != cudaSuccess) return rc;
             return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(128), kMmaSmem, attn_decode_mma, out,
                              qkv, kc, vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh,
                              nkv, (int)splits, scr->part, scr->counters, scale);
         }
-        return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(128), 0, attn_decode<HD>, out, qkv, kc,
-                         vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh, nkv, (int)splits,
+        const NewToken nt = {qkv, ah->q_norm, ah->k_norm, ah->cs, mt->slots, ah->eps};
+        return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(128), 0, attn_decode<HD>, out, nt, kc, vc,
+                         mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh, nkv, (int)splits,
                          scr->part, scr->counters, scale);
+    }
+    cudaError_t rc = qk_norm_rope_store(st, ah, kc, vc, mt);
+    if (rc != cudaSuccess) return rc;
+    if (HD == kMmaHD && kPfRows % G == 0) { /* the tensor cores (see attn_prefill_mma) */
+        static bool pf_attr = false;
+        if (!pf_attr) {
+            rc = cudaFuncSetAttribute(attn_prefill_mma, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kPfSmem);
+            if (rc != cudaSuccess) return rc;
+            pf_attr = true;
+        }
+        const int qt = kPfRows / G;
+        return cu_launch(st, dim3((mt->max_q + qt - 1) / qt, nkv, mt->n_seqs), dim3(128), kPfSmem, attn_prefill_mma,
+                         out, qkv, kc, vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh,
+                         nkv, scale);
     }
     constexpr int RT = 4 * prefill_rows<HD>();
     if (G > RT) return cudaErrorInvalidValue;
     static bool attr_set = false; /* one per instantiation */
     constexpr size_t smem = prefill_smem<HD>();
     if (!attr_set) {
-        cudaError_t rc = cudaFuncSetAttribute(attn_prefill<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        rc = cudaFuncSetAttribute(attn_prefill<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (rc != cudaSuccess) return rc;
         attr_set = true;
     }
@@ -651,14 +944,13 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const float *qkv, int nh, 
 
 bool cu_attention_supports(int hd) { return hd == 64 || hd == 128 || hd == 256; }
 
-cudaError_t cu_attention(cudaStream_t st, float *out, const float *qkv, int nh, int nkv, int hd,
-                         const __nv_bfloat16 *kc, const __nv_bfloat16 *vc, int block_size, const AttnMeta *meta,
-                         const CuAttnScratch *scr, int sms) {
+cudaError_t cu_attention(cudaStream_t st, float *out, const CuAttnHeads *heads, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
+                         int block_size, const AttnMeta *meta, const CuAttnScratch *scr, int sms) {
     if (meta->n_tokens <= 0 || meta->n_seqs <= 0) return cudaSuccess;
-    switch (hd) {
-    case 64: return attention_hd<64>(st, out, qkv, nh, nkv, kc, vc, block_size, meta, scr, sms);
-    case 128: return attention_hd<128>(st, out, qkv, nh, nkv, kc, vc, block_size, meta, scr, sms);
-    case 256: return attention_hd<256>(st, out, qkv, nh, nkv, kc, vc, block_size, meta, scr, sms);
+    switch (heads->hd) {
+    case 64: return attention_hd<64>(st, out, heads, kc, vc, block_size, meta, scr, sms);
+    case 128: return attention_hd<128>(st, out, heads, kc, vc, block_size, meta, scr, sms);
+    case 256: return attention_hd<256>(st, out, heads, kc, vc, block_size, meta, scr, sms);
     default: return cudaErrorInvalidValue;
     }
 }

@@ -838,22 +838,13 @@ void cu_rope_op(Backend *be, float *cs, const int32_t *pos, int M, const float *
     note(c, cu_rope_cos_sin(c->st, cs, pos, M, inv_freq, half), "rope_cos_sin");
 }
 
-void cu_qk_op(Backend *be, float *qkv, const float *q_norm, const float *k_norm, const float *cs, int M, int nh, int nkv,
-              int hd, float eps, void *kvp, int layer, const AttnMeta *meta) {
+void cu_attention_op(Backend *be, float *out, float *qkv, const AttnHeads *heads, const float *cs, void *kvp,
+                     int layer, const AttnMeta *meta) {
     CudaBackend *c = cb(be);
     CudaKV *kv = static_cast<CudaKV *>(kvp);
+    const CuAttnHeads ah = {qkv, heads->q_norm, heads->k_norm, cs, heads->eps, heads->nh, heads->nkv, heads->hd};
     note(c,
-         cu_qk_norm_rope_store(c->st, qkv, q_norm, k_norm, cs, M, nh, nkv, hd, eps, kv->k + kv->layer_stride * layer,
-                               kv->v + kv->layer_stride * layer, meta->slots),
-         "qk_norm_rope_store");
-}
-
-void cu_attention_op(Backend *be, float *out, const float *qkv, int nh, int nkv, int hd, void *kvp, int layer,
-                     const AttnMeta *meta) {
-    CudaBackend *c = cb(be);
-    CudaKV *kv = static_cast<CudaKV *>(kvp);
-    note(c,
-         cu_attention(c->st, out, qkv, nh, nkv, hd, kv->k + kv->layer_stride * layer, kv->v + kv->layer_stride * layer,
+         cu_attention(c->st, out, &ah, kv->k + kv->layer_stride * layer, kv->v + kv->layer_stride * layer,
                       kv->s.block_size, meta, &kv->scr, c->sms),
          "attention");
 }
@@ -1046,7 +1037,6 @@ const BackendOps CUDA_OPS = {
     .swiglu_matmul_add = cu_swiglu_matmul_add,
     .mlp_add = cu_mlp_add,
     .rope_cos_sin = cu_rope_op,
-    .qk_norm_rope_store = cu_qk_op,
     .attention = cu_attention_op,
     .probe_bandwidth = cu_probe_bandwidth,
     .error = cuda_backend_error,

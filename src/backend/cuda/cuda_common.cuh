@@ -134,6 +134,28 @@ CU_DEV float warp_max(float v) {
     return v;
 }
 
+/* Per-head RMSNorm of a q or k head (weight w, eps) followed by rotate-half RoPE, in the lane
+ * layout every qk-norm path shares: lane holds the pairs (i, i + hd / 2) for i = lane + 32 j, j < P
+ * (a, b: the pair's values, in and out; entries past hd / 2 zero, which adds nothing to the sum);
+ * wa, wb: w at i and i + hd / 2; co, si: cos and sin at i. The one definition of this rounding. */
+template <int P>
+CU_DEV void qk_norm_rope(float (&a)[P], float (&b)[P], const float (&wa)[P], const float (&wb)[P],
+                         const float (&co)[P], const float (&si)[P], int hd, float eps) {
+    float ss = 0.0f; /* in column order, as one pass over i = lane, lane + 32, .. would sum */
+#pragma unroll
+    for (int j = 0; j < P; j++) ss = fmaf(a[j], a[j], ss);
+#pragma unroll
+    for (int j = 0; j < P; j++) ss = fmaf(b[j], b[j], ss);
+    ss = warp_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / (float)hd + eps);
+#pragma unroll
+    for (int j = 0; j < P; j++) {
+        const float x = wa[j] * (a[j] * inv), y = wb[j] * (b[j] * inv);
+        a[j] = x * co[j] - y * si[j];
+        b[j] = y * co[j] + x * si[j];
+    }
+}
+
 /* Sum over a block of blockDim.x threads (a multiple of 32, at most 1024); every thread gets the
  * result. red must hold 32 floats; the call contains two __syncthreads(). */
 CU_DEV float block_sum(float v, float *red) {
@@ -233,9 +255,18 @@ typedef struct CuAttnScratch {
 
 /* head_dim values the attention kernels are built for (64, 128, 256). */
 bool cu_attention_supports(int hd);
-cudaError_t cu_attention(cudaStream_t st, float *out, const float *qkv, int nh, int nkv, int hd,
-                         const __nv_bfloat16 *kc, const __nv_bfloat16 *vc, int block_size, const AttnMeta *meta,
-                         const CuAttnScratch *scr, int sms);
+/* One layer's heads as the attention launch takes them: qkv [tokens][(nh + 2 nkv) hd] raw, the
+ * layer's q / k norm weights [hd], and the step's rope table cs [tokens][hd]. */
+typedef struct CuAttnHeads {
+    float *qkv;
+    const float *q_norm, *k_norm, *cs;
+    float eps;
+    int nh, nkv, hd;
+} CuAttnHeads;
+/* The backend's attention op (backend.h): q / k norm + rope + K/V store, then attention over the
+ * layer's pools kc / vc; qkv is scratch afterwards (decode leaves it raw). */
+cudaError_t cu_attention(cudaStream_t st, float *out, const CuAttnHeads *heads, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
+                         int block_size, const AttnMeta *meta, const CuAttnScratch *scr, int sms);
 
 /* One row's sampling parameters as the sampling kernel reads them. */
 typedef struct CuSampleRow {

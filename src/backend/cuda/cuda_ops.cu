@@ -145,25 +145,17 @@ __global__ void qk_norm_rope_store_kernel(float *qkv, const float *q_norm, const
         xa[j] = in ? x[i] : 0.0f, xb[j] = in ? x[i + half] : 0.0f;
         co[j] = in ? c[i] : 0.0f, si[j] = in ? c[half + i] : 0.0f;
     }
-    float ss = 0.0f; /* in column order, as one pass over i = lane, lane + 32, .. would sum */
-#pragma unroll
-    for (int j = 0; j < kMaxPairsPerLane; j++) ss = fmaf(xa[j], xa[j], ss);
-#pragma unroll
-    for (int j = 0; j < kMaxPairsPerLane; j++) ss = fmaf(xb[j], xb[j], ss);
-    ss = warp_sum(ss);
-    const float inv = 1.0f / sqrtf(ss / (float)hd + eps);
+    qk_norm_rope(xa, xb, wa, wb, co, si, hd, eps);
     __nv_bfloat16 *k = h >= nh ? kc + (slot * nkv + (h - nh)) * hd : nullptr;
 #pragma unroll
     for (int j = 0; j < kMaxPairsPerLane; j++) {
         const int i = lane + 32 * j;
         if (i >= half) break;
-        const float a = wa[j] * (xa[j] * inv), b = wb[j] * (xb[j] * inv);
-        const float ra = a * co[j] - b * si[j], rb = b * co[j] + a * si[j];
-        x[i] = ra;
-        x[i + half] = rb;
+        x[i] = xa[j];
+        x[i + half] = xb[j];
         if (k) {
-            k[i] = __float2bfloat16_rn(ra);
-            k[i + half] = __float2bfloat16_rn(rb);
+            k[i] = __float2bfloat16_rn(xa[j]);
+            k[i + half] = __float2bfloat16_rn(xb[j]);
         }
     }
 }
