@@ -7,17 +7,17 @@
  * ctx_len (the split count depends only on the number of sequences, so a captured graph stays
  * valid as the context grows). Each block writes an unnormalised partial (output, max, sum); the
  * last block to arrive at a (sequence, kv head) combines them (a counter per pair, reset by that
- * block), which saves a second launch per layer. Two kernels:
+ * block), which saves a second launch per layer. Both decode kernels also do the qk-norm
+ * kernel's work for their token (q and k RMSNorm + RoPE, K/V stored), which saves its launch: one
+ * link less per layer in the decode chain (H100, batch-1 step 2.533 -> 2.499 ms). Two kernels:
  *  - from 2 sequences at head_dim 128 (Qwen3): all query heads of the kv head at once on the
  *    tensor cores (attn_decode_mma below; H100, 36 layers at context 640: 8 sequences 0.94 ->
- *    0.63 ms, 64: 4.09 -> 2.36 ms, 256: 15.9 -> 8.8 ms, 2.75 TB/s of KV), after the qk-norm
- *    kernel (cuda_ops.cu).
+ *    0.63 ms, 64: 4.09 -> 2.36 ms, 256: 15.9 -> 8.8 ms, 2.75 TB/s of KV).
  *  - batch 1 and other head dims: 4 warps take the kv head's query heads, walking the same K/V
  *    rows (L1 serves the repeats) in batches of 16 tokens (8 at head_dim 256) whose block-table
  *    lookups run in parallel across lanes and whose loads are all issued together; the first
  *    batch is requested before the PDL wait, which inside a decode step beats the tensor-core
- *    kernel at batch 1 (8.5 vs 9.0 us per layer). It normalises and rotates its own q and new k
- *    (no qk-norm launch: one link less in the batch-1 chain, H100 decode step 2.533 -> 2.499 ms).
+ *    kernel at batch 1 (8.5 vs 9.0 us per layer).
  *
  * Prefill (chunks of many tokens; also mixed steps), after the qk-norm kernel. At head_dim 128
  * flash attention 2 on the tensor cores (attn_prefill_mma: 64 keys per tile, 70-130 TFLOP/s on an
@@ -397,15 +397,14 @@ CU_DEV void split_bf16(float a, float b, uint32_t *hi, uint32_t *lo) {
 /* Byte offset of 16-byte chunk c of row r in a swizzled tile. */
 CU_DEV int tile_at(int r, int c) { return r * kMmaRow + ((c ^ (r & 7)) << 4); }
 
-__global__ void __launch_bounds__(128) attn_decode_mma(float *out, const float *qkv, const __nv_bfloat16 *kc,
-                                                       const __nv_bfloat16 *vc, const int32_t *q_start,
-                                                       const int32_t *ctx_len, const int32_t *tables, int max_blocks,
-                                                       int bs, int bs_shift, int nh, int nkv, int splits, float *part,
-                                                       int *counters, float scale) {
-    constexpr int HD = kMmaHD;
+__global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
+                                                       const int32_t *q_start, const int32_t *ctx_len,
+                                                       const int32_t *tables, int max_blocks, int bs, int bs_shift,
+                                                       int nh, int nkv, int splits, float *part, int *counters,
+                                                       float scale) {
+    constexpr int HD = kMmaHD, P = PairHead<HD>::P;
     extern __shared__ uint4 mma_smem[];
     pdl_trigger();
-    pdl_wait();
     const int split = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
     const int G = nh / nkv, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int t = q_start[s], ctx = ctx_len[s];
@@ -414,24 +413,87 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, const float *
     const int32_t *table = tables + (size_t)s * max_blocks;
     const size_t pair = (size_t)s * nkv + kvh;
     char *ring = reinterpret_cast<char *>(mma_smem) + warp * 2 * kMmaStage;
+    /* The new token (position ctx - 1), if in this split: row new_row of tile new_tile of warp
+     * new_warp, which normalises and rotates its k (qk_norm_rope, as qk_norm_rope_store_kernel),
+     * stores k and v in the cache and puts them into its tile in place of the row it loaded. */
+    const int rel = ctx - 1 - p0, new_row = rel % kMmaTile, new_tile = rel / kMmaTile / 4;
+    const bool has_new = ctx - 1 < p1 && rel >= 0 && warp == rel / kMmaTile % 4;
 
-    /* Q (scaled; bf16 hi + lo) as A fragments: rows g and g + 8 are heads kvh * G + row (zero past G) */
+    /* this thread's A-fragment column e of k-step kk (e = 0, 1: 2 t4 + e; 2, 3: 8 + 2 t4 + e - 2) */
+    auto col = [&](int kk, int e) { return 16 * kk + 8 * (e >> 1) + 2 * t4 + (e & 1); };
+    float wq[HD / 16][4], kwa[P], kwb[P]; /* norm weights, before the wait */
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) wq[kk][e] = nt.q_norm[col(kk, e)];
+#pragma unroll
+    for (int j = 0; j < P; j++) {
+        kwa[j] = has_new ? nt.k_norm[lane + 32 * j] : 0.0f;
+        kwb[j] = has_new ? nt.k_norm[lane + 32 * j + HD / 2] : 0.0f;
+    }
+    pdl_wait();
+
+    /* Q as A fragments: rows g and g + 8 are heads kvh * G + row (zero past G), normalised and
+     * rotated here (the 4 lanes of a row hold its HD values, dims i and i + HD / 2 in the same
+     * thread), scaled, as bf16 hi + lo */
+    const float *row0 = nt.qkv + (size_t)t * (nh + 2 * nkv) * HD;
+    const float *cs = nt.cs + (size_t)t * HD;
     uint32_t qa[HD / 16][4], ql[HD / 16][4];
     {
-        const float *q0 = qkv + (size_t)t * (nh + 2 * nkv) * HD + (size_t)kvh * G * HD;
+        float co[HD / 32][4], si[HD / 32][4], x[2][HD / 16][4];
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
+        for (int kk = 0; kk < HD / 32; kk++)
 #pragma unroll
-            for (int h = 0; h < 2; h++) { /* h: row g (0) or g + 8 (1) */
-                const int row = g + 8 * h;
-                float2 lo = make_float2(0.0f, 0.0f), hi = lo;
-                if (row < G) {
-                    lo = *reinterpret_cast<const float2 *>(q0 + (size_t)row * HD + kk * 16 + 2 * t4);
-                    hi = *reinterpret_cast<const float2 *>(q0 + (size_t)row * HD + kk * 16 + 8 + 2 * t4);
+            for (int e = 0; e < 4; e++) co[kk][e] = cs[col(kk, e)], si[kk][e] = cs[HD / 2 + col(kk, e)];
+#pragma unroll
+        for (int h = 0; h < 2; h++) { /* h: row g (0) or g + 8 (1) */
+            const int row = g + 8 * h;
+            const float *q0 = row0 + (size_t)(kvh * G + row) * HD;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) x[h][kk][e] = row < G ? q0[col(kk, e)] : 0.0f;
+        }
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float ss = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) ss = fmaf(x[h][kk][e], x[h][kk][e], ss);
+            ss += __shfl_xor_sync(0xffffffffu, ss, 1);
+            ss += __shfl_xor_sync(0xffffffffu, ss, 2);
+            const float inv = 1.0f / sqrtf(ss / (float)HD + nt.eps);
+#pragma unroll
+            for (int kk = 0; kk < HD / 32; kk++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float u = wq[kk][e] * (x[h][kk][e] * inv);
+                    const float v = wq[kk + HD / 32][e] * (x[h][kk + HD / 32][e] * inv);
+                    x[h][kk][e] = u * co[kk][e] - v * si[kk][e];
+                    x[h][kk + HD / 32][e] = v * co[kk][e] + u * si[kk][e];
                 }
-                split_bf16(lo.x * scale, lo.y * scale, &qa[kk][h], &ql[kk][h]);
-                split_bf16(hi.x * scale, hi.y * scale, &qa[kk][2 + h], &ql[kk][2 + h]);
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                split_bf16(x[h][kk][0] * scale, x[h][kk][1] * scale, &qa[kk][h], &ql[kk][h]);
+                split_bf16(x[h][kk][2] * scale, x[h][kk][3] * scale, &qa[kk][2 + h], &ql[kk][2 + h]);
             }
+        }
+    }
+    PairHead<HD> kh, vh; /* the new token's k (normalised, rotated) and v, if has_new */
+    if (has_new) {
+        float co[P], si[P];
+#pragma unroll
+        for (int j = 0; j < P; j++) co[j] = cs[lane + 32 * j], si[j] = cs[HD / 2 + lane + 32 * j];
+        kh.load(row0 + (size_t)(nh + kvh) * HD, lane);
+        vh.load(row0 + (size_t)(nh + nkv + kvh) * HD, lane);
+        qk_norm_rope(kh.a, kh.b, kwa, kwb, co, si, HD, nt.eps);
+        const size_t off = ((size_t)nt.slots[t] * nkv + kvh) * HD;
+#pragma unroll
+        for (int j = 0; j < P; j++) {
+            const int i = lane + 32 * j;
+            kc[off + i] = __float2bfloat16_rn(kh.a[j]), kc[off + i + HD / 2] = __float2bfloat16_rn(kh.b[j]);
+            vc[off + i] = __float2bfloat16_rn(vh.a[j]), vc[off + i + HD / 2] = __float2bfloat16_rn(vh.b[j]);
         }
     }
 
@@ -470,6 +532,18 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, const float *
             cp_async_wait<0>();
         }
         __syncwarp();
+        if (has_new && i == new_tile) { /* the new token's row, in place of the slot's old bytes */
+#pragma unroll
+            for (int j = 0; j < P; j++)
+#pragma unroll
+                for (int hh = 0; hh < 2; hh++) {
+                    const int d = lane + 32 * j + hh * HD / 2, at = tile_at(new_row, d >> 3) + (d & 7) * 2;
+                    *reinterpret_cast<__nv_bfloat16 *>(cur + at) = __float2bfloat16_rn(hh ? kh.b[j] : kh.a[j]);
+                    *reinterpret_cast<__nv_bfloat16 *>(cur + kMmaTile * kMmaRow + at) =
+                        __float2bfloat16_rn(hh ? vh.b[j] : vh.a[j]);
+                }
+            __syncwarp();
+        }
         const int tp = p0 + kMmaTile * (warp + 4 * i);
         /* S = Q K^T: two n-tiles of 8 tokens */
         float sc[2][4] = {};
@@ -893,6 +967,7 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const CuAttnHeads *ah, __n
         while (splits > 1 && (size_t)(pairs * splits * G * cu_part_stride(HD)) > scr->part_floats) splits--;
         if (pairs > scr->n_counters) splits = 1;
         if (splits < 1) splits = 1;
+        const NewToken nt = {qkv, ah->q_norm, ah->k_norm, ah->cs, mt->slots, ah->eps};
         if (HD == kMmaHD && G <= 16 && mt->n_seqs >= 2) { /* the tensor cores (see the top of the file) */
             static bool mma_attr = false;
             if (!mma_attr) {
@@ -901,13 +976,10 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const CuAttnHeads *ah, __n
                 if (rc != cudaSuccess) return rc;
                 mma_attr = true;
             }
-            cudaError_t rc = qk_norm_rope_store(st, ah, kc, vc, mt);
-            if (rc != cudaSuccess) return rc;
             return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(128), kMmaSmem, attn_decode_mma, out,
-                             qkv, kc, vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh,
+                             nt, kc, vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh,
                              nkv, (int)splits, scr->part, scr->counters, scale);
         }
-        const NewToken nt = {qkv, ah->q_norm, ah->k_norm, ah->cs, mt->slots, ah->eps};
         return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(128), 0, attn_decode<HD>, out, nt, kc, vc,
                          mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh, nkv, (int)splits,
                          scr->part, scr->counters, scale);
