@@ -3,8 +3,7 @@
 # tests/backend/bench_cuda_decode.cu against the CUDA backend library and times a Qwen3-8B-shaped
 # batch-1 decode step (int4, then bf16) at context 512 next to a copy-bandwidth probe of the same
 # run, then one step's linear layers alone at M = 1 .. 2048 tokens (both dtypes), then decode and
-# prefill attention. Output to stdout
-# and $OUT/bench.txt. Usage: scripts/gpu_bench.sh [extra bench args]
+# prefill attention. Output to stdout and $OUT/bench.txt. Usage: scripts/gpu_bench.sh [extra args]
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${BUILD:-$root/build-gpu}
