@@ -397,6 +397,91 @@ CU_DEV void split_bf16(float a, float b, uint32_t *hi, uint32_t *lo) {
 /* Byte offset of 16-byte chunk c of row r in a swizzled tile. */
 CU_DEV int tile_at(int r, int c) { return r * kMmaRow + ((c ^ (r & 7)) << 4); }
 
+/* The three steps of a warp's 16 rows (query heads, or (query, head) pairs) against a tile of
+ * 8 NJ keys whose K and V rows sit in swizzled shared memory; flash attention 2's register reuse
+ * (S's accumulators are P's A fragments). Thread (g, t4) = (lane / 4, lane % 4) holds rows g
+ * (h = 0) and g + 8 (h = 1) of the accumulators, columns 8 j + 2 t4 + e (e = 0, 1) of n-tile j.
+ *
+ * S = Q K^T, with q as bf16 hi + lo A fragments. */
+template <int NJ>
+CU_DEV void mma_scores(float (&sc)[NJ][4], const uint32_t (&qa)[kMmaHD / 16][4],
+                       const uint32_t (&ql)[kMmaHD / 16][4], const char *kt, int lane) {
+#pragma unroll
+    for (int j = 0; j < NJ; j++) {
+        sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < kMmaHD / 16; kk += 2) {
+            uint32_t b[4];
+            ldmatrix_x4(b, kt + tile_at(8 * j + (lane & 7), 2 * kk + (lane >> 3)), false);
+            mma_bf16(sc[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[0], b[1]);
+            mma_bf16(sc[j], ql[kk][0], ql[kk][1], ql[kk][2], ql[kk][3], b[0], b[1]);
+            mma_bf16(sc[j], qa[kk + 1][0], qa[kk + 1][1], qa[kk + 1][2], qa[kk + 1][3], b[2], b[3]);
+            mma_bf16(sc[j], ql[kk + 1][0], ql[kk + 1][1], ql[kk + 1][2], ql[kk + 1][3], b[2], b[3]);
+        }
+    }
+}
+
+/* Online softmax on the fragments: scores where masked(j, e, h) are dropped, the 4 lanes of a row
+ * reduce its maximum by shuffles; leaves p = exp(s - max) in sc, rescales o, and updates the
+ * running max m and sum l (l: this thread's columns only, summed over the row at the end). */
+template <int NJ, class Mask>
+CU_DEV void mma_online_softmax(float (&sc)[NJ][4], float (&m)[2], float (&l)[2], float (&o)[kMmaHD / 8][4],
+                               Mask masked) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < NJ; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                if (masked(j, e, h)) sc[j][2 * h + e] = -INFINITY;
+                mx = fmaxf(mx, sc[j][2 * h + e]);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mn = fmaxf(m[h], mx);
+        const float corr = m[h] == -INFINITY ? 0.0f : __expf(m[h] - mn);
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NJ; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const float v = sc[j][2 * h + e];
+                const float pv = v == -INFINITY ? 0.0f : __expf(v - mn);
+                sc[j][2 * h + e] = pv;
+                sum += pv;
+            }
+        l[h] = l[h] * corr + sum;
+        m[h] = mn;
+#pragma unroll
+        for (int d = 0; d < kMmaHD / 8; d++) o[d][2 * h] *= corr, o[d][2 * h + 1] *= corr;
+    }
+}
+
+/* O += P V, with p as bf16 hi + lo (k-step kk = keys 16 kk .. + 15: S's n-tiles 2 kk, 2 kk + 1;
+ * V read transposed by ldmatrix). */
+template <int NJ>
+CU_DEV void mma_pv(float (&o)[kMmaHD / 8][4], const float (&sc)[NJ][4], const char *vt, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < NJ / 2; kk++) {
+        uint32_t pa[4], pl[4];
+        split_bf16(sc[2 * kk][0], sc[2 * kk][1], &pa[0], &pl[0]);
+        split_bf16(sc[2 * kk][2], sc[2 * kk][3], &pa[1], &pl[1]);
+        split_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1], &pa[2], &pl[2]);
+        split_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3], &pa[3], &pl[3]);
+#pragma unroll
+        for (int d = 0; d < kMmaHD / 8; d += 2) {
+            uint32_t b[4];
+            const int mat = lane >> 3;
+            ldmatrix_x4(b, vt + tile_at(16 * kk + (mat & 1) * 8 + (lane & 7), d + (mat >> 1)), true);
+            mma_bf16(o[d], pa[0], pa[1], pa[2], pa[3], b[0], b[1]);
+            mma_bf16(o[d], pl[0], pl[1], pl[2], pl[3], b[0], b[1]);
+            mma_bf16(o[d + 1], pa[0], pa[1], pa[2], pa[3], b[2], b[3]);
+            mma_bf16(o[d + 1], pl[0], pl[1], pl[2], pl[3], b[2], b[3]);
+        }
+    }
+}
+
 __global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
                                                        const int32_t *q_start, const int32_t *ctx_len,
                                                        const int32_t *tables, int max_blocks, int bs, int bs_shift,
@@ -545,69 +630,10 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, 
             __syncwarp();
         }
         const int tp = p0 + kMmaTile * (warp + 4 * i);
-        /* S = Q K^T: two n-tiles of 8 tokens */
-        float sc[2][4] = {};
-#pragma unroll
-        for (int j = 0; j < 2; j++) {
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk += 2) {
-                uint32_t b[4];
-                const int mat = lane >> 3, r = 8 * j + (lane & 7);
-                ldmatrix_x4(b, cur + tile_at(r, 2 * kk + mat), false);
-                mma_bf16(sc[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[0], b[1]);
-                mma_bf16(sc[j], ql[kk][0], ql[kk][1], ql[kk][2], ql[kk][3], b[0], b[1]);
-                mma_bf16(sc[j], qa[kk + 1][0], qa[kk + 1][1], qa[kk + 1][2], qa[kk + 1][3], b[2], b[3]);
-                mma_bf16(sc[j], ql[kk + 1][0], ql[kk + 1][1], ql[kk + 1][2], ql[kk + 1][3], b[2], b[3]);
-            }
-        }
-        /* online softmax per row (the 4 lanes of a row hold its 16 scores) */
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < 2; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int tok = tp + 8 * j + 2 * t4 + e;
-                    if (tok >= p1) sc[j][2 * h + e] = -INFINITY;
-                    mx = fmaxf(mx, sc[j][2 * h + e]);
-                }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float mn = fmaxf(m[h], mx);
-            const float corr = m[h] == -INFINITY ? 0.0f : __expf(m[h] - mn);
-            float sum = 0.0f;
-#pragma unroll
-            for (int j = 0; j < 2; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const float v = sc[j][2 * h + e];
-                    const float pv = v == -INFINITY ? 0.0f : __expf(v - mn);
-                    sc[j][2 * h + e] = pv;
-                    sum += pv;
-                }
-            l[h] = l[h] * corr + sum;
-            m[h] = mn;
-#pragma unroll
-            for (int d = 0; d < HD / 8; d++) o[d][2 * h] *= corr, o[d][2 * h + 1] *= corr;
-        }
-        /* O += P V: P's A fragments are S's accumulators */
-        uint32_t pa[4], pl[4];
-        split_bf16(sc[0][0], sc[0][1], &pa[0], &pl[0]);
-        split_bf16(sc[0][2], sc[0][3], &pa[1], &pl[1]);
-        split_bf16(sc[1][0], sc[1][1], &pa[2], &pl[2]);
-        split_bf16(sc[1][2], sc[1][3], &pa[3], &pl[3]);
-        const char *vt = cur + kMmaTile * kMmaRow;
-#pragma unroll
-        for (int d = 0; d < HD / 8; d += 2) {
-            uint32_t b[4];
-            const int mat = lane >> 3, r = (mat & 1) * 8 + (lane & 7);
-            ldmatrix_x4(b, vt + tile_at(r, d + (mat >> 1)), true);
-            mma_bf16(o[d], pa[0], pa[1], pa[2], pa[3], b[0], b[1]);
-            mma_bf16(o[d], pl[0], pl[1], pl[2], pl[3], b[0], b[1]);
-            mma_bf16(o[d + 1], pa[0], pa[1], pa[2], pa[3], b[2], b[3]);
-            mma_bf16(o[d + 1], pl[0], pl[1], pl[2], pl[3], b[2], b[3]);
-        }
+        float sc[2][4]; /* two n-tiles of 8 tokens */
+        mma_scores(sc, qa, ql, cur, lane);
+        mma_online_softmax(sc, m, l, o, [&](int j, int e, int) { return tp + 8 * j + 2 * t4 + e >= p1; });
+        mma_pv(o, sc, cur + kMmaTile * kMmaRow, lane);
         __syncwarp(); /* the stage is read before the load that refills it */
     }
 
@@ -862,67 +888,9 @@ __global__ void __launch_bounds__(128) attn_prefill_mma(float *out, const float 
         const int p0 = kt * kPfKeys;
         if (warp_last >= p0) { /* else every score of the warp's rows is masked */
             float sc[kPfKeys / 8][4];
-#pragma unroll
-            for (int j = 0; j < kPfKeys / 8; j++) {
-                sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
-#pragma unroll
-                for (int kk = 0; kk < HD / 16; kk += 2) {
-                    uint32_t b[4];
-                    ldmatrix_x4(b, cur + tile_at(8 * j + (lane & 7), 2 * kk + (lane >> 3)), false);
-                    mma_bf16(sc[j], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b[0], b[1]);
-                    mma_bf16(sc[j], ql[kk][0], ql[kk][1], ql[kk][2], ql[kk][3], b[0], b[1]);
-                    mma_bf16(sc[j], qa[kk + 1][0], qa[kk + 1][1], qa[kk + 1][2], qa[kk + 1][3], b[2], b[3]);
-                    mma_bf16(sc[j], ql[kk + 1][0], ql[kk + 1][1], ql[kk + 1][2], ql[kk + 1][3], b[2], b[3]);
-                }
-            }
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                float mx = -INFINITY;
-#pragma unroll
-                for (int j = 0; j < kPfKeys / 8; j++)
-#pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        if (p0 + 8 * j + 2 * t4 + e > qpos[h]) sc[j][2 * h + e] = -INFINITY;
-                        mx = fmaxf(mx, sc[j][2 * h + e]);
-                    }
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float mn = fmaxf(m[h], mx);
-                const float corr = m[h] == -INFINITY ? 0.0f : __expf(m[h] - mn);
-                float sum = 0.0f;
-#pragma unroll
-                for (int j = 0; j < kPfKeys / 8; j++)
-#pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        const float v = sc[j][2 * h + e];
-                        const float pv = v == -INFINITY ? 0.0f : __expf(v - mn);
-                        sc[j][2 * h + e] = pv;
-                        sum += pv;
-                    }
-                l[h] = l[h] * corr + sum;
-                m[h] = mn;
-#pragma unroll
-                for (int d = 0; d < HD / 8; d++) o[d][2 * h] *= corr, o[d][2 * h + 1] *= corr;
-            }
-            const char *vt = cur + kPfKeys * kMmaRow;
-#pragma unroll
-            for (int kk = 0; kk < kPfKeys / 16; kk++) { /* keys 16 kk .. + 15: S's n-tiles 2 kk, 2 kk + 1 */
-                uint32_t pa[4], pl[4];
-                split_bf16(sc[2 * kk][0], sc[2 * kk][1], &pa[0], &pl[0]);
-                split_bf16(sc[2 * kk][2], sc[2 * kk][3], &pa[1], &pl[1]);
-                split_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1], &pa[2], &pl[2]);
-                split_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3], &pa[3], &pl[3]);
-#pragma unroll
-                for (int d = 0; d < HD / 8; d += 2) {
-                    uint32_t b[4];
-                    const int mat = lane >> 3;
-                    ldmatrix_x4(b, vt + tile_at(16 * kk + (mat & 1) * 8 + (lane & 7), d + (mat >> 1)), true);
-                    mma_bf16(o[d], pa[0], pa[1], pa[2], pa[3], b[0], b[1]);
-                    mma_bf16(o[d], pl[0], pl[1], pl[2], pl[3], b[0], b[1]);
-                    mma_bf16(o[d + 1], pa[0], pa[1], pa[2], pa[3], b[2], b[3]);
-                    mma_bf16(o[d + 1], pl[0], pl[1], pl[2], pl[3], b[2], b[3]);
-                }
-            }
+            mma_scores(sc, qa, ql, cur, lane);
+            mma_online_softmax(sc, m, l, o, [&](int j, int e, int h) { return p0 + 8 * j + 2 * t4 + e > qpos[h]; });
+            mma_pv(o, sc, cur + kPfKeys * kMmaRow, lane);
         }
         __syncthreads(); /* the stage is read before the load that refills it */
     }
