@@ -2,11 +2,12 @@
  * semantics) on random inputs of odd sizes: matmul, matmul_add, norm_matmul and
  * swiglu_matmul_add, mlp_add (bf16, f16, f32 and int4 with groups 32..256, stacked and mixed parts; the
  * GEMVs at M = 1, the int4 tensor-core GEMMs and the cuBLAS paths above; outputs poisoned first,
- * canaries after them), gather_rows (also in place), rope_cos_sin, attention (q / k norm + rope + store) over a paged cache
- * with shuffled block tables (prefill, chunked prefill, mixed steps and split-KV decode, at
- * head_dim 64, 128 and 256 and GQA 1..8), embed, CUDA graph capture and replay of a decode step
- * (with new metadata, and with the int4 GEMM inside the capture), device sampling against the
- * host sampler with the same uniforms, memory accounting, and that no CUDA error was recorded.
+ * canaries after them), gather_rows (also in place), rope_cos_sin, attention (with its q / k
+ * norm, rope and K/V store) over a paged cache with shuffled block tables (prefill, chunked
+ * prefill, mixed steps and split-KV decode, at head_dim 64, 128 and 256 and GQA 1..8), embed,
+ * CUDA graph capture and replay of a decode step (with new metadata, and with the int4 GEMM
+ * inside the capture), device sampling against the host sampler with the same uniforms, memory
+ * accounting, and that no CUDA error was recorded.
  *
  * Exit code 77 (skipped) when the build has no CUDA backend or no GPU is present. */
 #include <math.h>

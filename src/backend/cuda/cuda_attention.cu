@@ -151,8 +151,8 @@ CU_DEV void combine_splits(float *out, const float *part, int *counters, size_t 
     if (threadIdx.x == 0) counters[pair] = 0;
 }
 
-/* The step's new token, fused in (the decode kernel does qk_norm_rope_store's work for it): the
- * per-step inputs of that work, and the layer's cache slots. */
+/* What the decode kernels need to do qk_norm_rope_store's work for their token: the step's raw
+ * projections, the layer's norm weights, the rope table and the cache slots. */
 struct NewToken {
     const float *qkv;            /* [tokens][(nh + 2 nkv) HD]: raw q | k | v (left raw) */
     const float *q_norm, *k_norm; /* [HD] */
@@ -190,10 +190,10 @@ struct PairHead {
  * round alike. */
 template <int HD>
 __global__ void __launch_bounds__(128) attn_decode(float *out, NewToken nt, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
-                                                   const int32_t *q_start,
-                                                   const int32_t *ctx_len, const int32_t *tables, int max_blocks,
-                                                   int bs, int bs_shift, int nh, int nkv, int splits, float *part,
-                                                   int *counters, float scale) {
+                                                   const int32_t *q_start, const int32_t *ctx_len,
+                                                   const int32_t *tables, int max_blocks, int bs, int bs_shift,
+                                                   int nh, int nkv, int splits, float *part, int *counters,
+                                                   float scale) {
     constexpr int VPL = HD / 32, TB = decode_batch<HD>(), P = PairHead<HD>::P;
     __shared__ float relayout[4][HD]; /* per warp: a head from pair layout to lane * VPL layout */
     pdl_trigger();
@@ -264,7 +264,8 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, NewToken nt, __nv
         __syncwarp();
 #pragma unroll
         for (int i = 0; i < VPL; i += 2) {
-            const __nv_bfloat162 k2 = __floats2bfloat162_rn(relayout[warp][lane * VPL + i], relayout[warp][lane * VPL + i + 1]);
+            const float *kf = relayout[warp] + lane * VPL + i;
+            const __nv_bfloat162 k2 = __floats2bfloat162_rn(kf[0], kf[1]);
             const __nv_bfloat162 v2 = __floats2bfloat162_rn(vv[i], vv[i + 1]);
             knew.w[i / 2] = *reinterpret_cast<const uint32_t *>(&k2);
             vnew.w[i / 2] = *reinterpret_cast<const uint32_t *>(&v2);
