@@ -463,10 +463,9 @@ static void cpu_attention(Backend *be, float *out, float *qkv, const AttnHeads *
     CpuBackend *c = cpu(be);
     qk_norm_rope_store(qkv, ah, cs, kv, layer, meta);
     int threads = tp_size(c->pool);
-    const int nh = ah->nh;
-    AttnJob j = {out, qkv, nh, ah->nkv, ah->hd, kv, layer, meta, scratch(c, (size_t)threads * meta->max_ctx),
+    AttnJob j = {out, qkv, ah->nh, ah->nkv, ah->hd, kv, layer, meta, scratch(c, (size_t)threads * meta->max_ctx),
                  meta->n_tokens};
-    tp_run(c->pool, meta->n_tokens * nh, attn_task, &j);
+    tp_run(c->pool, meta->n_tokens * ah->nh, attn_task, &j);
 }
 
 typedef struct ProbeJob {
