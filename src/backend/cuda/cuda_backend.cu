@@ -321,13 +321,17 @@ int upload_dense(CudaBackend *c, uint16_t *dst, const StTensor *t, int64_t n, in
     return 0;
 }
 
-/* Scale (low half) and zero (high half) of each group, as one word. */
+/* Scale (low half) and zero (high half) of each group, as one word; rows cu_sz_ld words apart
+ * (the padding zero). */
 int upload_sz(CudaBackend *c, uint32_t *dst, const LinearSource *s, QErr *err) {
-    size_t n = (size_t)(s->n * (s->k / s->group_size));
-    uint32_t *buf = static_cast<uint32_t *>(malloc(n * sizeof *buf));
+    const size_t groups = (size_t)(s->k / s->group_size), ld = (size_t)cu_sz_ld((int)s->k, s->group_size);
+    const size_t n = (size_t)s->n * ld;
+    uint32_t *buf = static_cast<uint32_t *>(calloc(n, sizeof *buf));
     if (!buf) return set_err(err, "%s: out of host memory packing scales", s->name);
     const uint16_t *sc = static_cast<const uint16_t *>(s->scales->data), *ze = static_cast<const uint16_t *>(s->zeros->data);
-    for (size_t i = 0; i < n; i++) buf[i] = (uint32_t)sc[i] | (uint32_t)ze[i] << 16;
+    for (size_t r = 0; r < (size_t)s->n; r++)
+        for (size_t i = 0; i < groups; i++)
+            buf[r * ld + i] = (uint32_t)sc[r * groups + i] | (uint32_t)ze[r * groups + i] << 16;
     int rc = upload(c, dst, buf, n * sizeof *buf, s->name, err);
     free(buf);
     return rc;
@@ -429,7 +433,7 @@ Linear *cu_linear_load(Backend *be, const LinearSource *parts, int n_parts, QErr
         m->k_pad = (int)k_pad;
         m->group = p0->q4 ? p0->group_size : 0;
         size_t wbytes = p0->q4 ? (size_t)(rows * k / 2) : (size_t)(rows * k_pad) * 2;
-        size_t szbytes = p0->q4 ? (size_t)(rows * (k / p0->group_size)) * 4 : 0;
+        size_t szbytes = p0->q4 ? (size_t)rows * (size_t)cu_sz_ld((int)k, p0->group_size) * 4 : 0;
         l->w[mi] = dev_alloc(c, wbytes);
         l->sz[mi] = szbytes ? dev_alloc(c, szbytes) : NULL;
         if (!l->w[mi] || (szbytes && !l->sz[mi])) {
@@ -447,7 +451,8 @@ Linear *cu_linear_load(Backend *be, const LinearSource *parts, int n_parts, QErr
                 rc = upload(c, static_cast<uint8_t *>(l->w[mi]) + (size_t)(r * k / 2), s->qweight->data,
                             (size_t)(s->n * k / 2), s->name, err);
                 if (!rc) release_pages(s->qweight, s->qweight->data, (size_t)(s->n * k / 2));
-                if (!rc) rc = upload_sz(c, static_cast<uint32_t *>(l->sz[mi]) + (size_t)(r * (k / s->group_size)), s, err);
+                if (!rc) rc = upload_sz(c, static_cast<uint32_t *>(l->sz[mi]) + (size_t)r * (size_t)cu_sz_ld((int)k, s->group_size), s,
+                                     err);
             } else {
                 rc = upload_dense(c, static_cast<uint16_t *>(l->w[mi]) + (size_t)(r * k_pad), s->dense, s->n, k, k_pad,
                                   s->name, err);
@@ -458,6 +463,7 @@ Linear *cu_linear_load(Backend *be, const LinearSource *parts, int n_parts, QErr
             }
             r += s->n;
         }
+        if (m->group) cu_gemm_q4_describe(m);
         n0 += rows;
     }
     return l;

@@ -177,8 +177,17 @@ typedef struct CuMat {
     int k, k_pad;        /* in_features, and the row stride of bf16 weights (k rounded up to 8) */
     int group;           /* int4 group size (32..256), or 0 for bf16 */
     const void *w;       /* bf16 [n][k_pad], or int4 codes [n][k/2] (the checkpoint's nibbles) */
-    const uint32_t *sz;  /* int4: [n][k/group] words, scale bf16 in the low half, zero in the high */
+    const uint32_t *sz;  /* int4: [n][cu_sz_ld] words, scale bf16 in the low half, zero in the high */
+    /* int4 on a GPU with the TMA engine: the wgmma GEMM's descriptors of w and sz (opaque
+     * CUtensorMaps, cu_gemm_q4_describe), made once at load; tma_ok says they were */
+    uint64_t tma[2][16];
+    bool tma_ok;
 } CuMat;
+
+/* Scale words per row of an int4 matrix: its k / group groups rounded up to a multiple of 4, so
+ * every row starts on 16 bytes (the wgmma GEMM reads the rows with the TMA engine, which needs
+ * that); the padding words are never read as scales. */
+static inline __host__ __device__ int cu_sz_ld(int k, int group) { return (k / group + 3) & ~3; }
 
 /* Matrix-vector products for decode: y[m][n0 + j] = sum_k x'[m][k] * W[j][k] for the M tokens
  * (rows ldx and ldy floats apart); sms: multiprocessor count (sizes the grid). x' is x, or, when
@@ -213,6 +222,10 @@ bool cu_gemv_fuses_norm(const CuMat *w, int sms);
  * may run where the build has it (false: the mma.sync kernel at every M, as on older GPUs). */
 cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, int M, float *y, int ldy, int sms,
                        bool accumulate, bool wgmma);
+/* Fills w->tma and sets w->tma_ok where the device and driver have the TMA engine (sm_90 and a
+ * driver with cuTensorMapEncodeTiled); elsewhere leaves tma_ok false, and cu_gemm_q4 then runs
+ * the mma.sync kernel. Call once w's device buffers hold their final addresses. */
+void cu_gemm_q4_describe(CuMat *w);
 /* The MLP's gate|up product with its SwiGLU: w stacks gate rows [0, I) over up rows [I, 2I)
  * (I = w->n / 2, w->n0 = 0); h[m][j] = silu(x_m . gate_j) * (x_m . up_j) as bf16 [M][I], the
  * products as cu_gemm_q4 computes them and the SwiGLU in float, rounded once. */

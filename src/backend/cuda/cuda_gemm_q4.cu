@@ -4,9 +4,10 @@
  * dequantized in registers right before the multiply, so memory traffic stays at 0.5 byte per
  * weight plus scales; dequantizing to a bf16 scratch for cuBLAS costs ~4.5.
  *
- * Two kernels share the loads, the dequantization and the epilogue: mma.sync (any sm_80+ GPU;
- * on Hopper only up to 16 tokens) and, further down, wgmma (sm_90a, from 17 tokens). See
- * token_tile() for the measurements that split them.
+ * Two kernels share the dequantization and the epilogue: mma.sync (any sm_80+ GPU; on Hopper
+ * only up to 16 tokens), loading through cp.async, and further down wgmma (sm_90a, from 17
+ * tokens), loading through the TMA engine. See token_tile() for the measurements that split
+ * them.
  *
  * Products. mma.sync m16n8k16 (bf16 in, f32 accumulate) in the "swapped" orientation: the 16-row
  * A operand is 16 weight rows (output features) x 16 columns of k, which is the weights' own
@@ -55,6 +56,10 @@
  * 5028 -> 5105 tok/s, mean TPOT 10.39 -> 10.22 ms (same call). */
 #include "backend/cuda/cuda_common.cuh"
 
+#include <cudaTypedefs.h> /* cuTensorMapEncodeTiled's type (reached through the runtime) */
+#include <string.h>
+
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -97,10 +102,10 @@ struct Stage {
 
 struct GemmArgs {
     const uint4 *codes;  /* [n][k / 32] chunks of 32 columns */
-    const uint32_t *sz;  /* [n][k / group] scale | zero << 16 */
+    const uint32_t *sz;  /* [n][sz_ld] scale | zero << 16 */
     const uint4 *x;      /* bf16 [M][k], 8 columns per unit */
     float *y;            /* column n0 of row 0 */
-    int M, n, k, ldy;
+    int M, n, k, ldy, sz_ld;
     bool accumulate;     /* y += instead of y = */
     /* SwiGLU pairs (pair > 0): rows [0, pair) are gate and [pair, 2 pair) up; the block of
      * feature tile z multiplies gate rows 64 z .. 64 z + 63 and the same up rows, and writes
@@ -172,7 +177,7 @@ CU_DEV void load_weights(const GemmArgs &a, int f0, int kt, uint4 *codes, uint32
         bool ok;
         const int row = weight_row(a, f0, r, ok);
         ok = ok && gi < groups;
-        cp_async4(scales + r * SZS + i % SW, ok ? a.sz + (size_t)row * groups + gi : a.sz, ok);
+        cp_async4(scales + r * SZS + i % SW, ok ? a.sz + (size_t)row * a.sz_ld + gi : a.sz, ok);
     }
 }
 
@@ -407,7 +412,7 @@ __global__ void __launch_bounds__(kThreads, Tile<BT>::kMinBlocks) gemm_q4(GemmAr
     store_tile<kFeatures, BT>(a, tile, kTileLd, f0, t0, split, splits);
 }
 
-/* ---- Hopper: the same product on wgmma (sm_90a) ----------------------------------------------
+/* ---- Hopper: the same product on wgmma (sm_90a), fed by the TMA engine ----------------------
  *
  * From 17 tokens the products run as warpgroup MMAs (wgmma.mma_async m64nNk16, N = BT tokens):
  * one instruction multiplies 64 weight rows by 16 columns of k for all BT tokens, so the
@@ -424,42 +429,57 @@ __global__ void __launch_bounds__(kThreads, Tile<BT>::kMinBlocks) gemm_q4(GemmAr
  * The lane loads the 16 bytes and gathers those bytes into one word (three byte permutes), which
  * then dequantizes as in the mma.sync kernel.
  *
+ * Loads. One thread asks the TMA engine for each stage: the codes of the block's 128 rows (64
+ * bytes each, stored with the 64-byte swizzle, which is code_slot's layout), their scale words
+ * (the 16 bytes of each row that hold the stage's groups: a box starts on 16 bytes, and scale
+ * rows are padded to 16 bytes for this, cu_sz_ld) and the x tile (two 64-column atoms in the
+ * 128-byte swizzle). Rows and columns past the matrix are zero-filled by the engine. Each stage
+ * buffer has an mbarrier that counts the bytes in; every thread waits on it. Weights and x have
+ * separate rings: weights come from HBM and are requested kWAhead stages ahead (that depth is
+ * what keeps enough bytes in flight: with both in one cp.async ring, one stage ahead, a
+ * loads-only variant of the kernel streamed gate_up's weights at 1.26 TB/s on an H100), x comes
+ * from L2 and goes kXAhead ahead. A block barrier per stage keeps reuse safe: a weight buffer is
+ * refilled one stage after it was read (its readers are plain loads), an x buffer two stages
+ * after (its readers are wgmmas, and each warpgroup waits for all but its latest wgmma group
+ * after every group).
+ *
  * Block: 2 warpgroups x 64 features x BT tokens, all of k per stage for every warp (each
- * dequantized A fragment feeds BT / 8 x 2 k-steps of products); stages of 128 columns (codes 64
- * bytes per row, x 2 atoms); kSlots stage buffers, loads issued kSlots - 2 stages ahead, so the
- * buffer being refilled was read two stages ago and its wgmmas are known complete (each
- * warpgroup waits for all but its latest group after every chunk). 128 features, not more: x
- * is read from L2 once per feature tile, which bounds how few tiles pay, but with 256 features
- * too few blocks fill the machine at the token counts of batched decode (measured below).
- * Split-K over thread-block clusters and the epilogue are the mma.sync kernel's. */
+ * dequantized A fragment feeds BT / 8 x 2 k-steps of products); stages of 128 columns. 128
+ * features, not more: x is read from L2 once per feature tile, but with 256 features too few
+ * blocks fill the machine at the token counts of batched decode (fourth session). Split-K over
+ * thread-block clusters and the epilogue are the mma.sync kernel's. */
 constexpr int kWgK = 128; /* columns of k per stage */
 constexpr int kWgChunks = kWgK / 32;
 constexpr int kGroupChunks = 2; /* chunks dequantized together (independent chains) per wgmma group;
                                    measured best of 1, 2 and 4 */
-constexpr size_t kSmemPerSm = 227 * 1024; /* sm_90 shared memory per multiprocessor */
+constexpr int kBoxRows = 64;    /* rows per TMA box of codes and scales (a SwiGLU block's halves) */
+constexpr size_t kSmemPerBlock[2] = {227 * 1024, 113 * 1024}; /* sm_90, 1 or 2 blocks per SM */
 
 template <int BT, int GS>
 struct WgTile {
     static constexpr int kMinBlocks = BT <= 64 ? 2 : 1;
-    static constexpr int kScaleWords = (kWgChunks >> GS) > 0 ? kWgChunks >> GS : 1;
-    static constexpr int kScaleStride = kScaleWords | 1;
-    static constexpr size_t kX = (size_t)BT * kWgK * 2; /* first: atoms 1024-byte aligned */
-    static constexpr size_t kCodes = (size_t)kFeatures * kWgChunks * 16;
-    static constexpr size_t kScales = (size_t)kFeatures * kScaleStride * 4;
-    static constexpr size_t kBytes = (kX + kCodes + kScales + 1023) / 1024 * 1024;
-    static constexpr int kFit = (int)((kSmemPerSm / kMinBlocks - 2048) / kBytes);
-    /* at most 4 stage buffers for 32-token tiles and 3 for larger ones, fewer than fit: measured
-     * faster (H100, one Qwen3-8B step's matmuls, ms, 6 / 4 / 3 buffers: M = 32 3.97 / 3.60 /
-     * 3.76, 64 5.45 / 5.46 / 5.27, 128 6.85 / 6.80 / 6.77, 256 10.37 / 10.33 / 10.28). Not
-     * because the next kernel's blocks could start beside these (the registers of two blocks
-     * leave no room for a third); not profiled. Stages of 64 columns instead of 128 (more
-     * buffers, fewer registers) were slower at every M (M = 32 5.5-5.7, 128 7.1-7.3). */
-    static constexpr int kCap = BT <= 32 ? 4 : 3;
-    static constexpr int kSlots = kFit < kCap ? kFit : kCap;
-    static constexpr int kAhead = kSlots - 2;
-    static constexpr size_t kSmem = kSlots * kBytes + 1024; /* + alignment slack */
-    static_assert(kSlots >= 3, "stage buffers");
-    static_assert(kSmem - 1024 >= (size_t)BT * kTileLd * 4, "the output tile reuses the stages");
+    static constexpr size_t kX = (size_t)BT * kWgK * 2;                 /* an x stage (1024-byte multiple) */
+    static constexpr size_t kCodes = (size_t)kFeatures * kWgChunks * 16; /* a weight stage: codes, */
+    static constexpr size_t kW = kCodes + (size_t)kFeatures * 16;       /* then 4 scale words per row */
+    /* ring sizes (buffers), measured (H100, one Qwen3-8B step's matmuls, ms; x / weight buffers):
+     * 32-token tiles 4 / 7, 6 / 4, 4 / 3: M = 32 3.65, 3.54, 3.48; 64: 3 / 6, 4 / 4, 5 / 2: M = 64
+     * 4.47, 4.32, 4.28 (M = 48 4.30, 4.14, 4.16); 128: 4 / 8, 5 / 4, 3 / 10: M = 128 5.97, 5.90,
+     * 6.07; 256-token tiles fit 3 / 3 */
+    static constexpr int kXSlots = BT == 32 ? 4 : BT == 64 ? 4 : BT == 128 ? 5 : 3;
+    static constexpr int kWSlots = BT == 32 ? 3 : BT == 64 ? 4 : BT == 128 ? 4 : 3;
+    static constexpr int kXAhead = kXSlots - 2, kWAhead = kWSlots - 1;
+    static constexpr size_t kRings = kXSlots * kX + kWSlots * kW;
+    static constexpr size_t kSmem = kRings + 8 * (kXSlots + kWSlots) + 1024; /* + mbarriers, alignment */
+    static_assert(kXAhead >= 1 && kWAhead >= 1, "stage buffers");
+    static_assert(kSmem + 1024 <= kSmemPerBlock[kMinBlocks - 1], "shared memory");
+    static_assert(kRings >= (size_t)BT * kTileLd * 4, "the output tile reuses the rings");
+};
+
+/* The TMA descriptors of one product: codes [n][k / 2] bytes in boxes of 64 bytes x kBoxRows rows
+ * (64-byte swizzle), scale words [n][sz_ld] in boxes of 4 x kBoxRows, x [M][k] bf16 in boxes of
+ * 64 columns x BT tokens (128-byte swizzle). Passed by value (__grid_constant__). */
+struct WgMaps {
+    CUtensorMap codes, sz, x;
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -474,7 +494,30 @@ CU_DEV void wgmma_wait() {
  * accumulators belong to the tensor cores while a wgmma is in flight). */
 CU_DEV void fence_operand(float &r) { asm volatile("" : "+f"(r)::"memory"); }
 /* Shared-memory writes of the generic proxy (cp.async) made visible to wgmma's reads. */
-CU_DEV void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+CU_DEV void mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+CU_DEV void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+/* This thread's arrival on bar, announcing `bytes` of TMA copies that will complete on it. */
+CU_DEV void mbar_arrive_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+/* Waits until bar has completed the phase of the given parity. */
+CU_DEV void mbar_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done = 0;
+    while (!done)
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}"
+                     : "=r"(done)
+                     : "r"(bar), "r"(parity)
+                     : "memory");
+}
+/* TMA: the box at coordinates (c0, c1) of the 2-D tensor map into shared memory at dst, its bytes
+ * counted on bar. */
+CU_DEV void tma_load_2d(uint32_t dst, const CUtensorMap *map, int c0, int c1, uint32_t bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+                 ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+                 : "memory");
+}
 
 /* d = A B (+ d when acc) for 64 rows x N tokens x 16 columns (N = 2 x the size of d): A the warp's
  * 4 registers (mma.sync layout, rows 16 * (warp % 4) ..), B at shared-memory descriptor b. */
@@ -559,7 +602,11 @@ CU_DEV void wgmma_fence() {}
 CU_DEV void wgmma_commit() {}
 template <int N>
 CU_DEV void wgmma_wait() {}
-CU_DEV void fence_proxy_async() {}
+CU_DEV void mbar_init(uint32_t, int) {}
+CU_DEV void mbar_init_fence() {}
+CU_DEV void mbar_arrive_tx(uint32_t, uint32_t) {}
+CU_DEV void mbar_wait(uint32_t, uint32_t) {}
+CU_DEV void tma_load_2d(uint32_t, const CUtensorMap *, int, int, uint32_t) { __trap(); }
 template <int R>
 CU_DEV void wgmma_rs(float (&)[R], const uint32_t (&)[4], uint64_t, bool) {
     __trap(); /* the host launches the wgmma kernel only where wg_built says it exists */
@@ -581,52 +628,10 @@ CU_DEV uint64_t wg_desc(uint32_t addr) {
     return (uint64_t)((addr & 0x3ffff) >> 4) | (uint64_t)1 << 16 | (uint64_t)(1024 >> 4) << 32 | (uint64_t)1 << 62;
 }
 
-/* Requests stage kt: the codes and scale words of rows f0 .. f0 + 127, and the x tile of tokens
- * t0 .. t0 + BT - 1. Out-of-range sources are clamped to valid addresses and zero-filled. */
-template <int BT, int GS>
-CU_DEV void wg_load_weights(const GemmArgs &a, int f0, int kt, uint4 *codes, uint32_t *scales) {
-    using T = WgTile<BT, GS>;
-    const int row_chunks = a.k >> 5, groups = a.k >> (5 + GS);
-    const int c = threadIdx.x % kWgChunks, col = kt * kWgChunks + c, col_ok = col < row_chunks;
-#pragma unroll
-    for (int it = 0; it < kFeatures * kWgChunks / kThreads; it++) {
-        const int r = threadIdx.x / kWgChunks + it * (kThreads / kWgChunks);
-        bool ok;
-        const int row = weight_row(a, f0, r, ok);
-        cp_async16(codes + r * kWgChunks + code_slot<kWgChunks>(r, c),
-                   a.codes + (size_t)row * row_chunks + min(col, row_chunks - 1), ok && col_ok);
-    }
-    constexpr int kWords = kFeatures * T::kScaleWords;
-#pragma unroll
-    for (int it = 0; it < (kWords + kThreads - 1) / kThreads; it++) {
-        const int i = it * kThreads + threadIdx.x, r = i / T::kScaleWords, w = i % T::kScaleWords;
-        const int gi = ((kt * kWgK) >> (5 + GS)) + w;
-        bool ok;
-        const int row = weight_row(a, f0, r, ok);
-        if (kWords % kThreads == 0 || i < kWords)
-            cp_async4(scales + r * T::kScaleStride + w, a.sz + (size_t)row * groups + min(gi, groups - 1),
-                      ok && gi < groups);
-    }
-}
-
-template <int BT>
-CU_DEV void wg_load_x(const GemmArgs &a, int t0, int kt, char *xs) {
-    constexpr int kUnits = kWgK / 8, kRows = kThreads / kUnits; /* 16-byte units per row; rows per pass */
-    const int u = threadIdx.x % kUnits, r0 = threadIdx.x / kUnits, row_units = a.k >> 3, col = kt * kUnits + u;
-    const bool col_ok = col < row_units;
-    const uint4 *src = a.x + min(col, row_units - 1);
-    /* unit u of row tk: atom u / 8, slot (u % 8) ^ (tk % 8), which is the same for r0 + kRows * it */
-    char *dst = xs + (u >> 3) * (BT * 128) + r0 * 128 + (((u & 7) ^ (r0 & 7)) << 4);
-#pragma unroll
-    for (int it = 0; it < BT / kRows; it++) {
-        const int m = t0 + r0 + kRows * it;
-        cp_async16(dst + it * kRows * 128, src + (size_t)min(m, a.M - 1) * row_units, m < a.M && col_ok);
-    }
-}
-
 /* Grid: x = split of k (the cluster), y = token tile, z = feature tile. */
 template <int BT, int GS>
-__global__ void __launch_bounds__(kThreads, WgTile<BT, GS>::kMinBlocks) gemm_q4_wg(GemmArgs a) {
+__global__ void __launch_bounds__(kThreads, WgTile<BT, GS>::kMinBlocks)
+    gemm_q4_wg(GemmArgs a, const __grid_constant__ WgMaps maps) {
     using T = WgTile<BT, GS>;
     extern __shared__ uint4 smem_raw[];
     pdl_trigger();
@@ -637,40 +642,60 @@ __global__ void __launch_bounds__(kThreads, WgTile<BT, GS>::kMinBlocks) gemm_q4_
     const int splits = gridDim.x, split = blockIdx.x;
     const int k_tiles = (a.k + kWgK - 1) / kWgK;
     const int kt0 = split * k_tiles / splits, n_kt = (split + 1) * k_tiles / splits - kt0;
-    /* stages start on a 1024-byte boundary (the swizzle atoms) */
-    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw), base_addr = (raw + 1023) & ~1023u;
-    char *base = reinterpret_cast<char *>(smem_raw) + (base_addr - raw);
-    auto x_of = [&](int s) { return base + s * T::kBytes; };
-    auto codes_of = [&](int s) { return reinterpret_cast<uint4 *>(base + s * T::kBytes + T::kX); };
-    auto scales_of = [&](int s) { return reinterpret_cast<uint32_t *>(base + s * T::kBytes + T::kX + T::kCodes); };
-
-#pragma unroll
-    for (int s = 0; s < T::kAhead; s++)
-        if (s < n_kt) wg_load_weights<BT, GS>(a, f0, kt0 + s, codes_of(s), scales_of(s));
-    pdl_wait();
-#pragma unroll
-    for (int s = 0; s < T::kAhead; s++) {
-        if (s < n_kt) wg_load_x<BT>(a, t0, kt0 + s, x_of(s));
-        cp_async_commit();
+    /* x ring, weight ring, mbarriers; the swizzle atoms need 1024-byte alignment */
+    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw), xs = (raw + 1023) & ~1023u;
+    char *base = reinterpret_cast<char *>(smem_raw) + (xs - raw);
+    const uint32_t ws = xs + (uint32_t)(T::kXSlots * T::kX), bars = xs + (uint32_t)T::kRings;
+    auto x_bar = [&](int s) { return bars + 8u * (uint32_t)s; };
+    auto w_bar = [&](int s) { return bars + 8u * (uint32_t)(T::kXSlots + s); };
+    /* the rows of the block's two 64-row boxes: SwiGLU blocks take 64 gate rows and the same up rows */
+    const int row0 = a.pair ? f0 / 2 : f0, row1 = a.pair ? a.pair + f0 / 2 : f0 + kBoxRows;
+    auto load_w = [&](int j) { /* stage j of this block's k range */
+        const int s = j % T::kWSlots, kt = kt0 + j;
+        const uint32_t dst = ws + (uint32_t)(s * T::kW), gi = (uint32_t)(kt * kWgChunks) >> GS & ~3u;
+        mbar_arrive_tx(w_bar(s), (uint32_t)T::kW);
+        tma_load_2d(dst, &maps.codes, kt * kWgChunks * 16, row0, w_bar(s));
+        tma_load_2d(dst + kBoxRows * 64, &maps.codes, kt * kWgChunks * 16, row1, w_bar(s));
+        tma_load_2d(dst + T::kCodes, &maps.sz, gi, row0, w_bar(s));
+        tma_load_2d(dst + T::kCodes + kBoxRows * 16, &maps.sz, gi, row1, w_bar(s));
+    };
+    auto load_x = [&](int j) {
+        const int s = j % T::kXSlots, kt = kt0 + j;
+        const uint32_t dst = xs + (uint32_t)(s * T::kX);
+        mbar_arrive_tx(x_bar(s), (uint32_t)T::kX);
+        for (int atom = 0; atom < kWgK / 64; atom++)
+            tma_load_2d(dst + atom * BT * 128, &maps.x, kt * kWgK + atom * 64, t0, x_bar(s));
+    };
+    const bool issuer = threadIdx.x == 0;
+    if (issuer) {
+        for (int s = 0; s < T::kXSlots + T::kWSlots; s++) mbar_init(bars + 8u * (uint32_t)s, 1);
+        mbar_init_fence();
     }
+    __syncthreads();
+    /* weights of the first stages before the predecessor is done, x after */
+    if (issuer)
+        for (int j = 0; j < T::kWAhead && j < n_kt; j++) load_w(j);
+    pdl_wait();
+    if (issuer)
+        for (int j = 0; j < T::kXAhead && j < n_kt; j++) load_x(j);
 
     float acc[BT / 2]; /* set by the first k-step (which does not accumulate) */
     const int r_lo = 64 * wg + 16 * wq + g; /* this lane's rows: r_lo and r_lo + 8 */
     constexpr int kReload = (1 << GS) < kWgChunks ? 1 << GS : kWgChunks; /* chunks per scale word */
     for (int it = 0; it < n_kt; it++) {
-        cp_async_wait<T::kAhead - 1>(); /* stage it has landed (this thread's copies) ... */
-        fence_proxy_async();            /* ... is visible to the tensor cores ... */
-        __syncthreads();                /* ... for every thread's copies */
-        const int next = it + T::kAhead, ns = next % T::kSlots;
-        if (next < n_kt) {
-            wg_load_weights<BT, GS>(a, f0, kt0 + next, codes_of(ns), scales_of(ns));
-            wg_load_x<BT>(a, t0, kt0 + next, x_of(ns));
+        __syncthreads(); /* stage it - 1's weights and stage it - 2's x are no longer read */
+        if (issuer) {
+            if (it + T::kWAhead < n_kt) load_w(it + T::kWAhead);
+            if (it + T::kXAhead < n_kt) load_x(it + T::kXAhead);
         }
-        cp_async_commit();
-        const int s = it % T::kSlots;
-        const uint4 *chunks = codes_of(s);
-        const uint32_t *scales = scales_of(s);
-        const uint32_t xa = base_addr + (uint32_t)(s * T::kBytes);
+        const int sw = it % T::kWSlots, sx = it % T::kXSlots;
+        mbar_wait(w_bar(sw), (uint32_t)(it / T::kWSlots) & 1);
+        mbar_wait(x_bar(sx), (uint32_t)(it / T::kXSlots) & 1);
+        __syncwarp(); /* the wgmmas below need the whole warp, which the waits may have split */
+        const uint4 *chunks = reinterpret_cast<const uint4 *>(base + T::kXSlots * T::kX + sw * T::kW);
+        const uint32_t *scales = reinterpret_cast<const uint32_t *>(chunks + kFeatures * kWgChunks);
+        const uint32_t xa = xs + (uint32_t)(sx * T::kX);
+        const int g0 = ((kt0 + it) * kWgChunks >> GS) & 3; /* the stage's first group in its scale box */
         uint32_t sc[2], ze[2];
 #pragma unroll
         for (int c0 = 0; c0 < kWgChunks; c0 += kGroupChunks) {
@@ -681,7 +706,7 @@ __global__ void __launch_bounds__(kThreads, WgTile<BT, GS>::kMinBlocks) gemm_q4_
                 if (c % kReload == 0) {
 #pragma unroll
                     for (int h = 0; h < 2; h++) {
-                        const uint32_t w = scales[(r_lo + 8 * h) * T::kScaleStride + (c >> GS)];
+                        const uint32_t w = scales[(r_lo + 8 * h) * 4 + g0 + (GS <= 2 ? c >> GS : 0)];
                         sc[h] = __byte_perm(w, 0, 0x1010);
                         ze[h] = __byte_perm(w, 0, 0x3232);
                     }
@@ -717,10 +742,9 @@ __global__ void __launch_bounds__(kThreads, WgTile<BT, GS>::kMinBlocks) gemm_q4_
     }
     wgmma_wait<0>();
     fence_acc(acc);
-    cp_async_wait<0>();
     __syncthreads();
 
-    /* the accumulators into tile [token][feature] (over the stages' memory), then y */
+    /* the accumulators into tile [token][feature] (over the rings), then y */
     float *tile = reinterpret_cast<float *>(base);
 #pragma unroll
     for (int j = 0; j < BT / 8; j++)
@@ -805,7 +829,8 @@ struct KernelSlots {
     int slots[4];
 };
 
-cudaError_t prepare(void (*kernel)(GemmArgs), size_t smem, int sms, KernelSlots &ks) {
+template <typename... Extra>
+cudaError_t prepare(void (*kernel)(GemmArgs, Extra...), size_t smem, int sms, KernelSlots &ks) {
     if (ks.ready) return cudaSuccess;
     const cudaError_t rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (rc != cudaSuccess) return rc;
@@ -814,9 +839,11 @@ cudaError_t prepare(void (*kernel)(GemmArgs), size_t smem, int sms, KernelSlots 
     return cudaSuccess;
 }
 
-/* One launch of kernel over output tiles of `features` x BT with k in stages of kk columns. */
-cudaError_t launch_tiles(cudaStream_t st, void (*kernel)(GemmArgs), size_t smem, KernelSlots &ks, int features,
-                         int BT, int kk, Fill rule, const GemmArgs &a, int sms) {
+/* One launch of kernel over output tiles of `features` x BT with k in stages of kk columns; extra:
+ * the kernel's arguments after a. */
+template <typename... Extra>
+cudaError_t launch_tiles(cudaStream_t st, void (*kernel)(GemmArgs, Extra...), size_t smem, KernelSlots &ks,
+                         int features, int BT, int kk, Fill rule, const GemmArgs &a, int sms, Extra... extra) {
     const cudaError_t rc = prepare(kernel, smem, sms, ks);
     if (rc != cudaSuccess) return rc;
     const int feature_tiles = (a.n + features - 1) / features, token_tiles = (a.M + BT - 1) / BT;
@@ -824,13 +851,71 @@ cudaError_t launch_tiles(cudaStream_t st, void (*kernel)(GemmArgs), size_t smem,
     const int split = choose_split((long long)feature_tiles * token_tiles, k_tiles, ks.slots, sms, rule);
     /* grid x is the split of k: its blocks form a cluster (cluster_barrier, cluster_load) */
     return cu_launch_clusters(st, dim3((unsigned)split, (unsigned)token_tiles, (unsigned)feature_tiles), dim3(kThreads),
-                              smem, (unsigned)split, kernel, a);
+                              smem, (unsigned)split, kernel, a, extra...);
+}
+
+/* cuTensorMapEncodeTiled, reached through the runtime (nothing links libcuda); NULL where the
+ * driver lacks it. */
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+    static bool asked = false;
+    if (!asked) {
+        asked = true;
+        void *fn = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) == cudaSuccess &&
+            q == cudaDriverEntryPointSuccess)
+            encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+        cudaGetLastError();
+    }
+    return encode;
+}
+
+/* The descriptor of a 2-D row-major tensor at base: rows x inner elements of `type`, rows
+ * row_bytes apart, read in boxes of box_inner x box_rows; positions past the tensor read as 0. */
+cudaError_t tensor_map_2d(CUtensorMap &map, CUtensorMapDataType type, const void *base, int inner, int rows,
+                          size_t row_bytes, int box_inner, int box_rows, CUtensorMapSwizzle swizzle) {
+    PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+    if (!encode) return cudaErrorNotSupported;
+    const cuuint64_t dims[2] = {(cuuint64_t)inner, (cuuint64_t)rows}, strides[1] = {(cuuint64_t)row_bytes};
+    const cuuint32_t box[2] = {(cuuint32_t)box_inner, (cuuint32_t)box_rows}, elem[2] = {1, 1};
+    const CUresult r = encode(&map, type, 2, const_cast<void *>(base), dims, strides, box, elem,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+/* The wgmma kernel's descriptor of x [M][k] bf16 in boxes of 64 columns x BT tokens (128-byte
+ * swizzle), from a small per-thread cache: a step's products read the same few activation
+ * buffers, and an encoding costs microseconds of host time, which eager launches (prefill) pay
+ * per product. The descriptor depends on nothing but the key (address, M, k, BT). */
+cudaError_t x_tensor_map(const GemmArgs &a, int BT, CUtensorMap &map) {
+    struct Entry {
+        const void *x;
+        int M, k, BT;
+        CUtensorMap map;
+    };
+    constexpr int kEntries = 8;
+    static thread_local Entry cache[kEntries];
+    static thread_local int next;
+    for (const Entry &e : cache)
+        if (e.x == a.x && e.M == a.M && e.k == a.k && e.BT == BT) {
+            map = e.map;
+            return cudaSuccess;
+        }
+    const cudaError_t rc = tensor_map_2d(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, a.x, a.k, a.M, (size_t)a.k * 2, 64, BT,
+                                         CU_TENSOR_MAP_SWIZZLE_128B);
+    if (rc == cudaSuccess) {
+        cache[next] = {a.x, a.M, a.k, BT, map};
+        next = (next + 1) % kEntries;
+    }
+    return rc;
 }
 
 /* The launches of the two kernels for BT tokens per block and groups of 32 << GS columns. */
 template <int BT, int GS>
 struct MmaSync {
-    static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms) {
+    static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms, const WgMaps *) {
         static KernelSlots ks; /* one per instantiation (its shared memory decides its occupancy) */
         return launch_tiles(st, gemm_q4<BT, GS>, Stage<BT, GS>::kSmem, ks, kFeatures, BT, Tile<BT>::kK,
                             Tile<BT>::kMinBlocks == 1 ? Fill::WholeWaves : Fill::BusySms, a, sms);
@@ -839,23 +924,24 @@ struct MmaSync {
 
 template <int BT, int GS>
 struct Wgmma {
-    static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms) {
+    static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms, const WgMaps *maps) {
         static KernelSlots ks;
         const Fill rule = WgTile<BT, GS>::kMinBlocks == 1 ? Fill::WholeWaves
                           : a.M <= BT                      ? Fill::AllSlots
                                                            : Fill::BusySms;
-        return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, rule, a, sms);
+        return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, rule, a, sms, *maps);
     }
 };
 
-/* Kernel K's launch for the matrix's group size (gs = log2(group / 32)). */
+/* Kernel K's launch for the matrix's group size (gs = log2(group / 32)); maps: the wgmma
+ * kernel's descriptors (NULL for the mma.sync kernel). */
 template <template <int, int> class K, int BT>
-cudaError_t launch_group(cudaStream_t st, const GemmArgs &a, int gs, int sms) {
+cudaError_t launch_group(cudaStream_t st, const GemmArgs &a, int gs, int sms, const WgMaps *maps = nullptr) {
     switch (gs) {
-    case 0: return K<BT, 0>::launch(st, a, sms);
-    case 1: return K<BT, 1>::launch(st, a, sms);
-    case 2: return K<BT, 2>::launch(st, a, sms);
-    case 3: return K<BT, 3>::launch(st, a, sms);
+    case 0: return K<BT, 0>::launch(st, a, sms, maps);
+    case 1: return K<BT, 1>::launch(st, a, sms, maps);
+    case 2: return K<BT, 2>::launch(st, a, sms, maps);
+    case 3: return K<BT, 3>::launch(st, a, sms, maps);
     default: return cudaErrorInvalidValue;
     }
 }
@@ -912,12 +998,19 @@ int token_tile(int M) {
 /* The product a describes, for w: the kernel and token tile for a.M tokens. */
 cudaError_t launch_gemm(cudaStream_t st, const CuMat *w, const GemmArgs &a, int sms, bool wgmma) {
     const int gs = cu_group_shift(w), M = a.M;
-    if (M >= kWgMinM && wgmma && wg_in_build()) {
-        switch (wg_token_tile(M, w->n, sms)) {
-        case 32: return launch_group<Wgmma, 32>(st, a, gs, sms);
-        case 64: return launch_group<Wgmma, 64>(st, a, gs, sms);
-        case 128: return launch_group<Wgmma, 128>(st, a, gs, sms);
-        default: return launch_group<Wgmma, 256>(st, a, gs, sms);
+    if (M >= kWgMinM && wgmma && w->tma_ok && wg_in_build()) {
+        const int BT = wg_token_tile(M, w->n, sms);
+        WgMaps maps;
+        static_assert(sizeof maps.codes == sizeof w->tma[0], "CuMat::tma holds a CUtensorMap");
+        memcpy(&maps.codes, w->tma[0], sizeof maps.codes);
+        memcpy(&maps.sz, w->tma[1], sizeof maps.sz);
+        const cudaError_t rc = x_tensor_map(a, BT, maps.x);
+        if (rc != cudaSuccess) return rc;
+        switch (BT) {
+        case 32: return launch_group<Wgmma, 32>(st, a, gs, sms, &maps);
+        case 64: return launch_group<Wgmma, 64>(st, a, gs, sms, &maps);
+        case 128: return launch_group<Wgmma, 128>(st, a, gs, sms, &maps);
+        default: return launch_group<Wgmma, 256>(st, a, gs, sms, &maps);
         }
     }
     switch (token_tile(M)) {
@@ -929,12 +1022,32 @@ cudaError_t launch_gemm(cudaStream_t st, const CuMat *w, const GemmArgs &a, int 
 
 } // namespace
 
+void cu_gemm_q4_describe(CuMat *w) {
+    w->tma_ok = false;
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9) {
+        cudaGetLastError();
+        return;
+    }
+    CUtensorMap codes, sz;
+    const int ld = cu_sz_ld(w->k, w->group);
+    if (tensor_map_2d(codes, CU_TENSOR_MAP_DATA_TYPE_UINT8, w->w, w->k / 2, w->n, (size_t)w->k / 2, 64, kBoxRows,
+                      CU_TENSOR_MAP_SWIZZLE_64B) != cudaSuccess ||
+        tensor_map_2d(sz, CU_TENSOR_MAP_DATA_TYPE_UINT32, w->sz, ld, w->n, (size_t)ld * 4, 4, kBoxRows,
+                      CU_TENSOR_MAP_SWIZZLE_NONE) != cudaSuccess)
+        return;
+    memcpy(w->tma[0], &codes, sizeof codes);
+    memcpy(w->tma[1], &sz, sizeof sz);
+    w->tma_ok = true;
+}
+
 cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, int M, float *y, int ldy, int sms,
                        bool accumulate, bool wgmma) {
     if (M <= 0 || w->n <= 0) return cudaSuccess;
     if (!w->group || w->k % 32) return cudaErrorInvalidValue;
     const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), y + w->n0, M,
-                        w->n, w->k, ldy, accumulate, 0, nullptr};
+                        w->n, w->k, ldy, cu_sz_ld(w->k, w->group), accumulate, 0, nullptr};
     return launch_gemm(st, w, a, sms, wgmma);
 }
 
@@ -943,6 +1056,6 @@ cudaError_t cu_gemm_q4_swiglu(cudaStream_t st, const CuMat *w, const __nv_bfloat
     if (M <= 0 || w->n <= 0) return cudaSuccess;
     if (!w->group || w->k % 32 || w->n % 2 || w->n0) return cudaErrorInvalidValue;
     const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), nullptr, M,
-                        w->n, w->k, 0, false, w->n / 2, h};
+                        w->n, w->k, 0, cu_sz_ld(w->k, w->group), false, w->n / 2, h};
     return launch_gemm(st, w, a, sms, wgmma);
 }

@@ -317,11 +317,11 @@ CU_DEV XQuant xquant_at(void *p, int k) {
 /* A warp's walk over its items of one int4 weight matrix of n rows, each `chunks` 16-byte chunks
  * (of 32 columns) long. An item is a group of kRows rows (g) times 32 consecutive chunks (column
  * it of iters): 512 contiguous bytes of each row, one 16-byte chunk per lane. sz: the scale words
- * ([n][groups], group = 32 << gshift columns). */
+ * ([n][cu_sz_ld], group = 32 << gshift columns). */
 struct WeightStream {
     const uint4 *w;
     const uint32_t *sz;
-    int n, chunks, groups, gshift, iters;
+    int n, chunks, sz_ld, gshift, iters; /* sz_ld: scale words per row */
     int pair; /* > 0: SwiGLU pairs, group g's rows as swiglu_pair_row says */
     int count; /* items left */
     int g, it; /* the current item */
@@ -337,7 +337,7 @@ CU_DEV WeightStream weight_stream(const void *w, const uint32_t *sz, int n, int 
     s.n = n;
     s.chunks = chunks;
     s.gshift = gshift;
-    s.groups = chunks >> gshift;
+    s.sz_ld = cu_sz_ld(chunks * 32, 32 << gshift);
     s.iters = (chunks + 31) >> 5;
     s.count = (g1 - g0) * s.iters;
     s.g = g0;
@@ -359,7 +359,7 @@ CU_DEV void issue_item(const WeightStream &s, int lane, char *slot) {
     for (int r = 0; r < kRows; r++) {
         const int row = s.pair ? swiglu_pair_row(s.g, r, s.pair) : min(s.g * kRows + r, s.n - 1);
         cp_async16(slot + (r * 32 + lane) * 16, s.w + (size_t)row * s.chunks + c);
-        cp_async4(slot + kRows * 512 + (r * 32 + lane) * 4, s.sz + (size_t)row * s.groups + (c >> s.gshift));
+        cp_async4(slot + kRows * 512 + (r * 32 + lane) * 4, s.sz + (size_t)row * s.sz_ld + (c >> s.gshift));
     }
 }
 
@@ -685,13 +685,13 @@ __global__ void dequant_q4_kernel(const uint32_t *codes, const uint32_t *sz, int
                                   uint4 *out) {
     pdl_trigger();
     pdl_wait();
-    const int words = k >> 3, groups = k >> (5 + gshift);
+    const int words = k >> 3, sz_ld = cu_sz_ld(k, 32 << gshift);
     const size_t total = (size_t)rows * words;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const size_t r = i / words;
         const int j = (int)(i % words);
         const uint32_t wv = codes[(r0 + r) * words + j];
-        const uint32_t s = sz[(r0 + r) * groups + ((j * 8) >> (5 + gshift))];
+        const uint32_t s = sz[(r0 + r) * sz_ld + ((j * 8) >> (5 + gshift))];
         const float sc = bf16_lo(s), ze = bf16_hi(s);
         float f[8];
         q4_word(wv, f);
