@@ -161,22 +161,6 @@ struct NewToken {
     float eps;
 };
 
-/* One head in the lane layout of qk_norm_rope: lane holds the pairs (i, i + HD / 2) for
- * i = lane + 32 j, j < P. */
-template <int HD>
-struct PairHead {
-    static constexpr int P = HD / 64;
-    float a[P], b[P];
-    __device__ __forceinline__ void load(const float *h, int lane) {
-#pragma unroll
-        for (int j = 0; j < P; j++) a[j] = h[lane + 32 * j], b[j] = h[lane + 32 * j + HD / 2];
-    }
-    __device__ __forceinline__ void store(float *h, int lane) const {
-#pragma unroll
-        for (int j = 0; j < P; j++) h[lane + 32 * j] = a[j], h[lane + 32 * j + HD / 2] = b[j];
-    }
-};
-
 /* Grid (splits, nkv, n_seqs), 4 warps; warp w handles query heads kvh * G + g for g = w, w + 4, ..
  * (the K/V rows of the kv head are read once per head, from L1 after the first); lane holds dims
  * lane * VPL .. + VPL.

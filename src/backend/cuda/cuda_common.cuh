@@ -156,6 +156,22 @@ CU_DEV void qk_norm_rope(float (&a)[P], float (&b)[P], const float (&wa)[P], con
     }
 }
 
+/* One head (or any HD-vector) in the lane layout of qk_norm_rope: lane holds the pairs
+ * (i, i + HD / 2) for i = lane + 32 j, j < P. */
+template <int HD>
+struct PairHead {
+    static constexpr int P = HD / 64;
+    float a[P], b[P];
+    __device__ __forceinline__ void load(const float *h, int lane) {
+#pragma unroll
+        for (int j = 0; j < P; j++) a[j] = h[lane + 32 * j], b[j] = h[lane + 32 * j + HD / 2];
+    }
+    __device__ __forceinline__ void store(float *h, int lane) const {
+#pragma unroll
+        for (int j = 0; j < P; j++) h[lane + 32 * j] = a[j], h[lane + 32 * j + HD / 2] = b[j];
+    }
+};
+
 /* Sum over a block of blockDim.x threads (a multiple of 32, at most 1024); every thread gets the
  * result. red must hold 32 floats; the call contains two __syncthreads(). */
 CU_DEV float block_sum(float v, float *red) {

@@ -97,65 +97,47 @@ __global__ void rope_kernel(float *cs, const int32_t *pos, int M, const float *i
     }
 }
 
-/* Rotation pairs (i, i + hd / 2) per lane: head_dim <= 256, what the attention kernels take. */
-constexpr int kMaxPairsPerLane = 4;
-
 /* Grid (token, head block); warp w of head block b handles head 8 b + w: q and k heads get
- * RMSNorm over hd with their weight, then rotate-half RoPE (lane holds the pairs (i, i + half)
- * for i = lane, lane + 32, ...), written back in place; k and v heads are also stored (bf16) at
- * the token's cache slot. head_dim: a multiple of 64, <= 256.
+ * RMSNorm over HD with their weight, then rotate-half RoPE (in PairHead's lane layout), written
+ * back in place; k and v heads are also stored (bf16) at the token's cache slot. HD: 64, 128,
+ * 192 or 256.
  *
  * The norm weight (constant) is loaded before pdl_wait(); after it, the head's values and its
  * cos / sin in one round trip (cs, written at the step's start, has usually left L2 by the time
  * a later layer needs it), so the wait for the qkv GEMV is followed by one memory latency, not
  * three in a row. */
+template <int HD>
 __global__ void qk_norm_rope_store_kernel(float *qkv, const float *q_norm, const float *k_norm, const float *cs,
-                                          int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
+                                          int nh, int nkv, float eps, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
                                           const int32_t *slots) {
     pdl_trigger();
-    const int m = blockIdx.x, lane = threadIdx.x & 31, half = hd / 2;
+    const int m = blockIdx.x, lane = threadIdx.x & 31;
     const int heads = nh + 2 * nkv;
     const int h = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const bool normed = h < nh + nkv; /* q or k; v is only stored */
-    float wa[kMaxPairsPerLane], wb[kMaxPairsPerLane];
-    if (normed) {
-        const float *w = h < nh ? q_norm : k_norm;
-#pragma unroll
-        for (int j = 0; j < kMaxPairsPerLane; j++) {
-            const int i = lane + 32 * j;
-            wa[j] = i < half ? w[i] : 0.0f;
-            wb[j] = i < half ? w[i + half] : 0.0f;
-        }
-    }
+    PairHead<HD> w;
+    if (normed) w.load(h < nh ? q_norm : k_norm, lane);
     pdl_wait();
     if (h >= heads) return;
-    float *x = qkv + ((size_t)m * heads + h) * hd;
+    float *x = qkv + ((size_t)m * heads + h) * HD;
     const size_t slot = (size_t)slots[m];
     if (!normed) {
-        __nv_bfloat16 *v = vc + (slot * nkv + (h - nh - nkv)) * hd;
-        for (int i = lane; i < hd; i += 32) v[i] = __float2bfloat16_rn(x[i]);
+        __nv_bfloat16 *v = vc + (slot * nkv + (h - nh - nkv)) * HD;
+        for (int i = lane; i < HD; i += 32) v[i] = __float2bfloat16_rn(x[i]);
         return;
     }
-    const float *c = cs + (size_t)m * hd;
-    float xa[kMaxPairsPerLane], xb[kMaxPairsPerLane], co[kMaxPairsPerLane], si[kMaxPairsPerLane];
+    PairHead<HD> xh, c; /* c: the token's cos (a) and sin (b), cs being [cos | sin] */
+    xh.load(x, lane);
+    c.load(cs + (size_t)m * HD, lane);
+    qk_norm_rope(xh.a, xh.b, w.a, w.b, c.a, c.b, HD, eps);
+    xh.store(x, lane);
+    if (h >= nh) {
+        __nv_bfloat16 *k = kc + (slot * nkv + (h - nh)) * HD;
 #pragma unroll
-    for (int j = 0; j < kMaxPairsPerLane; j++) {
-        const int i = lane + 32 * j;
-        const bool in = i < half;
-        xa[j] = in ? x[i] : 0.0f, xb[j] = in ? x[i + half] : 0.0f;
-        co[j] = in ? c[i] : 0.0f, si[j] = in ? c[half + i] : 0.0f;
-    }
-    qk_norm_rope(xa, xb, wa, wb, co, si, hd, eps);
-    __nv_bfloat16 *k = h >= nh ? kc + (slot * nkv + (h - nh)) * hd : nullptr;
-#pragma unroll
-    for (int j = 0; j < kMaxPairsPerLane; j++) {
-        const int i = lane + 32 * j;
-        if (i >= half) break;
-        x[i] = xa[j];
-        x[i + half] = xb[j];
-        if (k) {
-            k[i] = __float2bfloat16_rn(xa[j]);
-            k[i + half] = __float2bfloat16_rn(xb[j]);
+        for (int j = 0; j < PairHead<HD>::P; j++) {
+            const int i = lane + 32 * j;
+            k[i] = __float2bfloat16_rn(xh.a[j]);
+            k[i + HD / 2] = __float2bfloat16_rn(xh.b[j]);
         }
     }
 }
@@ -213,8 +195,13 @@ cudaError_t cu_qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_no
                                   const float *cs, int M, int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc,
                                   __nv_bfloat16 *vc, const int32_t *slots) {
     if (M <= 0) return cudaSuccess;
-    if (hd % 64 || hd > 64 * kMaxPairsPerLane) return cudaErrorInvalidValue; /* the kernel's lanes */
+    auto kernel = hd == 64    ? qk_norm_rope_store_kernel<64>
+                  : hd == 128 ? qk_norm_rope_store_kernel<128>
+                  : hd == 192 ? qk_norm_rope_store_kernel<192>
+                  : hd == 256 ? qk_norm_rope_store_kernel<256>
+                              : nullptr;
+    if (!kernel) return cudaErrorInvalidValue; /* the head sizes the attention kernels take */
     int heads = nh + 2 * nkv, warps = heads < 8 ? heads : 8;
-    return cu_launch(st, dim3(M, (heads + warps - 1) / warps), dim3(32 * warps), 0, qk_norm_rope_store_kernel, qkv, q_norm, k_norm, cs, nh, nkv,
-                     hd, eps, kc, vc, slots);
+    return cu_launch(st, dim3(M, (heads + warps - 1) / warps), dim3(32 * warps), 0, kernel, qkv, q_norm, k_norm, cs,
+                     nh, nkv, eps, kc, vc, slots);
 }
