@@ -493,10 +493,11 @@ CU_DEV void wgmma_wait() {
 /* Keeps the compiler from moving other instructions' uses of r across this point (the
  * accumulators belong to the tensor cores while a wgmma is in flight). */
 CU_DEV void fence_operand(float &r) { asm volatile("" : "+f"(r)::"memory"); }
-/* Shared-memory writes of the generic proxy (cp.async) made visible to wgmma's reads. */
+/* An mbarrier at shared address bar expecting `count` arrivals per phase. */
 CU_DEV void mbar_init(uint32_t bar, int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
 }
+/* Makes this thread's mbarrier initializations visible to the TMA engine's arrivals. */
 CU_DEV void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
 /* This thread's arrival on bar, announcing `bytes` of TMA copies that will complete on it. */
 CU_DEV void mbar_arrive_tx(uint32_t bar, uint32_t bytes) {
