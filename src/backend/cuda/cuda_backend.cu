@@ -451,8 +451,8 @@ Linear *cu_linear_load(Backend *be, const LinearSource *parts, int n_parts, QErr
                 rc = upload(c, static_cast<uint8_t *>(l->w[mi]) + (size_t)(r * k / 2), s->qweight->data,
                             (size_t)(s->n * k / 2), s->name, err);
                 if (!rc) release_pages(s->qweight, s->qweight->data, (size_t)(s->n * k / 2));
-                if (!rc) rc = upload_sz(c, static_cast<uint32_t *>(l->sz[mi]) + (size_t)r * (size_t)cu_sz_ld((int)k, s->group_size), s,
-                                     err);
+                const size_t sz_row = (size_t)r * (size_t)cu_sz_ld((int)k, s->group_size);
+                if (!rc) rc = upload_sz(c, static_cast<uint32_t *>(l->sz[mi]) + sz_row, s, err);
             } else {
                 rc = upload_dense(c, static_cast<uint16_t *>(l->w[mi]) + (size_t)(r * k_pad), s->dense, s->n, k, k_pad,
                                   s->name, err);
