@@ -44,8 +44,8 @@ typedef struct KVShape {
  * tokens of sequence s are rows q_start[s] .. q_start[s+1]-1, and are the last tokens of a
  * context of ctx_len[s] tokens (the earlier ones in the cache, the step's own stored there by the
  * attention op). Query at flat row t of seq s has position ctx_len[s] - (q_start[s+1] - t) and
- * attends causally to positions 0..itself. block_tables[s * max_blocks + j] is the pool block holding positions
- * j*block_size .. (j+1)*block_size-1 of sequence s. */
+ * attends causally to positions 0..itself. block_tables[s * max_blocks + j] is the pool block
+ * holding positions j*block_size .. (j+1)*block_size-1 of sequence s. */
 typedef struct AttnMeta {
     int n_seqs;
     int n_tokens;
