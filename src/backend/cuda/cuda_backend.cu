@@ -4,13 +4,14 @@
  *
  * Trade-offs:
  *  - Weights: bf16 stays bf16 (rows padded to a multiple of 8 so 16-byte loads stay aligned);
- *    int4 keeps the checkpoint's codes as they are (they already suit 16-byte loads) with scale
- *    and zero packed into one word per group, so an int4 model costs its file size on the GPU.
+ *    int4 keeps the checkpoint's codes, each 16 bytes reordered in place for the tensor cores
+ *    (fragment order, cuda_common.cuh), with scale and zero packed into one word per group, so an
+ *    int4 model costs its file size on the GPU.
  *    Stacked parts (q|k|v, gate|up) become one matrix and one launch.
  *  - Decode at M = 1 (and int4 up to 3 tokens) uses our GEMV kernels (cuda_gemv.cu), built to
  *    stream weights from HBM once. Larger M converts x to bf16: int4 parts up to kGemmQ4MaxM
  *    rows (batched decode, chunked prefill) go to our tensor-core int4 GEMM (cuda_gemm_q4.cu),
- *    which reads the codes as they are (0.5 byte per weight); bf16 parts, and int4 parts at larger M, call cuBLAS, int4
+ *    which reads the codes (0.5 byte per weight); bf16 parts, and int4 parts at larger M, call cuBLAS, int4
  *    weights first dequantized to a bf16 scratch one matrix at a time (~4.5 bytes per weight,
  *    which cuBLAS's higher bf16 rate outweighs at large M). See kGemmQ4MaxM for the measurements.
  *  - The embedding table stays in host memory unless the model asks for it resident (a server):
@@ -463,7 +464,17 @@ Linear *cu_linear_load(Backend *be, const LinearSource *parts, int n_parts, QErr
             }
             r += s->n;
         }
-        if (m->group) cu_gemm_q4_describe(m);
+        if (m->group) {
+            /* the codes into the order the kernels read (cuda_common.cuh, fragment order) */
+            cudaError_t rc = cu_q4_to_fragment_order(c->st, l->w[mi], (int)rows, (int)k);
+            if (rc == cudaSuccess) rc = cudaStreamSynchronize(c->st);
+            if (rc != cudaSuccess) {
+                set_err(err, "%s: reordering int4 codes: %s", p0->name, cudaGetErrorString(rc));
+                cu_linear_free(be, l);
+                return NULL;
+            }
+            cu_gemm_q4_describe(m);
+        }
         n0 += rows;
     }
     return l;

@@ -14,18 +14,16 @@
  * row-major layout, and the 8-column B operand is 8 tokens of x. Each output tile is thus
  * features x tokens; it is written to y transposed, through shared memory.
  *
- * Order of k inside an mma. The A fragment of a thread holds two adjacent k columns per register,
- * and one byte of codes holds two adjacent columns (low nibble first), so a thread takes one
- * 32-bit word of codes (8 columns, 8t .. 8t + 7 of a 32-column chunk for lane t = lane % 4) and
- * feeds its 4 byte-pairs to two mma k-steps. That permutes k inside each chunk (step s's logical
- * columns 2t, 2t+1, 2t+8, 2t+9 are physical columns 8t + 4s + 0, 1, 2, 3), which is harmless as
- * long as B follows it: the B registers are then x[token][8t .. 8t + 7] of the same chunk, one
- * 16-byte shared-memory load per 8 tokens and 32 columns.
+ * Codes. The GPU holds them in fragment order (cuda_common.cuh): word t of a row's 32-column chunk
+ * is exactly what lane t (= lane % 4) of an A fragment needs for the chunk's two k-steps, columns
+ * 2t + 8j and 2t + 8j + 1 in register j (j = 0 .. 3: k-step j / 2, low or high 8 columns), so a
+ * lane loads one word per row and chunk and the products run in true k order. The B registers
+ * (x[token][the same column pairs]) come from one ldmatrix per 8 tokens and 32 columns.
  *
- * Dequantization, per byte-pair: a byte permute puts the two nibbles q under the bf16 exponent of
- * 128 (bits 0x4300 | q, the value 128 + q); one bf16x2 FMA subtracts 136 (exact: q - 8) and a
- * second applies scale and zero, (q - 8) * s + z rounded once to bf16, the value the dequant +
- * cuBLAS path computes.
+ * Dequantization, per register: one shift and one mask-and-or put the nibbles q of a column pair
+ * under the bf16 exponent of 128 (bits 0x4300 | q in each half, the value 128 + q); one bf16x2 FMA
+ * subtracts 136 (exact: q - 8) and a second applies scale and zero, (q - 8) * s + z rounded once to
+ * bf16, the value the dequant + cuBLAS path computes. 15 instructions per 8 weights.
  *
  * Tiles. A block (8 warps) owns 128 features x BT tokens (BT = 16, 32 or 128, chosen by M);
  * its warps are laid out as features x tokens x two halves of every k-stage, the halves summed at
@@ -133,9 +131,9 @@ CU_DEV int code_slot(int r, int c) {
     return c ^ ((r / (8 / CH)) % CH);
 }
 
-/* Slot of 16-byte unit u of token row tk in a stage of x: odd rows move by 64 bytes, so the two
- * tokens of a fragment load phase use different banks. */
-CU_DEV int x_slot(int tk, int u) { return u ^ ((tk & 1) << 2); }
+/* Slot of 16-byte unit u of token row tk in a stage of x: XORed with the token's low 3 bits, so
+ * the 8 token rows that an ldmatrix phase reads (same unit) land in distinct banks. */
+CU_DEV int x_slot(int tk, int u) { return u ^ (tk & 7); }
 
 /* d = a * b + c on bf16 pairs, rounded once. */
 CU_DEV uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
@@ -144,16 +142,30 @@ CU_DEV uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
     return d;
 }
 
-/* The 4 byte-pairs of a word of codes (columns 2p, 2p + 1 in pair p, low half first) as bf16
- * (q - 8) * scale + zero; sc, ze hold scale and zero in both halves. */
+/* (a & b) | c in one instruction. */
+CU_DEV uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+/* The 4 A registers of a word of codes in fragment order (register j: nibbles j and j + 4, a
+ * column pair) as bf16 (q - 8) * scale + zero; sc, ze hold scale and zero in both halves. */
 CU_DEV void dequant_word(uint32_t w, uint32_t sc, uint32_t ze, uint32_t (&out)[4]) {
-    const uint32_t lo = w & 0x0f0f0f0fu, hi = (w >> 4) & 0x0f0f0f0fu; /* even, odd columns */
-    const uint32_t p01 = __byte_perm(lo, hi, 0x5140), p23 = __byte_perm(lo, hi, 0x7362);
-    const uint32_t e[4] = {__byte_perm(p01, 0x43u, 0x4140), __byte_perm(p01, 0x43u, 0x4342),
-                           __byte_perm(p23, 0x43u, 0x4140), __byte_perm(p23, 0x43u, 0x4342)}; /* 128 + q */
     const uint32_t one = 0x3f803f80u, minus136 = 0xc308c308u;
 #pragma unroll
-    for (int p = 0; p < 4; p++) out[p] = fma_bf16x2(fma_bf16x2(e[p], one, minus136), sc, ze);
+    for (int j = 0; j < 4; j++) {
+        const uint32_t e = and_or(w >> (4 * j), 0x000f000fu, 0x43004300u); /* 128 + q in each half */
+        out[j] = fma_bf16x2(fma_bf16x2(e, one, minus136), sc, ze);
+    }
+}
+
+/* Four 8 x 8 bf16 matrices from shared memory, lanes 8i .. 8i + 7 giving the row addresses of
+ * matrix i; r[i] is this lane's fragment of matrix i (row lane / 4, columns 2 (lane % 4) ..). */
+CU_DEV void ldmatrix_x4(uint32_t (&r)[4], const void *row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((uint32_t)__cvta_generic_to_shared(row)));
 }
 
 /* Requests the codes and scale words of stage kt (columns kt * kK ..) of rows f0 .. f0 + 127. */
@@ -203,6 +215,7 @@ CU_DEV void mma_stage(const uint4 *codes, const uint4 *xs, const uint32_t *scale
     constexpr int SZS = Stage<BT, GS>::kScaleStride;
     constexpr int kReload = (1 << GS) < T::kWarpChunks ? 1 << GS : T::kWarpChunks; /* chunks per scale */
     constexpr int kUnits = T::kK / 8;
+    const int lane = threadIdx.x & 31;
     const uint32_t *words = reinterpret_cast<const uint32_t *>(codes);
     uint32_t sc[T::kMT][2], ze[T::kMT][2];
 #pragma unroll
@@ -218,12 +231,11 @@ CU_DEV void mma_stage(const uint4 *codes, const uint4 *xs, const uint32_t *scale
                     ze[i][h] = __byte_perm(s, 0, 0x3232);
                 }
         }
-        uint32_t b[T::kNT][4];
+        uint32_t b[T::kNT][4]; /* per 8 tokens: x at the A registers' column pairs (unit 4c + i, word t) */
 #pragma unroll
         for (int j = 0; j < T::kNT; j++) {
-            const int tk = wt * T::kWarpT + 8 * j + g;
-            const uint4 v = xs[tk * kUnits + x_slot(tk, 4 * c + t)];
-            b[j][0] = v.x, b[j][1] = v.y, b[j][2] = v.z, b[j][3] = v.w;
+            const int tk = wt * T::kWarpT + 8 * j + (lane & 7);
+            ldmatrix_x4(b[j], xs + tk * kUnits + x_slot(tk, 4 * c + (lane >> 3)));
         }
 #pragma unroll
         for (int i = 0; i < T::kMT; i++) {
@@ -423,11 +435,9 @@ __global__ void __launch_bounds__(kThreads, Tile<BT>::kMinBlocks) gemm_q4(GemmAr
  * swizzle: per 64 columns of k ("atom"), token rows of 128 bytes, 16-byte unit u of row r at
  * u ^ (r % 8), 8-row groups 1024 bytes apart.
  *
- * B comes from shared memory in the hardware's k order, so A must hold true k order too: for the
- * two k-steps of a 32-column chunk, lane t's A registers of a row need the column pairs of bytes
- * t, t + 4, t + 8 and t + 12 of that row's 16 bytes of codes, i.e. byte t of each of its 4 words.
- * The lane loads the 16 bytes and gathers those bytes into one word (three byte permutes), which
- * then dequantizes as in the mma.sync kernel.
+ * B comes from shared memory in the hardware's k order, so A must hold true k order too, which is
+ * what the codes' fragment order gives: lane t loads word t of a row's chunk and dequantizes it
+ * as the mma.sync kernel does.
  *
  * Loads. One thread asks the TMA engine for each stage: the codes of the block's 128 rows (64
  * bytes each, stored with the 64-byte swizzle, which is code_slot's layout), their scale words
@@ -638,7 +648,6 @@ __global__ void __launch_bounds__(kThreads, WgTile<BT, GS>::kMinBlocks)
     pdl_trigger();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int wg = warp >> 2, wq = warp & 3;
-    const uint32_t sel = (uint32_t)t | (uint32_t)(t + 4) << 4; /* byte t of two words, in the low half */
     const int f0 = blockIdx.z * kFeatures, t0 = blockIdx.y * BT;
     const int splits = gridDim.x, split = blockIdx.x;
     const int k_tiles = (a.k + kWgK - 1) / kWgK;
@@ -693,8 +702,8 @@ __global__ void __launch_bounds__(kThreads, WgTile<BT, GS>::kMinBlocks)
         mbar_wait(w_bar(sw), (uint32_t)(it / T::kWSlots) & 1);
         mbar_wait(x_bar(sx), (uint32_t)(it / T::kXSlots) & 1);
         __syncwarp(); /* the wgmmas below need the whole warp, which the waits may have split */
-        const uint4 *chunks = reinterpret_cast<const uint4 *>(base + T::kXSlots * T::kX + sw * T::kW);
-        const uint32_t *scales = reinterpret_cast<const uint32_t *>(chunks + kFeatures * kWgChunks);
+        const uint32_t *words = reinterpret_cast<const uint32_t *>(base + T::kXSlots * T::kX + sw * T::kW);
+        const uint32_t *scales = words + kFeatures * kWgChunks * 4;
         const uint32_t xa = xs + (uint32_t)(sx * T::kX);
         const int g0 = ((kt0 + it) * kWgChunks >> GS) & 3; /* the stage's first group in its scale box */
         uint32_t sc[2], ze[2];
@@ -716,9 +725,7 @@ __global__ void __launch_bounds__(kThreads, WgTile<BT, GS>::kMinBlocks)
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
                     const int r = r_lo + 8 * h;
-                    const uint4 v = chunks[r * kWgChunks + code_slot<kWgChunks>(r, c)];
-                    const uint32_t w = __byte_perm(__byte_perm(v.x, v.y, sel), __byte_perm(v.z, v.w, sel), 0x5410);
-                    dequant_word(w, sc[h], ze[h], q[h]);
+                    dequant_word(words[(r * kWgChunks + code_slot<kWgChunks>(r, c)) * 4 + t], sc[h], ze[h], q[h]);
                 }
 #pragma unroll
                 for (int ks = 0; ks < 2; ks++) {

@@ -17,8 +17,9 @@
  * (loads in flight hide HBM latency). Weights bypass L1: they are used once. The kRows rows of a
  * warp share each x value it loads.
  *
- * int4 codes keep the checkpoint's nibble order (byte j of a row = columns 2j, 2j+1), which is
- * already what a 16-byte load wants; only scale and zero are packed into one word per group.
+ * int4 codes are in fragment order (cuda_common.cuh: the tensor-core kernels' order, set at load):
+ * a 16-byte load still gets one row's 32 columns, in an order the GEMV's x follows; scale and zero
+ * are packed into one word per group.
  *
  * Before pdl_wait() a kernel only requests weights, so with programmatic dependent launch the
  * weight stream of one matmul starts while the previous kernels are still finishing. */
@@ -38,22 +39,6 @@ CU_DEV uint4 ld_weights(const uint4 *p) {
 }
 
 CU_DEV uint32_t word_of(const uint4 &v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
-
-/* The 8 values q - 8 of one word of codes, in column order (low nibble of byte j = column 2j),
- * without integer-to-float conversion: a byte permute drops a nibble q into the mantissa of 2^23
- * (giving 2^23 + q), and one float subtract of 2^23 + 8 leaves exactly q - 8. */
-CU_DEV void q4_word(uint32_t w, float (&f)[8]) {
-    const uint32_t lo = w & 0x0f0f0f0fu, hi = (w >> 4) & 0x0f0f0f0fu;
-    const float off = 8388616.0f; /* 2^23 + 8 */
-    f[0] = __uint_as_float(__byte_perm(lo, 0x4b000000u, 0x7540)) - off;
-    f[1] = __uint_as_float(__byte_perm(hi, 0x4b000000u, 0x7540)) - off;
-    f[2] = __uint_as_float(__byte_perm(lo, 0x4b000000u, 0x7541)) - off;
-    f[3] = __uint_as_float(__byte_perm(hi, 0x4b000000u, 0x7541)) - off;
-    f[4] = __uint_as_float(__byte_perm(lo, 0x4b000000u, 0x7542)) - off;
-    f[5] = __uint_as_float(__byte_perm(hi, 0x4b000000u, 0x7542)) - off;
-    f[6] = __uint_as_float(__byte_perm(lo, 0x4b000000u, 0x7543)) - off;
-    f[7] = __uint_as_float(__byte_perm(hi, 0x4b000000u, 0x7543)) - off;
-}
 
 /* Rows [begin, end) of this warp, an even share of n over all warps of the grid. */
 CU_DEV void warp_rows(int n, int *begin, int *end) {
@@ -288,11 +273,13 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16(const uint4 *__restrict__ 
 constexpr int kQBatch = 4; /* x loads issued together while quantizing (12 was slower on the H100) */
 constexpr int kQSlot = kRows * 32 * (16 + 4); /* one item: 16-byte chunks, then 4-byte scale words */
 
-/* x' quantized per 32-column chunk c. The h bytes of a chunk are 8 words: word 2i holds columns
- * 8i + 0, 2, 4, 6 and word 2i + 1 columns 8i + 1, 3, 5, 7 (int8 each: the nibble order of the
- * codes); plane 0 holds words 0-3 of every chunk, plane 1 words 4-7, planes 2 and 3 the l bytes
- * likewise. Plane-major, so the 32 lanes of a warp reading chunks c .. c + 31 of one plane read
- * 512 contiguous bytes (no bank conflicts). */
+/* x' quantized per 32-column chunk c. The h bytes of a chunk are 8 words, in the order of the
+ * codes' nibbles (fragment order, q4_column): word 2t holds the columns of nibbles 0, 2, 4, 6 of
+ * code word t (2t, 2t + 16, 2t + 1, 2t + 17: the bytes of `codes & 0x0f0f0f0f`) and word 2t + 1
+ * those of nibbles 1, 3, 5, 7 (2t + 8, 2t + 24, 2t + 9, 2t + 25), int8 each; plane 0 holds words
+ * 0-3 of every chunk, plane 1 words 4-7, planes 2 and 3 the l bytes likewise. Plane-major, so the
+ * 32 lanes of a warp reading chunks c .. c + 31 of one plane read 512 contiguous bytes (no bank
+ * conflicts). */
 struct XQuant {
     uint32_t *words; /* [4][chunks][4] */
     struct XParam *param;
@@ -364,8 +351,11 @@ CU_DEV void issue_item(const WeightStream &s, int lane, char *slot) {
 }
 
 /* All threads of the block: x' (q.chunks * 32 values; load(col) returns x'[col .. col + 3]) into
- * q. Eight threads per chunk, four columns each; each thread's next kQBatch loads are issued before
- * any is used. No barrier at the end. */
+ * q. Eight threads per chunk, thread j loading columns 4j .. 4j + 3 (column pairs 2j, 2j + 1); each
+ * thread's next kQBatch loads are issued before any is used. A word needs pairs p and p + 8, which
+ * threads j and j ^ 4 hold: thread j < 4 makes the word of p = 2j (its first pair and its
+ * partner's), thread j + 4 the word of p = 2j + 1 (its partner's second pair and its own), so one
+ * exchange per word suffices. No barrier at the end. */
 template <class Load>
 CU_DEV void quantize_x(Load load, const XQuant &q) {
     const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer in the low bits */
@@ -388,25 +378,25 @@ CU_DEV void quantize_x(Load load, const XQuant &q) {
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
             const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
             const float vals[4] = {v.x, v.y, v.z, v.w};
-            uint32_t tb[4], lb[4];
+            uint32_t hw = 0, lw = 0; /* this thread's 4 columns as bytes, h and l */
             int sh = 0, sl = 0;
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const float t = fmaf(vals[i], inv, magic), h = t - magic;
                 const float lf = fminf(fmaxf(fmaf(vals[i], inv, -h) * 256.0f, -127.0f), 127.0f);
-                tb[i] = __float_as_uint(t);
-                lb[i] = __float_as_uint(lf + magic);
-                sh += (int)(tb[i] << 24) >> 24; /* the low byte is the integer, two's complement */
-                sl += (int)(lb[i] << 24) >> 24;
+                /* the low byte is the integer, two's complement */
+                const uint32_t hb = __float_as_uint(t) & 0xffu, lb = __float_as_uint(lf + magic) & 0xffu;
+                hw |= hb << (8 * i);
+                lw |= lb << (8 * i);
+                sh += (int)(hb << 24) >> 24;
+                sl += (int)(lb << 24) >> 24;
             }
-            /* even columns (values 0, 2) and odd ones (1, 3) as byte pairs; partners j, j ^ 1 make words */
-            const uint32_t he = __byte_perm(tb[0], tb[2], 0x0040) & 0xffffu;
-            const uint32_t ho = __byte_perm(tb[1], tb[3], 0x0040) & 0xffffu;
-            const uint32_t le = __byte_perm(lb[0], lb[2], 0x0040) & 0xffffu;
-            const uint32_t lo = __byte_perm(lb[1], lb[3], 0x0040) & 0xffffu;
-            const bool odd = j & 1;
-            const uint32_t rh = __shfl_xor_sync(0xffffffffu, odd ? he : ho, 1);
-            const uint32_t rl = __shfl_xor_sync(0xffffffffu, odd ? le : lo, 1);
+            /* the word of pair p (p < 8: word 2p below 4, else 2 (p - 4) + 1) has bytes (p even column,
+             * p + 8 even, p odd, p + 8 odd) */
+            const bool up = j & 4;
+            const int p = up ? 2 * j - 7 : 2 * j, w = p < 4 ? 2 * p : 2 * (p - 4) + 1;
+            const uint32_t sel = up ? 0x3726u : 0x5140u; /* bytes of (own, partner) */
+            const uint32_t hp = __shfl_xor_sync(0xffffffffu, hw, 4), lp = __shfl_xor_sync(0xffffffffu, lw, 4);
             float xsum = (v.x + v.y) + (v.z + v.w);
 #pragma unroll
             for (int o = 1; o < 8; o <<= 1) {
@@ -415,9 +405,8 @@ CU_DEV void quantize_x(Load load, const XQuant &q) {
                 xsum += __shfl_xor_sync(0xffffffffu, xsum, o);
             }
             if (task < tasks) {
-                const int w = 2 * (j >> 1) + (odd ? 1 : 0); /* word 0..7 of the h (and of the l) bytes */
-                q.words[((size_t)(w >> 2) * q.chunks + c) * 4 + (w & 3)] = odd ? rh | ho << 16 : he | rh << 16;
-                q.words[((size_t)(2 + (w >> 2)) * q.chunks + c) * 4 + (w & 3)] = odd ? rl | lo << 16 : le | rl << 16;
+                q.words[((size_t)(w >> 2) * q.chunks + c) * 4 + (w & 3)] = __byte_perm(hw, hp, sel);
+                q.words[((size_t)(2 + (w >> 2)) * q.chunks + c) * 4 + (w & 3)] = __byte_perm(lw, lp, sel);
                 if (j == 0) q.param[c] = XParam{amax * (1.0f / 127.0f), 8 * sh, 8 * sl, xsum};
             }
         }
@@ -680,28 +669,53 @@ __global__ void to_bf16_kernel(const float *x, __nv_bfloat16 *out, size_t n) {
         out[i] = __float2bfloat16_rn(x[i]);
 }
 
-/* One thread per word of 8 codes: writes 8 bf16 (16 bytes). */
-__global__ void dequant_q4_kernel(const uint32_t *codes, const uint32_t *sz, int k, int gshift, int r0, int rows,
+/* One thread per 8 columns (16 bytes of bf16 out, in column order), each (q - 8) * scale + zero
+ * rounded once: columns 8u + 2i, 8u + 2i + 1 of a chunk (i = 0 .. 3) are nibbles u and u + 4 of
+ * its word i (fragment order), so the 4 threads of a chunk each read the chunk's 16 bytes. A byte
+ * permute drops a nibble q into the mantissa of 2^23 and one float subtract of 2^23 + 8 leaves
+ * exactly q - 8 (no integer-to-float conversion). */
+__global__ void dequant_q4_kernel(const uint4 *codes, const uint32_t *sz, int k, int gshift, int r0, int rows,
                                   uint4 *out) {
     pdl_trigger();
     pdl_wait();
-    const int words = k >> 3, sz_ld = cu_sz_ld(k, 32 << gshift);
-    const size_t total = (size_t)rows * words;
+    const int units = k >> 3, sz_ld = cu_sz_ld(k, 32 << gshift);
+    const float off = 8388616.0f; /* 2^23 + 8 */
+    const size_t total = (size_t)rows * units;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t r = i / words;
-        const int j = (int)(i % words);
-        const uint32_t wv = codes[(r0 + r) * words + j];
-        const uint32_t s = sz[(r0 + r) * sz_ld + ((j * 8) >> (5 + gshift))];
+        const size_t r = i / units;
+        const int j = (int)(i % units), c = j >> 2, u = j & 3;
+        const uint4 v = codes[(r0 + r) * (units >> 2) + c];
+        const uint32_t s = sz[(r0 + r) * sz_ld + (c >> gshift)];
         const float sc = bf16_lo(s), ze = bf16_hi(s);
-        float f[8];
-        q4_word(wv, f);
         uint32_t packed[4];
 #pragma unroll
         for (int p = 0; p < 4; p++) {
-            __nv_bfloat162 h = __floats2bfloat162_rn(fmaf(f[2 * p], sc, ze), fmaf(f[2 * p + 1], sc, ze));
+            const uint32_t w = word_of(v, p) >> (4 * u);
+            const float lo = __uint_as_float(0x4b000000u | (w & 15u)) - off;
+            const float hi = __uint_as_float(0x4b000000u | (w >> 16 & 15u)) - off;
+            __nv_bfloat162 h = __floats2bfloat162_rn(fmaf(lo, sc, ze), fmaf(hi, sc, ze));
             packed[p] = *reinterpret_cast<uint32_t *>(&h);
         }
         out[i] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
+}
+
+/* One thread per 32-column chunk: the checkpoint's 16 bytes (byte b = columns 2b, 2b + 1) into
+ * fragment order (q4_column), in place. */
+__global__ void q4_to_fragment_order_kernel(uint4 *codes, size_t chunks) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < chunks; i += (size_t)gridDim.x * blockDim.x) {
+        const uint4 v = codes[i];
+        uint32_t out[4];
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+            out[t] = 0;
+#pragma unroll
+            for (int j = 0; j < 4; j++) { /* columns 2t + 8j and 2t + 8j + 1: byte t of word j */
+                const uint32_t b = (word_of(v, j) >> (8 * t)) & 0xffu;
+                out[t] |= (b & 15u) << (4 * j) | (b >> 4) << (16 + 4 * j);
+            }
+        }
+        codes[i] = make_uint4(out[0], out[1], out[2], out[3]);
     }
 }
 
@@ -751,7 +765,13 @@ cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size
 cudaError_t cu_dequant_q4(cudaStream_t st, const CuMat *w, int r0, int rows, __nv_bfloat16 *out) {
     if (rows <= 0) return cudaSuccess;
     size_t total = (size_t)rows * (w->k >> 3);
-    return cu_launch(st, dim3(grid_for(total, 256)), dim3(256), 0, dequant_q4_kernel,
-                     static_cast<const uint32_t *>(w->w), w->sz, w->k, cu_group_shift(w), r0, rows,
-                     reinterpret_cast<uint4 *>(out));
+    return cu_launch(st, dim3(grid_for(total, 256)), dim3(256), 0, dequant_q4_kernel, static_cast<const uint4 *>(w->w),
+                     w->sz, w->k, cu_group_shift(w), r0, rows, reinterpret_cast<uint4 *>(out));
+}
+
+cudaError_t cu_q4_to_fragment_order(cudaStream_t st, void *codes, int rows, int k) {
+    const size_t chunks = (size_t)rows * (size_t)(k >> 5);
+    if (!chunks) return cudaSuccess;
+    q4_to_fragment_order_kernel<<<grid_for(chunks, 256), 256, 0, st>>>(static_cast<uint4 *>(codes), chunks);
+    return cudaGetLastError();
 }
