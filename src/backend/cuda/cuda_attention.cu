@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, NewToken nt, __nv
                                                    const int32_t *tables, int max_blocks, int bs, int bs_shift,
                                                    int nh, int nkv, int splits, float *part, int *counters,
                                                    float scale) {
-    constexpr int VPL = HD / 32, TB = decode_batch<HD>(), P = PairHead<HD>::P;
+    constexpr int VPL = HD / 32, TB = decode_batch<HD>();
     __shared__ float relayout[4][HD]; /* per warp: a head from pair layout to lane * VPL layout */
     pdl_trigger();
     /* Before pdl_wait() only what no running kernel writes: the step's metadata (uploaded before
@@ -193,13 +193,9 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, NewToken nt, __nv
     const size_t pair = (size_t)s * nkv + kvh;
     const bool active = warp < G;
     const bool owns_new = active && p0 <= ctx - 1 && ctx - 1 < p1;
-    float qwa[P], qwb[P], kwa[P], kwb[P];
-#pragma unroll
-    for (int j = 0; j < P; j++) {
-        const int i = lane + 32 * j;
-        qwa[j] = nt.q_norm[i], qwb[j] = nt.q_norm[i + HD / 2];
-        kwa[j] = owns_new ? nt.k_norm[i] : 0.0f, kwb[j] = owns_new ? nt.k_norm[i + HD / 2] : 0.0f;
-    }
+    PairHead<HD> qw, kw; /* the norm weights; kw only where owns_new */
+    qw.load(nt.q_norm, lane);
+    if (owns_new) kw.load(nt.k_norm, lane);
 
     /* Batch at p: lane j < TB finds token p + j's cache row (one table load each, in parallel),
      * then all K/V rows are requested; tokens past the split re-read token p (masked later), and
@@ -232,18 +228,17 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, NewToken nt, __nv
     const size_t width = (size_t)(nh + 2 * nkv) * HD;
     const float *row = nt.qkv + (size_t)t * width;
     const float *c = nt.cs + (size_t)t * HD;
-    float co[P], si[P], vv[VPL];
-    PairHead<HD> qh, kh;
+    float vv[VPL];
+    PairHead<HD> rot, qh, kh; /* rot: cos (a) and sin (b) */
     if (active) {
-#pragma unroll
-        for (int j = 0; j < P; j++) co[j] = c[lane + 32 * j], si[j] = c[HD / 2 + lane + 32 * j];
+        rot.load(c, lane);
         qh.load(row + (size_t)(kvh * G + warp) * HD, lane);
     }
     if (owns_new) {
         kh.load(row + (size_t)(nh + kvh) * HD, lane);
 #pragma unroll
         for (int i = 0; i < VPL; i++) vv[i] = row[(size_t)(nh + nkv + kvh) * HD + lane * VPL + i];
-        qk_norm_rope(kh.a, kh.b, kwa, kwb, co, si, HD, nt.eps);
+        qk_norm_rope(kh.a, kh.b, kw.a, kw.b, rot.a, rot.b, HD, nt.eps);
         kh.store(relayout[warp], lane);
         __syncwarp();
 #pragma unroll
@@ -274,7 +269,7 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, NewToken nt, __nv
     for (int g = warp; g < G; g += 4) {
         const int h = kvh * G + g;
         if (g != warp) qh.load(row + (size_t)h * HD, lane);
-        qk_norm_rope(qh.a, qh.b, qwa, qwb, co, si, HD, nt.eps);
+        qk_norm_rope(qh.a, qh.b, qw.a, qw.b, rot.a, rot.b, HD, nt.eps);
         qh.store(relayout[warp], lane);
         __syncwarp();
         float q[VPL];
@@ -353,22 +348,22 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, NewToken nt, __nv
  * merged through shared memory, then written as the split's partial (combine_splits) or, unsplit,
  * as the output. */
 constexpr int kMmaHD = 128;
+
+/* One step of a two-stage cp.async ring over n tiles: requests tile i + 1 (load(i + 1), one
+ * commit group) if there is one, then waits until tile i has landed (this thread's copies). */
+template <class Load>
+CU_DEV void ring_step(int i, int n, Load load) {
+    if (i + 1 < n) {
+        load(i + 1);
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+}
 constexpr int kMmaTile = 16;                   /* tokens per tile */
 constexpr int kMmaRow = kMmaHD * 2;            /* bytes per cached row */
 constexpr int kMmaStage = 2 * kMmaTile * kMmaRow; /* K and V of one tile: 8 KB */
 constexpr size_t kMmaSmem = 4 * 2 * kMmaStage;  /* 4 warps x 2 stages: 64 KB */
-
-CU_DEV void ldmatrix_x4(uint32_t (&r)[4], const void *smem, bool trans) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
-    if (trans)
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(a));
-    else
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(a));
-}
 
 /* (a, b) as bf16 pairs hi + lo: hi rounds them, lo rounds what hi missed (~16 bits together). */
 CU_DEV void split_bf16(float a, float b, uint32_t *hi, uint32_t *lo) {
@@ -489,75 +484,54 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, 
     const int rel = ctx - 1 - p0, new_row = rel % kMmaTile, new_tile = rel / kMmaTile / 4;
     const bool has_new = ctx - 1 < p1 && rel >= 0 && warp == rel / kMmaTile % 4;
 
-    /* this thread's A-fragment column e of k-step kk (e = 0, 1: 2 t4 + e; 2, 3: 8 + 2 t4 + e - 2) */
+    /* this thread's A-fragment column e of k-step kk (e = 0, 1: 2 t4 + e; 2, 3: 8 + 2 t4 + e - 2);
+     * those of the first HD / 32 k-steps (F of them) pair with the same ones HD / 2 further */
     auto col = [&](int kk, int e) { return 16 * kk + 8 * (e >> 1) + 2 * t4 + (e & 1); };
-    float wq[HD / 16][4], kwa[P], kwb[P]; /* norm weights, before the wait */
+    constexpr int F = HD / 32 * 4;
+    float wa[F], wb[F]; /* q norm weights in that layout, before the wait */
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) wq[kk][e] = nt.q_norm[col(kk, e)];
-#pragma unroll
-    for (int j = 0; j < P; j++) {
-        kwa[j] = has_new ? nt.k_norm[lane + 32 * j] : 0.0f;
-        kwb[j] = has_new ? nt.k_norm[lane + 32 * j + HD / 2] : 0.0f;
-    }
+    for (int f = 0; f < F; f++) wa[f] = nt.q_norm[col(f / 4, f % 4)], wb[f] = nt.q_norm[HD / 2 + col(f / 4, f % 4)];
+    PairHead<HD> kw; /* k norm weights, only where has_new */
+    if (has_new) kw.load(nt.k_norm, lane);
     pdl_wait();
 
     /* Q as A fragments: rows g and g + 8 are heads kvh * G + row (zero past G), normalised and
-     * rotated here (the 4 lanes of a row hold its HD values, dims i and i + HD / 2 in the same
-     * thread), scaled, as bf16 hi + lo */
+     * rotated here (qk_norm_rope over the 4 lanes of a row), scaled, as bf16 hi + lo */
     const float *row0 = nt.qkv + (size_t)t * (nh + 2 * nkv) * HD;
     const float *cs = nt.cs + (size_t)t * HD;
     uint32_t qa[HD / 16][4], ql[HD / 16][4];
     {
-        float co[HD / 32][4], si[HD / 32][4], x[2][HD / 16][4];
+        float co[F], si[F], xa[2][F], xb[2][F];
 #pragma unroll
-        for (int kk = 0; kk < HD / 32; kk++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) co[kk][e] = cs[col(kk, e)], si[kk][e] = cs[HD / 2 + col(kk, e)];
+        for (int f = 0; f < F; f++) co[f] = cs[col(f / 4, f % 4)], si[f] = cs[HD / 2 + col(f / 4, f % 4)];
 #pragma unroll
         for (int h = 0; h < 2; h++) { /* h: row g (0) or g + 8 (1) */
             const int row = g + 8 * h;
             const float *q0 = row0 + (size_t)(kvh * G + row) * HD;
 #pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) x[h][kk][e] = row < G ? q0[col(kk, e)] : 0.0f;
+            for (int f = 0; f < F; f++) {
+                xa[h][f] = row < G ? q0[col(f / 4, f % 4)] : 0.0f;
+                xb[h][f] = row < G ? q0[HD / 2 + col(f / 4, f % 4)] : 0.0f;
+            }
         }
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            float ss = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) ss = fmaf(x[h][kk][e], x[h][kk][e], ss);
-            ss += __shfl_xor_sync(0xffffffffu, ss, 1);
-            ss += __shfl_xor_sync(0xffffffffu, ss, 2);
-            const float inv = 1.0f / sqrtf(ss / (float)HD + nt.eps);
-#pragma unroll
-            for (int kk = 0; kk < HD / 32; kk++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const float u = wq[kk][e] * (x[h][kk][e] * inv);
-                    const float v = wq[kk + HD / 32][e] * (x[h][kk + HD / 32][e] * inv);
-                    x[h][kk][e] = u * co[kk][e] - v * si[kk][e];
-                    x[h][kk + HD / 32][e] = v * co[kk][e] + u * si[kk][e];
-                }
+            qk_norm_rope<F, 4>(xa[h], xb[h], wa, wb, co, si, HD, nt.eps);
 #pragma unroll
             for (int kk = 0; kk < HD / 16; kk++) {
-                split_bf16(x[h][kk][0] * scale, x[h][kk][1] * scale, &qa[kk][h], &ql[kk][h]);
-                split_bf16(x[h][kk][2] * scale, x[h][kk][3] * scale, &qa[kk][2 + h], &ql[kk][2 + h]);
+                const float *x = kk < HD / 32 ? xa[h] + 4 * kk : xb[h] + 4 * (kk - HD / 32);
+                split_bf16(x[0] * scale, x[1] * scale, &qa[kk][h], &ql[kk][h]);
+                split_bf16(x[2] * scale, x[3] * scale, &qa[kk][2 + h], &ql[kk][2 + h]);
             }
         }
     }
     PairHead<HD> kh, vh; /* the new token's k (normalised, rotated) and v, if has_new */
     if (has_new) {
-        float co[P], si[P];
-#pragma unroll
-        for (int j = 0; j < P; j++) co[j] = cs[lane + 32 * j], si[j] = cs[HD / 2 + lane + 32 * j];
+        PairHead<HD> rot; /* cos (a) and sin (b) */
+        rot.load(cs, lane);
         kh.load(row0 + (size_t)(nh + kvh) * HD, lane);
         vh.load(row0 + (size_t)(nh + nkv + kvh) * HD, lane);
-        qk_norm_rope(kh.a, kh.b, kwa, kwb, co, si, HD, nt.eps);
+        qk_norm_rope(kh.a, kh.b, kw.a, kw.b, rot.a, rot.b, HD, nt.eps);
         const size_t off = ((size_t)nt.slots[t] * nkv + kvh) * HD;
 #pragma unroll
         for (int j = 0; j < P; j++) {
@@ -595,12 +569,7 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, 
     if (my_tiles > 0) load_tile(0, ring);
     for (int i = 0; i < my_tiles; i++) {
         char *cur = ring + (i & 1) * kMmaStage;
-        if (i + 1 < my_tiles) {
-            load_tile(i + 1, ring + ((i + 1) & 1) * kMmaStage);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        ring_step(i, my_tiles, [&](int next) { load_tile(next, ring + (next & 1) * kMmaStage); });
         __syncwarp();
         if (has_new && i == new_tile) { /* the new token's row, in place of the slot's old bytes */
 #pragma unroll
@@ -863,12 +832,7 @@ __global__ void __launch_bounds__(128) attn_prefill_mma(float *out, const float 
     load_tile(0, ring);
     for (int kt = 0; kt < n_kt; kt++) {
         const char *cur = ring + (kt & 1) * kPfStage;
-        if (kt + 1 < n_kt) {
-            load_tile(kt + 1, ring + ((kt + 1) & 1) * kPfStage);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        ring_step(kt, n_kt, [&](int next) { load_tile(next, ring + (next & 1) * kPfStage); });
         __syncthreads();
         const int p0 = kt * kPfKeys;
         if (warp_last >= p0) { /* else every score of the warp's rows is masked */

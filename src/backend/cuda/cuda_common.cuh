@@ -134,19 +134,21 @@ CU_DEV float warp_max(float v) {
     return v;
 }
 
-/* Per-head RMSNorm of a q or k head (weight w, eps) followed by rotate-half RoPE, in the lane
- * layout every qk-norm path shares: lane holds the pairs (i, i + hd / 2) for i = lane + 32 j, j < P
- * (a, b: the pair's values, in and out; entries past hd / 2 zero, which adds nothing to the sum);
- * wa, wb: w at i and i + hd / 2; co, si: cos and sin at i. The one definition of this rounding. */
-template <int P>
+/* Per-head RMSNorm of a q or k head (weight w, eps) followed by rotate-half RoPE. A head is spread
+ * over LANES adjacent lanes (32: a warp, lane holding i = lane + 32 j; 4: an mma fragment row),
+ * each lane holding P pairs (i, i + hd / 2): a, b the pair's values (in and out; unused entries
+ * zero, which adds nothing to the sum), wa, wb the weight at i and i + hd / 2, co, si cos and sin
+ * at i. The one definition of this rounding. */
+template <int P, int LANES = 32>
 CU_DEV void qk_norm_rope(float (&a)[P], float (&b)[P], const float (&wa)[P], const float (&wb)[P],
                          const float (&co)[P], const float (&si)[P], int hd, float eps) {
-    float ss = 0.0f; /* in column order, as one pass over i = lane, lane + 32, .. would sum */
+    float ss = 0.0f;
 #pragma unroll
     for (int j = 0; j < P; j++) ss = fmaf(a[j], a[j], ss);
 #pragma unroll
     for (int j = 0; j < P; j++) ss = fmaf(b[j], b[j], ss);
-    ss = warp_sum(ss);
+#pragma unroll
+    for (int o = LANES / 2; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     const float inv = 1.0f / sqrtf(ss / (float)hd + eps);
 #pragma unroll
     for (int j = 0; j < P; j++) {
@@ -171,6 +173,21 @@ struct PairHead {
         for (int j = 0; j < P; j++) h[lane + 32 * j] = a[j], h[lane + 32 * j + HD / 2] = b[j];
     }
 };
+
+/* Four 8 x 8 bf16 matrices from shared memory (ldmatrix, sm_75+): lanes 8i .. 8i + 7 give the row
+ * addresses (16 bytes each) of matrix i, and r[i] is this lane's fragment of it: row lane / 4,
+ * columns 2 (lane % 4) and the next (trans: of the transposed matrix). */
+CU_DEV void ldmatrix_x4(uint32_t (&r)[4], const void *smem, bool trans) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    if (trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+}
 
 /* Sum over a block of blockDim.x threads (a multiple of 32, at most 1024); every thread gets the
  * result. red must hold 32 floats; the call contains two __syncthreads(). */

@@ -100,10 +100,10 @@ struct Stage {
 
 struct GemmArgs {
     const uint4 *codes;  /* [n][k / 32] chunks of 32 columns */
-    const uint32_t *sz;  /* [n][sz_ld] scale | zero << 16 */
+    const uint32_t *sz;  /* [n][cu_sz_ld(k, group)] scale | zero << 16 */
     const uint4 *x;      /* bf16 [M][k], 8 columns per unit */
     float *y;            /* column n0 of row 0 */
-    int M, n, k, ldy, sz_ld;
+    int M, n, k, ldy;
     bool accumulate;     /* y += instead of y = */
     /* SwiGLU pairs (pair > 0): rows [0, pair) are gate and [pair, 2 pair) up; the block of
      * feature tile z multiplies gate rows 64 z .. 64 z + 63 and the same up rows, and writes
@@ -160,20 +160,12 @@ CU_DEV void dequant_word(uint32_t w, uint32_t sc, uint32_t ze, uint32_t (&out)[4
     }
 }
 
-/* Four 8 x 8 bf16 matrices from shared memory, lanes 8i .. 8i + 7 giving the row addresses of
- * matrix i; r[i] is this lane's fragment of matrix i (row lane / 4, columns 2 (lane % 4) ..). */
-CU_DEV void ldmatrix_x4(uint32_t (&r)[4], const void *row) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"((uint32_t)__cvta_generic_to_shared(row)));
-}
-
 /* Requests the codes and scale words of stage kt (columns kt * kK ..) of rows f0 .. f0 + 127. */
 template <int BT, int GS>
 CU_DEV void load_weights(const GemmArgs &a, int f0, int kt, uint4 *codes, uint32_t *scales) {
     using T = Tile<BT>;
     constexpr int SW = Stage<BT, GS>::kScaleWords, SZS = Stage<BT, GS>::kScaleStride;
-    const int row_chunks = a.k >> 5, groups = a.k >> (5 + GS);
+    const int row_chunks = a.k >> 5, groups = a.k >> (5 + GS), sz_ld = cu_sz_ld(a.k, 32 << GS);
 #pragma unroll
     for (int it = 0; it < kFeatures * T::kChunks / kThreads; it++) {
         const int i = it * kThreads + threadIdx.x, r = i / T::kChunks, c = i % T::kChunks;
@@ -189,7 +181,7 @@ CU_DEV void load_weights(const GemmArgs &a, int f0, int kt, uint4 *codes, uint32
         bool ok;
         const int row = weight_row(a, f0, r, ok);
         ok = ok && gi < groups;
-        cp_async4(scales + r * SZS + i % SW, ok ? a.sz + (size_t)row * a.sz_ld + gi : a.sz, ok);
+        cp_async4(scales + r * SZS + i % SW, ok ? a.sz + (size_t)row * sz_ld + gi : a.sz, ok);
     }
 }
 
@@ -235,7 +227,7 @@ CU_DEV void mma_stage(const uint4 *codes, const uint4 *xs, const uint32_t *scale
 #pragma unroll
         for (int j = 0; j < T::kNT; j++) {
             const int tk = wt * T::kWarpT + 8 * j + (lane & 7);
-            ldmatrix_x4(b[j], xs + tk * kUnits + x_slot(tk, 4 * c + (lane >> 3)));
+            ldmatrix_x4(b[j], xs + tk * kUnits + x_slot(tk, 4 * c + (lane >> 3)), false);
         }
 #pragma unroll
         for (int i = 0; i < T::kMT; i++) {
@@ -486,7 +478,7 @@ struct WgTile {
 };
 
 /* The TMA descriptors of one product: codes [n][k / 2] bytes in boxes of 64 bytes x kBoxRows rows
- * (64-byte swizzle), scale words [n][sz_ld] in boxes of 4 x kBoxRows, x [M][k] bf16 in boxes of
+ * (64-byte swizzle), scale words [n][cu_sz_ld] in boxes of 4 x kBoxRows, x [M][k] bf16 in boxes of
  * 64 columns x BT tokens (128-byte swizzle). Passed by value (__grid_constant__). */
 struct WgMaps {
     CUtensorMap codes, sz, x;
@@ -1055,7 +1047,7 @@ cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, 
     if (M <= 0 || w->n <= 0) return cudaSuccess;
     if (!w->group || w->k % 32) return cudaErrorInvalidValue;
     const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), y + w->n0, M,
-                        w->n, w->k, ldy, cu_sz_ld(w->k, w->group), accumulate, 0, nullptr};
+                        w->n, w->k, ldy, accumulate, 0, nullptr};
     return launch_gemm(st, w, a, sms, wgmma);
 }
 
@@ -1064,6 +1056,6 @@ cudaError_t cu_gemm_q4_swiglu(cudaStream_t st, const CuMat *w, const __nv_bfloat
     if (M <= 0 || w->n <= 0) return cudaSuccess;
     if (!w->group || w->k % 32 || w->n % 2 || w->n0) return cudaErrorInvalidValue;
     const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), nullptr, M,
-                        w->n, w->k, 0, cu_sz_ld(w->k, w->group), false, w->n / 2, h};
+                        w->n, w->k, 0, false, w->n / 2, h};
     return launch_gemm(st, w, a, sms, wgmma);
 }
