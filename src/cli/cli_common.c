@@ -184,6 +184,13 @@ int parse_bytes(const char *name, const char *s, size_t *out, QErr *err) {
     return 0;
 }
 
+int parse_generation_flag(int argc, char **argv, int *i, SamplingParams *sp, bool *sampling_set, RuntimeArgs *ra,
+                          QErr *err) {
+    int r = parse_sampling_flag(argc, argv, i, sp, err);
+    if (r > 0) *sampling_set = true;
+    return r ? r : parse_runtime_flag(argc, argv, i, ra, err);
+}
+
 int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err) {
     const char *f = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
     if (!strcmp(f, "--device")) {

@@ -60,6 +60,10 @@ int parse_bytes(const char *name, const char *s, size_t *out, QErr *err);
 /* If argv[*i] is --device or -t/--threads, consumes it and its value into a and returns 1;
  * returns 0 if it is not one; -1 with err on a missing or bad value. */
 int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err);
+/* For `run` and `chat`: a sampling flag (setting *sampling_set) or a runtime flag, as the two
+ * functions above (1 consumed, 0 neither, -1 with err). */
+int parse_generation_flag(int argc, char **argv, int *i, SamplingParams *sp, bool *sampling_set, RuntimeArgs *ra,
+                          QErr *err);
 /* The same for --random-weights PRESET and --dtype int4|bf16 (what those weights are). */
 int parse_random_weights_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err);
 /* 0 when exactly one of MODEL_DIR (dir) and --random-weights is given, else -1 with err. */

@@ -31,13 +31,8 @@ int cmd_chat(int argc, char **argv) {
     QErr err;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        int r = parse_sampling_flag(argc, argv, &i, &sp, &err);
+        const int r = parse_generation_flag(argc, argv, &i, &sp, &sampling_set, &ra, &err);
         if (r < 0) goto bad;
-        if (r > 0) {
-            sampling_set = true;
-            continue;
-        }
-        if ((r = parse_runtime_flag(argc, argv, &i, &ra, &err)) < 0) goto bad;
         if (r > 0) continue;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
