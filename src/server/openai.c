@@ -619,6 +619,15 @@ static void chunk(const OaiRequest *r, StrBuf *out, json_t *choice) {
     sse(out, root);
 }
 
+/* Emits ch (one choice) with its finish_reason and stop_reason, null until fin; notes a finish
+ * as sent. */
+static void send_choice(const OaiRequest *r, GenChoice *c, bool fin, json_t *ch, StrBuf *out) {
+    json_object_set_new(ch, "finish_reason", fin ? json_string(c->finish_reason) : json_null());
+    json_object_set_new(ch, "stop_reason", fin ? stop_reason(c) : json_null());
+    if (fin) c->sent_finish = true;
+    chunk(r, out, ch);
+}
+
 static void chat_chunks(const OaiRequest *r, Gen *g, GenChoice *c, StrBuf *out) {
     if (!c->sent_start) {
         c->sent_start = true;
@@ -657,10 +666,7 @@ static void chat_chunks(const OaiRequest *r, Gen *g, GenChoice *c, StrBuf *out) 
     } else {
         json_object_set_new(ch, "logprobs", json_null());
     }
-    json_object_set_new(ch, "finish_reason", fin ? json_string(c->finish_reason) : json_null());
-    json_object_set_new(ch, "stop_reason", fin ? stop_reason(c) : json_null());
-    if (fin) c->sent_finish = true;
-    chunk(r, out, ch);
+    send_choice(r, c, fin, ch, out);
 }
 
 static void completion_chunks(const OaiRequest *r, Gen *g, GenChoice *c, StrBuf *out) {
@@ -681,9 +687,7 @@ static void completion_chunks(const OaiRequest *r, Gen *g, GenChoice *c, StrBuf 
             } else {
                 json_object_set_new(ch, "logprobs", json_null());
             }
-            json_object_set_new(ch, "finish_reason", json_null());
-            json_object_set_new(ch, "stop_reason", json_null());
-            chunk(r, out, ch);
+            send_choice(r, c, false, ch, out);
         }
     }
     bool fin = c->done && !c->sent_finish;
@@ -700,10 +704,7 @@ static void completion_chunks(const OaiRequest *r, Gen *g, GenChoice *c, StrBuf 
     } else {
         json_object_set_new(ch, "logprobs", json_null());
     }
-    json_object_set_new(ch, "finish_reason", fin ? json_string(c->finish_reason) : json_null());
-    json_object_set_new(ch, "stop_reason", fin ? stop_reason(c) : json_null());
-    if (fin) c->sent_finish = true;
-    chunk(r, out, ch);
+    send_choice(r, c, fin, ch, out);
 }
 
 void oai_stream_chunks(const OaiRequest *r, Gen *g, StrBuf *out) {
