@@ -149,6 +149,13 @@ static void series(StrBuf *b, const Metrics *m, const char *name, const char *ex
     sb_puts(b, "} ");
 }
 
+/* One unlabelled sample with its HELP and TYPE lines (%.17g: counters print as exact integers). */
+static void scalar(StrBuf *b, const Metrics *m, const char *name, const char *type, const char *help, double v) {
+    header(b, name, type, help);
+    series(b, m, name, NULL, NULL);
+    sb_printf(b, "%.17g\n", v);
+}
+
 static void render_hist(StrBuf *b, const Metrics *m, const Histogram *h) {
     header(b, h->name, "histogram", h->help);
     StrBuf name = {0};
@@ -177,37 +184,22 @@ static void render_hist(StrBuf *b, const Metrics *m, const Histogram *h) {
 char *metrics_render(Metrics *m, const EngineStats *st) {
     StrBuf b = {0};
     pthread_mutex_lock(&m->mu);
-    header(&b, "quill:num_requests_running", "gauge", "Number of sequences in the running batch.");
-    series(&b, m, "quill:num_requests_running", NULL, NULL);
-    sb_printf(&b, "%d\n", st->running);
-    header(&b, "quill:num_requests_waiting", "gauge", "Number of sequences waiting to be scheduled.");
-    series(&b, m, "quill:num_requests_waiting", NULL, NULL);
-    sb_printf(&b, "%d\n", st->waiting);
-    header(&b, "quill:kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 means 100 percent).");
-    series(&b, m, "quill:kv_cache_usage_perc", NULL, NULL);
-    sb_printf(&b, "%.6g\n", st->kv_blocks_total ? (double)st->kv_blocks_used / st->kv_blocks_total : 0.0);
-    header(&b, "quill:kv_cache_blocks_used", "gauge", "KV-cache blocks in use.");
-    series(&b, m, "quill:kv_cache_blocks_used", NULL, NULL);
-    sb_printf(&b, "%d\n", st->kv_blocks_used);
-    header(&b, "quill:kv_cache_blocks_total", "gauge", "KV-cache blocks in the pool.");
-    series(&b, m, "quill:kv_cache_blocks_total", NULL, NULL);
-    sb_printf(&b, "%d\n", st->kv_blocks_total);
-    header(&b, "quill:num_preemptions_total", "counter", "Cumulative number of preemptions.");
-    series(&b, m, "quill:num_preemptions_total", NULL, NULL);
-    sb_printf(&b, "%llu\n", (unsigned long long)st->preemptions);
+    scalar(&b, m, "quill:num_requests_running", "gauge", "Number of sequences in the running batch.", st->running);
+    scalar(&b, m, "quill:num_requests_waiting", "gauge", "Number of sequences waiting to be scheduled.", st->waiting);
+    scalar(&b, m, "quill:kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 means 100 percent).",
+           st->kv_blocks_total ? (double)st->kv_blocks_used / st->kv_blocks_total : 0.0);
+    scalar(&b, m, "quill:kv_cache_blocks_used", "gauge", "KV-cache blocks in use.", st->kv_blocks_used);
+    scalar(&b, m, "quill:kv_cache_blocks_total", "gauge", "KV-cache blocks in the pool.", st->kv_blocks_total);
+    scalar(&b, m, "quill:num_preemptions_total", "counter", "Cumulative number of preemptions.", (double)st->preemptions);
     /* vLLM's names: hit rate = hits / queries over prompt tokens. */
-    header(&b, "quill:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.");
-    series(&b, m, "quill:prefix_cache_queries_total", NULL, NULL);
-    sb_printf(&b, "%llu\n", (unsigned long long)st->prefix_query_tokens);
-    header(&b, "quill:prefix_cache_hits_total", "counter", "Prompt tokens served from the prefix cache.");
-    series(&b, m, "quill:prefix_cache_hits_total", NULL, NULL);
-    sb_printf(&b, "%llu\n", (unsigned long long)st->prefix_hit_tokens);
-    header(&b, "quill:prefix_cache_hit_rate", "gauge", "Fraction of prompt tokens served from the prefix cache.");
-    series(&b, m, "quill:prefix_cache_hit_rate", NULL, NULL);
-    sb_printf(&b, "%.6g\n", st->prefix_query_tokens ? (double)st->prefix_hit_tokens / st->prefix_query_tokens : 0.0);
-    header(&b, "quill:num_http_requests_active", "gauge", "HTTP requests whose generation state is still held.");
-    series(&b, m, "quill:num_http_requests_active", NULL, NULL);
-    sb_printf(&b, "%d\n", m->active);
+    scalar(&b, m, "quill:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+           (double)st->prefix_query_tokens);
+    scalar(&b, m, "quill:prefix_cache_hits_total", "counter", "Prompt tokens served from the prefix cache.",
+           (double)st->prefix_hit_tokens);
+    scalar(&b, m, "quill:prefix_cache_hit_rate", "gauge", "Fraction of prompt tokens served from the prefix cache.",
+           st->prefix_query_tokens ? (double)st->prefix_hit_tokens / st->prefix_query_tokens : 0.0);
+    scalar(&b, m, "quill:num_http_requests_active", "gauge", "HTTP requests whose generation state is still held.",
+           m->active);
 
     header(&b, "quill:http_requests_total", "counter", "HTTP responses by status code.");
     for (int i = 0; i < m->n_codes; i++) {
@@ -221,12 +213,9 @@ char *metrics_render(Metrics *m, const EngineStats *st) {
         series(&b, m, "quill:request_success_total", "finished_reason", REASONS[i]);
         sb_printf(&b, "%llu\n", (unsigned long long)m->finished[i]);
     }
-    header(&b, "quill:prompt_tokens_total", "counter", "Prompt tokens of finished requests.");
-    series(&b, m, "quill:prompt_tokens_total", NULL, NULL);
-    sb_printf(&b, "%llu\n", (unsigned long long)m->prompt_tokens);
-    header(&b, "quill:generation_tokens_total", "counter", "Generated tokens of finished requests.");
-    series(&b, m, "quill:generation_tokens_total", NULL, NULL);
-    sb_printf(&b, "%llu\n", (unsigned long long)m->generation_tokens);
+    scalar(&b, m, "quill:prompt_tokens_total", "counter", "Prompt tokens of finished requests.", (double)m->prompt_tokens);
+    scalar(&b, m, "quill:generation_tokens_total", "counter", "Generated tokens of finished requests.",
+           (double)m->generation_tokens);
     render_hist(&b, m, &m->ttft);
     render_hist(&b, m, &m->itl);
     render_hist(&b, m, &m->e2e);
