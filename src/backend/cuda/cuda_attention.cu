@@ -348,6 +348,10 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, NewToken nt, __nv
  * merged through shared memory, then written as the split's partial (combine_splits) or, unsplit,
  * as the output. */
 constexpr int kMmaHD = 128;
+constexpr int kMmaTile = 16;                   /* tokens per tile */
+constexpr int kMmaRow = kMmaHD * 2;            /* bytes per cached row */
+constexpr int kMmaStage = 2 * kMmaTile * kMmaRow; /* K and V of one tile: 8 KB */
+constexpr size_t kMmaSmem = 4 * 2 * kMmaStage;  /* 4 warps x 2 stages: 64 KB */
 
 /* One step of a two-stage cp.async ring over n tiles: requests tile i + 1 (load(i + 1), one
  * commit group) if there is one, then waits until tile i has landed (this thread's copies). */
@@ -360,10 +364,6 @@ CU_DEV void ring_step(int i, int n, Load load) {
         cp_async_wait<0>();
     }
 }
-constexpr int kMmaTile = 16;                   /* tokens per tile */
-constexpr int kMmaRow = kMmaHD * 2;            /* bytes per cached row */
-constexpr int kMmaStage = 2 * kMmaTile * kMmaRow; /* K and V of one tile: 8 KB */
-constexpr size_t kMmaSmem = 4 * 2 * kMmaStage;  /* 4 warps x 2 stages: 64 KB */
 
 /* (a, b) as bf16 pairs hi + lo: hi rounds them, lo rounds what hi missed (~16 bits together). */
 CU_DEV void split_bf16(float a, float b, uint32_t *hi, uint32_t *lo) {

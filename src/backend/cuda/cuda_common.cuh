@@ -210,7 +210,6 @@ CU_DEV float block_sum(float v, float *red) {
  * one mask then give a register's column pair, one in each half (the int4 GEMM's dequant_word);
  * the GEMV's dot products follow the same order (it quantizes x to match). Groups of scales are
  * whole chunks, so they are unaffected. */
-CU_DEV int q4_column(int t, int nibble) { return 2 * t + 8 * (nibble & 3) + (nibble >> 2); }
 
 /* ---- launchers (each returns the launch's error; nothing is launched for empty shapes) ---- */
 
@@ -219,7 +218,7 @@ typedef struct CuMat {
     int n0, n;           /* first output column in y, and rows (output features) of this part */
     int k, k_pad;        /* in_features, and the row stride of bf16 weights (k rounded up to 8) */
     int group;           /* int4 group size (32..256), or 0 for bf16 */
-    const void *w;       /* bf16 [n][k_pad], or int4 codes [n][k/2] (fragment order, q4_column) */
+    const void *w;       /* bf16 [n][k_pad], or int4 codes [n][k/2] (fragment order, above) */
     const uint32_t *sz;  /* int4: [n][cu_sz_ld] words, scale bf16 in the low half, zero in the high */
     /* int4 on a GPU with the TMA engine: the wgmma GEMM's descriptors of w and sz (opaque
      * CUtensorMaps, cu_gemm_q4_describe), made once at load; tma_ok says they were */
@@ -277,7 +276,7 @@ cudaError_t cu_gemm_q4_swiglu(cudaStream_t st, const CuMat *w, const __nv_bfloat
 /* out[i] = bf16(x[i]) (round to nearest even) for i < n. */
 cudaError_t cu_to_bf16(cudaStream_t st, const float *x, __nv_bfloat16 *out, size_t n);
 /* The checkpoint's int4 codes of `rows` rows of k columns (k a multiple of 32), in place on the
- * device, into fragment order (q4_column). */
+ * device, into fragment order. */
 cudaError_t cu_q4_to_fragment_order(cudaStream_t st, void *codes, int rows, int k);
 /* Rows r0 .. r0+rows-1 of an int4 matrix dequantized to bf16 into out[rows][k]. */
 cudaError_t cu_dequant_q4(cudaStream_t st, const CuMat *w, int r0, int rows, __nv_bfloat16 *out);

@@ -57,7 +57,6 @@
 #include <cudaTypedefs.h> /* cuTensorMapEncodeTiled's type (reached through the runtime) */
 #include <string.h>
 
-
 namespace {
 
 constexpr int kThreads = 256;

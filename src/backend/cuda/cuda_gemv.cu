@@ -274,7 +274,7 @@ constexpr int kQBatch = 4; /* x loads issued together while quantizing (12 was s
 constexpr int kQSlot = kRows * 32 * (16 + 4); /* one item: 16-byte chunks, then 4-byte scale words */
 
 /* x' quantized per 32-column chunk c. The h bytes of a chunk are 8 words, in the order of the
- * codes' nibbles (fragment order, q4_column): word 2t holds the columns of nibbles 0, 2, 4, 6 of
+ * codes' nibbles (fragment order, cuda_common.cuh): word 2t holds the columns of nibbles 0, 2, 4, 6 of
  * code word t (2t, 2t + 16, 2t + 1, 2t + 17: the bytes of `codes & 0x0f0f0f0f`) and word 2t + 1
  * those of nibbles 1, 3, 5, 7 (2t + 8, 2t + 24, 2t + 9, 2t + 25), int8 each; plane 0 holds words
  * 0-3 of every chunk, plane 1 words 4-7, planes 2 and 3 the l bytes likewise. Plane-major, so the
@@ -701,7 +701,8 @@ __global__ void dequant_q4_kernel(const uint4 *codes, const uint32_t *sz, int k,
 }
 
 /* One thread per 32-column chunk: the checkpoint's 16 bytes (byte b = columns 2b, 2b + 1) into
- * fragment order (q4_column), in place. */
+ * fragment order, in place. Runs once at load, outside any step's launch chain, so it is launched
+ * plainly (no programmatic dependent launch, no pdl_wait). */
 __global__ void q4_to_fragment_order_kernel(uint4 *codes, size_t chunks) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < chunks; i += (size_t)gridDim.x * blockDim.x) {
         const uint4 v = codes[i];
