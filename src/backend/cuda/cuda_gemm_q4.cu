@@ -793,14 +793,15 @@ enum class Fill { WholeWaves, BusySms, AllSlots };
  * costs a reduction), and each split keeps at least two stages of k (AllSlots: eight). Measured
  * on an H100 (us per launch, Qwen3-8B matrices):
  *  - one block per multiprocessor (128- and 256-token tiles): whole waves;
- *  - two per multiprocessor, several token tiles (wgmma 64-token tiles at 65..128 tokens) and
- *    the mma.sync kernel: every multiprocessor busy once; waves at M = 128 picked split 4 for o
- *    and down, 27.1 / 64.8 vs 19.8 / 51.6 with split 2; all slots (below): M = 4..16 2.85 ->
- *    3.17-3.31 ms for the step's matmuls, M = 128 6.06 -> 6.70;
- *  - wgmma with one token tile (17..64 tokens): every slot busy, at least eight stages of k per
+ *  - two per multiprocessor (wgmma 64-token tiles, the mma.sync kernel): every multiprocessor
+ *    busy once; waves at M = 128 picked split 4 for o and down, 27.1 / 64.8 vs 19.8 / 51.6 with
+ *    split 2; all slots (below): M = 4..16 2.85 -> 3.17-3.31 ms for the step's matmuls, M = 128
+ *    6.06 -> 6.70, and at 33..64 tokens (one 64-token tile) gate_up split 2 (384 blocks on 264
+ *    slots: 1.45 waves) and down split 8 vs busy SMs' 1 and 4: M = 64 46.4 -> 40.3 and 38.6 ->
+ *    35.8, M = 48 43.9 -> 38.8 and 36.7 -> 33.9 (H100, thirteenth session);
+ *  - wgmma with 32-token tiles (17..32 tokens): every slot busy, at least eight stages of k per
  *    block, since each block then streams weights no other block reads: gate_up at M = 32 39.6 ->
- *    35.8 (split 1 -> 2), down 33.8 -> 30.4 (4 -> 8); the step's matmuls M = 32 3.61 -> 3.33 ms,
- *    64 4.45 -> 4.21 (waves at 64 had picked split 8 for gate_up: 72.0). */
+ *    35.8 (split 1 -> 2), down 33.8 -> 30.4 (4 -> 8); the step's matmuls M = 32 3.61 -> 3.33 ms. */
 int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, Fill rule) {
     int best = 1;
     double best_fill = -1.0;
@@ -926,7 +927,7 @@ struct Wgmma {
     static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms, const WgMaps *maps) {
         static KernelSlots ks;
         const Fill rule = WgTile<BT, GS>::kMinBlocks == 1 ? Fill::WholeWaves
-                          : a.M <= BT                      ? Fill::AllSlots
+                          : BT == 32 && a.M <= BT          ? Fill::AllSlots
                                                            : Fill::BusySms;
         return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, rule, a, sms, *maps);
     }
