@@ -2,13 +2,17 @@
  * random-weight models of ../shared/spec/random-weights.md: full logits at every position where
  * the reference has them, last-position logits otherwise (relative L2 <= 1e-4, same argmax), and
  * greedy continuations of 32 tokens through the engine (identical). Also the int4 references:
- * the bf16 model with every *_proj.weight replaced by torchao's HQQ tensors.
+ * the bf16 model with every *_proj.weight replaced by torchao's HQQ tensors. And batching: twelve
+ * greedy requests run together (chunked prefills mixed with decodes in the engine's steps) give
+ * each request's tokens when it runs alone.
  *
  * QUILL_TEST_DEVICE=cuda runs the same checks on the GPU with the bf16 agreement of
  * ../shared/reference/README.md: relative L2 <= 2e-2. There, argmax must agree where the
  * reference's top-2 margin exceeds the bf16 noise (0.1 x the row's RMS logit), and a greedy
  * continuation must agree up to its first near-tie: it may diverge only at a step where our own
- * top-2 margin is within that noise (skipped, exit 77, without a usable GPU). */
+ * top-2 margin is within that noise; so may a batched request from its run alone (batch 1 takes
+ * other kernels: the GEMVs, the single-sequence attention). Skipped, exit 77, without a usable
+ * GPU. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -236,9 +240,100 @@ static void check_prompt(Model *m, Engine *e, StModel *ref, const char *prompt, 
     }
 }
 
+/* Whether a greedy continuation `got` of prompt ids[n] may differ from `want` (both of `len`
+ * tokens): never on the CPU; on the GPU only at a near-tie of our own logits after the shared
+ * prefix (as for the reference continuations above). Runs prefill(), which writes KV blocks
+ * outside the engine's bookkeeping: call it only when no later request may reuse cached blocks. */
+static bool near_tie_divergence(Model *m, const int32_t *ids, int n, const int32_t *got, const int32_t *want, int len,
+                                int chunk, const char *what) {
+    int agree = 0;
+    while (agree < len && got[agree] == want[agree]) agree++;
+    if (agree == len) return true;
+    if (!on_gpu) return false;
+    const int V = m->cfg.vocab_size;
+    int32_t *seq = malloc((size_t)(n + agree) * sizeof *seq);
+    float *lg = malloc((size_t)V * sizeof *lg);
+    memcpy(seq, ids, (size_t)n * sizeof *seq);
+    memcpy(seq + n, want, (size_t)agree * sizeof *seq);
+    prefill(m, seq, n + agree, chunk, false, lg);
+    const double gap = fabs((double)lg[got[agree]] - lg[want[agree]]), noise = 0.1 * rms(lg, V);
+    printf("%-31s agrees for %d tokens, then a %s (gap %.3g, row RMS %.3g)\n", what, agree,
+           gap <= noise ? "near-tie" : "DIFFERENCE", gap, rms(lg, V));
+    free(seq);
+    free(lg);
+    return gap <= noise;
+}
+
+typedef struct BatchRun {
+    int32_t ids[24];
+    int n;
+    bool done;
+} BatchRun;
+
+static void collect_batch(void *user, const EngineEvent *ev) {
+    BatchRun *r = user;
+    if (ev->token >= 0 && r->n < 24) r->ids[r->n++] = ev->token;
+    if (ev->finish) r->done = true;
+}
+
+/* Twelve greedy requests of 24 tokens (prompts of 3..150 random ids) run together must give the
+ * tokens each gives alone: steps of `chunk` tokens mix chunked prefills with decodes. A fresh
+ * engine without prefix caching, so that every prompt is computed inside the batch; it is freed
+ * before the model's next use, so the near-tie check's prefill() clobbers nothing in use. */
+static void check_batch_equals_alone(Model *m, const EngineOptions *base, const char *label) {
+    enum { N = 12, OUT = 24 };
+    EngineOptions eo = *base;
+    eo.prefix_caching = false;
+    QErr err;
+    Engine *e = engine_create(m, &eo, &err);
+    CHECK(e != NULL, "engine: %s", err.msg);
+    if (!e) return;
+    int32_t prompts[N][150];
+    int lens[N];
+    uint32_t rng = 12345;
+    for (int i = 0; i < N; i++) {
+        lens[i] = 3 + (i * 37) % 148;
+        for (int j = 0; j < lens[i]; j++) {
+            rng = rng * 1664525u + 1013904223u;
+            prompts[i][j] = (int32_t)((rng >> 8) % (uint32_t)m->cfg.vocab_size);
+        }
+    }
+    EngineParams p = engine_params_default();
+    p.max_tokens = OUT;
+    p.ignore_eos = true;
+    BatchRun alone[N], together[N];
+    memset(alone, 0, sizeof alone);
+    memset(together, 0, sizeof together);
+    for (int i = 0; i < N; i++) {
+        CHECK(engine_add(e, prompts[i], lens[i], &p, collect_batch, &alone[i], NULL, &err) == 0, "engine_add: %s",
+              err.msg);
+        engine_run_until_idle(e);
+    }
+    for (int i = 0; i < N; i++)
+        CHECK(engine_add(e, prompts[i], lens[i], &p, collect_batch, &together[i], NULL, &err) == 0, "engine_add: %s",
+              err.msg);
+    engine_run_until_idle(e);
+    engine_free(e);
+    int same = 0, distinct = 0;
+    for (int i = 0; i < N; i++) {
+        CHECK(alone[i].done && alone[i].n == OUT && together[i].done && together[i].n == OUT,
+              "%s request %d: %d and %d tokens", label, i, alone[i].n, together[i].n);
+        bool eq = !memcmp(alone[i].ids, together[i].ids, sizeof alone[i].ids);
+        same += eq;
+        distinct += i == 0 || memcmp(alone[i].ids, alone[0].ids, sizeof alone[i].ids) != 0;
+        char what[64];
+        snprintf(what, sizeof what, "%s batch request %d", label, i);
+        CHECK(eq || near_tie_divergence(m, prompts[i], lens[i], together[i].ids, alone[i].ids, OUT, eo.max_step_tokens,
+                                        what),
+              "%s request %d (prompt of %d): batched greedy tokens differ from its run alone", label, i, lens[i]);
+    }
+    CHECK(distinct >= N / 2, "%s: the prompts should not all continue the same way", label);
+    printf("%-8s %d requests together: %d of %d identical to their runs alone\n", label, N, same, N);
+}
+
 /* Loads model_dir on the CPU and checks the prompts of ref_file. */
 static void check_model(const char *model_dir, const char *ref_file, const char *const *prompts, int n_prompts,
-                        bool int4) {
+                        bool int4, bool batch) {
     QErr err;
     Backend *be = NULL;
 #ifdef QUILL_HAVE_CUDA
@@ -255,6 +350,7 @@ static void check_model(const char *model_dir, const char *ref_file, const char 
     EngineOptions eo = engine_default_options(&cfg);
     eo.max_step_tokens = 64;
     eo.max_model_len = 1024;
+    eo.max_seqs = 12;
     ModelOptions mo = engine_model_options(&eo, &cfg);
     Model *m = model_load(model_dir, be, &mo, &err);
     CHECK(m != NULL, "model_load %s: %s", model_dir, err.msg);
@@ -263,6 +359,7 @@ static void check_model(const char *model_dir, const char *ref_file, const char 
     if (m && e && ref)
         for (int i = 0; i < n_prompts; i++) check_prompt(m, e, ref, prompts[i], int4, eo.max_step_tokens);
     engine_free(e);
+    if (m && batch) check_batch_equals_alone(m, &eo, int4 ? "int4" : "bf16");
     model_free(m);
     st_close(ref);
 #ifdef QUILL_HAVE_CUDA
@@ -343,18 +440,18 @@ int main(void) {
     static const char *const small_prompts[] = {"len1", "len5", "len64", "len513"};
     static const char *const tiny_prompts[] = {"chat", "raw", "long"};
     if (make_model("small-qwen3", small, sizeof small)) {
-        check_model(small, "reference/small_ref.safetensors", small_prompts, 4, false);
+        check_model(small, "reference/small_ref.safetensors", small_prompts, 4, false, true);
         if (make_int4_ref(small, "reference/small_int4_hqq_tensors.safetensors", q, sizeof q)) {
             static const char *const p[] = {"len64", "len513"};
-            check_model(q, "reference/small_ref.safetensors", p, 2, true);
+            check_model(q, "reference/small_ref.safetensors", p, 2, true, true);
         }
     } else {
         CHECK(0, "cannot generate small-qwen3");
     }
     if (make_model("tiny-qwen3", tiny, sizeof tiny)) {
-        check_model(tiny, "reference/tiny_ref.safetensors", tiny_prompts, 3, false);
+        check_model(tiny, "reference/tiny_ref.safetensors", tiny_prompts, 3, false, false);
         if (make_int4_ref(tiny, "reference/tiny_int4_hqq_tensors.safetensors", q, sizeof q))
-            check_model(q, "reference/tiny_int4_ref.safetensors", tiny_prompts, 2, true);
+            check_model(q, "reference/tiny_int4_ref.safetensors", tiny_prompts, 2, true, false);
     } else {
         CHECK(0, "cannot generate tiny-qwen3");
     }
