@@ -130,6 +130,23 @@ int parse_float(const char *name, const char *s, double lo, double hi, float *ou
     return 0;
 }
 
+/* --logit-bias ID=BIAS, or llama.cpp's ID+BIAS / ID-BIAS: one more entry of p's logit bias (the
+ * id's range is checked with the model's vocabulary when the request is added). */
+static int parse_logit_bias(const char *name, const char *s, SamplingParams *p, QErr *err) {
+    if (!s) return qerr_set(err, "%s needs a value such as 1000=-100", name);
+    char *end;
+    errno = 0;
+    const long id = strtol(s, &end, 10);
+    if (errno || end == s || id < 0 || id > INT32_MAX || (*end != '=' && *end != '+' && *end != '-'))
+        return qerr_set(err, "%s must be TOKEN_ID=BIAS, e.g. 1000=-100 (got '%s')", name, s);
+    float bias;
+    if (parse_float(name, *end == '=' ? end + 1 : end, -100, 100, &bias, err)) return -1;
+    if (p->n_logit_bias == SAMPLING_MAX_LOGIT_BIAS)
+        return qerr_set(err, "%s: at most %d tokens", name, SAMPLING_MAX_LOGIT_BIAS);
+    p->logit_bias[p->n_logit_bias++] = (LogitBias){(int32_t)id, bias};
+    return 0;
+}
+
 int parse_sampling_flag(int argc, char **argv, int *i, SamplingParams *p, QErr *err) {
     const char *f = argv[*i];
     const char *v = *i + 1 < argc ? argv[*i + 1] : NULL;
@@ -152,6 +169,8 @@ int parse_sampling_flag(int argc, char **argv, int *i, SamplingParams *p, QErr *
         rc = parse_float(f, v, -2, 2, &p->presence_penalty, err);
     else if (!strcmp(f, "--frequency-penalty"))
         rc = parse_float(f, v, -2, 2, &p->frequency_penalty, err);
+    else if (!strcmp(f, "--logit-bias"))
+        rc = parse_logit_bias(f, v, p, err);
     else if (!strcmp(f, "--seed")) {
         int s = 0;
         rc = parse_int(f, v, 0, 2147483647L, &s, err);

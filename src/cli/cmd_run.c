@@ -23,6 +23,7 @@ static void usage(FILE *f) {
             "  --ignore-eos           keep generating past end-of-sequence tokens\n"
             "  --greedy | --temperature T --top-k K --top-p P --min-p P\n"
             "  --repetition-penalty R --presence-penalty P --frequency-penalty F --seed S\n"
+            "  --logit-bias ID=BIAS   add BIAS in [-100, 100] to token ID's logit (repeatable)\n"
             "                         sampling (defaults from generation_config.json)\n"
             "  --json                 print one JSON object instead of streaming text\n"
             "  --device cpu|cuda      where to run (default: cuda if available)\n"

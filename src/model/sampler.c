@@ -33,7 +33,7 @@ SamplingParams sampling_from_gen_config(const GenConfig *g) {
     return p;
 }
 
-int sampling_validate(const SamplingParams *p, QErr *err) {
+int sampling_validate(const SamplingParams *p, int vocab, QErr *err) {
     if (!(p->temperature >= 0) || !isfinite(p->temperature))
         return qerr_set(err, "temperature must be a number >= 0 (got %g)", p->temperature);
     if (!(p->top_p > 0 && p->top_p <= 1)) return qerr_set(err, "top_p must be in (0, 1] (got %g)", p->top_p);
@@ -45,8 +45,18 @@ int sampling_validate(const SamplingParams *p, QErr *err) {
         return qerr_set(err, "presence_penalty must be in [-2, 2] (got %g)", p->presence_penalty);
     if (!(p->frequency_penalty >= -2 && p->frequency_penalty <= 2))
         return qerr_set(err, "frequency_penalty must be in [-2, 2] (got %g)", p->frequency_penalty);
+    if (p->n_logit_bias < 0 || p->n_logit_bias > SAMPLING_MAX_LOGIT_BIAS)
+        return qerr_set(err, "logit_bias has %d entries (at most %d)", p->n_logit_bias, SAMPLING_MAX_LOGIT_BIAS);
+    for (int i = 0; i < p->n_logit_bias; i++) {
+        const LogitBias *b = &p->logit_bias[i];
+        if (b->id < 0 || b->id >= vocab)
+            return qerr_set(err, "logit_bias: token id %d is outside the vocabulary [0, %d)", b->id, vocab);
+        if (!(b->bias >= -100 && b->bias <= 100))
+            return qerr_set(err, "logit_bias: the bias of token %d must be in [-100, 100] (got %g)", b->id, b->bias);
+    }
     return 0;
 }
+
 
 static uint64_t splitmix64(uint64_t *s) {
     uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
@@ -166,6 +176,7 @@ static void select_top(int32_t *idx, int n, int k, const float *v) {
 int32_t sampler_sample(Sampler *s, float *logits, const SamplingParams *p, const int32_t *prompt, int n_prompt,
                        const int32_t *output, int n_output, Rng *rng) {
     int V = s->vocab;
+    for (int i = 0; i < p->n_logit_bias; i++) logits[p->logit_bias[i].id] += p->logit_bias[i].bias;
     apply_penalties(s, logits, p, prompt, n_prompt, output, n_output);
     if (p->temperature == 0 || p->top_k == 1) return argmax(logits, V);
 

@@ -1,6 +1,7 @@
 /* sampler.h — choosing the next token from logits: greedy, temperature, top-k, top-p, min-p,
- * repetition/presence/frequency penalties, seeded or not (as vLLM's sampler orders them:
- * penalties, temperature, min-p, top-k, top-p). Runs on the host over one row of logits. */
+ * logit bias, repetition/presence/frequency penalties, seeded or not (as vLLM's sampler orders
+ * them: logit bias, penalties, temperature, min-p, top-k, top-p). Runs on the host over one row of
+ * logits. */
 #ifndef QUILL_SAMPLER_H
 #define QUILL_SAMPLER_H
 
@@ -9,6 +10,14 @@
 
 #include "io/config.h"
 #include "util/qerr.h"
+
+/* Entries of a logit bias at most (OpenAI's logit_bias: token id -> bias in [-100, 100]). */
+#define SAMPLING_MAX_LOGIT_BIAS 300
+
+typedef struct LogitBias {
+    int32_t id;
+    float bias;
+} LogitBias;
 
 typedef struct SamplingParams {
     float temperature;        /* 0: greedy (argmax) */
@@ -20,6 +29,8 @@ typedef struct SamplingParams {
     float frequency_penalty;  /* 0: off; over output tokens */
     bool has_seed;
     uint64_t seed;
+    int n_logit_bias;         /* entries of logit_bias, added to the logits before anything else */
+    LogitBias logit_bias[SAMPLING_MAX_LOGIT_BIAS];
 } SamplingParams;
 
 /* Greedy parameters (temperature 0, everything else off). */
@@ -27,8 +38,16 @@ SamplingParams sampling_greedy(void);
 /* The defaults of a generation_config.json (greedy when do_sample is false). */
 SamplingParams sampling_from_gen_config(const GenConfig *g);
 /* Checks ranges (temperature >= 0, top_p in (0, 1], min_p in [0, 1], top_k >= -1,
- * repetition_penalty > 0, presence/frequency in [-2, 2]); err names the parameter. */
-int sampling_validate(const SamplingParams *p, QErr *err);
+ * repetition_penalty > 0, presence/frequency in [-2, 2], logit biases in [-100, 100] for ids in
+ * [0, vocab)); err names the parameter. */
+int sampling_validate(const SamplingParams *p, int vocab, QErr *err);
+
+/* Whether p needs what only the host sampler does (penalties, a logit bias): device samplers
+ * take the other parameters. */
+static inline bool sampling_needs_host(const SamplingParams *p) {
+    return p->repetition_penalty != 1.0f || p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f ||
+           p->n_logit_bias > 0;
+}
 
 typedef struct Rng {
     uint64_t state;

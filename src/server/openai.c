@@ -9,6 +9,7 @@
 #include "server/openai.h"
 
 #include <jansson.h>
+#include <errno.h>
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
@@ -165,6 +166,32 @@ static int parse_stop_ids(const json_t *root, EngineParams *p, const OaiContext 
     return 0;
 }
 
+/* logit_bias: {"token id": bias in [-100, 100], ...}, added to the logits before sampling. */
+static int parse_logit_bias(const json_t *root, SamplingParams *sp, const OaiContext *ctx, OaiError *err) {
+    json_t *lb = field(root, "logit_bias");
+    if (!lb) return 0;
+    if (!json_is_object(lb))
+        return oai_error(err, 400, "logit_bias", "logit_bias must be an object mapping token ids to biases");
+    if (json_object_size(lb) > SAMPLING_MAX_LOGIT_BIAS)
+        return oai_error(err, 400, "logit_bias", "logit_bias has %zu entries (at most %d)", json_object_size(lb),
+                         SAMPLING_MAX_LOGIT_BIAS);
+    const char *key;
+    json_t *v;
+    json_object_foreach(lb, key, v) {
+        char *end;
+        errno = 0;
+        const long id = strtol(key, &end, 10);
+        if (!*key || *end || errno || id < 0 || id >= ctx->vocab_size)
+            return oai_error(err, 400, "logit_bias", "logit_bias key '%s' is not a token id in [0, %d)", key,
+                             ctx->vocab_size);
+        const double b = json_is_number(v) ? json_number_value(v) : NAN;
+        if (!(b >= -100 && b <= 100))
+            return oai_error(err, 400, "logit_bias", "logit_bias['%s'] must be a number in [-100, 100]", key);
+        sp->logit_bias[sp->n_logit_bias++] = (LogitBias){(int32_t)id, (float)b};
+    }
+    return 0;
+}
+
 /* The sampling and stopping fields both endpoints share. */
 static int parse_sampling(const json_t *root, GenSpec *s, const OaiContext *ctx, OaiError *err) {
     EngineParams *p = &s->params;
@@ -195,9 +222,7 @@ static int parse_sampling(const json_t *root, GenSpec *s, const OaiContext *ctx,
     if (get_bool(root, "ignore_eos", &p->ignore_eos, err) || get_bool(root, "skip_special_tokens", &s->skip_special, err))
         return -1;
     if (parse_stop(root, s, err) || parse_stop_ids(root, p, ctx, err)) return -1;
-    json_t *lb = field(root, "logit_bias");
-    if (lb && (!json_is_object(lb) || json_object_size(lb) > 0))
-        return oai_error(err, 400, "logit_bias", "logit_bias is not supported by this server");
+    if (parse_logit_bias(root, sp, ctx, err)) return -1;
     json_t *rf = field(root, "response_format");
     if (rf) {
         json_t *t = json_is_object(rf) ? json_object_get(rf, "type") : NULL;

@@ -3,14 +3,15 @@
  * response, as server-sent-event chunks, or an error object.
  *
  * Accepted request fields (both endpoints unless noted): model, max_tokens, temperature, top_p,
- * top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty, seed, stop (string or
- * list), stop_token_ids, n, min_tokens, ignore_eos, skip_special_tokens, stream,
+ * top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty, logit_bias, seed, stop
+ * (string or list), stop_token_ids, n, min_tokens, ignore_eos, skip_special_tokens, stream,
  * stream_options.include_usage, return_tokens_as_token_ids; chat: messages, tools, tool_choice
  * ("auto" | "none"), logprobs (bool), top_logprobs, max_completion_tokens,
  * chat_template_kwargs.enable_thinking; completions: prompt (string, strings, token ids, lists of
  * token ids), echo, logprobs (int). Absent sampling fields take the model's generation_config
- * values (as vLLM does); unknown fields are ignored; a field that cannot be honoured (logit_bias,
- * response_format other than text, tool_choice "required", suffix) is refused. null means absent. */
+ * values (as vLLM does); unknown fields are ignored; a field that cannot be honoured
+ * (response_format other than text, tool_choice "required", suffix) is refused. null means
+ * absent. */
 #ifndef QUILL_SERVER_OPENAI_H
 #define QUILL_SERVER_OPENAI_H
 

@@ -66,6 +66,17 @@ def test_same_seed_same_output(quill_bin, tiny_model):
     assert a["ids"] == b["ids"] and a["ids"] != c["ids"]
 
 
+def test_logit_bias(quill_bin, tiny_model):
+    free = run_json(quill_bin, "run", tiny_model, "--ids", "1,2,3", "-n", 6, "--greedy", "--ignore-eos")["ids"]
+    forced = 1000 if 1000 not in free else 1001
+    out = run_json(quill_bin, "run", tiny_model, "--ids", "1,2,3", "-n", 6, "--greedy", "--ignore-eos",
+                   "--logit-bias", f"{forced}=100")
+    assert out["ids"] == [forced] * 6
+    ban = [a for t in set(free) for a in ("--logit-bias", f"{t}-100")]  # llama.cpp's ID-BIAS form too
+    out = run_json(quill_bin, "run", tiny_model, "--ids", "1,2,3", "-n", 6, "--greedy", "--ignore-eos", *ban)
+    assert len(out["ids"]) == 6 and not set(free) & set(out["ids"])
+
+
 def test_streams_text_and_reports_speed(quill_bin, tiny_model):
     r = run(quill_bin, "run", tiny_model, "-p", "Hello", "-n", 8, "--greedy")
     assert r.returncode == 0, r.stderr
@@ -79,6 +90,9 @@ def test_streams_text_and_reports_speed(quill_bin, tiny_model):
     (["-p", "hi", "--top-p", "0"], "--top-p"),
     (["-p", "hi", "-n", "0"], "-n"),
     (["-p", "hi", "--bogus"], "--bogus"),
+    (["-p", "hi", "--logit-bias", "5=101"], "--logit-bias"),
+    (["-p", "hi", "--logit-bias", "five=1"], "--logit-bias"),
+    (["-p", "hi", "--logit-bias", "999999999=1"], "logit_bias"),
 ])
 def test_bad_arguments(quill_bin, tiny_model, args, needle):
     r = run(quill_bin, "run", tiny_model, *args)

@@ -411,6 +411,32 @@ def test_concurrent_greedy_equals_alone(rand):
     assert together == alone
 
 
+def test_logit_bias(rand):
+    """OpenAI's logit_bias through the official client: +100 forces a token (greedy and sampled),
+    -100 bans tokens; the reported logprobs stay the model's own (vLLM's raw logprobs)."""
+    c = rand.client()
+    prompt = [9707, 11, 1879, 0, 17, 42]
+
+    def ids_of(**kw):
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=8, logprobs=0,
+                                 extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True}, **kw)
+        lp = r.choices[0].logprobs
+        return [int(t.split(":")[1]) for t in lp.tokens], lp.token_logprobs
+
+    free, free_lp = ids_of(temperature=0)
+    forced = 1000 if 1000 not in free else 1001
+    got, got_lp = ids_of(temperature=0, logit_bias={str(forced): 100})
+    assert got == [forced] * 8
+    assert all(lp < 0 for lp in got_lp), "logprobs are the model's own, before the bias"
+    got, _ = ids_of(temperature=1.0, seed=3, logit_bias={str(forced): 100})
+    assert got == [forced] * 8
+    banned = set(free)
+    got, _ = ids_of(temperature=0, logit_bias={str(t): -100 for t in banned})
+    assert len(got) == 8 and not banned & set(got)
+    again, again_lp = ids_of(temperature=0)
+    assert again == free and again_lp == free_lp, "a bias must not leak into later requests"
+
+
 def test_random_weights_serve_like_the_checkpoint(quill_bin, rand):
     """--random-weights builds the preset in memory (vLLM's --load-format dummy): bf16 tiny-qwen3
     is bit-identical to `quill random-model tiny-qwen3`, so greedy tokens match the served files."""
@@ -579,7 +605,13 @@ BAD_CHAT = [
     ("messages", {"messages": "hello"}),
     ("messages", {"messages": [{"role": "bot", "content": "x"}]}),
     ("chat_template_kwargs", {"chat_template_kwargs": {"enable_thinking": "no"}}),
-    ("logit_bias", {"logit_bias": {"5": 10}}),
+    ("logit_bias", {"logit_bias": {"5": 101}}),
+    ("logit_bias", {"logit_bias": {"five": 1}}),
+    ("logit_bias", {"logit_bias": {"10000000": 1}}),
+    ("logit_bias", {"logit_bias": {"-1": 1}}),
+    ("logit_bias", {"logit_bias": {"5": "high"}}),
+    ("logit_bias", {"logit_bias": [5, 10]}),
+    ("logit_bias", {"logit_bias": {str(i): 1 for i in range(301)}}),
 ]
 
 

@@ -134,13 +134,48 @@ int main(void) {
     QErr err;
     SamplingParams v = sampling_greedy();
     v.top_p = 0;
-    CHECK(sampling_validate(&v, &err) == -1 && strstr(err.msg, "top_p"), "top_p 0 refused: %s", err.msg);
+    CHECK(sampling_validate(&v, V, &err) == -1 && strstr(err.msg, "top_p"), "top_p 0 refused: %s", err.msg);
     v = sampling_greedy();
     v.temperature = -1;
-    CHECK(sampling_validate(&v, &err) == -1 && strstr(err.msg, "temperature"), "negative temperature refused");
+    CHECK(sampling_validate(&v, V, &err) == -1 && strstr(err.msg, "temperature"), "negative temperature refused");
     v = sampling_greedy();
     v.presence_penalty = 3;
-    CHECK(sampling_validate(&v, &err) == -1 && strstr(err.msg, "presence_penalty"), "presence 3 refused");
+    CHECK(sampling_validate(&v, V, &err) == -1 && strstr(err.msg, "presence_penalty"), "presence 3 refused");
+    v = sampling_greedy();
+    v.n_logit_bias = 1;
+    v.logit_bias[0] = (LogitBias){V, 1.0f};
+    CHECK(sampling_validate(&v, V, &err) == -1 && strstr(err.msg, "logit_bias"), "bias of id V refused");
+    v.logit_bias[0] = (LogitBias){0, 100.5f};
+    CHECK(sampling_validate(&v, V, &err) == -1 && strstr(err.msg, "logit_bias"), "bias 100.5 refused");
+    v.logit_bias[0] = (LogitBias){0, -100.0f};
+    CHECK(sampling_validate(&v, V, &err) == 0, "bias -100 accepted: %s", err.msg);
+
+    /* Logit bias: added before the penalties and the choice, greedy or sampled; the host only. */
+    SamplingParams lb = sampling_greedy();
+    CHECK(!sampling_needs_host(&lb), "plain greedy runs on a device sampler");
+    lb.n_logit_bias = 2;
+    lb.logit_bias[0] = (LogitBias){1, -4.0f}; /* 3 -> -1 */
+    lb.logit_bias[1] = (LogitBias){7, 6.5f};  /* -5 -> 1.5 < 2 */
+    CHECK(sampling_needs_host(&lb), "a logit bias needs the host sampler");
+    memcpy(c, pl, sizeof pl);
+    CHECK(sampler_sample(s, c, &lb, NULL, 0, NULL, 0, &rng) == 2, "bias demotes the argmax");
+    CHECK(fabsf(c[1] + 1.0f) < 1e-6f && fabsf(c[7] - 1.5f) < 1e-6f, "biases added: %g %g", c[1], c[7]);
+    lb.logit_bias[1].bias = 100.0f;
+    lb.temperature = 1.0f;
+    bad = 0;
+    for (int i = 0; i < 100; i++) {
+        memcpy(c, pl, sizeof pl);
+        bad += sampler_sample(s, c, &lb, NULL, 0, NULL, 0, &rng) != 7;
+    }
+    CHECK(bad == 0, "a +100 bias wins every sampled draw (%d misses)", bad);
+    lb = sampling_greedy();
+    lb.repetition_penalty = 2.0f;
+    lb.n_logit_bias = 1;
+    lb.logit_bias[0] = (LogitBias){2, 1.0f}; /* 2 + 1 = 3, then penalised: 1.5; token 1 (3, unseen) wins */
+    memcpy(c, pl, sizeof pl);
+    int32_t seen[] = {2};
+    CHECK(sampler_sample(s, c, &lb, seen, 1, NULL, 0, &rng) == 1 && fabsf(c[2] - 1.5f) < 1e-6f,
+          "bias before the repetition penalty (%g)", c[2]);
     sampler_free(s);
     return test_finish();
 }

@@ -920,10 +920,8 @@ bool cu_sample_op(Backend *be, const float *logits, int rows, int vocab, const S
                   const float *uniform, int32_t *out_ids) {
     CudaBackend *c = cb(be);
     if (rows <= 0) return true;
-    for (int r = 0; r < rows; r++) {
-        const SamplingParams *p = &params[r];
-        if (p->repetition_penalty != 1.0f || p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f) return false;
-    }
+    for (int r = 0; r < rows; r++)
+        if (sampling_needs_host(&params[r])) return false;
     use_device(c);
     if (rows > c->sample_cap) {
         if (!note(c, cudaStreamSynchronize(c->st), "sample")) return false;
