@@ -165,6 +165,7 @@ oom:
 
 static void request_free(Request *r) {
     if (!r) return;
+    if (r->params.constraint.state) r->params.constraint.free(r->params.constraint.state);
     free(r->tokens);
     free(r->blocks);
     free(r);
@@ -254,11 +255,13 @@ int engine_add(Engine *e, const int32_t *prompt, int n_prompt, const EngineParam
     if (e->failure) {
         qerr_set(err, "the engine has stopped serving: %s", e->failure);
         pthread_mutex_unlock(&e->mu);
+        r->params.constraint.state = NULL; /* still the caller's */
         request_free(r);
         return -1;
     }
     if (grow((void **)&e->inbox, &e->cap_inbox, e->n_inbox, sizeof *e->inbox)) {
         pthread_mutex_unlock(&e->mu);
+        r->params.constraint.state = NULL;
         request_free(r);
         return qerr_set(err, "out of memory");
     }
@@ -403,6 +406,21 @@ static void mask_min_tokens(const Engine *e, const Request *r, float *row) {
     for (int i = 0; i < r->params.n_stop_ids; i++) row[r->params.stop_ids[i]] = -INFINITY;
 }
 
+/* e->row (a copy of `last`) with what the request rules out masked: EOS and stop ids before
+ * min_tokens, and what its output constraint forbids. The constraint wins where the two leave no
+ * token (e.g. only the end left to a complete JSON object under min_tokens). */
+static void constrain(Engine *e, Request *r, const float *last) {
+    const OutputConstraint *c = &r->params.constraint;
+    const int V = e->model->cfg.vocab_size;
+    if (c->state) c->mask(c->state, e->row, V);
+    mask_min_tokens(e, r, e->row);
+    if (!c->state || r->n_output >= r->params.min_tokens) return;
+    for (int i = 0; i < V; i++)
+        if (e->row[i] != -INFINITY) return;
+    memcpy(e->row, last, (size_t)V * sizeof(float));
+    c->mask(c->state, e->row, V);
+}
+
 /* Prompt logprobs from rows [row0, row0 + n) computed for prompt positions [pos0, pos0 + n):
  * row j predicts prompt token pos0 + j + 1. */
 static void emit_prompt_logprobs(Engine *e, Request *r, const float *rows, int pos0, int n) {
@@ -420,7 +438,7 @@ static void emit_prompt_logprobs(Engine *e, Request *r, const float *rows, int p
 }
 
 /* Samples this step's rows on the device when the backend can and no request needs the host
- * (logprobs, penalties, a logit bias, min_tokens masking, prompt logprobs): then only the ids cross to the host.
+ * (logprobs, penalties, a logit bias, min_tokens masking, an output constraint, prompt logprobs): then only the ids cross to the host.
  * Returns false (rng states untouched) when the host must sample. */
 static bool sample_on_device(Engine *e, const float *d_logits, int rows) {
     Backend *be = e->model->be;
@@ -433,7 +451,9 @@ static bool sample_on_device(Engine *e, const float *d_logits, int rows) {
         if (q->no_logits) continue;
         const Request *r = out->items[i].req;
         const SamplingParams *sp = &r->params.sampling;
-        if (r->params.logprobs >= 0 || r->n_output < r->params.min_tokens || sampling_needs_host(sp)) return false;
+        if (r->params.logprobs >= 0 || r->n_output < r->params.min_tokens || sampling_needs_host(sp) ||
+            r->params.constraint.state)
+            return false;
         /* the fields before the (here empty) logit bias: 44 bytes, not 2.4 KB, per row and step */
         memcpy(&e->dev_params[n++], sp, offsetof(SamplingParams, logit_bias));
     }
@@ -520,7 +540,7 @@ int engine_step(Engine *e) {
             tok = e->dev_ids[row - 1]; /* one row per sequence on this path */
         } else {
             memcpy(e->row, last, (size_t)V * sizeof(float));
-            mask_min_tokens(e, r, e->row);
+            constrain(e, r, last);
             tok = sampler_sample(e->sampler, e->row, &r->params.sampling, r->tokens, r->n_prompt,
                                  r->tokens + r->n_prompt, r->n_output, &r->rng);
         }
@@ -533,6 +553,7 @@ int engine_step(Engine *e) {
             ev.top_ids = top_ids;
             ev.top_logprobs = top_lp;
         }
+        if (r->params.constraint.state) r->params.constraint.accept(r->params.constraint.state, tok);
         r->tokens[r->n_prompt + r->n_output++] = tok;
         generated++;
         ev.n_output = r->n_output;

@@ -20,6 +20,18 @@ typedef enum FinishReason {
 
 const char *finish_reason_name(FinishReason r); /* "stop", "length", "abort" */
 
+/* A rule on the output (e.g. JSON mode, text/json_mode.h), or none (state NULL). Before each
+ * sampling of the request, mask sets the logits of the tokens it forbids to -INFINITY (leaving at
+ * least one); each token chosen is then passed to accept. A request with one samples on the host.
+ * engine_add takes it over on success (free(state) when the request ends); on failure it stays the
+ * caller's. */
+typedef struct OutputConstraint {
+    void *state;
+    void (*mask)(void *state, float *logits, int vocab);
+    void (*accept)(void *state, int32_t token);
+    void (*free)(void *state);
+} OutputConstraint;
+
 /* What a front end asks for. */
 typedef struct EngineParams {
     SamplingParams sampling;
@@ -30,6 +42,7 @@ typedef struct EngineParams {
     int n_stop_ids;
     int logprobs;         /* -1: none; else chosen token's logprob + this many top (<= 20) */
     int prompt_logprobs;  /* -1: none; else the same for every prompt token after the first */
+    OutputConstraint constraint;
 } EngineParams;
 
 /* Defaults: greedy, 16 tokens, no logprobs. */

@@ -275,10 +275,18 @@ int gen_submit(Gen *g, QErr *err) {
         EngineParams p = g->spec.params;
         p.max_tokens = pr->max_tokens;
         if (p.sampling.has_seed) p.sampling.seed += (uint64_t)(i % g->spec.n);
+        if (g->spec.json) {
+            p.constraint = json_mode_constraint(g->spec.json, g->spec.chat && g->spec.thinking, p.stop_ids, p.n_stop_ids);
+            if (!p.constraint.state) {
+                for (int k = 0; k < i; k++) engine_abort(g->engine, g->choices[k].engine_id);
+                return qerr_set(err, "out of memory");
+            }
+        }
         pthread_mutex_lock(&g->mu);
         g->refs++;
         pthread_mutex_unlock(&g->mu);
         if (engine_add(g->engine, pr->ids, pr->n, &p, on_engine_event, c, &c->engine_id, err)) {
+            if (p.constraint.state) p.constraint.free(p.constraint.state);
             pthread_mutex_lock(&g->mu);
             g->refs--;
             pthread_mutex_unlock(&g->mu);

@@ -226,8 +226,13 @@ static int parse_sampling(const json_t *root, GenSpec *s, const OaiContext *ctx,
     json_t *rf = field(root, "response_format");
     if (rf) {
         json_t *t = json_is_object(rf) ? json_object_get(rf, "type") : NULL;
-        if (!json_is_string(t) || strcmp(json_string_value(t), "text"))
-            return oai_error(err, 400, "response_format", "response_format other than {\"type\": \"text\"} is not supported");
+        const char *type = json_is_string(t) ? json_string_value(t) : "";
+        if (!strcmp(type, "json_object") && ctx->json)
+            s->json = ctx->json;
+        else if (strcmp(type, "text"))
+            return oai_error(err, 400, "response_format",
+                             "response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}"
+                             " (json_schema is not supported)");
     }
     return 0;
 }

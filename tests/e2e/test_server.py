@@ -244,6 +244,138 @@ def test_enable_thinking_false(craft):
     assert r.choices[0].finish_reason == "stop"
 
 
+def json_prefix(text):
+    """(is a prefix of a JSON object, is a whole one): a character-level recogniser of RFC 8259,
+    written apart from quill's, to judge its JSON mode."""
+    stack, state, i, n = [], "start", 0, len(text)
+    while i < n:
+        c = text[i]
+        if state == "string":
+            if c == '"':
+                state = "colon" if key else "after"
+            elif c == "\\":
+                if i + 1 < n and text[i + 1] == "u":
+                    hexd = text[i + 2:i + 6]
+                    if not all(h in "0123456789abcdefABCDEF" for h in hexd):
+                        return False, False
+                    i += 5
+                elif i + 1 < n and text[i + 1] not in '"\\/bfnrt':
+                    return False, False
+                i += 1
+            elif ord(c) < 0x20:
+                return False, False
+            i += 1
+            continue
+        if c in " \t\n\r":
+            i += 1
+            continue
+        if state == "done":
+            return False, False
+        if state == "start":
+            if c != "{":
+                return False, False
+            stack, state = ["{"], "key_first"
+        elif state in ("key_first", "key"):
+            if c == "}" and state == "key_first":
+                stack.pop()
+                state = "after" if stack else "done"
+            elif c == '"':
+                state, key = "string", True
+            else:
+                return False, False
+        elif state == "colon":
+            if c != ":":
+                return False, False
+            state = "value"
+        elif state in ("value", "arr_first"):
+            if c == "]" and state == "arr_first":
+                stack.pop()
+                state = "after" if stack else "done"
+            elif c in "{[":
+                stack.append(c)
+                state = "key_first" if c == "{" else "arr_first"
+            elif c == '"':
+                state, key = "string", False
+            else:  # a number or a literal: its whole run of characters
+                run = re.match(r"[-+.0-9eE]+|[a-z]+", text[i:])
+                word = run.group(0) if run else ""
+                full = r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?|true|false|null"
+                if i + len(word) == n:  # at the end: a prefix of one?
+                    ok = bool(word) and (any(w.startswith(word) for w in ("true", "false", "null")) or
+                                         re.fullmatch(r"-?(0|[1-9][0-9]*)?(\.[0-9]*)?([eE][+-]?[0-9]*)?", word) is not None)
+                    return ok, False
+                if not re.fullmatch(full, word):
+                    return False, False
+                i += len(word)
+                state = "after"
+                continue
+        elif state == "after":
+            if c == ",":
+                state = "key" if stack[-1] == "{" else "value"
+            elif c in "}]" and stack[-1] == ("{" if c == "}" else "["):
+                stack.pop()
+                state = "after" if stack else "done"
+            else:
+                return False, False
+        i += 1
+    return True, state == "done"
+
+
+def test_json_mode_crafted(craft):
+    """response_format json_object: the crafted model's logits are 0 but for its chains, so greedy
+    takes the lowest allowed id among ties, steered by biases ('"' 2, '}' 1, <|im_end|> 3): the only
+    output is {"":""}, after the free reasoning with thinking on, then the end."""
+    bias = {"1": 2, "92": 1, "151645": 3}  # '"', '}', <|im_end|>
+    client = craft.client()
+    for thinking in (True, False):
+        kw = dict(model="crafted", messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=32,
+                  response_format={"type": "json_object"}, logit_bias=bias,
+                  extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
+        r = client.chat.completions.create(**kw)
+        m = r.choices[0].message
+        assert m.content == '{"":""}' and r.choices[0].finish_reason == "stop", (thinking, m)
+        assert (m.reasoning_content == "Hmm okay") if thinking else m.reasoning_content is None
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == '{"":""}'
+    # without JSON mode the same request follows the chain
+    r = client.chat.completions.create(model="crafted", messages=[{"role": "user", "content": "hi"}], temperature=0,
+                                       max_tokens=32, logit_bias={"151645": 3})
+    assert r.choices[0].message.content != '{"":""}'
+
+
+def test_json_mode_random_model(rand):
+    """Sampled output of a random model under JSON mode is always a JSON object's prefix, and a
+    whole object when it ends by itself."""
+    rng = np.random.default_rng(11)
+    # '"' and '}' up, the ends far up, a few whitespace tokens down (random models pad a lot)
+    bias = {"1": 5, "92": 4, "151643": 30, "151645": 30, "198": -5, "220": -5, "197": -5, "256": -5}
+    ended, keyed = 0, 0
+    for seed in range(8):
+        prompt = rng.integers(0, 151000, size=12).tolist()
+        r = rand.client().completions.create(model="tiny", prompt=prompt, max_tokens=48, temperature=1.0, seed=seed,
+                                             logit_bias=bias,
+                                             extra_body={"response_format": {"type": "json_object"}})
+        text, finish = r.choices[0].text, r.choices[0].finish_reason
+        ok, whole = json_prefix(text)
+        assert ok and text.strip().startswith("{"), (seed, text)
+        if finish == "stop":
+            ended += 1
+            assert whole and isinstance(json.loads(text), dict), (seed, text)
+            keyed += len(json.loads(text)) > 0
+        else:
+            assert finish == "length" and r.usage.completion_tokens == 48
+    assert ended >= 4 and keyed >= 1, f"objects should close, some with members ({ended}, {keyed})"
+
+
+@pytest.mark.parametrize("rf", [{"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+                                {"type": "xml"}, "json_object"])
+def test_json_mode_bad_response_format(craft, rf):
+    body = {"model": "crafted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "response_format": rf}
+    err = error_of(requests.post(craft.url + "/v1/chat/completions", json=body, timeout=60), 400)
+    assert err["param"] == "response_format"
+
+
 def test_tool_call_round_trip(craft):
     client = craft.client()
     msgs = [{"role": "user", "content": "What is the weather in Paris?"}]

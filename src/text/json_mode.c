@@ -1,0 +1,278 @@
+/* json_mode.c — JSON mode: a byte-level JSON recogniser and the token mask built on it (see
+ * json_mode.h). Why byte-level: tokens cut JSON anywhere (`{"`, `":"`, `0.`), so a token is
+ * allowed exactly when all its bytes are, fed in order from the current state. Most tokens fail
+ * on their first byte outside strings, and inside a string a token without quotes, backslashes
+ * or control bytes is allowed without being tried, so a mask costs about one pass over the
+ * vocabulary. */
+#include "text/json_mode.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* What the next byte may be. */
+enum Lex {
+    L_START,        /* before the top-level object: whitespace or '{' */
+    L_VALUE,        /* a value (after ':' or an array's ',') */
+    L_ARR_FIRST,    /* after '[': a value or ']' */
+    L_KEY_FIRST,    /* after '{': a key or '}' */
+    L_KEY,          /* after an object's ',': a key */
+    L_COLON,        /* after a key */
+    L_AFTER,        /* after a value inside a container: ',' or the closing bracket */
+    L_STRING,       /* inside a string */
+    L_ESCAPE,       /* after a backslash */
+    L_UHEX,         /* in \uXXXX (sub: digits left) */
+    L_NUMBER,       /* in a number (sub: enum Num) */
+    L_LITERAL,      /* in true / false / null (lit, sub: next character) */
+    L_DONE,         /* the top-level object is closed */
+};
+
+/* Where a number is: after '-', the leading 0, integer digits, '.', fraction digits, 'e',
+ * the exponent's sign, exponent digits. */
+enum Num { N_MINUS, N_ZERO, N_INT, N_DOT, N_FRAC, N_E, N_ESIGN, N_EXP };
+
+static const char *const kLiterals[3] = {"true", "false", "null"};
+
+void json_state_init(JsonState *s) { memset(s, 0, sizeof *s); }
+
+bool json_state_complete(const JsonState *s) { return s->lex == L_DONE; }
+
+static bool is_digit(uint8_t c) { return c >= '0' && c <= '9'; }
+
+static void value_done(JsonState *s) { s->lex = s->depth ? L_AFTER : L_DONE; }
+
+static bool open_container(JsonState *s, uint8_t c) {
+    if (s->depth == JSON_MAX_DEPTH) return false;
+    s->stack[s->depth++] = c;
+    s->lex = c == '{' ? L_KEY_FIRST : L_ARR_FIRST;
+    return true;
+}
+
+static bool close_container(JsonState *s, uint8_t c) {
+    if (!s->depth || s->stack[s->depth - 1] != (c == '}' ? '{' : '[')) return false;
+    s->depth--;
+    value_done(s);
+    return true;
+}
+
+static bool begin_value(JsonState *s, uint8_t c) {
+    if (c == '{' || c == '[') return open_container(s, c);
+    if (c == '"') {
+        s->lex = L_STRING, s->key = 0;
+        return true;
+    }
+    if (c == '-' || is_digit(c)) {
+        s->lex = L_NUMBER, s->sub = c == '-' ? N_MINUS : c == '0' ? N_ZERO : N_INT;
+        return true;
+    }
+    for (uint8_t i = 0; i < 3; i++)
+        if (c == (uint8_t)kLiterals[i][0]) {
+            s->lex = L_LITERAL, s->lit = i, s->sub = 1;
+            return true;
+        }
+    return false;
+}
+
+/* One byte of a number: true if it continues it; *ended when the number may end before c (c
+ * then belongs to what follows). */
+static bool number_byte(JsonState *s, uint8_t c, bool *ended) {
+    const bool digit = is_digit(c), e = c == 'e' || c == 'E';
+    *ended = false;
+    switch (s->sub) {
+    case N_MINUS: s->sub = c == '0' ? N_ZERO : N_INT; return digit;
+    case N_ZERO:
+        if (c == '.') return s->sub = N_DOT, true;
+        if (e) return s->sub = N_E, true;
+        break;
+    case N_INT:
+        if (digit) return true;
+        if (c == '.') return s->sub = N_DOT, true;
+        if (e) return s->sub = N_E, true;
+        break;
+    case N_DOT: s->sub = N_FRAC; return digit;
+    case N_FRAC:
+        if (digit) return true;
+        if (e) return s->sub = N_E, true;
+        break;
+    case N_E:
+        if (c == '+' || c == '-') return s->sub = N_ESIGN, true;
+        s->sub = N_EXP;
+        return digit;
+    case N_ESIGN: s->sub = N_EXP; return digit;
+    case N_EXP:
+        if (digit) return true;
+        break;
+    }
+    *ended = true;
+    return false;
+}
+
+bool json_state_step(JsonState *s, uint8_t c) {
+    switch (s->lex) {
+    case L_STRING:
+        if (c == '"') {
+            if (s->key) s->lex = L_COLON;
+            else value_done(s);
+        } else if (c == '\\') {
+            s->lex = L_ESCAPE;
+        }
+        s->ws = 0;
+        return c >= 0x20;
+    case L_ESCAPE:
+        if (c == 'u') return s->lex = L_UHEX, s->sub = 4, true;
+        s->lex = L_STRING;
+        return c && strchr("\"\\/bfnrt", c);
+    case L_UHEX:
+        if (!(is_digit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'))) return false;
+        if (--s->sub == 0) s->lex = L_STRING;
+        return true;
+    case L_NUMBER: {
+        bool ended;
+        if (number_byte(s, c, &ended)) return true;
+        if (!ended) return false;
+        value_done(s); /* then c as what follows the number */
+        break;
+    }
+    case L_LITERAL: {
+        const char *lit = kLiterals[s->lit];
+        if (c != (uint8_t)lit[s->sub]) return false;
+        if (!lit[++s->sub]) value_done(s);
+        return true;
+    }
+    default: break;
+    }
+    if (c == ' ' || c == '\t' || c == '\n' || c == '\r') return ++s->ws <= JSON_MAX_WS;
+    s->ws = 0;
+    switch (s->lex) {
+    case L_START: return c == '{' && open_container(s, c);
+    case L_ARR_FIRST:
+        if (c == ']') return close_container(s, c);
+        return begin_value(s, c);
+    case L_VALUE: return begin_value(s, c);
+    case L_KEY_FIRST:
+        if (c == '}') return close_container(s, c);
+        /* fall through */
+    case L_KEY:
+        if (c != '"') return false;
+        s->lex = L_STRING, s->key = 1;
+        return true;
+    case L_COLON:
+        if (c != ':') return false;
+        s->lex = L_VALUE;
+        return true;
+    case L_AFTER:
+        if (c == ',') {
+            s->lex = s->stack[s->depth - 1] == '{' ? L_KEY : L_VALUE;
+            return true;
+        }
+        return (c == '}' || c == ']') && close_container(s, c);
+    default: return false; /* L_DONE: only whitespace */
+    }
+}
+
+/* ---- the vocabulary and the per-request constraint ------------------------------------------ */
+
+enum { T_NEVER = 1, T_PLAIN = 2, T_END = 4 }; /* a token's class bits */
+
+struct JsonVocab {
+    int vocab;
+    const char **bytes; /* [vocab], owned by the tokenizer */
+    uint32_t *len;
+    uint8_t *cls;
+    int32_t think_end; /* `</think>`, or -1 */
+};
+
+JsonVocab *json_vocab_new(const Tok *t, int vocab, const int32_t *eos_ids, int n_eos) {
+    JsonVocab *v = calloc(1, sizeof *v);
+    if (!v) return NULL;
+    v->vocab = vocab;
+    v->bytes = calloc((size_t)vocab, sizeof *v->bytes);
+    v->len = calloc((size_t)vocab, sizeof *v->len);
+    v->cls = calloc((size_t)vocab, 1);
+    if (!v->bytes || !v->len || !v->cls) {
+        json_vocab_free(v);
+        return NULL;
+    }
+    for (int id = 0; id < vocab; id++) {
+        size_t n = 0;
+        const char *b = id < tok_vocab_size(t) ? tok_token_bytes(t, id, &n) : NULL;
+        if (!b || n == 0 || tok_is_special(t, id)) {
+            v->cls[id] = T_NEVER;
+            continue;
+        }
+        bool plain = true;
+        for (size_t i = 0; i < n && plain; i++) plain = (uint8_t)b[i] >= 0x20 && b[i] != '"' && b[i] != '\\';
+        v->bytes[id] = b, v->len[id] = (uint32_t)n, v->cls[id] = plain ? T_PLAIN : 0;
+    }
+    for (int i = 0; i < n_eos; i++)
+        if (eos_ids[i] >= 0 && eos_ids[i] < vocab) v->cls[eos_ids[i]] = T_END;
+    v->think_end = tok_token_id(t, "</think>", 8);
+    return v;
+}
+
+void json_vocab_free(JsonVocab *v) {
+    if (!v) return;
+    free(v->bytes);
+    free(v->len);
+    free(v->cls);
+    free(v);
+}
+
+typedef struct JsonMode {
+    const JsonVocab *v;
+    JsonState st;
+    int32_t wait_for; /* a token to see before the constraint applies, or -1 */
+    int n_stop;
+    int32_t stop[ENGINE_MAX_STOP_IDS];
+} JsonMode;
+
+static bool is_end(const JsonMode *m, int32_t id) {
+    if (id < m->v->vocab && m->v->cls[id] & T_END) return true;
+    for (int i = 0; i < m->n_stop; i++)
+        if (m->stop[i] == id) return true;
+    return false;
+}
+
+/* Whether the token's bytes keep the text a JSON prefix (tried on a copy of the state). */
+static bool token_fits(const JsonMode *m, int32_t id) {
+    const JsonVocab *v = m->v;
+    if (v->cls[id] & T_NEVER) return false;
+    if (m->st.lex == L_STRING && v->cls[id] & T_PLAIN) return true;
+    JsonState s = m->st;
+    const uint8_t *b = (const uint8_t *)v->bytes[id];
+    for (uint32_t i = 0; i < v->len[id]; i++)
+        if (!json_state_step(&s, b[i])) return false;
+    return true;
+}
+
+static void json_mode_mask(void *state, float *logits, int vocab) {
+    JsonMode *m = state;
+    if (m->wait_for >= 0) return;
+    const bool complete = json_state_complete(&m->st);
+    for (int id = 0; id < vocab; id++) {
+        if (logits[id] == -INFINITY) continue;
+        const bool ok = is_end(m, id) ? complete : id < m->v->vocab && token_fits(m, id);
+        if (!ok) logits[id] = -INFINITY;
+    }
+}
+
+static void json_mode_accept(void *state, int32_t token) {
+    JsonMode *m = state;
+    if (m->wait_for >= 0) {
+        if (token == m->wait_for) m->wait_for = -1;
+        return;
+    }
+    if (is_end(m, token) || token < 0 || token >= m->v->vocab || m->v->cls[token] & T_NEVER) return;
+    const uint8_t *b = (const uint8_t *)m->v->bytes[token];
+    for (uint32_t i = 0; i < m->v->len[token]; i++) json_state_step(&m->st, b[i]);
+}
+
+OutputConstraint json_mode_constraint(const JsonVocab *v, bool think_first, const int32_t *stop_ids, int n_stop_ids) {
+    JsonMode *m = calloc(1, sizeof *m);
+    if (!m) return (OutputConstraint){0};
+    m->v = v;
+    json_state_init(&m->st);
+    m->wait_for = think_first ? v->think_end : -1;
+    for (int i = 0; i < n_stop_ids && i < ENGINE_MAX_STOP_IDS; i++) m->stop[m->n_stop++] = stop_ids[i];
+    return (OutputConstraint){.state = m, .mask = json_mode_mask, .accept = json_mode_accept, .free = free};
+}

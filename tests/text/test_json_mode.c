@@ -1,0 +1,146 @@
+/* test_json_mode.c — JSON mode: the recogniser on valid and invalid texts (every prefix of a
+ * valid object accepted, the object complete only at its end, each invalid text refused at the
+ * byte where it goes wrong), its limits, and the token mask over the real Qwen3 vocabulary. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../test_util.h"
+#include "text/json_mode.h"
+
+#define TOKENIZER "assets/tokenizer/qwen3/tokenizer.json"
+
+/* Bytes of text the recogniser takes before refusing one (strlen(text) if it takes all). */
+static size_t accepted(const char *text, JsonState *s) {
+    json_state_init(s);
+    size_t i = 0;
+    while (text[i] && json_state_step(s, (uint8_t)text[i])) i++;
+    return i;
+}
+
+static void test_recogniser(void) {
+    static const char *const valid[] = {
+        "{}",
+        " \n{ }\t",
+        "{\"a\":1}",
+        "{\"a\": [1, -2.5e+3, 0, -0, 0.25, 7E5, 3e-2, true, false, null, \"x\\\"y\\\\\\u00e9\\n\"], \"b\": {\"c\": {}}}",
+        "{\"nested\": [[[]], [{}], {\"k\": [\"v\"]}]}",
+        "{\"\xc3\xa9t\xc3\xa9\": \"\xe6\x97\xa5\"}",
+    };
+    for (size_t v = 0; v < sizeof valid / sizeof valid[0]; v++) {
+        const char *t = valid[v];
+        JsonState s;
+        json_state_init(&s);
+        bool ok = true, early = false;
+        for (size_t i = 0; t[i] && ok; i++) {
+            ok = json_state_step(&s, (uint8_t)t[i]);
+            /* complete only once the final '}' is in (trailing whitespace keeps it complete) */
+            if (ok && json_state_complete(&s) && strchr(t + i + 1, '}')) early = true;
+        }
+        CHECK(ok && json_state_complete(&s) && !early, "valid text %zu: %s", v, t);
+    }
+    static const struct {
+        const char *text;
+        size_t fails_at;
+    } invalid[] = {
+        {"[]", 0},         {"\"a\"", 0},       {"{\"a\" 1}", 5},   {"{\"a\":01}", 6},  {"{\"a\":1,}", 7},
+        {"{,}", 1},        {"{\"a\":tru}", 8}, {"{\"a\":\"\x01\"}", 6}, {"{\"a\":\"\\q\"}", 7},
+        {"{\"a\":1}}", 7}, {"{\"a\":1} x", 8}, {"{'a':1}", 1},    {"{\"a\":.5}", 5},  {"{\"a\":1.}", 7},
+        {"{\"a\":-}", 6},  {"{\"a\":1e}", 7},  {"{\"a\":nul}", 8}, {"{\"a\":[1}", 7},  {"{\"a\":\"\\u12g4\"}", 10},
+        {"{1:2}", 1},      {"{\"a\":1]", 6},
+    };
+    for (size_t v = 0; v < sizeof invalid / sizeof invalid[0]; v++) {
+        JsonState s;
+        const size_t n = accepted(invalid[v].text, &s);
+        CHECK(n == invalid[v].fails_at, "invalid text %zu (%s): refused at byte %zu, want %zu", v, invalid[v].text, n,
+              invalid[v].fails_at);
+    }
+    /* limits: whitespace in a row, nesting depth */
+    char buf[256];
+    JsonState s;
+    snprintf(buf, sizeof buf, "{%*s}", JSON_MAX_WS + 1, "");
+    CHECK(accepted(buf, &s) == 1 + JSON_MAX_WS, "at most %d whitespace bytes in a row", JSON_MAX_WS);
+    snprintf(buf, sizeof buf, "{%*s}", JSON_MAX_WS, "");
+    CHECK(accepted(buf, &s) == strlen(buf) && json_state_complete(&s), "%d whitespace bytes allowed", JSON_MAX_WS);
+    size_t n = 0;
+    n += (size_t)snprintf(buf + n, sizeof buf - n, "{\"a\":");
+    for (int d = 1; d < JSON_MAX_DEPTH + 1; d++) buf[n++] = '[';
+    buf[n] = 0;
+    CHECK(accepted(buf, &s) == n - 1, "nesting stops at depth %d", JSON_MAX_DEPTH);
+}
+
+static void test_mask(void) {
+    QErr err;
+    Tok *tok = tok_load(TOKENIZER, &err);
+    CHECK(tok != NULL, "load: %s", err.msg);
+    if (!tok) return;
+    const int V = 151936; /* Qwen3's embedding rows: more than the tokenizer's ids */
+    const int32_t im_end = tok_token_id(tok, "<|im_end|>", 10), eot = tok_token_id(tok, "<|endoftext|>", 13);
+    const int32_t eos[] = {im_end, eot};
+    JsonVocab *jv = json_vocab_new(tok, V, eos, 2);
+    CHECK(jv != NULL, "json_vocab_new");
+    float *logits = malloc((size_t)V * sizeof *logits);
+    const int32_t brace = tok_token_id(tok, "{", 1), close = tok_token_id(tok, "}", 1), a = tok_token_id(tok, "a", 1);
+    const int32_t quote = tok_token_id(tok, "\"", 1), nl = tok_token_id(tok, "\n", 1), think = tok_token_id(tok, "<think>", 7);
+    const int32_t think_end = tok_token_id(tok, "</think>", 8), stop = tok_token_id(tok, ",", 1);
+    CHECK(brace >= 0 && close >= 0 && a >= 0 && quote >= 0 && nl >= 0 && think >= 0 && think_end >= 0, "token ids");
+    int32_t stops[] = {stop};
+    OutputConstraint c = json_mode_constraint(jv, false, stops, 1);
+    CHECK(c.state != NULL, "constraint");
+
+    /* at the start: '{' and whitespace; not letters, quotes, specials, the end, ids past the tokenizer */
+    for (int i = 0; i < V; i++) logits[i] = 0.0f;
+    c.mask(c.state, logits, V);
+    int allowed = 0;
+    for (int i = 0; i < V; i++) allowed += logits[i] == 0.0f;
+    CHECK(logits[brace] == 0 && logits[nl] == 0, "'{' and newline allowed first");
+    CHECK(logits[a] == -INFINITY && logits[quote] == -INFINITY && logits[close] == -INFINITY, "'a', '\"', '}' not");
+    CHECK(logits[im_end] == -INFINITY && logits[eot] == -INFINITY && logits[think] == -INFINITY && logits[V - 1] == -INFINITY,
+          "end, specials, ids past the tokenizer not");
+    CHECK(allowed > 2 && allowed < 1000, "%d tokens allowed first (whitespace runs and '{'-led tokens)", allowed);
+
+    /* through `{"a": 1` then `}`: inside the key most tokens fit; after `1`, the end not yet */
+    const char *text = "{\"a\": 1";
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    CHECK(tok_encode(tok, text, strlen(text), &ids, &n_ids, &err) == 0, "encode");
+    for (size_t i = 0; i < n_ids; i++) {
+        for (int j = 0; j < V; j++) logits[j] = 0.0f;
+        c.mask(c.state, logits, V);
+        CHECK(logits[ids[i]] == 0.0f, "token %zu (%d) of %s allowed", i, ids[i], text);
+        c.accept(c.state, ids[i]);
+    }
+    free(ids);
+    for (int j = 0; j < V; j++) logits[j] = 0.0f;
+    c.mask(c.state, logits, V);
+    CHECK(logits[close] == 0 && logits[im_end] == -INFINITY && logits[stop] == -INFINITY && logits[a] == -INFINITY,
+          "after a number: '}' yes; the end, a stop id, a letter no");
+    c.accept(c.state, close);
+    for (int j = 0; j < V; j++) logits[j] = 0.0f;
+    c.mask(c.state, logits, V);
+    CHECK(logits[im_end] == 0 && logits[eot] == 0 && logits[stop] == 0 && logits[nl] == 0 && logits[close] == -INFINITY &&
+              logits[brace] == -INFINITY,
+          "complete: the ends and whitespace only");
+    c.free(c.state);
+
+    /* think_first: free text until </think>, then JSON */
+    c = json_mode_constraint(jv, true, NULL, 0);
+    for (int j = 0; j < V; j++) logits[j] = 0.0f;
+    c.mask(c.state, logits, V);
+    CHECK(logits[a] == 0 && logits[im_end] == 0 && logits[think] == 0, "reasoning is unconstrained");
+    c.accept(c.state, a);
+    c.accept(c.state, think_end);
+    c.mask(c.state, logits, V);
+    CHECK(logits[a] == -INFINITY && logits[brace] == 0, "after </think>: JSON");
+    c.free(c.state);
+    free(logits);
+    json_vocab_free(jv);
+    tok_free(tok);
+}
+
+int main(void) {
+    test_recogniser();
+    test_mask();
+    return test_finish();
+}
