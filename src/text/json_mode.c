@@ -2,11 +2,15 @@
  * json_mode.h). Why byte-level: tokens cut JSON anywhere (`{"`, `":"`, `0.`), so a token is
  * allowed exactly when all its bytes are, fed in order from the current state. Most tokens fail
  * on their first byte outside strings, and inside a string a token without quotes, backslashes
- * or control bytes is allowed without being tried, so a mask costs about one pass over the
- * vocabulary. */
+ * or control bytes is allowed without being tried; still, trying the vocabulary takes ~1-1.6 ms
+ * (Qwen3, one Zen 4 core), as long as a GPU's whole decode step. So the masks are cached per
+ * recogniser state, shared by all requests of the vocabulary: JSON text revisits few states
+ * (inside a string, after a value, ... at a given nesting), and a cached mask costs one pass
+ * over its bits. */
 #include "text/json_mode.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -39,7 +43,12 @@ bool json_state_complete(const JsonState *s) { return s->lex == L_DONE; }
 
 static bool is_digit(uint8_t c) { return c >= '0' && c <= '9'; }
 
-static void value_done(JsonState *s) { s->lex = s->depth ? L_AFTER : L_DONE; }
+/* After a value; the fields of the finished token are cleared so that equal states compare equal
+ * (the mask cache's key). */
+static void value_done(JsonState *s) {
+    s->lex = s->depth ? L_AFTER : L_DONE;
+    s->key = s->sub = s->lit = 0;
+}
 
 static bool open_container(JsonState *s, uint8_t c) {
     if (s->depth == JSON_MAX_DEPTH) return false;
@@ -111,7 +120,7 @@ bool json_state_step(JsonState *s, uint8_t c) {
     switch (s->lex) {
     case L_STRING:
         if (c == '"') {
-            if (s->key) s->lex = L_COLON;
+            if (s->key) s->lex = L_COLON, s->key = 0;
             else value_done(s);
         } else if (c == '\\') {
             s->lex = L_ESCAPE;
@@ -174,22 +183,32 @@ bool json_state_step(JsonState *s, uint8_t c) {
 
 enum { T_NEVER = 1, T_PLAIN = 2, T_END = 4 }; /* a token's class bits */
 
+#define MASK_SLOTS 256 /* cached masks (direct-mapped by state hash), (vocab / 8) bytes each */
+
 struct JsonVocab {
     int vocab;
     const char **bytes; /* [vocab], owned by the tokenizer */
     uint32_t *len;
     uint8_t *cls;
     int32_t think_end; /* `</think>`, or -1 */
+    pthread_mutex_t mu; /* the cache */
+    JsonState keys[MASK_SLOTS];
+    bool used[MASK_SLOTS];
+    uint64_t *masks; /* [MASK_SLOTS][words]: bit id set = allowed (the vocabulary's ends included) */
+    int words;
 };
 
 JsonVocab *json_vocab_new(const Tok *t, int vocab, const int32_t *eos_ids, int n_eos) {
     JsonVocab *v = calloc(1, sizeof *v);
     if (!v) return NULL;
     v->vocab = vocab;
+    v->words = (vocab + 63) / 64;
+    pthread_mutex_init(&v->mu, NULL);
     v->bytes = calloc((size_t)vocab, sizeof *v->bytes);
     v->len = calloc((size_t)vocab, sizeof *v->len);
     v->cls = calloc((size_t)vocab, 1);
-    if (!v->bytes || !v->len || !v->cls) {
+    v->masks = calloc((size_t)MASK_SLOTS * v->words, sizeof *v->masks);
+    if (!v->bytes || !v->len || !v->cls || !v->masks) {
         json_vocab_free(v);
         return NULL;
     }
@@ -212,14 +231,17 @@ JsonVocab *json_vocab_new(const Tok *t, int vocab, const int32_t *eos_ids, int n
 
 void json_vocab_free(JsonVocab *v) {
     if (!v) return;
+    pthread_mutex_destroy(&v->mu);
     free(v->bytes);
     free(v->len);
     free(v->cls);
+    free(v->masks);
     free(v);
 }
 
 typedef struct JsonMode {
     const JsonVocab *v;
+    uint64_t *bits; /* the current mask (allocated at the first) */
     JsonState st;
     int32_t wait_for; /* a token to see before the constraint applies, or -1 */
     int n_stop;
@@ -233,27 +255,75 @@ static bool is_end(const JsonMode *m, int32_t id) {
     return false;
 }
 
-/* Whether the token's bytes keep the text a JSON prefix (tried on a copy of the state). */
-static bool token_fits(const JsonMode *m, int32_t id) {
-    const JsonVocab *v = m->v;
+/* Whether the token's bytes keep the text a JSON prefix (tried on a copy of state st). */
+static bool token_fits(const JsonVocab *v, const JsonState *st, int32_t id) {
     if (v->cls[id] & T_NEVER) return false;
-    if (m->st.lex == L_STRING && v->cls[id] & T_PLAIN) return true;
-    JsonState s = m->st;
+    if (st->lex == L_STRING && v->cls[id] & T_PLAIN) return true;
+    JsonState s = *st;
     const uint8_t *b = (const uint8_t *)v->bytes[id];
     for (uint32_t i = 0; i < v->len[id]; i++)
         if (!json_state_step(&s, b[i])) return false;
     return true;
 }
 
+/* Cache keys: the state's fields and its open containers (what lies past depth is stale). */
+static bool same_state(const JsonState *a, const JsonState *b) {
+    return a->lex == b->lex && a->key == b->key && a->sub == b->sub && a->lit == b->lit && a->ws == b->ws &&
+           a->depth == b->depth && !memcmp(a->stack, b->stack, a->depth);
+}
+
+static uint32_t state_hash(const JsonState *s) {
+    uint32_t h = 2166136261u;
+    const uint8_t head[6] = {s->lex, s->key, s->sub, s->lit, s->ws, s->depth};
+    for (int i = 0; i < 6; i++) h = (h ^ head[i]) * 16777619u;
+    for (int i = 0; i < s->depth; i++) h = (h ^ s->stack[i]) * 16777619u;
+    return h;
+}
+
+/* The mask of state st (bits of allowed ids, the vocabulary's ends allowed when complete) into
+ * out, from the cache or computed and cached. */
+static void state_mask(JsonVocab *v, const JsonState *st, uint64_t *out) {
+    const uint32_t slot = state_hash(st) % MASK_SLOTS;
+    uint64_t *cached = v->masks + (size_t)slot * v->words;
+    pthread_mutex_lock(&v->mu);
+    if (v->used[slot] && same_state(&v->keys[slot], st)) {
+        memcpy(out, cached, (size_t)v->words * sizeof *out);
+        pthread_mutex_unlock(&v->mu);
+        return;
+    }
+    pthread_mutex_unlock(&v->mu);
+    memset(out, 0, (size_t)v->words * sizeof *out);
+    const bool complete = json_state_complete(st);
+    for (int id = 0; id < v->vocab; id++)
+        if (v->cls[id] & T_END ? complete : token_fits(v, st, id)) out[id >> 6] |= 1ull << (id & 63);
+    pthread_mutex_lock(&v->mu);
+    memcpy(cached, out, (size_t)v->words * sizeof *out);
+    v->keys[slot] = *st;
+    v->used[slot] = true;
+    pthread_mutex_unlock(&v->mu);
+}
+
 static void json_mode_mask(void *state, float *logits, int vocab) {
     JsonMode *m = state;
     if (m->wait_for >= 0) return;
+    const JsonVocab *v = m->v;
+    if (!m->bits && !(m->bits = malloc((size_t)v->words * sizeof *m->bits))) return; /* out of memory: unconstrained */
+    state_mask((JsonVocab *)v, &m->st, m->bits);
+    /* the request's own stop ids end it: allowed exactly when the object is complete */
     const bool complete = json_state_complete(&m->st);
-    for (int id = 0; id < vocab; id++) {
-        if (logits[id] == -INFINITY) continue;
-        const bool ok = is_end(m, id) ? complete : id < m->v->vocab && token_fits(m, id);
-        if (!ok) logits[id] = -INFINITY;
+    for (int i = 0; i < m->n_stop; i++)
+        if (m->stop[i] < v->vocab) {
+            const int id = m->stop[i];
+            m->bits[id >> 6] = (m->bits[id >> 6] & ~(1ull << (id & 63))) | (uint64_t)complete << (id & 63);
+        }
+    const int n = vocab < v->vocab ? vocab : v->vocab;
+    for (int w = 0; w * 64 < n; w++) {
+        const uint64_t bits = m->bits[w];
+        if (bits == ~0ull && w * 64 + 64 <= n) continue;
+        for (int id = w * 64; id < w * 64 + 64 && id < n; id++)
+            if (!(bits >> (id & 63) & 1)) logits[id] = -INFINITY;
     }
+    for (int id = n; id < vocab; id++) logits[id] = -INFINITY;
 }
 
 static void json_mode_accept(void *state, int32_t token) {
@@ -267,6 +337,12 @@ static void json_mode_accept(void *state, int32_t token) {
     for (uint32_t i = 0; i < m->v->len[token]; i++) json_state_step(&m->st, b[i]);
 }
 
+static void json_mode_free(void *state) {
+    JsonMode *m = state;
+    free(m->bits);
+    free(m);
+}
+
 OutputConstraint json_mode_constraint(const JsonVocab *v, bool think_first, const int32_t *stop_ids, int n_stop_ids) {
     JsonMode *m = calloc(1, sizeof *m);
     if (!m) return (OutputConstraint){0};
@@ -274,5 +350,5 @@ OutputConstraint json_mode_constraint(const JsonVocab *v, bool think_first, cons
     json_state_init(&m->st);
     m->wait_for = think_first ? v->think_end : -1;
     for (int i = 0; i < n_stop_ids && i < ENGINE_MAX_STOP_IDS; i++) m->stop[m->n_stop++] = stop_ids[i];
-    return (OutputConstraint){.state = m, .mask = json_mode_mask, .accept = json_mode_accept, .free = free};
+    return (OutputConstraint){.state = m, .mask = json_mode_mask, .accept = json_mode_accept, .free = json_mode_free};
 }

@@ -36,9 +36,9 @@ bool json_state_step(JsonState *s, uint8_t c);
 /* Whether the text so far is a complete JSON object (with any whitespace after it). */
 bool json_state_complete(const JsonState *s);
 
-/* What JSON mode needs of a vocabulary, built once per tokenizer and shared (read-only) by every
- * constrained request: each token's bytes and class, the model's end-of-sequence ids, and the id
- * that ends Qwen3's thinking. */
+/* What JSON mode needs of a vocabulary, built once per tokenizer and shared by every constrained
+ * request: each token's bytes and class, the model's end-of-sequence ids, the id that ends
+ * Qwen3's thinking, and a cache of masks by recogniser state (thread-safe). */
 typedef struct JsonVocab JsonVocab;
 
 /* For tokenizer t and a model of `vocab` ids (ids past the tokenizer's are never allowed) whose

@@ -105,13 +105,26 @@ static void test_mask(void) {
     int32_t *ids = NULL;
     size_t n_ids = 0;
     CHECK(tok_encode(tok, text, strlen(text), &ids, &n_ids, &err) == 0, "encode");
+    OutputConstraint c2 = json_mode_constraint(jv, false, NULL, 0); /* same states, no stop id */
     for (size_t i = 0; i < n_ids; i++) {
         for (int j = 0; j < V; j++) logits[j] = 0.0f;
         c.mask(c.state, logits, V);
         CHECK(logits[ids[i]] == 0.0f, "token %zu (%d) of %s allowed", i, ids[i], text);
         c.accept(c.state, ids[i]);
+        c2.accept(c2.state, ids[i]);
     }
     free(ids);
+    /* the masks are cached per state: the second request gets the first's, less its stop id */
+    float *l2 = malloc((size_t)V * sizeof *l2);
+    for (int j = 0; j < V; j++) logits[j] = l2[j] = 0.0f;
+    c.mask(c.state, logits, V);
+    c2.mask(c2.state, l2, V);
+    int differ = 0;
+    for (int j = 0; j < V; j++) differ += (logits[j] == 0.0f) != (l2[j] == 0.0f);
+    CHECK(differ == 1 && l2[stop] == 0.0f && logits[stop] == -INFINITY, "cached masks agree but for the stop id (%d)",
+          differ);
+    free(l2);
+    c2.free(c2.state);
     for (int j = 0; j < V; j++) logits[j] = 0.0f;
     c.mask(c.state, logits, V);
     CHECK(logits[close] == 0 && logits[im_end] == -INFINITY && logits[stop] == -INFINITY && logits[a] == -INFINITY,
