@@ -264,18 +264,6 @@ static bool near_tie_divergence(Model *m, const int32_t *ids, int n, const int32
     return gap <= noise;
 }
 
-typedef struct BatchRun {
-    int32_t ids[24];
-    int n;
-    bool done;
-} BatchRun;
-
-static void collect_batch(void *user, const EngineEvent *ev) {
-    BatchRun *r = user;
-    if (ev->token >= 0 && r->n < 24) r->ids[r->n++] = ev->token;
-    if (ev->finish) r->done = true;
-}
-
 /* Twelve greedy requests of 24 tokens (prompts of 3..150 random ids) run together must give the
  * tokens each gives alone: steps of `chunk` tokens mix chunked prefills with decodes. A fresh
  * engine without prefix caching, so that every prompt is computed inside the batch; it is freed
@@ -301,16 +289,16 @@ static void check_batch_equals_alone(Model *m, const EngineOptions *base, const 
     EngineParams p = engine_params_default();
     p.max_tokens = OUT;
     p.ignore_eos = true;
-    BatchRun alone[N], together[N];
+    Collect alone[N], together[N];
     memset(alone, 0, sizeof alone);
     memset(together, 0, sizeof together);
     for (int i = 0; i < N; i++) {
-        CHECK(engine_add(e, prompts[i], lens[i], &p, collect_batch, &alone[i], NULL, &err) == 0, "engine_add: %s",
+        CHECK(engine_add(e, prompts[i], lens[i], &p, collect, &alone[i], NULL, &err) == 0, "engine_add: %s",
               err.msg);
         engine_run_until_idle(e);
     }
     for (int i = 0; i < N; i++)
-        CHECK(engine_add(e, prompts[i], lens[i], &p, collect_batch, &together[i], NULL, &err) == 0, "engine_add: %s",
+        CHECK(engine_add(e, prompts[i], lens[i], &p, collect, &together[i], NULL, &err) == 0, "engine_add: %s",
               err.msg);
     engine_run_until_idle(e);
     engine_free(e);
@@ -318,9 +306,9 @@ static void check_batch_equals_alone(Model *m, const EngineOptions *base, const 
     for (int i = 0; i < N; i++) {
         CHECK(alone[i].done && alone[i].n == OUT && together[i].done && together[i].n == OUT,
               "%s request %d: %d and %d tokens", label, i, alone[i].n, together[i].n);
-        bool eq = !memcmp(alone[i].ids, together[i].ids, sizeof alone[i].ids);
+        bool eq = !memcmp(alone[i].ids, together[i].ids, OUT * sizeof *alone[i].ids);
         same += eq;
-        distinct += i == 0 || memcmp(alone[i].ids, alone[0].ids, sizeof alone[i].ids) != 0;
+        distinct += i == 0 || memcmp(alone[i].ids, alone[0].ids, OUT * sizeof *alone[i].ids) != 0;
         char what[64];
         snprintf(what, sizeof what, "%s batch request %d", label, i);
         CHECK(eq || near_tie_divergence(m, prompts[i], lens[i], together[i].ids, alone[i].ids, OUT, eo.max_step_tokens,
