@@ -290,8 +290,10 @@ static int parse_chat(OaiRequest *r, const json_t *root, const OaiContext *ctx, 
     if (k_given && !lp) return oai_error(err, 400, "top_logprobs", "top_logprobs needs logprobs set to true");
     if (lp) s->params.logprobs = r->top_logprobs = (int)k;
 
+    bool add_generation_prompt = true; /* vLLM's extra field; false: the messages as they are */
+    if (get_bool(root, "add_generation_prompt", &add_generation_prompt, err)) return -1;
     QErr q;
-    char *prompt = chat_template_render(msgs, tools, true, thinking, &q);
+    char *prompt = chat_template_render(msgs, tools, add_generation_prompt, thinking, &q);
     if (!prompt) return oai_error(err, 400, "messages", "%s", q.msg);
     if (!(s->prompts = calloc(1, sizeof *s->prompts))) {
         free(prompt);
@@ -365,11 +367,17 @@ static int parse_completion(OaiRequest *r, const json_t *root, const OaiContext 
     return 0;
 }
 
-static int parse_body(OaiRequest *r, const json_t *root, const OaiContext *ctx, OaiError *err) {
+/* The optional "model" field: absent or the served name (404 otherwise, as vLLM answers). */
+static int check_model(const json_t *root, const OaiContext *ctx, OaiError *err) {
     json_t *m = field(root, "model");
     if (m && !json_is_string(m)) return oai_error(err, 400, "model", "model must be a string");
     if (m && strcmp(json_string_value(m), ctx->model_name))
         return oai_error(err, 404, "model", "The model `%s` does not exist.", json_string_value(m));
+    return 0;
+}
+
+static int parse_body(OaiRequest *r, const json_t *root, const OaiContext *ctx, OaiError *err) {
+    if (check_model(root, ctx, err)) return -1;
     GenSpec *s = &r->spec;
     s->n = 1;
     s->skip_special = true;
@@ -423,28 +431,100 @@ static int parse_body(OaiRequest *r, const json_t *root, const OaiContext *ctx, 
     return 0;
 }
 
+/* The body as a JSON object, or NULL with err. */
+static json_t *load_object(const char *body, size_t len, OaiError *err) {
+    json_error_t je;
+    json_t *root = json_loadb(body, len, 0, &je);
+    if (!root) {
+        oai_error(err, 400, NULL, "the request body is not valid JSON (line %d, column %d): %s", je.line, je.column,
+                  je.text);
+        return NULL;
+    }
+    if (!json_is_object(root)) {
+        json_decref(root);
+        oai_error(err, 400, NULL, "the request body must be a JSON object");
+        return NULL;
+    }
+    return root;
+}
+
 int oai_parse(OaiRequest *r, OaiKind kind, const char *body, size_t len, const OaiContext *ctx, OaiError *err) {
     memset(r, 0, sizeof *r);
     r->kind = kind;
     r->top_logprobs = -1;
     r->created = (long long)time(NULL);
     r->model = ctx->model_name;
-    json_error_t je;
-    json_t *root = json_loadb(body, len, 0, &je);
-    if (!root)
-        return oai_error(err, 400, NULL, "the request body is not valid JSON (line %d, column %d): %s", je.line,
-                         je.column, je.text);
-    int rc = 0;
-    if (!json_is_object(root))
-        rc = oai_error(err, 400, NULL, "the request body must be a JSON object");
-    else
-        rc = parse_body(r, root, ctx, err);
+    json_t *root = load_object(body, len, err);
+    if (!root) return -1;
+    int rc = parse_body(r, root, ctx, err);
     json_decref(root);
     if (rc) oai_request_free(r);
     return rc;
 }
 
 void oai_request_free(OaiRequest *r) { gen_spec_free(&r->spec); }
+
+/* ------------------------------------------------------------------ /tokenize, /detokenize */
+
+char *oai_tokenize(const char *body, size_t len, const OaiContext *ctx, OaiError *err) {
+    json_t *root = load_object(body, len, err);
+    if (!root) return NULL;
+    int32_t *ids = NULL;
+    size_t n = 0;
+    OaiRequest r = {.kind = OAI_CHAT};
+    int rc = check_model(root, ctx, err);
+    json_t *prompt = field(root, "prompt");
+    if (rc == 0 && field(root, "messages")) {
+        if (prompt) {
+            rc = oai_error(err, 400, "prompt", "give either prompt or messages, not both");
+        } else if (!(rc = parse_chat(&r, root, ctx, err))) {
+            ids = r.spec.prompts[0].ids, n = (size_t)r.spec.prompts[0].n;
+        }
+    } else if (rc == 0) {
+        QErr q;
+        if (!json_is_string(prompt))
+            rc = oai_error(err, 400, "prompt", "prompt (a string) or messages (a chat) is required");
+        else if (tok_encode(ctx->tok, json_string_value(prompt), json_string_length(prompt), &ids, &n, &q))
+            rc = oai_error(err, 400, "prompt", "prompt: %s", q.msg);
+    }
+    json_t *tokens = rc ? NULL : json_array();
+    for (size_t i = 0; tokens && i < n; i++) json_array_append_new(tokens, json_integer(ids[i]));
+    if (!r.spec.prompts) free(ids);
+    oai_request_free(&r);
+    json_decref(root);
+    if (rc) return NULL;
+    return dump(json_pack("{s:I, s:i, s:o, s:n}", "count", (json_int_t)n, "max_model_len", ctx->max_model_len,
+                          "tokens", tokens, "token_strs"));
+}
+
+char *oai_detokenize(const char *body, size_t len, const OaiContext *ctx, OaiError *err) {
+    json_t *root = load_object(body, len, err);
+    if (!root) return NULL;
+    json_t *tokens = field(root, "tokens");
+    int rc = check_model(root, ctx, err);
+    if (rc == 0 && !json_is_array(tokens)) rc = oai_error(err, 400, "tokens", "tokens (a list of token ids) is required");
+    size_t n = rc ? 0 : json_array_size(tokens);
+    int32_t *ids = malloc((n ? n : 1) * sizeof *ids);
+    if (!ids && rc == 0) rc = oai_error(err, 500, NULL, "out of memory");
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        json_t *e = json_array_get(tokens, i);
+        size_t tl;
+        if (!json_is_integer(e) || json_integer_value(e) < 0 || json_integer_value(e) >= ctx->vocab_size ||
+            !tok_token_bytes(ctx->tok, (int32_t)json_integer_value(e), &tl))
+            rc = oai_error(err, 400, "tokens", "tokens[%zu] is not a token id of this model's vocabulary", i);
+        else
+            ids[i] = (int32_t)json_integer_value(e);
+    }
+    char *text = NULL;
+    QErr q;
+    if (rc == 0 && !(text = tok_decode(ctx->tok, ids, n, 0, NULL, &q))) rc = oai_error(err, 400, "tokens", "%s", q.msg);
+    free(ids);
+    json_decref(root);
+    if (rc) return NULL;
+    json_t *o = json_pack("{s:s}", "prompt", text);
+    free(text);
+    return dump(o);
+}
 
 /* ------------------------------------------------------------------ responses */
 

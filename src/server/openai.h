@@ -7,7 +7,7 @@
  * (string or list), stop_token_ids, n, min_tokens, ignore_eos, skip_special_tokens, stream,
  * stream_options.include_usage, return_tokens_as_token_ids; chat: messages, tools, tool_choice
  * ("auto" | "none"), logprobs (bool), top_logprobs, max_completion_tokens,
- * chat_template_kwargs.enable_thinking; completions: prompt (string, strings, token ids, lists of
+ * chat_template_kwargs.enable_thinking, add_generation_prompt; completions: prompt (string, strings, token ids, lists of
  * token ids), echo, logprobs (int). Absent sampling fields take the model's generation_config
  * values (as vLLM does); response_format {"type": "json_object"} holds the output (chat: the
  * content after the reasoning) to a JSON object (text/json_mode.h). Unknown fields are ignored; a
@@ -78,5 +78,12 @@ void oai_stream_end(const OaiRequest *r, Gen *g, StrBuf *out);
 
 /* The GET /v1/models body, malloc'd. */
 char *oai_models_json(const OaiContext *ctx);
+
+/* vLLM's POST /tokenize: {"prompt": text} or a chat ({"messages", "tools", "chat_template_kwargs",
+ * "add_generation_prompt" (default true)}, as /v1/chat/completions renders it) -> {"count",
+ * "max_model_len", "tokens", "token_strs": null}. POST /detokenize: {"tokens": [ids]} ->
+ * {"prompt": text}. Both take an optional "model". The response body, or NULL with err. */
+char *oai_tokenize(const char *body, size_t len, const OaiContext *ctx, OaiError *err);
+char *oai_detokenize(const char *body, size_t len, const OaiContext *ctx, OaiError *err);
 
 #endif

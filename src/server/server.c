@@ -292,8 +292,10 @@ static enum MHD_Result dispatch(Conn *c, const char *url, const char *method) {
         return send_body(c, 200, metrics_render(s->metrics, &st), "text/plain; version=0.0.4; charset=utf-8");
     }
     bool models = !strcmp(url, "/v1/models"), chat = !strcmp(url, "/v1/chat/completions"),
-         completions = !strcmp(url, "/v1/completions");
-    if (!models && !chat && !completions) return send_errorf(c, 404, "no route for %s %s", method, url);
+         completions = !strcmp(url, "/v1/completions"), tokenize = !strcmp(url, "/tokenize"),
+         detokenize = !strcmp(url, "/detokenize");
+    if (!models && !chat && !completions && !tokenize && !detokenize)
+        return send_errorf(c, 404, "no route for %s %s", method, url);
     if (!authorized(s, c->mc))
         return send_errorf(c, 401, "Unauthorized: this server needs an API key (Authorization: Bearer KEY)");
     if (models) {
@@ -301,6 +303,11 @@ static enum MHD_Result dispatch(Conn *c, const char *url, const char *method) {
         return send_body(c, 200, oai_models_json(&s->ctx), "application/json");
     }
     if (!post) return send_errorf(c, 405, "%s %s is not allowed (use POST)", method, url);
+    if (tokenize || detokenize) {
+        OaiError e;
+        char *out = (tokenize ? oai_tokenize : oai_detokenize)(sb_str(&c->body), c->body.len, &s->ctx, &e);
+        return out ? send_body(c, 200, out, "application/json") : send_error(c, &e);
+    }
     return generate(c, chat ? OAI_CHAT : OAI_COMPLETION);
 }
 

@@ -1,8 +1,9 @@
 /* server.h — quill's OpenAI-compatible HTTP server (libmicrohttpd) over one engine.
  *
  * Endpoints: POST /v1/chat/completions, POST /v1/completions (streaming or not), GET /v1/models,
- * GET /health, GET /metrics (Prometheus). With an API key, every /v1/ route needs "Authorization: Bearer
- * KEY"; /health and /metrics stay open, as in vLLM. Errors are {"error": {...}} with 400, 401,
+ * POST /tokenize, POST /detokenize, GET /health, GET /metrics (Prometheus). With an API key, every
+ * /v1/ route and /tokenize, /detokenize need "Authorization: Bearer KEY"; /health and /metrics
+ * stay open, as in vLLM. Errors are {"error": {...}} with 400, 401,
  * 404, 405, 413 or 500, and never stop the server. A client that disconnects has its engine
  * requests aborted at once (their KV blocks are freed at the engine's next step). */
 #ifndef QUILL_SERVER_H

@@ -376,6 +376,39 @@ def test_json_mode_bad_response_format(craft, rf):
     assert err["param"] == "response_format"
 
 
+def test_tokenize_and_detokenize(craft, hf_tok):
+    """vLLM's /tokenize (a prompt, or messages rendered as /v1/chat/completions renders them) and
+    /detokenize, against the reference tokenizer."""
+    u = craft.url
+    text = "Hello world, ça va? 日本語 <think>"
+    r = requests.post(u + "/tokenize", json={"model": "crafted", "prompt": text}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == encode(hf_tok, text) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] > 0 and body["token_strs"] is None
+    assert requests.post(u + "/tokenize", json={"prompt": ""}, timeout=60).json()["count"] == 0
+    msgs = [{"role": "user", "content": "hi"}]
+    for thinking in (True, False):
+        chat = requests.post(u + "/tokenize", json={"messages": msgs, "chat_template_kwargs": {
+            "enable_thinking": thinking}}, timeout=60).json()
+        assert chat["count"] == chat_prompt_tokens(hf_tok, "hi", thinking)
+        usage = craft.client().chat.completions.create(
+            model="crafted", messages=msgs, max_tokens=1,
+            extra_body={"chat_template_kwargs": {"enable_thinking": thinking}}).usage
+        assert usage.prompt_tokens == chat["count"]
+    bare = requests.post(u + "/tokenize", json={"messages": msgs, "add_generation_prompt": False}, timeout=60).json()
+    assert hf_tok.decode(bare["tokens"], skip_special_tokens=False) == "<|im_start|>user\nhi<|im_end|>\n"
+    back = requests.post(u + "/detokenize", json={"tokens": body["tokens"]}, timeout=60).json()
+    assert back == {"prompt": text}
+    for path, bad, param in [("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": 5}, "prompt"),
+                             ("/tokenize", {"prompt": "x", "messages": msgs}, "prompt"),
+                             ("/tokenize", {"messages": []}, "messages"), ("/detokenize", {"tokens": "1"}, "tokens"),
+                             ("/detokenize", {"tokens": [1, 10 ** 7]}, "tokens")]:
+        assert error_of(requests.post(u + path, json=bad, timeout=60), 400)["param"] == param, (path, bad)
+    assert error_of(requests.post(u + "/tokenize", json={"model": "gpt-4", "prompt": "x"}, timeout=60), 404)
+    assert error_of(requests.get(u + "/tokenize", timeout=60), 405)
+
+
 def test_tool_call_round_trip(craft):
     client = craft.client()
     msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
