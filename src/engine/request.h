@@ -20,7 +20,7 @@ typedef enum FinishReason {
 
 const char *finish_reason_name(FinishReason r); /* "stop", "length", "abort" */
 
-/* A rule on the output (e.g. JSON mode, text/json_mode.h), or none (state NULL). Before each
+/* A rule on the output (e.g. JSON mode, text/structured.h), or none (state NULL). Before each
  * sampling of the request, mask sets the logits of the tokens it forbids to -INFINITY (leaving at
  * least one); each token chosen is then passed to accept. A request with one samples on the host.
  * engine_add takes it over on success (free(state) when the request ends); on failure it stays the

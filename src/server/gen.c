@@ -117,6 +117,8 @@ void gen_spec_free(GenSpec *s) {
     free(s->prompts);
     for (int i = 0; i < s->n_stop; i++) free(s->stop[i]);
     free(s->stop);
+    for (int i = 0; i < s->format.n_choices; i++) free(s->format.choices[i]);
+    free(s->format.choices);
     memset(s, 0, sizeof *s);
 }
 
@@ -275,8 +277,9 @@ int gen_submit(Gen *g, QErr *err) {
         EngineParams p = g->spec.params;
         p.max_tokens = pr->max_tokens;
         if (p.sampling.has_seed) p.sampling.seed += (uint64_t)(i % g->spec.n);
-        if (g->spec.json) {
-            p.constraint = json_mode_constraint(g->spec.json, g->spec.chat && g->spec.thinking, p.stop_ids, p.n_stop_ids);
+        if (g->spec.format.kind != OUTPUT_TEXT) {
+            p.constraint = output_constraint(g->spec.vocab, &g->spec.format, g->spec.chat && g->spec.thinking, p.stop_ids,
+                                             p.n_stop_ids);
             if (!p.constraint.state) {
                 for (int k = 0; k < i; k++) engine_abort(g->engine, g->choices[k].engine_id);
                 return qerr_set(err, "out of memory");

@@ -16,7 +16,7 @@
 
 #include "engine/engine.h"
 #include "server/metrics.h"
-#include "text/json_mode.h"
+#include "text/structured.h"
 #include "text/tokenizer.h"
 #include "util/strbuf.h"
 
@@ -52,7 +52,8 @@ typedef struct GenSpec {
     bool skip_special;    /* detokenize without special tokens */
     bool chat;            /* parse reasoning and tool calls (text/reasoning.h) */
     bool thinking, tools; /* the parser's modes */
-    const JsonVocab *json; /* JSON mode (a constraint per choice; not owned), or NULL */
+    OutputFormat format;       /* JSON mode or a choice (its strings owned): a constraint per choice */
+    const StructVocab *vocab;  /* for the constraint (not owned); set with format */
 } GenSpec;
 
 void gen_spec_free(GenSpec *s); /* frees the contents; NULL allowed */

@@ -192,6 +192,75 @@ static int parse_logit_bias(const json_t *root, SamplingParams *sp, const OaiCon
     return 0;
 }
 
+/* choices: a non-empty list of non-empty strings, copied into f. */
+static int parse_choices(const json_t *list, OutputFormat *f, const char *param, OaiError *err) {
+    if (!json_is_array(list) || json_array_size(list) == 0 || json_array_size(list) > 1024)
+        return oai_error(err, 400, param, "%s must be a list of 1 to 1024 strings", param);
+    f->kind = OUTPUT_CHOICE;
+    if (!(f->choices = calloc(json_array_size(list), sizeof *f->choices))) return oai_error(err, 500, NULL, "out of memory");
+    for (size_t i = 0; i < json_array_size(list); i++) {
+        json_t *c = json_array_get(list, i);
+        if (!json_is_string(c) || json_string_length(c) == 0 || strlen(json_string_value(c)) != json_string_length(c))
+            return oai_error(err, 400, param, "%s[%zu] must be a non-empty string", param, i);
+        if (!(f->choices[f->n_choices++] = strdup(json_string_value(c)))) return oai_error(err, 500, NULL, "out of memory");
+    }
+    return 0;
+}
+
+/* The output's form: response_format (text or json_object; json_schema is refused), vLLM's
+ * structured_outputs ({"choice": [...]} or {"json_object": true}) or its older guided_choice.
+ * Forms vLLM also knows but quill cannot honour (a JSON schema, a regex, a grammar) are refused,
+ * never ignored. */
+static int parse_output_format(const json_t *root, GenSpec *s, const OaiContext *ctx, OaiError *err) {
+    OutputFormat *f = &s->format;
+    json_t *rf = field(root, "response_format");
+    if (rf) {
+        json_t *t = json_is_object(rf) ? json_object_get(rf, "type") : NULL;
+        const char *type = json_is_string(t) ? json_string_value(t) : "";
+        if (!strcmp(type, "json_object"))
+            f->kind = OUTPUT_JSON_OBJECT;
+        else if (strcmp(type, "text"))
+            return oai_error(err, 400, "response_format",
+                             "response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}"
+                             " (json_schema is not supported)");
+    }
+    static const char *const unsupported[] = {"guided_json", "guided_regex", "guided_grammar", "guided_whitespace_pattern"};
+    for (size_t i = 0; i < sizeof unsupported / sizeof *unsupported; i++)
+        if (field(root, unsupported[i]))
+            return oai_error(err, 400, unsupported[i], "%s is not supported (guided_choice and JSON mode are)",
+                             unsupported[i]);
+    json_t *gc = field(root, "guided_choice"), *so = field(root, "structured_outputs");
+    if ((gc || so) && f->kind != OUTPUT_TEXT)
+        return oai_error(err, 400, gc ? "guided_choice" : "structured_outputs",
+                         "give one output form: response_format json_object, or a choice");
+    if (gc && so) return oai_error(err, 400, "structured_outputs", "give either guided_choice or structured_outputs");
+    if (gc && parse_choices(gc, f, "guided_choice", err)) return -1;
+    if (so) {
+        if (!json_is_object(so)) return oai_error(err, 400, "structured_outputs", "structured_outputs must be an object");
+        const char *key;
+        json_t *v;
+        json_object_foreach(so, key, v) {
+            if (json_is_null(v)) continue;
+            if (!strcmp(key, "choice")) {
+                if (f->kind != OUTPUT_TEXT)
+                    return oai_error(err, 400, "structured_outputs", "structured_outputs: give one form");
+                if (parse_choices(v, f, "structured_outputs", err)) return -1;
+            } else if (!strcmp(key, "json_object") && json_is_true(v)) {
+                if (f->kind != OUTPUT_TEXT)
+                    return oai_error(err, 400, "structured_outputs", "structured_outputs: give one form");
+                f->kind = OUTPUT_JSON_OBJECT;
+            } else {
+                return oai_error(err, 400, "structured_outputs",
+                                 "structured_outputs.%s is not supported (choice and json_object are)", key);
+            }
+        }
+    }
+    if (f->kind != OUTPUT_TEXT) s->vocab = ctx->vocab;
+    if (f->kind != OUTPUT_TEXT && !ctx->vocab)
+        return oai_error(err, 400, "response_format", "structured outputs are not available on this server");
+    return 0;
+}
+
 /* The sampling and stopping fields both endpoints share. */
 static int parse_sampling(const json_t *root, GenSpec *s, const OaiContext *ctx, OaiError *err) {
     EngineParams *p = &s->params;
@@ -223,17 +292,7 @@ static int parse_sampling(const json_t *root, GenSpec *s, const OaiContext *ctx,
         return -1;
     if (parse_stop(root, s, err) || parse_stop_ids(root, p, ctx, err)) return -1;
     if (parse_logit_bias(root, sp, ctx, err)) return -1;
-    json_t *rf = field(root, "response_format");
-    if (rf) {
-        json_t *t = json_is_object(rf) ? json_object_get(rf, "type") : NULL;
-        const char *type = json_is_string(t) ? json_string_value(t) : "";
-        if (!strcmp(type, "json_object") && ctx->json)
-            s->json = ctx->json;
-        else if (strcmp(type, "text"))
-            return oai_error(err, 400, "response_format",
-                             "response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}"
-                             " (json_schema is not supported)");
-    }
+    if (parse_output_format(root, s, ctx, err)) return -1;
     return 0;
 }
 
@@ -738,6 +797,15 @@ static void send_choice(const OaiRequest *r, GenChoice *c, bool fin, json_t *ch,
     chunk(r, out, ch);
 }
 
+/* {"reasoning_content": the reasoning not sent yet, "reasoning": the same}, marked sent. */
+static json_t *reasoning_delta(GenChoice *c) {
+    json_t *delta = json_object(), *t = jstrn(c->reasoning.s + c->sent_reasoning, c->reasoning.len - c->sent_reasoning);
+    json_object_set(delta, "reasoning_content", t);
+    json_object_set_new(delta, "reasoning", t);
+    c->sent_reasoning = c->reasoning.len;
+    return delta;
+}
+
 static void chat_chunks(const OaiRequest *r, Gen *g, GenChoice *c, StrBuf *out) {
     if (!c->sent_start) {
         c->sent_start = true;
@@ -746,13 +814,7 @@ static void chat_chunks(const OaiRequest *r, Gen *g, GenChoice *c, StrBuf *out) 
         chunk(r, out, ch);
     }
     bool fin = c->done && !c->sent_finish;
-    json_t *delta = json_object();
-    if (c->reasoning.len > c->sent_reasoning) {
-        json_t *t = jstrn(c->reasoning.s + c->sent_reasoning, c->reasoning.len - c->sent_reasoning);
-        json_object_set(delta, "reasoning_content", t);
-        json_object_set_new(delta, "reasoning", t);
-        c->sent_reasoning = c->reasoning.len;
-    }
+    json_t *delta = c->reasoning.len > c->sent_reasoning ? reasoning_delta(c) : json_object();
     if (c->text.len > c->sent_text) {
         json_object_set_new(delta, "content", jstrn(c->text.s + c->sent_text, c->text.len - c->sent_text));
         c->sent_text = c->text.len;

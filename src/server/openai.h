@@ -9,10 +9,11 @@
  * ("auto" | "none"), logprobs (bool), top_logprobs, max_completion_tokens,
  * chat_template_kwargs.enable_thinking, add_generation_prompt; completions: prompt (string, strings, token ids, lists of
  * token ids), echo, logprobs (int). Absent sampling fields take the model's generation_config
- * values (as vLLM does); response_format {"type": "json_object"} holds the output (chat: the
- * content after the reasoning) to a JSON object (text/json_mode.h). Unknown fields are ignored; a
- * field that cannot be honoured (response_format json_schema, tool_choice "required", suffix) is
- * refused. null means absent. */
+ * values (as vLLM does). Structured outputs (text/structured.h; chat: the content after the
+ * reasoning): response_format {"type": "json_object"} (a JSON object), and vLLM's guided_choice
+ * or structured_outputs {"choice": [...]} / {"json_object": true}. Unknown fields are ignored; a
+ * field that cannot be honoured (response_format json_schema, guided_json / regex / grammar,
+ * tool_choice "required", suffix) is refused. null means absent. */
 #ifndef QUILL_SERVER_OPENAI_H
 #define QUILL_SERVER_OPENAI_H
 
@@ -20,7 +21,7 @@
 
 #include "model/sampler.h"
 #include "server/gen.h"
-#include "text/json_mode.h"
+#include "text/structured.h"
 #include "text/tokenizer.h"
 #include "util/strbuf.h"
 
@@ -44,7 +45,7 @@ typedef struct OaiContext {
     int max_model_len;
     int vocab_size;         /* the model's (token ids must be below it) */
     SamplingParams defaults;
-    const JsonVocab *json;  /* for response_format json_object */
+    const StructVocab *vocab; /* for structured outputs */
 } OaiContext;
 
 typedef enum OaiKind { OAI_CHAT, OAI_COMPLETION } OaiKind;

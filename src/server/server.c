@@ -36,7 +36,7 @@ struct Server {
     Engine *engine;
     const Tok *tok;
     Metrics *metrics;
-    JsonVocab *json; /* JSON mode's view of the vocabulary */
+    StructVocab *vocab; /* structured outputs' view of the vocabulary */
     OaiContext ctx;
     char *api_key, *model_name, *model_root;
     size_t max_body;
@@ -372,7 +372,7 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls, e
 static void server_free(Server *s) {
     if (!s) return;
     metrics_free(s->metrics);
-    json_vocab_free(s->json);
+    struct_vocab_free(s->vocab);
     free(s->api_key);
     free(s->model_name);
     free(s->model_root);
@@ -405,12 +405,12 @@ Server *server_start(Engine *e, const Tok *tok, const ServerOptions *o, QErr *er
         server_free(s);
         return NULL;
     }
-    /* JSON mode ends objects at the ids that end generation (generation_config's and config's) */
+    /* structured outputs end at the ids that end generation (generation_config's and config's) */
     int32_t eos[2 * CONFIG_MAX_EOS];
     int n_eos = 0;
     for (int i = 0; i < m->gen.n_eos; i++) eos[n_eos++] = m->gen.eos_token_ids[i];
     for (int i = 0; i < m->cfg.n_eos; i++) eos[n_eos++] = m->cfg.eos_token_ids[i];
-    if (!(s->json = json_vocab_new(tok, m->cfg.vocab_size, eos, n_eos))) {
+    if (!(s->vocab = struct_vocab_new(tok, m->cfg.vocab_size, eos, n_eos))) {
         qerr_set(err, "out of memory");
         server_free(s);
         return NULL;
@@ -427,7 +427,7 @@ Server *server_start(Engine *e, const Tok *tok, const ServerOptions *o, QErr *er
                           .max_model_len = o->max_model_len > 0 ? o->max_model_len : m->opt.max_ctx,
                           .vocab_size = m->cfg.vocab_size,
                           .defaults = d,
-                          .json = s->json};
+                          .vocab = s->vocab};
     if ((s->stop_efd = eventfd(0, EFD_CLOEXEC)) < 0) {
         qerr_set(err, "cannot create an eventfd: %s", strerror(errno));
         server_free(s);

@@ -376,6 +376,43 @@ def test_json_mode_bad_response_format(craft, rf):
     assert err["param"] == "response_format"
 
 
+def test_guided_choice(craft, rand):
+    """vLLM's guided_choice and structured_outputs.choice: the crafted model's greedy picks the
+    lowest allowed id among its tied logits ('n' before 'y'), a bias flips it; a random model's
+    sampled answers are always one of the choices."""
+    client = craft.client()
+    msgs = [{"role": "user", "content": "hi"}]
+    for extra in ({"guided_choice": ["yes", "no"]}, {"structured_outputs": {"choice": ["yes", "no"]}}):
+        for thinking in (True, False):
+            kw = dict(model="crafted", messages=msgs, temperature=0, max_tokens=16,
+                      extra_body={**extra, "chat_template_kwargs": {"enable_thinking": thinking}})
+            r = client.chat.completions.create(**kw)
+            assert r.choices[0].message.content == "no" and r.choices[0].finish_reason == "stop", (extra, thinking)
+            assert (r.choices[0].message.reasoning_content == "Hmm okay") == thinking
+            r = client.chat.completions.create(logit_bias={"88": 1}, **kw)  # 'y'
+            assert r.choices[0].message.content == "yes"
+    words = ["alpha", "beta", "gamma delta", "beta-2"]
+    seen = set()
+    for seed in range(6):
+        r = rand.client().completions.create(model="tiny", prompt=[1, 2, 3, seed], max_tokens=16, temperature=1.0,
+                                             seed=seed, extra_body={"guided_choice": words})
+        assert r.choices[0].text in words and r.choices[0].finish_reason == "stop", r.choices[0]
+        seen.add(r.choices[0].text)
+    assert len(seen) >= 2, seen
+
+
+@pytest.mark.parametrize("patch,param", [
+    ({"guided_json": {"type": "object"}}, "guided_json"), ({"guided_regex": "a+"}, "guided_regex"),
+    ({"structured_outputs": {"regex": "a+"}}, "structured_outputs"), ({"guided_choice": []}, "guided_choice"),
+    ({"guided_choice": ["a", ""]}, "guided_choice"), ({"guided_choice": "a"}, "guided_choice"),
+    ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice"),
+    ({"guided_choice": ["a"], "structured_outputs": {"choice": ["b"]}}, "structured_outputs")])
+def test_structured_outputs_refused(craft, patch, param):
+    body = {"model": "crafted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **patch}
+    err = error_of(requests.post(craft.url + "/v1/chat/completions", json=body, timeout=60), 400)
+    assert err["param"] == param, err
+
+
 def test_tokenize_and_detokenize(craft, hf_tok):
     """vLLM's /tokenize (a prompt, or messages rendered as /v1/chat/completions renders them) and
     /detokenize, against the reference tokenizer."""

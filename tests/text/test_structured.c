@@ -1,13 +1,14 @@
-/* test_json_mode.c — JSON mode: the recogniser on valid and invalid texts (every prefix of a
- * valid object accepted, the object complete only at its end, each invalid text refused at the
- * byte where it goes wrong), its limits, and the token mask over the real Qwen3 vocabulary. */
+/* test_structured.c — structured outputs. JSON mode: the recogniser on valid and invalid texts
+ * (every prefix of a valid object accepted, the object complete only at its end, each invalid
+ * text refused at the byte where it goes wrong), its limits, and the token mask over the real
+ * Qwen3 vocabulary. Choice: the masks along a choice's tokens, ends, shared prefixes. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../test_util.h"
-#include "text/json_mode.h"
+#include "text/structured.h"
 
 #define TOKENIZER "assets/tokenizer/qwen3/tokenizer.json"
 
@@ -78,15 +79,16 @@ static void test_mask(void) {
     const int V = 151936; /* Qwen3's embedding rows: more than the tokenizer's ids */
     const int32_t im_end = tok_token_id(tok, "<|im_end|>", 10), eot = tok_token_id(tok, "<|endoftext|>", 13);
     const int32_t eos[] = {im_end, eot};
-    JsonVocab *jv = json_vocab_new(tok, V, eos, 2);
-    CHECK(jv != NULL, "json_vocab_new");
+    StructVocab *jv = struct_vocab_new(tok, V, eos, 2);
+    CHECK(jv != NULL, "struct_vocab_new");
     float *logits = malloc((size_t)V * sizeof *logits);
     const int32_t brace = tok_token_id(tok, "{", 1), close = tok_token_id(tok, "}", 1), a = tok_token_id(tok, "a", 1);
     const int32_t quote = tok_token_id(tok, "\"", 1), nl = tok_token_id(tok, "\n", 1), think = tok_token_id(tok, "<think>", 7);
     const int32_t think_end = tok_token_id(tok, "</think>", 8), stop = tok_token_id(tok, ",", 1);
     CHECK(brace >= 0 && close >= 0 && a >= 0 && quote >= 0 && nl >= 0 && think >= 0 && think_end >= 0, "token ids");
     int32_t stops[] = {stop};
-    OutputConstraint c = json_mode_constraint(jv, false, stops, 1);
+    const OutputFormat json = {.kind = OUTPUT_JSON_OBJECT};
+    OutputConstraint c = output_constraint(jv, &json, false, stops, 1);
     CHECK(c.state != NULL, "constraint");
 
     /* at the start: '{' and whitespace; not letters, quotes, specials, the end, ids past the tokenizer */
@@ -105,7 +107,7 @@ static void test_mask(void) {
     int32_t *ids = NULL;
     size_t n_ids = 0;
     CHECK(tok_encode(tok, text, strlen(text), &ids, &n_ids, &err) == 0, "encode");
-    OutputConstraint c2 = json_mode_constraint(jv, false, NULL, 0); /* same states, no stop id */
+    OutputConstraint c2 = output_constraint(jv, &json, false, NULL, 0); /* same states, no stop id */
     for (size_t i = 0; i < n_ids; i++) {
         for (int j = 0; j < V; j++) logits[j] = 0.0f;
         c.mask(c.state, logits, V);
@@ -138,7 +140,7 @@ static void test_mask(void) {
     c.free(c.state);
 
     /* think_first: free text until </think>, then JSON */
-    c = json_mode_constraint(jv, true, NULL, 0);
+    c = output_constraint(jv, &json, true, NULL, 0);
     for (int j = 0; j < V; j++) logits[j] = 0.0f;
     c.mask(c.state, logits, V);
     CHECK(logits[a] == 0 && logits[im_end] == 0 && logits[think] == 0, "reasoning is unconstrained");
@@ -147,8 +149,35 @@ static void test_mask(void) {
     c.mask(c.state, logits, V);
     CHECK(logits[a] == -INFINITY && logits[brace] == 0, "after </think>: JSON");
     c.free(c.state);
+
+    /* choice: "positive", "pos", "negative" (a choice that prefixes another) */
+    char *words[] = {"positive", "pos", "negative"};
+    const OutputFormat choice = {.kind = OUTPUT_CHOICE, .choices = words, .n_choices = 3};
+    c = output_constraint(jv, &choice, false, NULL, 0);
+    for (int j = 0; j < V; j++) logits[j] = 1.0f;
+    c.mask(c.state, logits, V);
+    int n_allowed = 0;
+    for (int j = 0; j < V; j++) n_allowed += logits[j] == 1.0f;
+    const int32_t pos = tok_token_id(tok, "pos", 3), neg = tok_token_id(tok, "negative", 8), p = tok_token_id(tok, "p", 1);
+    const int32_t itive = tok_token_id(tok, "itive", 5);
+    CHECK(pos >= 0 && neg >= 0 && p >= 0 && itive >= 0, "choice token ids");
+    CHECK(logits[pos] == 1.0f && logits[neg] == 1.0f && logits[p] == 1.0f && logits[a] == -INFINITY &&
+              logits[im_end] == -INFINITY && logits[brace] == -INFINITY,
+          "first: prefixes of a choice only (%d allowed)", n_allowed);
+    c.accept(c.state, pos);
+    for (int j = 0; j < V; j++) logits[j] = 1.0f;
+    c.mask(c.state, logits, V);
+    CHECK(logits[im_end] == 1.0f && logits[itive] == 1.0f && logits[neg] == -INFINITY, "after 'pos': end or 'itive'");
+    c.accept(c.state, itive);
+    for (int j = 0; j < V; j++) logits[j] = 1.0f;
+    c.mask(c.state, logits, V);
+    n_allowed = 0;
+    for (int j = 0; j < V; j++) n_allowed += logits[j] == 1.0f;
+    CHECK(n_allowed == 2 && logits[im_end] == 1.0f && logits[eot] == 1.0f, "'positive' whole: the ends only (%d)",
+          n_allowed);
+    c.free(c.state);
     free(logits);
-    json_vocab_free(jv);
+    struct_vocab_free(jv);
     tok_free(tok);
 }
 

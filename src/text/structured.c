@@ -1,13 +1,15 @@
-/* json_mode.c — JSON mode: a byte-level JSON recogniser and the token mask built on it (see
- * json_mode.h). Why byte-level: tokens cut JSON anywhere (`{"`, `":"`, `0.`), so a token is
- * allowed exactly when all its bytes are, fed in order from the current state. Most tokens fail
- * on their first byte outside strings, and inside a string a token without quotes, backslashes
- * or control bytes is allowed without being tried; still, trying the vocabulary takes ~1-1.6 ms
- * (Qwen3, one Zen 4 core), as long as a GPU's whole decode step. So the masks are cached per
- * recogniser state, shared by all requests of the vocabulary: JSON text revisits few states
- * (inside a string, after a value, ... at a given nesting), and a cached mask costs one pass
- * over its bits. */
-#include "text/json_mode.h"
+/* structured.c — structured outputs (see structured.h): the vocabulary's bytes, a byte-level JSON
+ * recogniser with the JSON-mode mask built on it, and the choice mask.
+ *
+ * Why byte-level: tokens cut JSON anywhere (`{"`, `":"`, `0.`), so a token is allowed exactly
+ * when all its bytes are, fed in order from the current state. Most tokens fail on their first
+ * byte outside strings, and inside a string a token without quotes, backslashes or control bytes
+ * is allowed without being tried; still, trying the vocabulary takes ~1-1.6 ms (Qwen3, one Zen 4
+ * core), as long as a GPU's whole decode step. So the JSON masks are cached per recogniser state,
+ * shared by all requests of the vocabulary: JSON text revisits few states (inside a string, after
+ * a value, ... at a given nesting), and a cached mask costs one pass over its bits. A choice
+ * mask tries only the tokens that start with a byte some remaining choice continues with. */
+#include "text/structured.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -185,12 +187,14 @@ enum { T_NEVER = 1, T_PLAIN = 2, T_END = 4 }; /* a token's class bits */
 
 #define MASK_SLOTS 256 /* cached masks (direct-mapped by state hash), (vocab / 8) bytes each */
 
-struct JsonVocab {
+struct StructVocab {
     int vocab;
     const char **bytes; /* [vocab], owned by the tokenizer */
     uint32_t *len;
     uint8_t *cls;
     int32_t think_end; /* `</think>`, or -1 */
+    int32_t *by_first; /* ids with bytes, ordered by first byte: [first[b], first[b + 1]) start with b */
+    uint32_t first[257];
     pthread_mutex_t mu; /* the cache */
     JsonState keys[MASK_SLOTS];
     bool used[MASK_SLOTS];
@@ -198,8 +202,8 @@ struct JsonVocab {
     int words;
 };
 
-JsonVocab *json_vocab_new(const Tok *t, int vocab, const int32_t *eos_ids, int n_eos) {
-    JsonVocab *v = calloc(1, sizeof *v);
+StructVocab *struct_vocab_new(const Tok *t, int vocab, const int32_t *eos_ids, int n_eos) {
+    StructVocab *v = calloc(1, sizeof *v);
     if (!v) return NULL;
     v->vocab = vocab;
     v->words = (vocab + 63) / 64;
@@ -209,7 +213,7 @@ JsonVocab *json_vocab_new(const Tok *t, int vocab, const int32_t *eos_ids, int n
     v->cls = calloc((size_t)vocab, 1);
     v->masks = calloc((size_t)MASK_SLOTS * v->words, sizeof *v->masks);
     if (!v->bytes || !v->len || !v->cls || !v->masks) {
-        json_vocab_free(v);
+        struct_vocab_free(v);
         return NULL;
     }
     for (int id = 0; id < vocab; id++) {
@@ -225,22 +229,35 @@ JsonVocab *json_vocab_new(const Tok *t, int vocab, const int32_t *eos_ids, int n
     }
     for (int i = 0; i < n_eos; i++)
         if (eos_ids[i] >= 0 && eos_ids[i] < vocab) v->cls[eos_ids[i]] = T_END;
+    /* a counting sort of the ids by first byte */
+    if (!(v->by_first = malloc((size_t)vocab * sizeof *v->by_first))) {
+        struct_vocab_free(v);
+        return NULL;
+    }
+    for (int id = 0; id < vocab; id++)
+        if (!(v->cls[id] & (T_NEVER | T_END))) v->first[(uint8_t)v->bytes[id][0] + 1]++;
+    for (int b = 0; b < 256; b++) v->first[b + 1] += v->first[b];
+    uint32_t fill[256];
+    memcpy(fill, v->first, sizeof fill);
+    for (int id = 0; id < vocab; id++)
+        if (!(v->cls[id] & (T_NEVER | T_END))) v->by_first[fill[(uint8_t)v->bytes[id][0]]++] = id;
     v->think_end = tok_token_id(t, "</think>", 8);
     return v;
 }
 
-void json_vocab_free(JsonVocab *v) {
+void struct_vocab_free(StructVocab *v) {
     if (!v) return;
     pthread_mutex_destroy(&v->mu);
     free(v->bytes);
     free(v->len);
     free(v->cls);
     free(v->masks);
+    free(v->by_first);
     free(v);
 }
 
 typedef struct JsonMode {
-    const JsonVocab *v;
+    const StructVocab *v;
     uint64_t *bits; /* the current mask (allocated at the first) */
     JsonState st;
     int32_t wait_for; /* a token to see before the constraint applies, or -1 */
@@ -256,7 +273,7 @@ static bool is_end(const JsonMode *m, int32_t id) {
 }
 
 /* Whether the token's bytes keep the text a JSON prefix (tried on a copy of state st). */
-static bool token_fits(const JsonVocab *v, const JsonState *st, int32_t id) {
+static bool token_fits(const StructVocab *v, const JsonState *st, int32_t id) {
     if (v->cls[id] & T_NEVER) return false;
     if (st->lex == L_STRING && v->cls[id] & T_PLAIN) return true;
     JsonState s = *st;
@@ -282,7 +299,7 @@ static uint32_t state_hash(const JsonState *s) {
 
 /* The mask of state st (bits of allowed ids, the vocabulary's ends allowed when complete) into
  * out, from the cache or computed and cached. */
-static void state_mask(JsonVocab *v, const JsonState *st, uint64_t *out) {
+static void state_mask(StructVocab *v, const JsonState *st, uint64_t *out) {
     const uint32_t slot = state_hash(st) % MASK_SLOTS;
     uint64_t *cached = v->masks + (size_t)slot * v->words;
     pthread_mutex_lock(&v->mu);
@@ -306,9 +323,9 @@ static void state_mask(JsonVocab *v, const JsonState *st, uint64_t *out) {
 static void json_mode_mask(void *state, float *logits, int vocab) {
     JsonMode *m = state;
     if (m->wait_for >= 0) return;
-    const JsonVocab *v = m->v;
+    const StructVocab *v = m->v;
     if (!m->bits && !(m->bits = malloc((size_t)v->words * sizeof *m->bits))) return; /* out of memory: unconstrained */
-    state_mask((JsonVocab *)v, &m->st, m->bits);
+    state_mask((StructVocab *)v, &m->st, m->bits);
     /* the request's own stop ids end it: allowed exactly when the object is complete */
     const bool complete = json_state_complete(&m->st);
     for (int i = 0; i < m->n_stop; i++)
@@ -343,12 +360,133 @@ static void json_mode_free(void *state) {
     free(m);
 }
 
-OutputConstraint json_mode_constraint(const JsonVocab *v, bool think_first, const int32_t *stop_ids, int n_stop_ids) {
+static OutputConstraint json_mode_constraint(const StructVocab *v, int32_t wait_for, const int32_t *stop_ids,
+                                             int n_stop_ids) {
     JsonMode *m = calloc(1, sizeof *m);
     if (!m) return (OutputConstraint){0};
     m->v = v;
     json_state_init(&m->st);
-    m->wait_for = think_first ? v->think_end : -1;
+    m->wait_for = wait_for;
     for (int i = 0; i < n_stop_ids && i < ENGINE_MAX_STOP_IDS; i++) m->stop[m->n_stop++] = stop_ids[i];
     return (OutputConstraint){.state = m, .mask = json_mode_mask, .accept = json_mode_accept, .free = json_mode_free};
+}
+
+/* ---- choice ---- */
+
+typedef struct ChoiceMode {
+    const StructVocab *v;
+    int32_t wait_for;
+    int n_stop;
+    int32_t stop[ENGINE_MAX_STOP_IDS];
+    size_t pos;         /* bytes of the answer so far */
+    int n;              /* choices */
+    char **choice;      /* owned copies */
+    size_t *len;
+    bool *alive;        /* the answer so far is a prefix of choice i */
+    int32_t *keep;      /* [vocab] scratch: allowed ids */
+    float *keep_val;
+} ChoiceMode;
+
+static bool choice_is_end(const ChoiceMode *m, int32_t id) {
+    if (id < m->v->vocab && m->v->cls[id] & T_END) return true;
+    for (int i = 0; i < m->n_stop; i++)
+        if (m->stop[i] == id) return true;
+    return false;
+}
+
+/* Whether the answer so far is a whole choice. */
+static bool choice_complete(const ChoiceMode *m) {
+    for (int i = 0; i < m->n; i++)
+        if (m->alive[i] && m->len[i] == m->pos) return true;
+    return false;
+}
+
+/* Whether token id's bytes continue the answer along some living choice. */
+static bool choice_fits(const ChoiceMode *m, int32_t id) {
+    const char *b = m->v->bytes[id];
+    const size_t n = m->v->len[id];
+    for (int i = 0; i < m->n; i++)
+        if (m->alive[i] && m->pos + n <= m->len[i] && !memcmp(m->choice[i] + m->pos, b, n)) return true;
+    return false;
+}
+
+static void choice_mask(void *state, float *logits, int vocab) {
+    ChoiceMode *m = state;
+    if (m->wait_for >= 0) return;
+    const StructVocab *v = m->v;
+    int n_keep = 0;
+    bool first_seen[256] = {false};
+    for (int i = 0; i < m->n; i++) {
+        if (!m->alive[i] || m->pos >= m->len[i]) continue;
+        const uint8_t b = (uint8_t)m->choice[i][m->pos];
+        if (first_seen[b]) continue;
+        first_seen[b] = true;
+        for (uint32_t k = v->first[b]; k < v->first[b + 1]; k++) {
+            const int32_t id = v->by_first[k];
+            if (id < vocab && !choice_is_end(m, id) && choice_fits(m, id)) m->keep[n_keep++] = id;
+        }
+    }
+    if (choice_complete(m))
+        for (int id = 0; id < vocab; id++)
+            if (choice_is_end(m, id)) m->keep[n_keep++] = id;
+    for (int k = 0; k < n_keep; k++) m->keep_val[k] = logits[m->keep[k]];
+    for (int id = 0; id < vocab; id++) logits[id] = -INFINITY;
+    for (int k = 0; k < n_keep; k++) logits[m->keep[k]] = m->keep_val[k];
+}
+
+static void choice_accept(void *state, int32_t token) {
+    ChoiceMode *m = state;
+    if (m->wait_for >= 0) {
+        if (token == m->wait_for) m->wait_for = -1;
+        return;
+    }
+    if (choice_is_end(m, token) || token < 0 || token >= m->v->vocab || m->v->cls[token] & T_NEVER) return;
+    const char *b = m->v->bytes[token];
+    const size_t n = m->v->len[token];
+    for (int i = 0; i < m->n; i++)
+        m->alive[i] = m->alive[i] && m->pos + n <= m->len[i] && !memcmp(m->choice[i] + m->pos, b, n);
+    m->pos += n;
+}
+
+static void choice_free(void *state) {
+    ChoiceMode *m = state;
+    for (int i = 0; i < m->n; i++) free(m->choice[i]);
+    free(m->choice);
+    free(m->len);
+    free(m->alive);
+    free(m->keep);
+    free(m->keep_val);
+    free(m);
+}
+
+static OutputConstraint choice_constraint(const StructVocab *v, const OutputFormat *f, int32_t wait_for,
+                                          const int32_t *stop_ids, int n_stop_ids) {
+    ChoiceMode *m = calloc(1, sizeof *m);
+    if (!m) return (OutputConstraint){0};
+    m->v = v;
+    m->wait_for = wait_for;
+    for (int i = 0; i < n_stop_ids && i < ENGINE_MAX_STOP_IDS; i++) m->stop[m->n_stop++] = stop_ids[i];
+    m->choice = calloc((size_t)f->n_choices, sizeof *m->choice);
+    m->len = calloc((size_t)f->n_choices, sizeof *m->len);
+    m->alive = calloc((size_t)f->n_choices, sizeof *m->alive);
+    m->keep = malloc((size_t)v->vocab * sizeof *m->keep);
+    m->keep_val = malloc((size_t)v->vocab * sizeof *m->keep_val);
+    bool ok = m->choice && m->len && m->alive && m->keep && m->keep_val;
+    for (int i = 0; ok && i < f->n_choices; i++, m->n++) {
+        ok = (m->choice[i] = strdup(f->choices[i])) != NULL;
+        m->len[i] = ok ? strlen(m->choice[i]) : 0;
+        m->alive[i] = true;
+    }
+    if (!ok) {
+        choice_free(m);
+        return (OutputConstraint){0};
+    }
+    return (OutputConstraint){.state = m, .mask = choice_mask, .accept = choice_accept, .free = choice_free};
+}
+
+OutputConstraint output_constraint(const StructVocab *v, const OutputFormat *f, bool think_first, const int32_t *stop_ids,
+                                   int n_stop_ids) {
+    const int32_t wait_for = think_first ? v->think_end : -1;
+    if (f->kind == OUTPUT_CHOICE) return choice_constraint(v, f, wait_for, stop_ids, n_stop_ids);
+    return json_mode_constraint(v, wait_for, stop_ids, n_stop_ids);
 }
