@@ -814,6 +814,13 @@ static void chat_chunks(const OaiRequest *r, Gen *g, GenChoice *c, StrBuf *out) 
         chunk(r, out, ch);
     }
     bool fin = c->done && !c->sent_finish;
+    const bool reasoning = c->reasoning.len > c->sent_reasoning;
+    if (reasoning && (c->text.len > c->sent_text || c->n_tools > c->sent_tools)) {
+        /* the writer fell behind across </think>: the reasoning goes first, in a chunk of its own,
+         * so that no delta mixes reasoning and content */
+        json_t *ch = json_pack("{s:i, s:o, s:n}", "index", c->index, "delta", reasoning_delta(c), "logprobs");
+        send_choice(r, c, false, ch, out);
+    }
     json_t *delta = c->reasoning.len > c->sent_reasoning ? reasoning_delta(c) : json_object();
     if (c->text.len > c->sent_text) {
         json_object_set_new(delta, "content", jstrn(c->text.s + c->sent_text, c->text.len - c->sent_text));
