@@ -438,8 +438,9 @@ static void emit_prompt_logprobs(Engine *e, Request *r, const float *rows, int p
 }
 
 /* Samples this step's rows on the device when the backend can and no request needs the host
- * (logprobs, penalties, a logit bias, min_tokens masking, an output constraint, prompt logprobs): then only the ids cross to the host.
- * Returns false (rng states untouched) when the host must sample. */
+ * (logprobs, penalties, a logit bias, min_tokens masking, an output constraint, prompt
+ * logprobs): then only the ids cross to the host. Returns false (rng states untouched) when the
+ * host must sample. */
 static bool sample_on_device(Engine *e, const float *d_logits, int rows) {
     Backend *be = e->model->be;
     if (!be->ops->sample || rows == 0) return false;
