@@ -9,6 +9,7 @@
 #include <stdio.h>
 
 #include "engine/engine.h"
+#include "text/structured.h"
 #include "text/tokenizer.h"
 
 typedef struct Runtime {
@@ -17,6 +18,7 @@ typedef struct Runtime {
     Engine *engine;
     Tok *tok;           /* NULL when the model directory has no tokenizer.json */
     EngineOptions eopt;
+    StructVocab *vocab; /* structured outputs' view of tok, made on first use (runtime_vocab) */
 } Runtime;
 
 /* Options every model command accepts. */
@@ -42,6 +44,9 @@ typedef struct RuntimeArgs {
  * ignored). Returns 0, or -1 with err set (nothing left allocated). */
 int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr *err);
 void runtime_close(Runtime *rt);
+/* The structured-output table of rt's tokenizer (ends: the model's EOS ids), made once; NULL with
+ * err without a tokenizer or memory. */
+const StructVocab *runtime_vocab(Runtime *rt, QErr *err);
 
 /* Parses a decimal int / float in [lo, hi] for flag `name`; -1 with err naming the flag. */
 int parse_int(const char *name, const char *s, long lo, long hi, int *out, QErr *err);

@@ -18,7 +18,7 @@ static void usage(FILE *f) {
             "  -s, --system TEXT      system prompt\n"
             "  --no-think             disable Qwen3's thinking\n"
             "  -n, --max-tokens N     tokens per answer at most (default 2048)\n"
-            "  sampling flags as in `quill run --help`; --device, --threads\n"
+            "  sampling flags, --json-object, --choice as in `quill run --help`; --device, --threads\n"
             "Type a message and press Enter. /reset clears the history, /exit (or Ctrl-D) quits.\n");
 }
 
@@ -31,7 +31,8 @@ int cmd_chat(int argc, char **argv) {
     QErr err;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        const int r = parse_generation_flag(argc, argv, &i, &sp, &sampling_set, &ra, &err);
+        int r = parse_generation_flag(argc, argv, &i, &sp, &sampling_set, &ra, &err);
+        if (r == 0) r = parse_format_flag(argc, argv, &i, &g.format, &err);
         if (r < 0) goto bad;
         if (r > 0) continue;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {

@@ -25,6 +25,8 @@ static void usage(FILE *f) {
             "  --repetition-penalty R --presence-penalty P --frequency-penalty F --seed S\n"
             "  --logit-bias ID=BIAS   add BIAS in [-100, 100] to token ID's logit (repeatable)\n"
             "                         sampling (defaults from generation_config.json)\n"
+            "  --json-object          hold the answer to a JSON object (after the reasoning)\n"
+            "  --choice TEXT          hold the answer to one of the --choice texts (repeatable)\n"
             "  --json                 print one JSON object instead of streaming text\n"
             "  --device cpu|cuda      where to run (default: cuda if available)\n"
             "  -t, --threads N        CPU threads (default: all cores)\n");
@@ -72,7 +74,8 @@ int cmd_run(int argc, char **argv) {
     QErr err;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        const int r = parse_generation_flag(argc, argv, &i, &sp, &sampling_set, &ra, &err);
+        int r = parse_generation_flag(argc, argv, &i, &sp, &sampling_set, &ra, &err);
+        if (r == 0) r = parse_format_flag(argc, argv, &i, &g.format, &err);
         if (r < 0) goto bad;
         if (r > 0) continue;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {

@@ -85,6 +85,24 @@ static void on_event(void *user, const EngineEvent *ev) {
     }
 }
 
+int parse_format_flag(int argc, char **argv, int *i, OutputFormat *f, QErr *err) {
+    const char *a = argv[*i];
+    if (!strcmp(a, "--json-object")) {
+        if (f->kind == OUTPUT_CHOICE) return qerr_set(err, "--json-object and --choice exclude each other");
+        f->kind = OUTPUT_JSON_OBJECT;
+        return 1;
+    }
+    if (strcmp(a, "--choice")) return 0;
+    if (*i + 1 >= argc || !argv[*i + 1][0]) return qerr_set(err, "--choice needs a non-empty text");
+    if (f->kind == OUTPUT_JSON_OBJECT) return qerr_set(err, "--json-object and --choice exclude each other");
+    static char *choices[64]; /* one command line's */
+    if (f->n_choices == 64) return qerr_set(err, "--choice: at most 64");
+    f->choices = choices;
+    f->choices[f->n_choices++] = argv[++*i];
+    f->kind = OUTPUT_CHOICE;
+    return 1;
+}
+
 int generate(Runtime *rt, const int32_t *prompt, int n_prompt, const GenRequest *g, GenResult *res, QErr *err) {
     memset(res, 0, sizeof *res);
     GenState s = {.g = g, .tok = rt->tok};
@@ -99,6 +117,16 @@ int generate(Runtime *rt, const int32_t *prompt, int n_prompt, const GenRequest 
     p.sampling = g->sampling;
     p.max_tokens = g->max_tokens;
     p.ignore_eos = g->ignore_eos;
+    if (g->format.kind != OUTPUT_TEXT) {
+        const StructVocab *v = runtime_vocab(rt, err);
+        if (v) p.constraint = output_constraint(v, &g->format, g->thinking, NULL, 0);
+        if (!p.constraint.state) {
+            if (v) qerr_set(err, "out of memory");
+            tok_stream_free(s.stream);
+            rp_free(s.parser);
+            return -1;
+        }
+    }
     int max_new = rt->eopt.max_model_len - n_prompt;
     if (max_new < 1) {
         tok_stream_free(s.stream);
@@ -108,6 +136,7 @@ int generate(Runtime *rt, const int32_t *prompt, int n_prompt, const GenRequest 
     if (p.max_tokens > max_new) p.max_tokens = max_new;
     double t0 = now_seconds();
     int rc = engine_add(rt->engine, prompt, n_prompt, &p, on_event, &s, NULL, err);
+    if (rc && p.constraint.state) p.constraint.free(p.constraint.state);
     if (rc == 0) engine_run_until_idle(rt->engine);
     if (s.in_reasoning_color) fputs("\x1b[0m", stdout);
     if (g->stream && rc == 0) {

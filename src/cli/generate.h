@@ -15,7 +15,12 @@ typedef struct GenRequest {
     bool thinking;  /* the output starts in reasoning mode (chat prompt, thinking enabled) */
     bool stream;    /* print text to stdout as it is generated */
     bool color;     /* dim the reasoning (ANSI) */
+    OutputFormat format; /* structured output (after the reasoning when thinking) */
 } GenRequest;
+
+/* --json-object or --choice TEXT (repeatable, at most 64) into f: 1 consumed, 0 neither, -1 with
+ * err. The choices point into argv, listed in static storage (one command line's). */
+int parse_format_flag(int argc, char **argv, int *i, OutputFormat *f, QErr *err);
 
 typedef struct GenResult {
     int32_t *ids;

@@ -10,6 +10,8 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
+from json_prefix import json_prefix
+
 
 def run(quill_bin, *args, timeout=300):
     return subprocess.run([str(quill_bin), *map(str, args)], capture_output=True, text=True, timeout=timeout)
@@ -77,6 +79,24 @@ def test_logit_bias(quill_bin, tiny_model):
     assert len(out["ids"]) == 6 and not set(free) & set(out["ids"])
 
 
+def test_structured_output_flags(quill_bin, tiny_model):
+    """--json-object and --choice hold the answer (the whole output, or what follows the
+    reasoning) to a JSON object or one of the texts."""
+    for think in ([], ["--no-think"]):
+        out = run_json(quill_bin, "run", tiny_model, "-p", "hi", "-n", 40, "--temperature", 1, "--seed", 5,
+                       "--json-object", *think)
+        ok, whole = json_prefix(out["content"])
+        assert ok and (whole or out["finish_reason"] == "length"), out
+        out = run_json(quill_bin, "run", tiny_model, "-p", "hi", "-n", 40, "--greedy", "--choice", "yes",
+                       "--choice", "no way", *think)
+        if not think:  # thinking on: the reasoning is free, and a random model may not close it in 40 tokens
+            assert out["content"] in ("yes", "no way") or (out["content"] == "" and out["finish_reason"] == "length")
+        else:
+            assert out["content"] in ("yes", "no way") and out["finish_reason"] == "stop", out
+    out = run_json(quill_bin, "run", tiny_model, "--ids", "1,2,3", "-n", 8, "--greedy", "--choice", "alpha beta")
+    assert out["content"] == "alpha beta" and out["finish_reason"] == "stop", out
+
+
 def test_streams_text_and_reports_speed(quill_bin, tiny_model):
     r = run(quill_bin, "run", tiny_model, "-p", "Hello", "-n", 8, "--greedy")
     assert r.returncode == 0, r.stderr
@@ -93,6 +113,8 @@ def test_streams_text_and_reports_speed(quill_bin, tiny_model):
     (["-p", "hi", "--logit-bias", "5=101"], "--logit-bias"),
     (["-p", "hi", "--logit-bias", "five=1"], "--logit-bias"),
     (["-p", "hi", "--logit-bias", "999999999=1"], "logit_bias"),
+    (["-p", "hi", "--choice"], "--choice"),
+    (["-p", "hi", "--json-object", "--choice", "a"], "--choice"),
 ])
 def test_bad_arguments(quill_bin, tiny_model, args, needle):
     r = run(quill_bin, "run", tiny_model, *args)
