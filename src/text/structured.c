@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "io/config.h"
+
 /* What the next byte may be. */
 enum Lex {
     L_START,        /* before the top-level object: whitespace or '{' */
@@ -193,12 +195,14 @@ struct StructVocab {
     uint32_t *len;
     uint8_t *cls;
     int32_t think_end; /* `</think>`, or -1 */
+    int32_t ends[2 * CONFIG_MAX_EOS]; /* the model's end-of-sequence ids (class T_END) */
+    int n_ends;
     int32_t *by_first; /* ids with bytes, ordered by first byte: [first[b], first[b + 1]) start with b */
     uint32_t first[257];
     pthread_mutex_t mu; /* the cache */
     JsonState keys[MASK_SLOTS];
     bool used[MASK_SLOTS];
-    uint64_t *masks; /* [MASK_SLOTS][words]: bit id set = allowed (the vocabulary's ends included) */
+    uint64_t *masks; /* [MASK_SLOTS][words]: bit id set = the id fits (ends aside) */
     int words;
 };
 
@@ -227,8 +231,8 @@ StructVocab *struct_vocab_new(const Tok *t, int vocab, const int32_t *eos_ids, i
         for (size_t i = 0; i < n && plain; i++) plain = (uint8_t)b[i] >= 0x20 && b[i] != '"' && b[i] != '\\';
         v->bytes[id] = b, v->len[id] = (uint32_t)n, v->cls[id] = plain ? T_PLAIN : 0;
     }
-    for (int i = 0; i < n_eos; i++)
-        if (eos_ids[i] >= 0 && eos_ids[i] < vocab) v->cls[eos_ids[i]] = T_END;
+    for (int i = 0; i < n_eos && v->n_ends < 2 * CONFIG_MAX_EOS; i++)
+        if (eos_ids[i] >= 0 && eos_ids[i] < vocab) v->cls[eos_ids[i]] = T_END, v->ends[v->n_ends++] = eos_ids[i];
     /* a counting sort of the ids by first byte */
     if (!(v->by_first = malloc((size_t)vocab * sizeof *v->by_first))) {
         struct_vocab_free(v);
@@ -256,25 +260,70 @@ void struct_vocab_free(StructVocab *v) {
     free(v);
 }
 
-typedef struct JsonMode {
+/* What both constraints share: the vocabulary, the token to see before the form starts (-1:
+ * none), the request's own stop ids, and the current mask as bits. */
+typedef struct Constraint {
     const StructVocab *v;
-    uint64_t *bits; /* the current mask (allocated at the first) */
-    JsonState st;
-    int32_t wait_for; /* a token to see before the constraint applies, or -1 */
+    int32_t wait_for;
     int n_stop;
     int32_t stop[ENGINE_MAX_STOP_IDS];
-} JsonMode;
+    uint64_t *bits; /* [v->words]: bit id set = allowed */
+} Constraint;
 
-static bool is_end(const JsonMode *m, int32_t id) {
-    if (id < m->v->vocab && m->v->cls[id] & T_END) return true;
-    for (int i = 0; i < m->n_stop; i++)
-        if (m->stop[i] == id) return true;
+static bool constraint_init(Constraint *c, const StructVocab *v, int32_t wait_for, const int32_t *stop_ids,
+                            int n_stop_ids) {
+    c->v = v;
+    c->wait_for = wait_for;
+    for (int i = 0; i < n_stop_ids && i < ENGINE_MAX_STOP_IDS; i++) c->stop[c->n_stop++] = stop_ids[i];
+    return (c->bits = malloc((size_t)v->words * sizeof *c->bits)) != NULL;
+}
+
+static void set_bit(uint64_t *bits, int32_t id, bool on) {
+    bits[id >> 6] = (bits[id >> 6] & ~(1ull << (id & 63))) | (uint64_t)on << (id & 63);
+}
+
+/* The ends (the model's EOS ids and the request's stop ids) allowed exactly when complete. */
+static void set_ends(Constraint *c, bool complete) {
+    for (int i = 0; i < c->v->n_ends; i++) set_bit(c->bits, c->v->ends[i], complete);
+    for (int i = 0; i < c->n_stop; i++)
+        if (c->stop[i] < c->v->vocab) set_bit(c->bits, c->stop[i], complete);
+}
+
+/* logits of the ids c->bits leaves out (and of ids past the vocabulary) to -INFINITY. */
+static void apply_bits(const Constraint *c, float *logits, int vocab) {
+    const int n = vocab < c->v->vocab ? vocab : c->v->vocab;
+    for (int w = 0; w * 64 < n; w++) {
+        const uint64_t bits = c->bits[w];
+        if (bits == ~0ull && w * 64 + 64 <= n) continue;
+        for (int id = w * 64; id < w * 64 + 64 && id < n; id++)
+            if (!(bits >> (id & 63) & 1)) logits[id] = -INFINITY;
+    }
+    for (int id = n; id < vocab; id++) logits[id] = -INFINITY;
+}
+
+/* Whether a chosen token leaves the form alone: one before it starts (the awaited one starts it),
+ * an end or stop id, or one without bytes. Otherwise its bytes are the form's. */
+static bool passes_by(Constraint *c, int32_t token) {
+    if (c->wait_for >= 0) {
+        if (token == c->wait_for) c->wait_for = -1;
+        return true;
+    }
+    if (token < 0 || token >= c->v->vocab || c->v->cls[token] & (T_NEVER | T_END)) return true;
+    for (int i = 0; i < c->n_stop; i++)
+        if (c->stop[i] == token) return true;
     return false;
 }
 
+/* ---- JSON mode ---- */
+
+typedef struct JsonMode {
+    Constraint c;
+    JsonState st;
+} JsonMode;
+
 /* Whether the token's bytes keep the text a JSON prefix (tried on a copy of state st). */
 static bool token_fits(const StructVocab *v, const JsonState *st, int32_t id) {
-    if (v->cls[id] & T_NEVER) return false;
+    if (v->cls[id] & (T_NEVER | T_END)) return false;
     if (st->lex == L_STRING && v->cls[id] & T_PLAIN) return true;
     JsonState s = *st;
     const uint8_t *b = (const uint8_t *)v->bytes[id];
@@ -297,8 +346,8 @@ static uint32_t state_hash(const JsonState *s) {
     return h;
 }
 
-/* The mask of state st (bits of allowed ids, the vocabulary's ends allowed when complete) into
- * out, from the cache or computed and cached. */
+/* The mask of state st (bits of the ids whose bytes fit; ends are the caller's) into out, from
+ * the cache or computed and cached. */
 static void state_mask(StructVocab *v, const JsonState *st, uint64_t *out) {
     const uint32_t slot = state_hash(st) % MASK_SLOTS;
     uint64_t *cached = v->masks + (size_t)slot * v->words;
@@ -310,9 +359,8 @@ static void state_mask(StructVocab *v, const JsonState *st, uint64_t *out) {
     }
     pthread_mutex_unlock(&v->mu);
     memset(out, 0, (size_t)v->words * sizeof *out);
-    const bool complete = json_state_complete(st);
     for (int id = 0; id < v->vocab; id++)
-        if (v->cls[id] & T_END ? complete : token_fits(v, st, id)) out[id >> 6] |= 1ull << (id & 63);
+        if (token_fits(v, st, id)) out[id >> 6] |= 1ull << (id & 63);
     pthread_mutex_lock(&v->mu);
     memcpy(cached, out, (size_t)v->words * sizeof *out);
     v->keys[slot] = *st;
@@ -322,41 +370,22 @@ static void state_mask(StructVocab *v, const JsonState *st, uint64_t *out) {
 
 static void json_mode_mask(void *state, float *logits, int vocab) {
     JsonMode *m = state;
-    if (m->wait_for >= 0) return;
-    const StructVocab *v = m->v;
-    if (!m->bits && !(m->bits = malloc((size_t)v->words * sizeof *m->bits))) return; /* out of memory: unconstrained */
-    state_mask((StructVocab *)v, &m->st, m->bits);
-    /* the request's own stop ids end it: allowed exactly when the object is complete */
-    const bool complete = json_state_complete(&m->st);
-    for (int i = 0; i < m->n_stop; i++)
-        if (m->stop[i] < v->vocab) {
-            const int id = m->stop[i];
-            m->bits[id >> 6] = (m->bits[id >> 6] & ~(1ull << (id & 63))) | (uint64_t)complete << (id & 63);
-        }
-    const int n = vocab < v->vocab ? vocab : v->vocab;
-    for (int w = 0; w * 64 < n; w++) {
-        const uint64_t bits = m->bits[w];
-        if (bits == ~0ull && w * 64 + 64 <= n) continue;
-        for (int id = w * 64; id < w * 64 + 64 && id < n; id++)
-            if (!(bits >> (id & 63) & 1)) logits[id] = -INFINITY;
-    }
-    for (int id = n; id < vocab; id++) logits[id] = -INFINITY;
+    if (m->c.wait_for >= 0) return;
+    state_mask((StructVocab *)m->c.v, &m->st, m->c.bits);
+    set_ends(&m->c, json_state_complete(&m->st));
+    apply_bits(&m->c, logits, vocab);
 }
 
 static void json_mode_accept(void *state, int32_t token) {
     JsonMode *m = state;
-    if (m->wait_for >= 0) {
-        if (token == m->wait_for) m->wait_for = -1;
-        return;
-    }
-    if (is_end(m, token) || token < 0 || token >= m->v->vocab || m->v->cls[token] & T_NEVER) return;
-    const uint8_t *b = (const uint8_t *)m->v->bytes[token];
-    for (uint32_t i = 0; i < m->v->len[token]; i++) json_state_step(&m->st, b[i]);
+    if (passes_by(&m->c, token)) return;
+    const uint8_t *b = (const uint8_t *)m->c.v->bytes[token];
+    for (uint32_t i = 0; i < m->c.v->len[token]; i++) json_state_step(&m->st, b[i]);
 }
 
 static void json_mode_free(void *state) {
     JsonMode *m = state;
-    free(m->bits);
+    free(m->c.bits);
     free(m);
 }
 
@@ -364,85 +393,59 @@ static OutputConstraint json_mode_constraint(const StructVocab *v, int32_t wait_
                                              int n_stop_ids) {
     JsonMode *m = calloc(1, sizeof *m);
     if (!m) return (OutputConstraint){0};
-    m->v = v;
     json_state_init(&m->st);
-    m->wait_for = wait_for;
-    for (int i = 0; i < n_stop_ids && i < ENGINE_MAX_STOP_IDS; i++) m->stop[m->n_stop++] = stop_ids[i];
+    if (!constraint_init(&m->c, v, wait_for, stop_ids, n_stop_ids)) {
+        json_mode_free(m);
+        return (OutputConstraint){0};
+    }
     return (OutputConstraint){.state = m, .mask = json_mode_mask, .accept = json_mode_accept, .free = json_mode_free};
 }
 
 /* ---- choice ---- */
 
 typedef struct ChoiceMode {
-    const StructVocab *v;
-    int32_t wait_for;
-    int n_stop;
-    int32_t stop[ENGINE_MAX_STOP_IDS];
-    size_t pos;         /* bytes of the answer so far */
-    int n;              /* choices */
-    char **choice;      /* owned copies */
+    Constraint c;
+    size_t pos;    /* bytes of the answer so far */
+    int n;         /* choices */
+    char **choice; /* owned copies */
     size_t *len;
-    bool *alive;        /* the answer so far is a prefix of choice i */
-    int32_t *keep;      /* [vocab] scratch: allowed ids */
-    float *keep_val;
+    bool *alive;   /* the answer so far is a prefix of choice i */
 } ChoiceMode;
-
-static bool choice_is_end(const ChoiceMode *m, int32_t id) {
-    if (id < m->v->vocab && m->v->cls[id] & T_END) return true;
-    for (int i = 0; i < m->n_stop; i++)
-        if (m->stop[i] == id) return true;
-    return false;
-}
-
-/* Whether the answer so far is a whole choice. */
-static bool choice_complete(const ChoiceMode *m) {
-    for (int i = 0; i < m->n; i++)
-        if (m->alive[i] && m->len[i] == m->pos) return true;
-    return false;
-}
 
 /* Whether token id's bytes continue the answer along some living choice. */
 static bool choice_fits(const ChoiceMode *m, int32_t id) {
-    const char *b = m->v->bytes[id];
-    const size_t n = m->v->len[id];
+    const char *b = m->c.v->bytes[id];
+    const size_t n = m->c.v->len[id];
     for (int i = 0; i < m->n; i++)
         if (m->alive[i] && m->pos + n <= m->len[i] && !memcmp(m->choice[i] + m->pos, b, n)) return true;
     return false;
 }
 
+/* Tries only the tokens that start with a byte some living choice continues with. */
 static void choice_mask(void *state, float *logits, int vocab) {
     ChoiceMode *m = state;
-    if (m->wait_for >= 0) return;
-    const StructVocab *v = m->v;
-    int n_keep = 0;
-    bool first_seen[256] = {false};
+    if (m->c.wait_for >= 0) return;
+    const StructVocab *v = m->c.v;
+    memset(m->c.bits, 0, (size_t)v->words * sizeof *m->c.bits);
+    bool tried[256] = {false}, complete = false;
     for (int i = 0; i < m->n; i++) {
-        if (!m->alive[i] || m->pos >= m->len[i]) continue;
-        const uint8_t b = (uint8_t)m->choice[i][m->pos];
-        if (first_seen[b]) continue;
-        first_seen[b] = true;
-        for (uint32_t k = v->first[b]; k < v->first[b + 1]; k++) {
-            const int32_t id = v->by_first[k];
-            if (id < vocab && !choice_is_end(m, id) && choice_fits(m, id)) m->keep[n_keep++] = id;
-        }
+        if (!m->alive[i]) continue;
+        complete = complete || m->pos == m->len[i];
+        const uint8_t b = m->pos < m->len[i] ? (uint8_t)m->choice[i][m->pos] : 0;
+        if (m->pos == m->len[i] || tried[b]) continue;
+        tried[b] = true;
+        for (uint32_t k = v->first[b]; k < v->first[b + 1]; k++)
+            if (choice_fits(m, v->by_first[k])) set_bit(m->c.bits, v->by_first[k], true);
     }
-    if (choice_complete(m))
-        for (int id = 0; id < vocab; id++)
-            if (choice_is_end(m, id)) m->keep[n_keep++] = id;
-    for (int k = 0; k < n_keep; k++) m->keep_val[k] = logits[m->keep[k]];
-    for (int id = 0; id < vocab; id++) logits[id] = -INFINITY;
-    for (int k = 0; k < n_keep; k++) logits[m->keep[k]] = m->keep_val[k];
+    set_ends(&m->c, complete);
+    apply_bits(&m->c, logits, vocab);
 }
 
 static void choice_accept(void *state, int32_t token) {
     ChoiceMode *m = state;
-    if (m->wait_for >= 0) {
-        if (token == m->wait_for) m->wait_for = -1;
-        return;
-    }
-    if (choice_is_end(m, token) || token < 0 || token >= m->v->vocab || m->v->cls[token] & T_NEVER) return;
-    const char *b = m->v->bytes[token];
-    const size_t n = m->v->len[token];
+    if (passes_by(&m->c, token)) return;
+    const char *b = m->c.v->bytes[token];
+    const size_t n = m->c.v->len[token];
     for (int i = 0; i < m->n; i++)
         m->alive[i] = m->alive[i] && m->pos + n <= m->len[i] && !memcmp(m->choice[i] + m->pos, b, n);
     m->pos += n;
@@ -454,8 +457,7 @@ static void choice_free(void *state) {
     free(m->choice);
     free(m->len);
     free(m->alive);
-    free(m->keep);
-    free(m->keep_val);
+    free(m->c.bits);
     free(m);
 }
 
@@ -463,15 +465,10 @@ static OutputConstraint choice_constraint(const StructVocab *v, const OutputForm
                                           const int32_t *stop_ids, int n_stop_ids) {
     ChoiceMode *m = calloc(1, sizeof *m);
     if (!m) return (OutputConstraint){0};
-    m->v = v;
-    m->wait_for = wait_for;
-    for (int i = 0; i < n_stop_ids && i < ENGINE_MAX_STOP_IDS; i++) m->stop[m->n_stop++] = stop_ids[i];
     m->choice = calloc((size_t)f->n_choices, sizeof *m->choice);
     m->len = calloc((size_t)f->n_choices, sizeof *m->len);
     m->alive = calloc((size_t)f->n_choices, sizeof *m->alive);
-    m->keep = malloc((size_t)v->vocab * sizeof *m->keep);
-    m->keep_val = malloc((size_t)v->vocab * sizeof *m->keep_val);
-    bool ok = m->choice && m->len && m->alive && m->keep && m->keep_val;
+    bool ok = constraint_init(&m->c, v, wait_for, stop_ids, n_stop_ids) && m->choice && m->len && m->alive;
     for (int i = 0; ok && i < f->n_choices; i++, m->n++) {
         ok = (m->choice[i] = strdup(f->choices[i])) != NULL;
         m->len[i] = ok ? strlen(m->choice[i]) : 0;
