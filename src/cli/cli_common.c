@@ -106,12 +106,9 @@ const StructVocab *runtime_vocab(Runtime *rt, QErr *err) {
         qerr_set(err, "structured output (--json-object, --choice) needs the model's tokenizer.json");
         return NULL;
     }
-    const Model *m = rt->model;
     int32_t eos[2 * CONFIG_MAX_EOS];
-    int n = 0;
-    for (int i = 0; i < m->gen.n_eos; i++) eos[n++] = m->gen.eos_token_ids[i];
-    for (int i = 0; i < m->cfg.n_eos; i++) eos[n++] = m->cfg.eos_token_ids[i];
-    if (!(rt->vocab = struct_vocab_new(rt->tok, m->cfg.vocab_size, eos, n))) qerr_set(err, "out of memory");
+    const int n = model_eos_ids(rt->model, eos);
+    if (!(rt->vocab = struct_vocab_new(rt->tok, rt->model->cfg.vocab_size, eos, n))) qerr_set(err, "out of memory");
     return rt->vocab;
 }
 

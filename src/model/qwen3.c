@@ -337,6 +337,13 @@ void model_free(Model *m) {
     free(m);
 }
 
+int model_eos_ids(const Model *m, int32_t out[2 * CONFIG_MAX_EOS]) {
+    int n = 0;
+    for (int i = 0; i < m->gen.n_eos; i++) out[n++] = m->gen.eos_token_ids[i];
+    for (int i = 0; i < m->cfg.n_eos; i++) out[n++] = m->cfg.eos_token_ids[i];
+    return n;
+}
+
 size_t model_weight_bytes_per_step(const Model *m) {
     size_t total = 0;
     for (size_t i = 0; i < st_count(m->st); i++) total += st_at(m->st, i)->nbytes;

@@ -74,6 +74,10 @@ void model_free(Model *m);
 /* Default options for a config: step of 512 tokens, 1 sequence, context = min(4096, max pos). */
 ModelOptions model_default_options(const QwenConfig *cfg);
 
+/* The ids that end generation, generation_config's then config.json's (duplicates possible), into
+ * out; returns their count. */
+int model_eos_ids(const Model *m, int32_t out[2 * CONFIG_MAX_EOS]);
+
 /* Weight bytes one decode step must read: every tensor of the checkpoint except the embedding
  * table (only M rows of it are read), with the tied lm_head counted once. */
 size_t model_weight_bytes_per_step(const Model *m);

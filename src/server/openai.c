@@ -207,6 +207,16 @@ static int parse_choices(const json_t *list, OutputFormat *f, const char *param,
     return 0;
 }
 
+/* The output's form from one more field (param): refused when another field gave one already. */
+static int set_form(OutputFormat *f, OutputKind kind, const json_t *choices, const char *param, OaiError *err) {
+    if (f->kind != OUTPUT_TEXT)
+        return oai_error(err, 400, param,
+                         "give one output form: response_format json_object, guided_choice, or one structured_outputs key");
+    if (kind == OUTPUT_CHOICE) return parse_choices(choices, f, param, err);
+    f->kind = kind;
+    return 0;
+}
+
 /* The output's form: response_format (text or json_object; json_schema is refused), vLLM's
  * structured_outputs ({"choice": [...]} or {"json_object": true}) or its older guided_choice.
  * Forms vLLM also knows but quill cannot honour (a JSON schema, a regex, a grammar) are refused,
@@ -217,12 +227,13 @@ static int parse_output_format(const json_t *root, GenSpec *s, const OaiContext 
     if (rf) {
         json_t *t = json_is_object(rf) ? json_object_get(rf, "type") : NULL;
         const char *type = json_is_string(t) ? json_string_value(t) : "";
-        if (!strcmp(type, "json_object"))
-            f->kind = OUTPUT_JSON_OBJECT;
-        else if (strcmp(type, "text"))
+        if (!strcmp(type, "json_object")) {
+            if (set_form(f, OUTPUT_JSON_OBJECT, NULL, "response_format", err)) return -1;
+        } else if (strcmp(type, "text")) {
             return oai_error(err, 400, "response_format",
                              "response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}"
                              " (json_schema is not supported)");
+        }
     }
     static const char *const unsupported[] = {"guided_json", "guided_regex", "guided_grammar", "guided_whitespace_pattern"};
     for (size_t i = 0; i < sizeof unsupported / sizeof *unsupported; i++)
@@ -230,34 +241,27 @@ static int parse_output_format(const json_t *root, GenSpec *s, const OaiContext 
             return oai_error(err, 400, unsupported[i], "%s is not supported (guided_choice and JSON mode are)",
                              unsupported[i]);
     json_t *gc = field(root, "guided_choice"), *so = field(root, "structured_outputs");
-    if ((gc || so) && f->kind != OUTPUT_TEXT)
-        return oai_error(err, 400, gc ? "guided_choice" : "structured_outputs",
-                         "give one output form: response_format json_object, or a choice");
-    if (gc && so) return oai_error(err, 400, "structured_outputs", "give either guided_choice or structured_outputs");
-    if (gc && parse_choices(gc, f, "guided_choice", err)) return -1;
-    if (so) {
-        if (!json_is_object(so)) return oai_error(err, 400, "structured_outputs", "structured_outputs must be an object");
-        const char *key;
-        json_t *v;
-        json_object_foreach(so, key, v) {
-            if (json_is_null(v)) continue;
-            if (!strcmp(key, "choice")) {
-                if (f->kind != OUTPUT_TEXT)
-                    return oai_error(err, 400, "structured_outputs", "structured_outputs: give one form");
-                if (parse_choices(v, f, "structured_outputs", err)) return -1;
-            } else if (!strcmp(key, "json_object") && json_is_true(v)) {
-                if (f->kind != OUTPUT_TEXT)
-                    return oai_error(err, 400, "structured_outputs", "structured_outputs: give one form");
-                f->kind = OUTPUT_JSON_OBJECT;
-            } else {
-                return oai_error(err, 400, "structured_outputs",
-                                 "structured_outputs.%s is not supported (choice and json_object are)", key);
-            }
-        }
+    if (gc && set_form(f, OUTPUT_CHOICE, gc, "guided_choice", err)) return -1;
+    if (so && !json_is_object(so))
+        return oai_error(err, 400, "structured_outputs", "structured_outputs must be an object");
+    const char *key;
+    json_t *v;
+    json_object_foreach(so, key, v) {
+        int rc = 0;
+        if (json_is_null(v))
+            continue;
+        else if (!strcmp(key, "choice"))
+            rc = set_form(f, OUTPUT_CHOICE, v, "structured_outputs", err);
+        else if (!strcmp(key, "json_object") && json_is_true(v))
+            rc = set_form(f, OUTPUT_JSON_OBJECT, NULL, "structured_outputs", err);
+        else
+            rc = oai_error(err, 400, "structured_outputs",
+                           "structured_outputs.%s is not supported (choice and json_object are)", key);
+        if (rc) return -1;
     }
-    if (f->kind != OUTPUT_TEXT) s->vocab = ctx->vocab;
-    if (f->kind != OUTPUT_TEXT && !ctx->vocab)
-        return oai_error(err, 400, "response_format", "structured outputs are not available on this server");
+    if (f->kind == OUTPUT_TEXT) return 0;
+    if (!ctx->vocab) return oai_error(err, 400, "response_format", "structured outputs are not available on this server");
+    s->vocab = ctx->vocab;
     return 0;
 }
 

@@ -7,8 +7,8 @@
  * (string or list), stop_token_ids, n, min_tokens, ignore_eos, skip_special_tokens, stream,
  * stream_options.include_usage, return_tokens_as_token_ids; chat: messages, tools, tool_choice
  * ("auto" | "none"), logprobs (bool), top_logprobs, max_completion_tokens,
- * chat_template_kwargs.enable_thinking, add_generation_prompt; completions: prompt (string, strings, token ids, lists of
- * token ids), echo, logprobs (int). Absent sampling fields take the model's generation_config
+ * chat_template_kwargs.enable_thinking, add_generation_prompt; completions: prompt (string,
+ * strings, token ids, lists of token ids), echo, logprobs (int). Absent sampling fields take the model's generation_config
  * values (as vLLM does). Structured outputs (text/structured.h; chat: the content after the
  * reasoning): response_format {"type": "json_object"} (a JSON object), and vLLM's guided_choice
  * or structured_outputs {"choice": [...]} / {"json_object": true}. Unknown fields are ignored; a

@@ -405,11 +405,8 @@ Server *server_start(Engine *e, const Tok *tok, const ServerOptions *o, QErr *er
         server_free(s);
         return NULL;
     }
-    /* structured outputs end at the ids that end generation (generation_config's and config's) */
     int32_t eos[2 * CONFIG_MAX_EOS];
-    int n_eos = 0;
-    for (int i = 0; i < m->gen.n_eos; i++) eos[n_eos++] = m->gen.eos_token_ids[i];
-    for (int i = 0; i < m->cfg.n_eos; i++) eos[n_eos++] = m->cfg.eos_token_ids[i];
+    const int n_eos = model_eos_ids(m, eos); /* structured outputs end where generation does */
     if (!(s->vocab = struct_vocab_new(tok, m->cfg.vocab_size, eos, n_eos))) {
         qerr_set(err, "out of memory");
         server_free(s);
