@@ -43,6 +43,7 @@ struct Engine {
     float *dev_uniform;
     int32_t *dev_ids;
     Rng *dev_rng_saved;
+    bool *dev_sampled; /* per step item: its token was sampled on the device [max_seqs] */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -151,9 +152,11 @@ Engine *engine_create(Model *m, const EngineOptions *o, QErr *err) {
     e->dev_uniform = malloc((size_t)o->max_seqs * sizeof *e->dev_uniform);
     e->dev_ids = malloc((size_t)o->max_seqs * sizeof *e->dev_ids);
     e->dev_rng_saved = malloc((size_t)o->max_seqs * sizeof *e->dev_rng_saved);
+    e->dev_sampled = malloc((size_t)o->max_seqs * sizeof *e->dev_sampled);
     e->pending = malloc((size_t)o->max_seqs * sizeof *e->pending);
     if (!e->pending || !e->out.items || !e->seqs || !e->step_tokens || !e->sampler || !e->row || !e->lp_buf || !e->lp_ids ||
-        !e->lp_top || !e->logits || !e->dev_params || !e->dev_uniform || !e->dev_ids || !e->dev_rng_saved)
+        !e->lp_top || !e->logits || !e->dev_params || !e->dev_uniform || !e->dev_ids || !e->dev_rng_saved ||
+        !e->dev_sampled)
         goto oom;
     e->stats.kv_blocks_total = m->kv_shape.n_blocks;
     return e;
@@ -196,6 +199,7 @@ void engine_free(Engine *e) {
     free(e->dev_uniform);
     free(e->dev_ids);
     free(e->dev_rng_saved);
+    free(e->dev_sampled);
     free(e->pending);
     free(e->failure);
     pthread_mutex_destroy(&e->mu);
@@ -437,40 +441,59 @@ static void emit_prompt_logprobs(Engine *e, Request *r, const float *rows, int p
     r->cb(r->user, &ev);
 }
 
-/* Samples this step's rows on the device when the backend can and no request needs the host
- * (logprobs, penalties, a logit bias, min_tokens masking, an output constraint, prompt
- * logprobs): then only the ids cross to the host. Returns false (rng states untouched) when the
- * host must sample. */
-static bool sample_on_device(Engine *e, const float *d_logits, int rows) {
+/* Whether request r's next token needs the host's sampler: logprobs, min_tokens masking,
+ * penalties or a logit bias, an output constraint. */
+static bool needs_host_sampling(const Request *r) {
+    return r->params.logprobs >= 0 || r->n_output < r->params.min_tokens ||
+           sampling_needs_host(&r->params.sampling) || r->params.constraint.state;
+}
+
+/* Brings this step's logits to where they are sampled. With a device sampler, each row whose
+ * request can be sampled there is (only its id crosses: e->dev_sampled[i], the id in e->dev_ids);
+ * the rows that need the host get a greedy stand-in on the device (their rng untouched) and only
+ * their logits are copied, to their offsets in e->logits. Every row is copied when the backend has
+ * no sampler or refuses the parameters, when no row can use it, and in a step with prompt logprobs
+ * (several rows per sequence). */
+static void fetch_logits(Engine *e, const float *d_logits, int rows) {
     Backend *be = e->model->be;
-    if (!be->ops->sample || rows == 0) return false;
     const SchedOutput *out = &e->out;
-    int n = 0;
+    const size_t row_bytes = (size_t)e->model->cfg.vocab_size * sizeof(float);
+    bool device = be->ops->sample && rows > 0;
+    int n_device = 0;
     for (int i = 0; i < out->n_items; i++) {
         const StepSeq *q = &e->seqs[i];
-        if (q->all_logits) return false;
-        if (q->no_logits) continue;
-        const Request *r = out->items[i].req;
-        const SamplingParams *sp = &r->params.sampling;
-        if (r->params.logprobs >= 0 || r->n_output < r->params.min_tokens || sampling_needs_host(sp) ||
-            r->params.constraint.state)
-            return false;
-        /* the fields before the (here empty) logit bias: 44 bytes, not 2.4 KB, per row and step */
-        memcpy(&e->dev_params[n++], sp, offsetof(SamplingParams, logit_bias));
+        e->dev_sampled[i] = !q->no_logits && !needs_host_sampling(out->items[i].req);
+        n_device += e->dev_sampled[i];
+        if (q->all_logits) device = false;
     }
-    n = 0;
-    for (int i = 0; i < out->n_items; i++) {
-        if (e->seqs[i].no_logits) continue;
-        Request *r = out->items[i].req;
-        e->dev_rng_saved[n] = r->rng;
-        e->dev_uniform[n++] = (float)rng_next(&r->rng);
+    if (device && n_device) {
+        const SamplingParams greedy = sampling_greedy();
+        int n = 0;
+        for (int i = 0; i < out->n_items; i++) {
+            if (e->seqs[i].no_logits) continue;
+            Request *r = out->items[i].req;
+            /* the fields before the (here empty) logit bias: 44 bytes, not 2.4 KB, per row */
+            memcpy(&e->dev_params[n], e->dev_sampled[i] ? &r->params.sampling : &greedy,
+                   offsetof(SamplingParams, logit_bias));
+            e->dev_rng_saved[n] = r->rng;
+            e->dev_uniform[n++] = e->dev_sampled[i] ? (float)rng_next(&r->rng) : 0.0f;
+        }
+        if (be->ops->sample(be, d_logits, rows, e->model->cfg.vocab_size, e->dev_params, e->dev_uniform, e->dev_ids)) {
+            for (int i = 0, row = 0; i < out->n_items; i++) {
+                if (e->seqs[i].no_logits) continue;
+                if (!e->dev_sampled[i])
+                    be->ops->to_host(be, (char *)e->logits + row * row_bytes, (const char *)d_logits + row * row_bytes,
+                                     row_bytes);
+                row++;
+            }
+            return;
+        }
+        n = 0;
+        for (int i = 0; i < out->n_items; i++)
+            if (!e->seqs[i].no_logits) out->items[i].req->rng = e->dev_rng_saved[n++];
     }
-    if (be->ops->sample(be, d_logits, rows, e->model->cfg.vocab_size, e->dev_params, e->dev_uniform, e->dev_ids))
-        return true;
-    n = 0;
-    for (int i = 0; i < out->n_items; i++)
-        if (!e->seqs[i].no_logits) out->items[i].req->rng = e->dev_rng_saved[n++];
-    return false;
+    memset(e->dev_sampled, 0, (size_t)out->n_items * sizeof *e->dev_sampled);
+    be->ops->to_host(be, e->logits, d_logits, rows * row_bytes);
 }
 
 int engine_step(Engine *e) {
@@ -517,8 +540,7 @@ int engine_step(Engine *e) {
     float *d_logits = model_forward(m, &step, &rows);
     if (decode_only) retire_finished(e);
     int V = m->cfg.vocab_size;
-    bool on_device = sample_on_device(e, d_logits, rows);
-    if (!on_device) m->be->ops->to_host(m->be, e->logits, d_logits, (size_t)rows * V * sizeof(float));
+    fetch_logits(e, d_logits, rows);
     if (check_backend(e)) return 0;
 
     /* Sample and update, walking the logit rows in sequence order. */
@@ -537,7 +559,7 @@ int engine_step(Engine *e) {
 
         const float *last = rows_i + (size_t)(n_rows - 1) * V;
         int32_t tok;
-        if (on_device) {
+        if (e->dev_sampled[i]) {
             tok = e->dev_ids[row - 1]; /* one row per sequence on this path */
         } else {
             memcpy(e->row, last, (size_t)V * sizeof(float));

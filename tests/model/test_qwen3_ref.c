@@ -114,12 +114,14 @@ static void prefill(Model *m, const int32_t *ids, int n, int chunk, bool all, fl
 typedef struct Collect {
     int32_t ids[64];
     int n;
+    int n_logprobs; /* tokens that came with their logprob */
     bool done;
 } Collect;
 
 static void collect(void *user, const EngineEvent *ev) {
     Collect *c = user;
     if (ev->token >= 0 && c->n < 64) c->ids[c->n++] = ev->token;
+    if (ev->token >= 0 && ev->n_top > 0 && ev->top_ids[0] == ev->token) c->n_logprobs++;
     if (ev->finish) c->done = true;
 }
 
@@ -265,7 +267,8 @@ static bool near_tie_divergence(Model *m, const int32_t *ids, int n, const int32
 }
 
 /* Twelve greedy requests of 24 tokens (prompts of 3..150 random ids) run together must give the
- * tokens each gives alone: steps of `chunk` tokens mix chunked prefills with decodes. A fresh
+ * tokens each gives alone: steps of `chunk` tokens mix chunked prefills with decodes, and every
+ * third request asks for logprobs (sampled on the host, beside rows sampled on a GPU). A fresh
  * engine without prefix caching, so that every prompt is computed inside the batch; it is freed
  * before the model's next use, so the near-tie check's prefill() clobbers nothing in use. */
 static void check_batch_equals_alone(Model *m, const EngineOptions *base, const char *label) {
@@ -293,19 +296,26 @@ static void check_batch_equals_alone(Model *m, const EngineOptions *base, const 
     memset(alone, 0, sizeof alone);
     memset(together, 0, sizeof together);
     for (int i = 0; i < N; i++) {
+        p.logprobs = i % 3 == 0 ? 1 : -1;
         CHECK(engine_add(e, prompts[i], lens[i], &p, collect, &alone[i], NULL, &err) == 0, "engine_add: %s",
               err.msg);
         engine_run_until_idle(e);
     }
-    for (int i = 0; i < N; i++)
+    for (int i = 0; i < N; i++) {
+        p.logprobs = i % 3 == 0 ? 1 : -1;
         CHECK(engine_add(e, prompts[i], lens[i], &p, collect, &together[i], NULL, &err) == 0, "engine_add: %s",
               err.msg);
+    }
     engine_run_until_idle(e);
     engine_free(e);
     int same = 0, distinct = 0;
     for (int i = 0; i < N; i++) {
         CHECK(alone[i].done && alone[i].n == OUT && together[i].done && together[i].n == OUT,
               "%s request %d: %d and %d tokens", label, i, alone[i].n, together[i].n);
+        const int want_lp = i % 3 == 0 ? OUT : 0;
+        CHECK(alone[i].n_logprobs == want_lp && together[i].n_logprobs == want_lp,
+              "%s request %d: %d and %d greedy tokens with their logprob as the top one, want %d", label, i,
+              alone[i].n_logprobs, together[i].n_logprobs, want_lp);
         bool eq = !memcmp(alone[i].ids, together[i].ids, OUT * sizeof *alone[i].ids);
         same += eq;
         distinct += i == 0 || memcmp(alone[i].ids, alone[0].ids, OUT * sizeof *alone[i].ids) != 0;
