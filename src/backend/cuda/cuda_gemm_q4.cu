@@ -4,10 +4,9 @@
  * dequantized in registers right before the multiply, so memory traffic stays at 0.5 byte per
  * weight plus scales; dequantizing to a bf16 scratch for cuBLAS costs ~4.5.
  *
- * Two kernels share the dequantization and the epilogue: mma.sync (any sm_80+ GPU; on Hopper
- * only up to 16 tokens), loading through cp.async, and further down wgmma (sm_90a, from 17
- * tokens), loading through the TMA engine. See token_tile() for the measurements that split
- * them.
+ * Two kernels share the dequantization and the epilogue: mma.sync (any sm_80+ GPU; not used on
+ * Hopper), loading through cp.async, and further down wgmma (sm_90a, from 4 tokens), loading
+ * through the TMA engine. See kWgMinM for the measurements that split them.
  *
  * Products. mma.sync m16n8k16 (bf16 in, f32 accumulate) in the "swapped" orientation: the 16-row
  * A operand is 16 weight rows (output features) x 16 columns of k, which is the weights' own
@@ -417,7 +416,7 @@ __global__ void __launch_bounds__(kThreads, Tile<BT>::kMinBlocks) gemm_q4(GemmAr
 
 /* ---- Hopper: the same product on wgmma (sm_90a), fed by the TMA engine ----------------------
  *
- * From 17 tokens the products run as warpgroup MMAs (wgmma.mma_async m64nNk16, N = BT tokens):
+ * On Hopper the products run as warpgroup MMAs (wgmma.mma_async m64nNk16, N = BT tokens):
  * one instruction multiplies 64 weight rows by 16 columns of k for all BT tokens, so the
  * dequantized weights (the register A operand, the mma.sync A fragment layout per warp) feed
  * BT / 8 times more products per instruction than mma.sync's, and the tensor cores run while the
@@ -465,9 +464,10 @@ struct WgTile {
     /* ring sizes (buffers), measured (H100, one Qwen3-8B step's matmuls, ms; x / weight buffers):
      * 32-token tiles 4 / 7, 6 / 4, 4 / 3: M = 32 3.65, 3.54, 3.48; 64: 3 / 6, 4 / 4, 5 / 2: M = 64
      * 4.47, 4.32, 4.28 (M = 48 4.30, 4.14, 4.16); 128: 4 / 8, 5 / 4, 3 / 10: M = 128 5.97, 5.90,
-     * 6.07; 256-token tiles fit 3 / 3 */
-    static constexpr int kXSlots = BT == 32 ? 4 : BT == 64 ? 4 : BT == 128 ? 5 : 3;
-    static constexpr int kWSlots = BT == 32 ? 3 : BT == 64 ? 4 : BT == 128 ? 4 : 3;
+     * 6.07; 256-token tiles fit 3 / 3; 16-token tiles take 32's x ring and one more weight buffer
+     * (not compared) */
+    static constexpr int kXSlots = BT <= 32 ? 4 : BT == 64 ? 4 : BT == 128 ? 5 : 3;
+    static constexpr int kWSlots = BT == 16 ? 4 : BT == 32 ? 3 : BT == 64 ? 4 : BT == 128 ? 4 : 3;
     static constexpr int kXAhead = kXSlots - 2, kWAhead = kWSlots - 1;
     static constexpr size_t kRings = kXSlots * kX + kWSlots * kW;
     static constexpr size_t kSmem = kRings + 8 * (kXSlots + kWSlots) + 1024; /* + mbarriers, alignment */
@@ -523,6 +523,15 @@ CU_DEV void tma_load_2d(uint32_t dst, const CUtensorMap *map, int c0, int c1, ui
 
 /* d = A B (+ d when acc) for 64 rows x N tokens x 16 columns (N = 2 x the size of d): A the warp's
  * 4 registers (mma.sync layout, rows 16 * (warp % 4) ..), B at shared-memory descriptor b. */
+CU_DEV void wgmma_rs(float (&d)[8], const uint32_t (&a)[4], uint64_t b, bool acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7}, "
+                 "{%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"((int)acc));
+}
+
 CU_DEV void wgmma_rs(float (&d)[16], const uint32_t (&a)[4], uint64_t b, bool acc) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
@@ -927,7 +936,7 @@ struct Wgmma {
     static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms, const WgMaps *maps) {
         static KernelSlots ks;
         const Fill rule = WgTile<BT, GS>::kMinBlocks == 1 ? Fill::WholeWaves
-                          : BT == 32 && a.M <= BT          ? Fill::AllSlots
+                          : BT <= 32 && a.M <= BT          ? Fill::AllSlots
                                                            : Fill::BusySms;
         return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, rule, a, sms, *maps);
     }
@@ -962,11 +971,20 @@ bool wg_in_build() {
  *   M         24    32    48    64    96    128    192    256    512
  *   mma.sync  3.71  3.76  5.54  5.25  8.65  9.89  16.15  15.31  (18.0 dequant + cuBLAS)
  *   wgmma     3.55  3.60  5.06  5.27  6.76  6.77  10.30  10.28  17.86
- * wgmma from 17 tokens, in tiles of 32 (M <= 32), 64 (M <= 64) or 128 (64-token tiles up to 128
- * measured 5-7% slower). The mma.sync kernel keeps M <= 16, where its 16-token tile wastes
- * less, and every M on GPUs (or builds) without wgmma, with 32-token tiles up to 96 tokens (more
- * blocks to fill the machine, each weight tile read again from L2 rather than HBM) and 128-token
- * tiles from 128, unless the last one would be at most half full.
+ * wgmma in tiles of 32 (M <= 32), 64 (M <= 64) or 128 (64-token tiles up to 128
+ * measured 5-7% slower). The mma.sync kernel takes every M on GPUs (or builds) without wgmma,
+ * with 16-token tiles up to 16 tokens, 32-token tiles up to 96 (more blocks to fill the machine,
+ * each weight tile read again from L2 rather than HBM) and 128-token tiles from 128, unless the
+ * last one would be at most half full.
+ *
+ * Below 17 tokens wgmma wins too (H200, same measure, ms; mma.sync's 16-token tile vs wgmma's 16-
+ * and 32-token tiles):
+ *   M          4     5     6     7     8     16
+ *   mma.sync   3.17  -     -     -     3.18  3.21
+ *   wgmma 16   2.64  2.65  2.65  2.78  2.80  2.86
+ *   wgmma 32   3.02  2.73  2.88  2.90  2.71  2.70
+ * so from 4 tokens (up to 3 the GEMV is faster still): 16-token tiles up to 7, 32 from 8. Serving
+ * int4 at concurrency 8 / 16: 1809 -> 2044 / 3139 -> 3479 tok/s (same call).
  *
  * Above 128 tokens, wgmma tiles of 256 (each weight dequantized once for all of them, m64n256
  * products) where the matrix has enough feature tiles to fill a third of the machine without
@@ -977,16 +995,18 @@ bool wg_in_build() {
  *   -> 39.8 / 26.6 / 120.2 / 67.5); 256-token tiles for all four: 10.71 (o 49.5, down 95.2).
  * Likewise from 65 to 128 tokens the narrow matrices take two 64-token tiles (o 31.8 -> 19.8,
  * down 59.5 -> 51.6 us at M = 128, split as choose_split says). */
-constexpr int kWgMinM = 17;
+constexpr int kWgMinM = 4;
 
 int wg_token_tile(int M, int n, int sms) {
     const bool wide = (n + kFeatures - 1) / kFeatures * 3 >= sms;
+    if (M <= 7) return 16;
     if (M <= 32) return 32;
     if (M <= 64) return 64;
     if (M <= 128) return wide ? 128 : 64;
     return wide ? 256 : 128;
 }
 
+/* The mma.sync kernel's token tile for M (GPUs or builds without wgmma). */
 int token_tile(int M) {
     if (M <= 16) return 16;
     if (M <= 96) return 32;
@@ -1007,6 +1027,7 @@ cudaError_t launch_gemm(cudaStream_t st, const CuMat *w, const GemmArgs &a, int 
         const cudaError_t rc = x_tensor_map(a, BT, maps.x);
         if (rc != cudaSuccess) return rc;
         switch (BT) {
+        case 16: return launch_group<Wgmma, 16>(st, a, gs, sms, &maps);
         case 32: return launch_group<Wgmma, 32>(st, a, gs, sms, &maps);
         case 64: return launch_group<Wgmma, 64>(st, a, gs, sms, &maps);
         case 128: return launch_group<Wgmma, 128>(st, a, gs, sms, &maps);
