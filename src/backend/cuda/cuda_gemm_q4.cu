@@ -796,10 +796,11 @@ void split_slots(const void *kernel, size_t smem, int sms, int (&slots)[4]) {
 
 /* How a split of k is judged: by whole waves of the co-resident blocks (kernels that fit one block
  * per multiprocessor), by every multiprocessor busy, or by every co-resident slot busy. */
-enum class Fill { WholeWaves, BusySms, AllSlots };
+enum class Fill { WholeWaves, BusySms, AllSlots, AllSlotsShort };
 
 /* Blocks per output tile (the split of k). A larger split must fill the machine 10% better (it
- * costs a reduction), and each split keeps at least two stages of k (AllSlots: eight). Measured
+ * costs a reduction), and each split keeps at least two stages of k (AllSlots: eight, AllSlotsShort:
+ * four). Measured
  * on an H100 (us per launch, Qwen3-8B matrices):
  *  - one block per multiprocessor (128- and 256-token tiles): whole waves;
  *  - two per multiprocessor (wgmma 64-token tiles, the mma.sync kernel): every multiprocessor
@@ -810,20 +811,25 @@ enum class Fill { WholeWaves, BusySms, AllSlots };
  *    35.8, M = 48 43.9 -> 38.8 and 36.7 -> 33.9 (H100, thirteenth session);
  *  - wgmma with 32-token tiles (17..32 tokens): every slot busy, at least eight stages of k per
  *    block, since each block then streams weights no other block reads: gate_up at M = 32 39.6 ->
- *    35.8 (split 1 -> 2), down 33.8 -> 30.4 (4 -> 8); the step's matmuls M = 32 3.61 -> 3.33 ms. */
+ *    35.8 (split 1 -> 2), down 33.8 -> 30.4 (4 -> 8); the step's matmuls M = 32 3.61 -> 3.33 ms;
+ *  - up to 16 tokens (AllSlotsShort), at least four stages: o splits 8 ways instead of 4, two
+ *    blocks per multiprocessor instead of one (H200: o 14.3 -> 10.6 us per launch; the step's
+ *    matmuls M = 4 / 8 / 16 2.64 / 2.92 / 2.73 -> 2.61 / 2.77 / 2.69 ms, but M = 24 / 32 2.84 /
+ *    2.74 -> 2.81 / 2.91, so not beyond 16). */
 int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, Fill rule) {
     int best = 1;
     double best_fill = -1.0;
     for (int i = 0; i < 4; i++) {
         const int s = 1 << i;
-        if (!slots[i] || (s > 1 && k_tiles < (rule == Fill::AllSlots ? 8 : 2) * s)) break;
+        const int min_stages = rule == Fill::AllSlots ? 8 : rule == Fill::AllSlotsShort ? 4 : 2;
+        if (!slots[i] || (s > 1 && k_tiles < min_stages * s)) break;
         const long long blocks = tiles * s;
         double fill;
         if (rule == Fill::WholeWaves) {
             const long long waves = (blocks + slots[i] - 1) / slots[i];
             fill = (double)blocks / (double)(waves * slots[i]);
         } else {
-            const int room = rule == Fill::AllSlots ? slots[i] : sms;
+            const int room = rule == Fill::BusySms ? sms : slots[i];
             fill = blocks >= room ? 1.0 : (double)blocks / room;
         }
         if (fill > 1.1 * best_fill) best = s, best_fill = fill;
@@ -936,6 +942,7 @@ struct Wgmma {
     static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms, const WgMaps *maps) {
         static KernelSlots ks;
         const Fill rule = WgTile<BT, GS>::kMinBlocks == 1 ? Fill::WholeWaves
+                          : BT <= 32 && a.M <= 16          ? Fill::AllSlotsShort
                           : BT <= 32 && a.M <= BT          ? Fill::AllSlots
                                                            : Fill::BusySms;
         return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, rule, a, sms, *maps);
