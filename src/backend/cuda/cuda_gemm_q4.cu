@@ -800,8 +800,7 @@ enum class Fill { WholeWaves, BusySms, AllSlots, AllSlotsShort };
 
 /* Blocks per output tile (the split of k). A larger split must fill the machine 10% better (it
  * costs a reduction), and each split keeps at least two stages of k (AllSlots: eight, AllSlotsShort:
- * four). Measured
- * on an H100 (us per launch, Qwen3-8B matrices):
+ * four). Measured on an H100 (us per launch, Qwen3-8B matrices):
  *  - one block per multiprocessor (128- and 256-token tiles): whole waves;
  *  - two per multiprocessor (wgmma 64-token tiles, the mma.sync kernel): every multiprocessor
  *    busy once; waves at M = 128 picked split 4 for o and down, 27.1 / 64.8 vs 19.8 / 51.6 with
