@@ -102,19 +102,19 @@ static bool number_byte(JsonMatch *m, bool integer, uint8_t c, bool *ended) {
     return false;
 }
 
-/* One byte of a literal (the candidates are lits[lit ..] sharing its first pos bytes, sorted):
- * 1 when c continues one; 0 when none does but the text so far is whole (c belongs to what
- * follows: only numbers, as 1 before 12, can be extended); -1 otherwise. */
+/* One byte of a literal (the candidates are the node's literals from lit on that share its
+ * first pos bytes: a run, as they are sorted): 1 when c continues one; 0 when none does but the
+ * text so far is whole (c belongs to what follows: only numbers, as 1 before 12, can be
+ * extended); -1 otherwise. */
 static int literal_byte(const JsonSchema *g, JsonMatch *m, uint8_t c) {
     const SchemaNode *n = &g->nodes[m->node];
-    const uint32_t end = n->first + n->count;
-    const SchemaText cur = g->lits[m->lit];
-    for (uint32_t j = m->lit; j < end; j++) {
-        const SchemaText t = g->lits[j];
+    const SchemaText *lits = g->lits + n->first, cur = lits[m->lit];
+    for (uint32_t j = m->lit; j < n->count; j++) {
+        const SchemaText t = lits[j];
         if (t.len < m->pos || memcmp(g->text + t.off, g->text + cur.off, m->pos)) break;
         if (t.len == m->pos || (uint8_t)g->text[t.off + m->pos] != c) continue;
         m->lit = (uint16_t)j, m->pos++;
-        const SchemaText next = j + 1 < end ? g->lits[j + 1] : (SchemaText){0, 0};
+        const SchemaText next = j + 1 < n->count ? lits[j + 1] : (SchemaText){0, 0};
         const bool extended = next.len > m->pos && !memcmp(g->text + next.off, g->text + t.off, m->pos);
         if (t.len == m->pos && !extended) value_done(m);
         return 1;
@@ -201,7 +201,7 @@ static bool begin_value(const JsonSchema *g, JsonMatch *m, uint16_t node, uint8_
         m->sub = c == '-' ? N_MINUS : c == '0' ? N_ZERO : N_INT;
         return true;
     default: /* literals */
-        m->lex = L_LITERAL, m->node = (uint16_t)id, m->lit = (uint16_t)n->first, m->pos = 0;
+        m->lex = L_LITERAL, m->node = (uint16_t)id, m->lit = 0, m->pos = 0;
         return literal_byte(g, m, c) > 0;
     }
 }
@@ -338,7 +338,7 @@ bool json_match_complete(const JsonMatch *m, const JsonSchema *g) {
     if (m->lex == L_DONE) return true;
     if (m->depth) return false;
     if (m->lex == L_NUMBER) return m->sub == N_ZERO || m->sub == N_INT || m->sub == N_FRAC || m->sub == N_EXP;
-    return m->lex == L_LITERAL && g->lits[m->lit].len == m->pos;
+    return m->lex == L_LITERAL && g->lits[g->nodes[m->node].first + m->lit].len == m->pos;
 }
 
 bool json_match_in_free_string(const JsonMatch *m, const JsonSchema *g) {

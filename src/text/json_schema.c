@@ -72,7 +72,7 @@ static int new_node(Compiler *c, SchemaKind k, const json_t *memo, const char *p
 static int reserve(Compiler *c, void **arr, uint32_t *n_arr, uint32_t *cap, uint32_t n, size_t size) {
     if (!grow(arr, cap, *n_arr + n, size)) return oom(c);
     const uint32_t first = *n_arr;
-    memset((char *)*arr + (size_t)first * size, 0, (size_t)n * size);
+    if (n) memset((char *)*arr + (size_t)first * size, 0, (size_t)n * size);
     *n_arr += n;
     return (int)first;
 }
@@ -93,21 +93,22 @@ static int cmp_text(const JsonSchema *g, SchemaText a, SchemaText b) {
     return r ? r : (a.len > b.len) - (a.len < b.len);
 }
 
-/* Node id's literals: texts[0, n) sorted bytewise without repeats (an insertion sort: qsort has
- * no context argument, and enum lists are short). */
+static int cmp_text_of(const void *a, const void *b, void *g) {
+    return cmp_text(g, *(const SchemaText *)a, *(const SchemaText *)b);
+}
+
+/* Node id's literals: texts[0, n) sorted bytewise (json_match.c finds the candidates for a
+ * prefix as a run) without repeats. */
 static int set_literals(Compiler *c, int id, SchemaText *t, uint32_t n) {
     const JsonSchema *g = c->g;
-    for (uint32_t i = 1; i < n; i++)
-        for (uint32_t j = i; j > 0 && cmp_text(g, t[j - 1], t[j]) > 0; j--) {
-            const SchemaText x = t[j - 1];
-            t[j - 1] = t[j], t[j] = x;
-        }
+    qsort_r(t, n, sizeof *t, cmp_text_of, (void *)g);
     uint32_t k = 0;
     for (uint32_t i = 0; i < n; i++)
         if (!k || cmp_text(g, t[k - 1], t[i])) t[k++] = t[i];
+    if (k >= SCHEMA_MAX) return qerr_set(c->err, "more than %d enum values at %s", SCHEMA_MAX - 1, c->info[id].path);
     const int first = reserve(c, (void **)&c->g->lits, &c->g->n_lits, &c->cap_lits, k, sizeof *t);
     if (first < 0) return -1;
-    memcpy(c->g->lits + first, t, (size_t)k * sizeof *t);
+    if (k) memcpy(c->g->lits + first, t, (size_t)k * sizeof *t);
     c->g->nodes[id].first = (uint32_t)first, c->g->nodes[id].count = k;
     return 0;
 }
@@ -124,7 +125,7 @@ static int literal_node(Compiler *c, const char *const *texts, uint32_t n, const
 static int set_alts(Compiler *c, int id, const uint16_t *alts, uint32_t n) {
     const int first = reserve(c, (void **)&c->g->alts, &c->g->n_alts, &c->cap_alts, n, sizeof *alts);
     if (first < 0) return -1;
-    memcpy(c->g->alts + first, alts, (size_t)n * sizeof *alts);
+    if (n) memcpy(c->g->alts + first, alts, (size_t)n * sizeof *alts);
     c->g->nodes[id].first = (uint32_t)first, c->g->nodes[id].count = n;
     return 0;
 }

@@ -112,7 +112,7 @@ typedef struct JsonFrame {
 
 typedef struct JsonMatch {
     uint16_t node;  /* the value expected, or the string / number / literals being read */
-    uint16_t lit;   /* literals, keys: the first candidate the text so far fits */
+    uint16_t lit;   /* literals, keys: the first candidate (of the node's) the text so far fits */
     uint16_t pos;   /* literals, keys: bytes read */
     uint16_t count; /* string: code points read (saturating) */
     uint8_t lex;    /* what comes next (json_schema's enum Lex) */
