@@ -226,6 +226,33 @@ static void test_depth(void) {
     json_schema_unref(g);
 }
 
+/* Literals are found within their node: two long enums hold more literals than a uint16 counts. */
+static void test_long_enums(void) {
+    json_t *props = json_object(), *req = json_array();
+    for (int k = 0; k < 2; k++) {
+        json_t *values = json_array();
+        char name[2] = {(char)('a' + k), 0}, v[16];
+        for (int i = 0; i < 40000; i++) {
+            snprintf(v, sizeof v, k ? "b%dz" : "a%d", i);
+            json_array_append_new(values, json_string(v));
+        }
+        json_object_set_new(props, name, json_pack("{s:o}", "enum", values));
+        json_array_append_new(req, json_string(name));
+    }
+    json_t *schema = json_pack("{s:s, s:o, s:o}", "type", "object", "properties", props, "required", req);
+    QErr err;
+    JsonSchema *g = json_schema_compile(schema, &err);
+    json_decref(schema);
+    CHECK(g != NULL && g->n_lits == 80000, "two enums of 40000 compile: %s", g ? "" : err.msg);
+    if (!g) return;
+    JsonMatch m;
+    const char *ok = "{\"a\":\"a39999\",\"b\":\"b39999z\"}";
+    CHECK(accepted(g, ok, &m) == strlen(ok) && json_match_complete(&m, g), "the last values of both enums");
+    const size_t past = accepted(g, "{\"a\":\"a40000\"", &m);
+    CHECK(past == 11, "a value past the enum refused at %zu (its last digit)", past);
+    json_schema_unref(g);
+}
+
 /* The mask by brute force: every id's bytes stepped from a copy of the state. */
 static int brute_mask(const Tok *tok, const JsonSchema *g, const JsonMatch *st, int V, uint8_t *ok) {
     int n = 0;
@@ -331,6 +358,7 @@ int main(void) {
     test_compile_refuses();
     test_recogniser();
     test_depth();
+    test_long_enums();
     test_masks();
     return test_finish();
 }
