@@ -28,10 +28,13 @@
  * refused with an error that names it and its place in the schema (a JSON pointer); nothing that
  * constrains is ignored.
  *
- * Limits: values nest at most JSON_MAX_DEPTH containers (a schema that needs deeper is refused);
- * at most JSON_MAX_WS whitespace bytes in a row between tokens; SCHEMA_MAX bounds the numbers
- * and SCHEMA_MAX_NODES the graph. Masks are cached by the schema's 64-bit hash
- * and the state's bytes: two schemas with the same hash would share masks (never seen; noted). */
+ * Spelling and limits: values nest at most JSON_MAX_DEPTH containers (a schema that needs deeper
+ * is refused; an optional deeper value is not started); whitespace is free between tokens, at most
+ * JSON_MAX_WS bytes in a row; strings are valid UTF-8 without \u surrogate escapes (a character
+ * beyond U+FFFF is written as itself), so that lengths count code points exactly; keys and enum
+ * values are generated in one spelling (as above); numbers are as long as the model makes them.
+ * SCHEMA_MAX bounds the counts and SCHEMA_MAX_NODES the graph. Masks are cached by the schema's
+ * 64-bit hash and the state's bytes: two schemas with the same hash would share masks. */
 #ifndef QUILL_JSON_SCHEMA_H
 #define QUILL_JSON_SCHEMA_H
 
