@@ -103,7 +103,7 @@ fail:
 const StructVocab *runtime_vocab(Runtime *rt, QErr *err) {
     if (rt->vocab) return rt->vocab;
     if (!rt->tok) {
-        qerr_set(err, "structured output (--json-object, --choice) needs the model's tokenizer.json");
+        qerr_set(err, "structured output (--json-object, --json-schema, --choice) needs the model's tokenizer.json");
         return NULL;
     }
     int32_t eos[2 * CONFIG_MAX_EOS];

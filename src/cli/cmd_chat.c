@@ -18,7 +18,8 @@ static void usage(FILE *f) {
             "  -s, --system TEXT      system prompt\n"
             "  --no-think             disable Qwen3's thinking\n"
             "  -n, --max-tokens N     tokens per answer at most (default 2048)\n"
-            "  sampling flags, --json-object, --choice as in `quill run --help`; --device, --threads\n"
+            "  sampling flags, --json-object, --json-schema, --choice as in `quill run --help`;\n"
+            "  --device, --threads\n"
             "Type a message and press Enter. /reset clears the history, /exit (or Ctrl-D) quits.\n");
 }
 

@@ -26,6 +26,7 @@ static void usage(FILE *f) {
             "  --logit-bias ID=BIAS   add BIAS in [-100, 100] to token ID's logit (repeatable)\n"
             "                         sampling (defaults from generation_config.json)\n"
             "  --json-object          hold the answer to a JSON object (after the reasoning)\n"
+            "  --json-schema FILE     hold the answer to a JSON value valid under the schema in FILE\n"
             "  --choice TEXT          hold the answer to one of the --choice texts (repeatable)\n"
             "  --json                 print one JSON object instead of streaming text\n"
             "  --device cpu|cuda      where to run (default: cuda if available)\n"

@@ -2,6 +2,7 @@
  * engine_step itself), so it may print directly. */
 #include "cli/generate.h"
 
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,16 +86,36 @@ static void on_event(void *user, const EngineEvent *ev) {
     }
 }
 
+/* The schema of --json-schema FILE into f. */
+static int load_schema(const char *path, OutputFormat *f, QErr *err) {
+    json_error_t je;
+    json_t *schema = json_load_file(path, JSON_DECODE_ANY, &je);
+    if (!schema) return qerr_set(err, "--json-schema %s: %s (line %d)", path, je.text, je.line);
+    static JsonSchema *compiled; /* one command line's */
+    compiled = json_schema_compile(schema, err);
+    json_decref(schema);
+    if (!compiled) return qerr_prefix(err, "--json-schema %s", path);
+    f->schema = compiled;
+    f->kind = OUTPUT_JSON_SCHEMA;
+    return 0;
+}
+
 int parse_format_flag(int argc, char **argv, int *i, OutputFormat *f, QErr *err) {
     const char *a = argv[*i];
-    if (!strcmp(a, "--json-object")) {
-        if (f->kind == OUTPUT_CHOICE) return qerr_set(err, "--json-object and --choice exclude each other");
-        f->kind = OUTPUT_JSON_OBJECT;
+    const OutputKind kind = !strcmp(a, "--json-object")   ? OUTPUT_JSON_OBJECT
+                            : !strcmp(a, "--json-schema") ? OUTPUT_JSON_SCHEMA
+                            : !strcmp(a, "--choice")      ? OUTPUT_CHOICE
+                                                          : OUTPUT_TEXT;
+    if (kind == OUTPUT_TEXT) return 0;
+    if (kind != OUTPUT_JSON_OBJECT && (*i + 1 >= argc || !argv[*i + 1][0]))
+        return qerr_set(err, "%s needs a %s", a, kind == OUTPUT_CHOICE ? "non-empty text" : "file");
+    if (f->kind != OUTPUT_TEXT && (f->kind != kind || kind != OUTPUT_CHOICE))
+        return qerr_set(err, "--json-object, --json-schema and --choice exclude each other (at %s)", a);
+    if (kind == OUTPUT_JSON_OBJECT) {
+        f->kind = kind;
         return 1;
     }
-    if (strcmp(a, "--choice")) return 0;
-    if (*i + 1 >= argc || !argv[*i + 1][0]) return qerr_set(err, "--choice needs a non-empty text");
-    if (f->kind == OUTPUT_JSON_OBJECT) return qerr_set(err, "--json-object and --choice exclude each other");
+    if (kind == OUTPUT_JSON_SCHEMA) return load_schema(argv[++*i], f, err) ? -1 : 1;
     static char *choices[64]; /* one command line's */
     if (f->n_choices == 64) return qerr_set(err, "--choice: at most 64");
     f->choices = choices;

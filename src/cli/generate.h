@@ -18,8 +18,10 @@ typedef struct GenRequest {
     OutputFormat format; /* structured output (after the reasoning when thinking) */
 } GenRequest;
 
-/* --json-object or --choice TEXT (repeatable, at most 64) into f: 1 consumed, 0 neither, -1 with
- * err. The choices point into argv, listed in static storage (one command line's). */
+/* --json-object, --json-schema FILE (compiled here: err names a bad file or an unsupported
+ * keyword) or --choice TEXT (repeatable, at most 64) into f: 1 consumed, 0 none of them, -1 with
+ * err. The choices point into argv, listed in static storage, and the schema is held there too
+ * (one command line's). */
 int parse_format_flag(int argc, char **argv, int *i, OutputFormat *f, QErr *err);
 
 typedef struct GenResult {

@@ -119,6 +119,7 @@ void gen_spec_free(GenSpec *s) {
     free(s->stop);
     for (int i = 0; i < s->format.n_choices; i++) free(s->format.choices[i]);
     free(s->format.choices);
+    json_schema_unref(s->format.schema);
     memset(s, 0, sizeof *s);
 }
 

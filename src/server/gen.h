@@ -52,7 +52,8 @@ typedef struct GenSpec {
     bool skip_special;    /* detokenize without special tokens */
     bool chat;            /* parse reasoning and tool calls (text/reasoning.h) */
     bool thinking, tools; /* the parser's modes */
-    OutputFormat format;       /* JSON mode or a choice (its strings owned): a constraint per choice */
+    OutputFormat format;       /* JSON mode, a schema or a choice (its strings, the schema's reference
+                                  owned): a constraint per choice */
     const StructVocab *vocab;  /* for the constraint (not owned); set with format */
 } GenSpec;
 

@@ -207,40 +207,78 @@ static int parse_choices(const json_t *list, OutputFormat *f, const char *param,
     return 0;
 }
 
-/* The output's form from one more field (param): refused when another field gave one already. */
-static int set_form(OutputFormat *f, OutputKind kind, const json_t *choices, const char *param, OaiError *err) {
+/* A JSON schema given as an object (or boolean), or as a string holding one (vLLM allows both),
+ * compiled into f. */
+static int parse_schema(const json_t *schema, OutputFormat *f, const char *param, OaiError *err) {
+    json_t *parsed = NULL;
+    if (json_is_string(schema)) {
+        json_error_t je;
+        if (!(parsed = json_loads(json_string_value(schema), JSON_DECODE_ANY, &je)))
+            return oai_error(err, 400, param, "%s: the schema is not valid JSON: %s", param, je.text);
+        schema = parsed;
+    }
+    QErr q;
+    if (!json_is_object(schema) && !json_is_boolean(schema)) {
+        json_decref(parsed);
+        return oai_error(err, 400, param, "%s: the schema must be a JSON object", param);
+    }
+    f->schema = json_schema_compile(schema, &q);
+    json_decref(parsed);
+    if (!f->schema) return oai_error(err, 400, param, "%s: %s", param, q.msg);
+    f->kind = OUTPUT_JSON_SCHEMA;
+    return 0;
+}
+
+/* The output's form from one more field (param): refused when another field gave one already.
+ * arg: the choices, or the schema. */
+static int set_form(OutputFormat *f, OutputKind kind, const json_t *arg, const char *param, OaiError *err) {
     if (f->kind != OUTPUT_TEXT)
         return oai_error(err, 400, param,
-                         "give one output form: response_format json_object, guided_choice, or one structured_outputs key");
-    if (kind == OUTPUT_CHOICE) return parse_choices(choices, f, param, err);
+                         "give one output form: response_format json_object or json_schema, guided_json, "
+                         "guided_choice, or one structured_outputs key");
+    if (kind == OUTPUT_CHOICE) return parse_choices(arg, f, param, err);
+    if (kind == OUTPUT_JSON_SCHEMA) return parse_schema(arg, f, param, err);
     f->kind = kind;
     return 0;
 }
 
-/* The output's form: response_format (text or json_object; json_schema is refused), vLLM's
- * structured_outputs ({"choice": [...]} or {"json_object": true}) or its older guided_choice.
- * Forms vLLM also knows but quill cannot honour (a JSON schema, a regex, a grammar) are refused,
- * never ignored. */
+/* response_format: text, json_object, or json_schema {"json_schema": {"name", "schema", "strict"}}
+ * (strict is accepted either way: the schema is always enforced). */
+static int parse_response_format(const json_t *rf, OutputFormat *f, OaiError *err) {
+    json_t *t = json_is_object(rf) ? json_object_get(rf, "type") : NULL;
+    const char *type = json_is_string(t) ? json_string_value(t) : "";
+    if (!strcmp(type, "json_object")) return set_form(f, OUTPUT_JSON_OBJECT, NULL, "response_format", err);
+    if (!strcmp(type, "json_schema")) {
+        json_t *js = json_object_get(rf, "json_schema"), *schema = json_object_get(js, "schema");
+        json_t *name = json_object_get(js, "name"), *strict = json_object_get(js, "strict");
+        if (!json_is_object(js) || !schema || (name && !json_is_string(name)) ||
+            (strict && !json_is_boolean(strict) && !json_is_null(strict)))
+            return oai_error(err, 400, "response_format",
+                             "response_format json_schema needs \"json_schema\": {\"name\": ..., \"schema\": {...}}");
+        return set_form(f, OUTPUT_JSON_SCHEMA, schema, "response_format", err);
+    }
+    if (strcmp(type, "text"))
+        return oai_error(err, 400, "response_format",
+                         "response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                         "{\"type\": \"json_schema\", \"json_schema\": {...}}");
+    return 0;
+}
+
+/* The output's form: response_format (text, json_object or json_schema), vLLM's
+ * structured_outputs ({"choice": [...]}, {"json": schema} or {"json_object": true}) or its older
+ * guided_choice / guided_json. Forms vLLM also knows but quill cannot honour (a regex, a grammar)
+ * are refused, never ignored. */
 static int parse_output_format(const json_t *root, GenSpec *s, const OaiContext *ctx, OaiError *err) {
     OutputFormat *f = &s->format;
     json_t *rf = field(root, "response_format");
-    if (rf) {
-        json_t *t = json_is_object(rf) ? json_object_get(rf, "type") : NULL;
-        const char *type = json_is_string(t) ? json_string_value(t) : "";
-        if (!strcmp(type, "json_object")) {
-            if (set_form(f, OUTPUT_JSON_OBJECT, NULL, "response_format", err)) return -1;
-        } else if (strcmp(type, "text")) {
-            return oai_error(err, 400, "response_format",
-                             "response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}"
-                             " (json_schema is not supported)");
-        }
-    }
-    static const char *const unsupported[] = {"guided_json", "guided_regex", "guided_grammar", "guided_whitespace_pattern"};
+    if (rf && parse_response_format(rf, f, err)) return -1;
+    static const char *const unsupported[] = {"guided_regex", "guided_grammar", "guided_whitespace_pattern"};
     for (size_t i = 0; i < sizeof unsupported / sizeof *unsupported; i++)
         if (field(root, unsupported[i]))
-            return oai_error(err, 400, unsupported[i], "%s is not supported (guided_choice and JSON mode are)",
+            return oai_error(err, 400, unsupported[i], "%s is not supported (guided_json, guided_choice and JSON mode are)",
                              unsupported[i]);
-    json_t *gc = field(root, "guided_choice"), *so = field(root, "structured_outputs");
+    json_t *gj = field(root, "guided_json"), *gc = field(root, "guided_choice"), *so = field(root, "structured_outputs");
+    if (gj && set_form(f, OUTPUT_JSON_SCHEMA, gj, "guided_json", err)) return -1;
     if (gc && set_form(f, OUTPUT_CHOICE, gc, "guided_choice", err)) return -1;
     if (so && !json_is_object(so))
         return oai_error(err, 400, "structured_outputs", "structured_outputs must be an object");
@@ -252,11 +290,13 @@ static int parse_output_format(const json_t *root, GenSpec *s, const OaiContext 
             continue;
         else if (!strcmp(key, "choice"))
             rc = set_form(f, OUTPUT_CHOICE, v, "structured_outputs", err);
+        else if (!strcmp(key, "json"))
+            rc = set_form(f, OUTPUT_JSON_SCHEMA, v, "structured_outputs", err);
         else if (!strcmp(key, "json_object") && json_is_true(v))
             rc = set_form(f, OUTPUT_JSON_OBJECT, NULL, "structured_outputs", err);
         else
             rc = oai_error(err, 400, "structured_outputs",
-                           "structured_outputs.%s is not supported (choice and json_object are)", key);
+                           "structured_outputs.%s is not supported (choice, json and json_object are)", key);
         if (rc) return -1;
     }
     if (f->kind == OUTPUT_TEXT) return 0;

@@ -10,10 +10,12 @@
  * chat_template_kwargs.enable_thinking, add_generation_prompt; completions: prompt (string,
  * strings, token ids, lists of token ids), echo, logprobs (int). Absent sampling fields take the model's generation_config
  * values (as vLLM does). Structured outputs (text/structured.h; chat: the content after the
- * reasoning): response_format {"type": "json_object"} (a JSON object), and vLLM's guided_choice
- * or structured_outputs {"choice": [...]} / {"json_object": true}. Unknown fields are ignored; a
- * field that cannot be honoured (response_format json_schema, guided_json / regex / grammar,
- * tool_choice "required", suffix) is refused. null means absent. */
+ * reasoning): response_format {"type": "json_object"} (a JSON object) or {"type": "json_schema",
+ * "json_schema": {"name", "schema", "strict"}} (text/json_schema.h's subset; a schema beyond it is
+ * refused, naming the keyword), and vLLM's guided_json, guided_choice or structured_outputs
+ * {"json": schema} / {"choice": [...]} / {"json_object": true}. Unknown fields are ignored; a
+ * field that cannot be honoured (guided_regex / grammar, tool_choice "required", suffix) is
+ * refused. null means absent. */
 #ifndef QUILL_SERVER_OPENAI_H
 #define QUILL_SERVER_OPENAI_H
 

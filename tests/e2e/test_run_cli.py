@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 
+import jsonschema
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -97,6 +98,46 @@ def test_structured_output_flags(quill_bin, tiny_model):
     assert out["content"] == "alpha beta" and out["finish_reason"] == "stop", out
 
 
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+          "properties": {"city": {"type": "string", "maxLength": 8}, "days": {"type": "integer"},
+                         "units": {"enum": ["metric", "imperial"]},
+                         "alerts": {"type": "array", "maxItems": 2, "items": {"type": ["string", "null"], "maxLength": 5}}}}
+# the ends far up, a few whitespace tokens down (random models pad a lot)
+QUIET = [a for t, b in (("151643", 30), ("151645", 30), ("198", -5), ("220", -5), ("197", -5), ("256", -5))
+         for a in ("--logit-bias", f"{t}={b}")]
+
+
+def test_json_schema_flag(quill_bin, tiny_model, tmp_path):
+    """--json-schema FILE holds the answer (the whole output, or what follows the reasoning) to a
+    value valid under the schema: what ends by itself validates with the jsonschema package."""
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(SCHEMA))
+    ended = 0
+    for seed in range(4):
+        out = run_json(quill_bin, "run", tiny_model, "--ids", f"1,2,{seed}", "-n", 160, "--temperature", 1, "--seed", seed,
+                       "--json-schema", path, *QUIET)
+        if out["finish_reason"] == "stop":
+            ended += 1
+            jsonschema.validate(json.loads(out["content"]), SCHEMA)
+    assert ended >= 3, ended
+    out = run_json(quill_bin, "run", tiny_model, "-p", "hi", "--no-think", "-n", 160, "--temperature", 1, "--seed", 1,
+                   "--json-schema", path, *QUIET)
+    assert out["finish_reason"] == "length" or jsonschema.validate(json.loads(out["content"]), SCHEMA) is None
+
+
+def test_json_schema_flag_refusals(quill_bin, tiny_model, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]+$"}}}))
+    r = run(quill_bin, "run", tiny_model, "-p", "hi", "--json-schema", bad)
+    assert r.returncode != 0 and "'pattern'" in r.stderr and "#/properties/zip/pattern" in r.stderr, r.stderr
+    broken = tmp_path / "broken.json"
+    broken.write_text("{\"type\": ")
+    r = run(quill_bin, "run", tiny_model, "-p", "hi", "--json-schema", broken)
+    assert r.returncode != 0 and str(broken) in r.stderr, r.stderr
+    r = run(quill_bin, "run", tiny_model, "-p", "hi", "--json-schema", tmp_path / "missing.json")
+    assert r.returncode != 0 and "missing.json" in r.stderr, r.stderr
+
+
 def test_streams_text_and_reports_speed(quill_bin, tiny_model):
     r = run(quill_bin, "run", tiny_model, "-p", "Hello", "-n", 8, "--greedy")
     assert r.returncode == 0, r.stderr
@@ -115,6 +156,8 @@ def test_streams_text_and_reports_speed(quill_bin, tiny_model):
     (["-p", "hi", "--logit-bias", "999999999=1"], "logit_bias"),
     (["-p", "hi", "--choice"], "--choice"),
     (["-p", "hi", "--json-object", "--choice", "a"], "--choice"),
+    (["-p", "hi", "--choice", "a", "--json-schema", "s.json"], "--json-schema"),
+    (["-p", "hi", "--json-schema"], "--json-schema"),
 ])
 def test_bad_arguments(quill_bin, tiny_model, args, needle):
     r = run(quill_bin, "run", tiny_model, *args)

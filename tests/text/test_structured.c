@@ -1,7 +1,8 @@
-/* test_structured.c — structured outputs. JSON mode: the recogniser on valid and invalid texts
- * (every prefix of a valid object accepted, the object complete only at its end, each invalid
- * text refused at the byte where it goes wrong), its limits, and the token mask over the real
- * Qwen3 vocabulary. Choice: the masks along a choice's tokens, ends, shared prefixes. */
+/* test_structured.c — structured outputs. JSON mode: the recogniser on its schema (any object)
+ * with valid and invalid texts (every prefix of a valid object accepted, the object complete
+ * only at its end, each invalid text refused at the byte where it goes wrong), its limits, and
+ * the token mask over the real Qwen3 vocabulary. Choice: the masks along a choice's tokens, ends,
+ * shared prefixes. (JSON schemas: test_json_schema.c.) */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,15 +13,18 @@
 
 #define TOKENIZER "assets/tokenizer/qwen3/tokenizer.json"
 
+static JsonSchema *any_object;
+
 /* Bytes of text the recogniser takes before refusing one (strlen(text) if it takes all). */
-static size_t accepted(const char *text, JsonState *s) {
-    json_state_init(s);
+static size_t accepted(const char *text, JsonMatch *s) {
+    json_match_init(s, any_object);
     size_t i = 0;
-    while (text[i] && json_state_step(s, (uint8_t)text[i])) i++;
+    while (text[i] && json_match_step(s, any_object, (uint8_t)text[i])) i++;
     return i;
 }
 
 static void test_recogniser(void) {
+    any_object = json_schema_any_object();
     static const char *const valid[] = {
         "{}",
         " \n{ }\t",
@@ -31,15 +35,15 @@ static void test_recogniser(void) {
     };
     for (size_t v = 0; v < sizeof valid / sizeof valid[0]; v++) {
         const char *t = valid[v];
-        JsonState s;
-        json_state_init(&s);
+        JsonMatch s;
+        json_match_init(&s, any_object);
         bool ok = true, early = false;
         for (size_t i = 0; t[i] && ok; i++) {
-            ok = json_state_step(&s, (uint8_t)t[i]);
+            ok = json_match_step(&s, any_object, (uint8_t)t[i]);
             /* complete only once the final '}' is in (trailing whitespace keeps it complete) */
-            if (ok && json_state_complete(&s) && strchr(t + i + 1, '}')) early = true;
+            if (ok && json_match_complete(&s, any_object) && strchr(t + i + 1, '}')) early = true;
         }
-        CHECK(ok && json_state_complete(&s) && !early, "valid text %zu: %s", v, t);
+        CHECK(ok && json_match_complete(&s, any_object) && !early, "valid text %zu: %s", v, t);
     }
     static const struct {
         const char *text;
@@ -50,25 +54,29 @@ static void test_recogniser(void) {
         {"{\"a\":1}}", 7}, {"{\"a\":1} x", 8}, {"{'a':1}", 1},    {"{\"a\":.5}", 5},  {"{\"a\":1.}", 7},
         {"{\"a\":-}", 6},  {"{\"a\":1e}", 7},  {"{\"a\":nul}", 8}, {"{\"a\":[1}", 7},  {"{\"a\":\"\\u12g4\"}", 10},
         {"{1:2}", 1},      {"{\"a\":1]", 6},
+        /* strings are valid UTF-8, written without surrogate escapes */
+        {"{\"a\":\"\xc3(\"}", 7}, {"{\"a\":\"\xc0\xaf\"}", 6}, {"{\"a\":\"\xed\xa0\x80\"}", 7},
+        {"{\"a\":\"\xf4\x90\x80\x80\"}", 7}, {"{\"a\":\"\\ud83d\\ude00\"}", 9},
     };
     for (size_t v = 0; v < sizeof invalid / sizeof invalid[0]; v++) {
-        JsonState s;
+        JsonMatch s;
         const size_t n = accepted(invalid[v].text, &s);
         CHECK(n == invalid[v].fails_at, "invalid text %zu (%s): refused at byte %zu, want %zu", v, invalid[v].text, n,
               invalid[v].fails_at);
     }
     /* limits: whitespace in a row, nesting depth */
     char buf[256];
-    JsonState s;
+    JsonMatch s;
     snprintf(buf, sizeof buf, "{%*s}", JSON_MAX_WS + 1, "");
     CHECK(accepted(buf, &s) == 1 + JSON_MAX_WS, "at most %d whitespace bytes in a row", JSON_MAX_WS);
     snprintf(buf, sizeof buf, "{%*s}", JSON_MAX_WS, "");
-    CHECK(accepted(buf, &s) == strlen(buf) && json_state_complete(&s), "%d whitespace bytes allowed", JSON_MAX_WS);
+    CHECK(accepted(buf, &s) == strlen(buf) && json_match_complete(&s, any_object), "%d whitespace bytes allowed", JSON_MAX_WS);
     size_t n = 0;
     n += (size_t)snprintf(buf + n, sizeof buf - n, "{\"a\":");
     for (int d = 1; d < JSON_MAX_DEPTH + 1; d++) buf[n++] = '[';
     buf[n] = 0;
     CHECK(accepted(buf, &s) == n - 1, "nesting stops at depth %d", JSON_MAX_DEPTH);
+    json_schema_unref(any_object);
 }
 
 static void test_mask(void) {
