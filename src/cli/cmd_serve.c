@@ -39,7 +39,8 @@ static void usage(FILE *f) {
             "  --disable-log-requests       do not log one line per request\n"
             "\n"
             "Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,\n"
-            "GET /health, GET /metrics. SIGINT or SIGTERM stops the server.\n");
+            "POST /tokenize, POST /detokenize, GET /health, GET /metrics. SIGINT or SIGTERM stops\n"
+            "the server.\n");
 }
 
 int cmd_serve(int argc, char **argv) {
