@@ -401,12 +401,17 @@ static bool is_stop_token(const Engine *e, const Request *r, int32_t t) {
     return false;
 }
 
-/* Masks EOS and stop ids while fewer than min_tokens are generated. */
+/* Masks EOS and stop ids while fewer than min_tokens are generated. (A model's EOS ids may lie
+ * outside its vocabulary, e.g. a small test model with Qwen3's generation_config: never sampled,
+ * nothing to mask.) */
 static void mask_min_tokens(const Engine *e, const Request *r, float *row) {
     if (r->n_output >= r->params.min_tokens) return;
     const Model *m = e->model;
-    for (int i = 0; i < m->gen.n_eos; i++) row[m->gen.eos_token_ids[i]] = -INFINITY;
-    for (int i = 0; i < m->cfg.n_eos; i++) row[m->cfg.eos_token_ids[i]] = -INFINITY;
+    const int V = m->cfg.vocab_size;
+    for (int i = 0; i < m->gen.n_eos; i++)
+        if (m->gen.eos_token_ids[i] >= 0 && m->gen.eos_token_ids[i] < V) row[m->gen.eos_token_ids[i]] = -INFINITY;
+    for (int i = 0; i < m->cfg.n_eos; i++)
+        if (m->cfg.eos_token_ids[i] >= 0 && m->cfg.eos_token_ids[i] < V) row[m->cfg.eos_token_ids[i]] = -INFINITY;
     for (int i = 0; i < r->params.n_stop_ids; i++) row[r->params.stop_ids[i]] = -INFINITY;
 }
 
