@@ -5,6 +5,7 @@
 #include "model/random_weights.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -63,6 +64,9 @@ int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr 
     eo.every_logit = a->every_logit;
     eo.prefix_caching = !a->no_prefix_caching;
     eo.embed_resident = a->embed_resident;
+    eo.spec_tokens = a->spec_tokens;
+    eo.spec_ngram_min = a->spec_ngram_min;
+    eo.spec_ngram_max = a->spec_ngram_max;
     if (a->max_model_len > 0) {
         if (a->max_model_len > cfg.max_position_embeddings)
         {
@@ -223,9 +227,57 @@ int parse_generation_flag(int argc, char **argv, int *i, SamplingParams *sp, boo
     return r ? r : parse_runtime_flag(argc, argv, i, ra, err);
 }
 
+int parse_spec_config(const char *json, RuntimeArgs *a, QErr *err) {
+    json_error_t je;
+    json_t *c = json ? json_loads(json, 0, &je) : NULL;
+    if (!json_is_object(c)) {
+        json_decref(c);
+        return qerr_set(err, "--speculative-config must be a JSON object, e.g. "
+                             "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'");
+    }
+    int tokens = -1, n_max = 0, n_min = 0, rc = 0;
+    const char *key;
+    json_t *v;
+    json_object_foreach(c, key, v) {
+        int *dst = !strcmp(key, "num_speculative_tokens") ? &tokens
+                   : !strcmp(key, "prompt_lookup_max")    ? &n_max
+                   : !strcmp(key, "prompt_lookup_min")    ? &n_min
+                                                          : NULL;
+        if (!strcmp(key, "method")) {
+            if (!json_is_string(v) || strcmp(json_string_value(v), "ngram"))
+                rc = qerr_set(err, "--speculative-config: method must be \"ngram\" (drafts looked up in the text; "
+                                   "draft models are not supported)");
+        } else if (!dst) {
+            rc = qerr_set(err, "--speculative-config: unknown key '%s' (method, num_speculative_tokens, "
+                               "prompt_lookup_max, prompt_lookup_min)", key);
+        } else if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > 1024) {
+            rc = qerr_set(err, "--speculative-config: %s must be a positive integer", key);
+        } else {
+            *dst = (int)json_integer_value(v);
+        }
+        if (rc) break;
+    }
+    const bool has_method = json_object_get(c, "method") != NULL;
+    json_decref(c);
+    if (rc) return rc;
+    if (!has_method) return qerr_set(err, "--speculative-config needs \"method\": \"ngram\"");
+    if (tokens < 1 || tokens > ENGINE_MAX_SPEC_TOKENS)
+        return qerr_set(err, "--speculative-config: num_speculative_tokens must be 1..%d", ENGINE_MAX_SPEC_TOKENS);
+    if (!n_max) n_max = n_min > 4 ? n_min : 4;
+    if (!n_min) n_min = n_max < 2 ? n_max : 2;
+    if (n_min > n_max)
+        return qerr_set(err, "--speculative-config: prompt_lookup_min (%d) exceeds prompt_lookup_max (%d)", n_min, n_max);
+    a->spec_tokens = tokens;
+    a->spec_ngram_min = n_min;
+    a->spec_ngram_max = n_max;
+    return 0;
+}
+
 int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err) {
     const char *f = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
-    if (!strcmp(f, "--device")) {
+    if (!strcmp(f, "--speculative-config")) {
+        if (parse_spec_config(v, a, err)) return -1;
+    } else if (!strcmp(f, "--device")) {
         if (!v) return qerr_set(err, "--device needs a value (cpu or cuda)");
         a->device = v;
     } else if (!strcmp(f, "-t") || !strcmp(f, "--threads")) {

@@ -24,6 +24,7 @@ static void usage(FILE *f) {
             "  --batch-size B    requests run together (default 1)\n"
             "  --iters N         timed runs (default 3); --warmup N untimed runs (default 1)\n"
             "  --device cpu|cuda, -t/--threads N, --json (one JSON object on stdout)\n"
+            "  --speculative-config JSON  as `quill run --help` (random prompts rarely repeat)\n"
             "       quill bench serve --help   (serving benchmark client)\n");
 }
 
@@ -163,6 +164,7 @@ static int bench_latency(int argc, char **argv) {
         size_t peak_dev = 0;
         if (be->ops->mem_used) be->ops->mem_used(be, &peak_dev);
         static const double pcts[] = {10, 25, 50, 75, 90, 99};
+        const EngineStats st = engine_stats(rt.engine); /* warmup runs included */
         if (json_out) {
             json_t *o = json_pack("{s:s, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:I, s:f, s:f, s:I, s:I}", "device",
                                   be->ops->name, "batch_size", batch, "input_len", input_len, "output_len", output_len,
@@ -179,6 +181,10 @@ static int bench_latency(int argc, char **argv) {
                 json_object_set_new(pc, k, json_real(percentile(sorted, iters, pcts[i])));
             }
             json_object_set_new(o, "percentiles_s", pc);
+            if (rt.eopt.spec_tokens) {
+                json_object_set_new(o, "spec_draft_tokens", json_integer((json_int_t)st.spec_draft_tokens));
+                json_object_set_new(o, "spec_accepted_tokens", json_integer((json_int_t)st.spec_accepted_tokens));
+            }
             char *str = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
             puts(str);
             free(str);
@@ -194,6 +200,11 @@ static int bench_latency(int argc, char **argv) {
             printf("decode reads %.3f GB/step (weights %.3f + KV %.3f): %.1f GB/s achieved, probe %.1f GB/s (%.0f%%)\n",
                    (wbytes + kv) / 1e9, wbytes / 1e9, kv / 1e9, gbs, probe, probe > 0 ? 100 * gbs / probe : 0);
             printf("peak memory: device %.3f GB, RSS %.3f GB\n", peak_dev / 1e9, peak_rss_bytes() / 1e9);
+            if (rt.eopt.spec_tokens)
+                printf("speculative decoding: %llu of %llu draft tokens kept (%.0f%%); decode figures are per "
+                       "token, a step may make several\n",
+                       (unsigned long long)st.spec_accepted_tokens, (unsigned long long)st.spec_draft_tokens,
+                       st.spec_draft_tokens ? 100.0 * st.spec_accepted_tokens / st.spec_draft_tokens : 0.0);
         }
         free(sorted);
     }

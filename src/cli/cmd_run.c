@@ -30,7 +30,10 @@ static void usage(FILE *f) {
             "  --choice TEXT          hold the answer to one of the --choice texts (repeatable)\n"
             "  --json                 print one JSON object instead of streaming text\n"
             "  --device cpu|cuda      where to run (default: cuda if available)\n"
-            "  -t, --threads N        CPU threads (default: all cores)\n");
+            "  -t, --threads N        CPU threads (default: all cores)\n"
+            "  --speculative-config JSON  speculative decoding by n-gram lookup, as vLLM's:\n"
+            "                         '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'\n"
+            "                         (prompt_lookup_max 4, prompt_lookup_min 2 by default)\n");
 }
 
 static int parse_ids(const char *s, int32_t **out, int *n, QErr *err) {
@@ -158,6 +161,11 @@ int cmd_run(int argc, char **argv) {
         json_object_set_new(o, "prompt_tokens_per_s", json_real(res.prompt_tps));
         json_object_set_new(o, "tokens_per_s", json_real(res.gen_tps));
         json_object_set_new(o, "peak_rss_bytes", json_integer((json_int_t)peak_rss_bytes()));
+        if (rt.eopt.spec_tokens) {
+            const EngineStats st = engine_stats(rt.engine);
+            json_object_set_new(o, "spec_draft_tokens", json_integer((json_int_t)st.spec_draft_tokens));
+            json_object_set_new(o, "spec_accepted_tokens", json_integer((json_int_t)st.spec_accepted_tokens));
+        }
         char *s = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
         puts(s);
         free(s);

@@ -36,6 +36,10 @@ static void usage(FILE *f) {
             "  --no-enable-prefix-caching   do not reuse the KV blocks of shared prompt prefixes\n"
             "  --device cpu|cuda            where to run (default: cuda if available)\n"
             "  -t, --threads N              CPU threads (default: all cores)\n"
+            "  --speculative-config JSON    speculative decoding by n-gram lookup, e.g.\n"
+            "                               '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'\n"
+            "                               (prompt_lookup_max 4, _min 2 by default); while at most 4\n"
+            "                               sequences run; outputs unchanged, fewer steps\n"
             "  --disable-log-requests       do not log one line per request\n"
             "\n"
             "Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,\n"
@@ -79,6 +83,8 @@ int cmd_serve(int argc, char **argv) {
             ra.device = v;
         } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
             if (parse_int(a, v, 0, 4096, &ra.threads, &err)) goto bad;
+        } else if (!strcmp(a, "--speculative-config")) {
+            if (parse_spec_config(v, &ra, &err)) goto bad;
         } else if (!strcmp(a, "--kv-cache-memory")) {
             if (parse_bytes(a, v, &ra.kv_bytes, &err)) goto bad;
         } else if (!strcmp(a, "--gpu-memory-utilization")) {

@@ -51,7 +51,7 @@ struct Engine {
     int n_inbox, cap_inbox;
     uint64_t *aborts;
     int n_aborts, cap_aborts;
-    PendingEvent *pending;   /* token events to deliver [max_seqs] (see the top) */
+    PendingEvent *pending;   /* token events to deliver [max_seqs * (1 + spec_tokens)] (see the top) */
     int n_pending;
     Request **live;          /* every request the loop owns */
     int n_live, cap_live;
@@ -101,10 +101,11 @@ static int prompt_logit_tokens(const EngineOptions *o) {
     return o->max_step_tokens < 1024 ? o->max_step_tokens : 1024;
 }
 
-/* Rows of logits a step can return: one per sequence, plus the prompt-logprobs tokens. */
+/* Rows of logits a step can return: one per sequence and speculative draft token (plus the
+ * pending token's), plus the prompt-logprobs tokens. */
 static int logit_rows(const EngineOptions *o) {
     if (o->every_logit) return o->max_step_tokens;
-    long rows = (long)o->max_seqs + prompt_logit_tokens(o);
+    long rows = (long)o->max_seqs * (1 + o->spec_tokens) + prompt_logit_tokens(o);
     return rows < o->max_step_tokens ? (int)rows : o->max_step_tokens;
 }
 
@@ -134,6 +135,13 @@ Engine *engine_create(Model *m, const EngineOptions *o, QErr *err) {
         engine_free(e);
         return NULL;
     }
+    if (o->spec_tokens < 0 || o->spec_tokens > ENGINE_MAX_SPEC_TOKENS ||
+        (o->spec_tokens && (o->spec_ngram_min < 1 || o->spec_ngram_max < o->spec_ngram_min))) {
+        qerr_set(err, "speculative decoding: 0..%d draft tokens and n-gram sizes 1 <= min <= max (got %d tokens, %d..%d)",
+                 ENGINE_MAX_SPEC_TOKENS, o->spec_tokens, o->spec_ngram_min, o->spec_ngram_max);
+        engine_free(e);
+        return NULL;
+    }
     int V = m->cfg.vocab_size;
     if (sched_init(&e->sched, o->max_step_tokens, o->max_seqs, m->kv_shape.n_blocks, m->kv_shape.block_size,
                    o->prefix_caching))
@@ -153,7 +161,7 @@ Engine *engine_create(Model *m, const EngineOptions *o, QErr *err) {
     e->dev_ids = malloc((size_t)o->max_seqs * sizeof *e->dev_ids);
     e->dev_rng_saved = malloc((size_t)o->max_seqs * sizeof *e->dev_rng_saved);
     e->dev_sampled = malloc((size_t)o->max_seqs * sizeof *e->dev_sampled);
-    e->pending = malloc((size_t)o->max_seqs * sizeof *e->pending);
+    e->pending = malloc((size_t)o->max_seqs * (1 + o->spec_tokens) * sizeof *e->pending);
     if (!e->pending || !e->out.items || !e->seqs || !e->step_tokens || !e->sampler || !e->row || !e->lp_buf || !e->lp_ids ||
         !e->lp_top || !e->logits || !e->dev_params || !e->dev_uniform || !e->dev_ids || !e->dev_rng_saved ||
         !e->dev_sampled)
@@ -309,7 +317,8 @@ static void flush_events(Engine *e) {
     e->n_pending = 0;
 }
 
-/* Queues a step's token event (one per request and step: the queue holds max_seqs). */
+/* Queues a step's token event (one per request and step, or one per kept draft and the token
+ * after them: the queue holds max_seqs * (1 + spec_tokens)). */
 static void queue_event(Engine *e, Request *r, const EngineEvent *ev) {
     PendingEvent *p = &e->pending[e->n_pending++];
     p->req = r;
@@ -501,10 +510,115 @@ static void fetch_logits(Engine *e, const float *d_logits, int rows) {
     be->ops->to_host(be, e->logits, d_logits, rows * row_bytes);
 }
 
+/* Speculative decoding by n-gram lookup (vLLM's "ngram" method, prompt lookup decoding): for a
+ * sequence in decode, the tokens that followed the latest earlier occurrence of its last n tokens
+ * (n from spec_ngram_max down to spec_ngram_min) are drafted after its pending token, and one
+ * step computes them all (like a prefill chunk, a row of logits each). The rows are then sampled
+ * in order, exactly as one token per step would be (same masks, penalties and random draws), and
+ * the step keeps tokens while each equals the draft that the next row was computed on: the first
+ * that differs, or the one after the last draft, is the next pending token. So the output is the
+ * one decoding without drafts gives (on the host's sampler; a GPU step with drafts samples on the
+ * host), in fewer steps when the text repeats itself or its prompt. Drafts are made only while
+ * at most kSpecMaxSeqs sequences run: larger batches are on their way from memory-bound to
+ * compute-bound, where verifying drafts costs about what it saves. */
+enum { kSpecMaxSeqs = 4 };
+
+/* The tokens that followed the latest earlier occurrence of the last n tokens of seq[len] (n
+ * from n_max down to n_min), at most k of them, into out; returns how many (0: no occurrence). */
+static int ngram_drafts(const int32_t *seq, int len, int n_min, int n_max, int k, int32_t *out) {
+    for (int n = n_max; n >= n_min; n--) {
+        if (n >= len) continue;
+        const int32_t *tail = seq + len - n;
+        for (int p = len - n - 1; p >= 0; p--) {
+            if (seq[p] != tail[0] || memcmp(seq + p, tail, (size_t)n * sizeof *seq)) continue;
+            int c = len - (p + n);
+            if (c > k) c = k;
+            memcpy(out, seq + p + n, (size_t)c * sizeof *out);
+            return c;
+        }
+    }
+    return 0;
+}
+
+/* Sets each running request's drafts for this step (written after its tokens; n_draft), none for
+ * the others. */
+static void propose_drafts(Engine *e) {
+    Scheduler *s = &e->sched;
+    for (int i = 0; i < s->n_waiting; i++) s->waiting[i]->n_draft = 0;
+    for (int i = 0; i < s->n_running; i++) s->running[i]->n_draft = 0;
+    if (!e->opt.spec_tokens || s->n_running > kSpecMaxSeqs) return;
+    for (int i = 0; i < s->n_running; i++) {
+        Request *r = s->running[i];
+        const int total = r->n_prompt + r->n_output;
+        int k = r->params.max_tokens - r->n_output - 1; /* the token after the drafts must fit too */
+        if (k > e->opt.spec_tokens) k = e->opt.spec_tokens;
+        if (r->n_output == 0 || r->n_computed != total - 1 || k <= 0) continue; /* not in decode */
+        r->n_draft = ngram_drafts(r->tokens, total, e->opt.spec_ngram_min, e->opt.spec_ngram_max, k, r->tokens + total);
+    }
+}
+
+/* Samples request r's next token from its logits row `logits` (or takes `device_tok`, sampled on
+ * the device, when >= 0), appends it, and queues its event (with logprobs, and the finish when it
+ * ends the request, which then leaves the scheduler). Returns the token. */
+static int32_t emit_token(Engine *e, Request *r, const float *logits, int32_t device_tok) {
+    const int V = e->model->cfg.vocab_size;
+    int32_t tok = device_tok;
+    if (tok < 0) {
+        memcpy(e->row, logits, (size_t)V * sizeof(float));
+        constrain(e, r, logits);
+        tok = sampler_sample(e->sampler, e->row, &r->params.sampling, r->tokens, r->n_prompt, r->tokens + r->n_prompt,
+                             r->n_output, &r->rng);
+    }
+    EngineEvent ev = {.id = r->id, .token = tok, .n_prompt = r->n_prompt};
+    int32_t top_ids[ENGINE_MAX_LOGPROBS];
+    float top_lp[ENGINE_MAX_LOGPROBS];
+    if (r->params.logprobs >= 0) {
+        ev.logprob = sampler_logprob(e->sampler, logits, tok, r->params.logprobs, top_ids, top_lp);
+        ev.n_top = r->params.logprobs;
+        ev.top_ids = top_ids;
+        ev.top_logprobs = top_lp;
+    }
+    if (r->params.constraint.state) r->params.constraint.accept(r->params.constraint.state, tok);
+    r->tokens[r->n_prompt + r->n_output++] = tok;
+    ev.n_output = r->n_output;
+    if (is_stop_token(e, r, tok))
+        ev.finish = FINISH_STOP;
+    else if (r->n_output >= r->params.max_tokens || r->n_prompt + r->n_output >= e->opt.max_model_len)
+        ev.finish = FINISH_LENGTH;
+    if (ev.finish) {
+        r->finish = ev.finish;
+        sched_remove(&e->sched, r);
+    }
+    queue_event(e, r, &ev);
+    return tok;
+}
+
+/* After a step computed r's pending token and its n_draft drafts (rows[1 + n_draft] of logits):
+ * emits tokens while each equals the draft after it (see above); r->n_computed then counts the
+ * pending token and the drafts kept (*kept of them). Returns the tokens emitted. */
+static int verify_drafts(Engine *e, Request *r, const float *rows, int *kept) {
+    const int V = e->model->cfg.vocab_size, d = r->n_draft;
+    int32_t draft[ENGINE_MAX_SPEC_TOKENS];
+    memcpy(draft, r->tokens + r->n_prompt + r->n_output, (size_t)d * sizeof *draft);
+    r->n_computed++;
+    int emitted = 0;
+    *kept = 0;
+    for (int j = 0; j <= d; j++) {
+        const int32_t tok = emit_token(e, r, rows + (size_t)j * V, -1);
+        emitted++;
+        if (r->state == REQ_FINISHED || j == d || tok != draft[j]) break;
+        r->n_computed++;
+        ++*kept;
+    }
+    if (r->state != REQ_FINISHED) sched_cache_blocks(&e->sched, r);
+    return emitted;
+}
+
 int engine_step(Engine *e) {
     take_inbox(e);
     Scheduler *s = &e->sched;
     SchedOutput *out = &e->out;
+    propose_drafts(e);
     sched_schedule(s, out);
     if (out->n_items == 0) {
         retire_finished(e);
@@ -521,13 +635,15 @@ int engine_step(Engine *e) {
     for (int i = 0; i < out->n_items; i++) {
         Request *r = out->items[i].req;
         int n = out->items[i].n_tokens;
-        bool reaches_end = r->n_computed + n == r->n_prompt + r->n_output;
+        const int total = r->n_prompt + r->n_output;
+        if (r->n_draft && r->n_draft > r->n_computed + n - total) r->n_draft = r->n_computed + n - total; /* budget */
+        bool reaches_end = r->n_computed + n == total + r->n_draft;
         bool in_prompt = r->n_computed < r->n_prompt;
         e->seqs[i] = (StepSeq){
             .n_tokens = n,
             .ctx_len = r->n_computed + n,
             .block_table = r->blocks,
-            .all_logits = in_prompt && r->params.prompt_logprobs >= 0,
+            .all_logits = (in_prompt && r->params.prompt_logprobs >= 0) || r->n_draft > 0,
             .no_logits = !reaches_end && !(in_prompt && r->params.prompt_logprobs >= 0),
         };
         memcpy(e->step_tokens + t, r->tokens + r->n_computed, (size_t)n * sizeof *e->step_tokens);
@@ -550,56 +666,34 @@ int engine_step(Engine *e) {
 
     /* Sample and update, walking the logit rows in sequence order. */
     int row = 0;
-    uint64_t generated = 0;
+    uint64_t generated = 0, drafted = 0, accepted = 0;
     for (int i = 0; i < out->n_items; i++) {
         Request *r = out->items[i].req;
         const StepSeq *q = &e->seqs[i];
         int n_rows = q->no_logits ? 0 : q->all_logits ? q->n_tokens : 1;
         const float *rows_i = e->logits + (size_t)row * V;
         row += n_rows;
+        if (r->n_draft) {
+            int kept;
+            drafted += (uint64_t)r->n_draft;
+            generated += (uint64_t)verify_drafts(e, r, rows_i + (size_t)(n_rows - 1 - r->n_draft) * V, &kept);
+            accepted += (uint64_t)kept;
+            continue;
+        }
         if (q->all_logits) emit_prompt_logprobs(e, r, rows_i, r->n_computed, q->n_tokens);
         r->n_computed += q->n_tokens;
         sched_cache_blocks(s, r);
         if (q->no_logits || r->n_computed < r->n_prompt + r->n_output) continue;
-
-        const float *last = rows_i + (size_t)(n_rows - 1) * V;
-        int32_t tok;
-        if (e->dev_sampled[i]) {
-            tok = e->dev_ids[row - 1]; /* one row per sequence on this path */
-        } else {
-            memcpy(e->row, last, (size_t)V * sizeof(float));
-            constrain(e, r, last);
-            tok = sampler_sample(e->sampler, e->row, &r->params.sampling, r->tokens, r->n_prompt,
-                                 r->tokens + r->n_prompt, r->n_output, &r->rng);
-        }
-        EngineEvent ev = {.id = r->id, .token = tok, .n_prompt = r->n_prompt};
-        int32_t top_ids[ENGINE_MAX_LOGPROBS];
-        float top_lp[ENGINE_MAX_LOGPROBS];
-        if (r->params.logprobs >= 0) {
-            ev.logprob = sampler_logprob(e->sampler, last, tok, r->params.logprobs, top_ids, top_lp);
-            ev.n_top = r->params.logprobs;
-            ev.top_ids = top_ids;
-            ev.top_logprobs = top_lp;
-        }
-        if (r->params.constraint.state) r->params.constraint.accept(r->params.constraint.state, tok);
-        r->tokens[r->n_prompt + r->n_output++] = tok;
+        emit_token(e, r, rows_i + (size_t)(n_rows - 1) * V, e->dev_sampled[i] ? e->dev_ids[row - 1] : -1);
         generated++;
-        ev.n_output = r->n_output;
-        if (is_stop_token(e, r, tok))
-            ev.finish = FINISH_STOP;
-        else if (r->n_output >= r->params.max_tokens || r->n_prompt + r->n_output >= e->opt.max_model_len)
-            ev.finish = FINISH_LENGTH;
-        if (ev.finish) {
-            r->finish = ev.finish;
-            sched_remove(s, r);
-        }
-        queue_event(e, r, &ev);
     }
 
     pthread_mutex_lock(&e->mu);
     e->stats.steps++;
     e->stats.prompt_tokens += (uint64_t)prompt_tokens;
     e->stats.generated_tokens += generated;
+    e->stats.spec_draft_tokens += drafted;
+    e->stats.spec_accepted_tokens += accepted;
     e->stats.preemptions += (uint64_t)out->n_preempted;
     e->stats.prefix_query_tokens = s->prefix_query_tokens;
     e->stats.prefix_hit_tokens = s->prefix_hit_tokens;

@@ -28,14 +28,23 @@ typedef struct EngineOptions {
     bool embed_resident; /* ModelOptions.embed_resident (a server's choice: default off) */
     bool every_logit;    /* the model returns logits for every token of a step (callers of
                             model_forward that score whole windows, e.g. quill eval); otherwise
-                            a step has at most max_seqs + min(max_step_tokens, 1024) rows */
+                            a step has at most max_seqs * (1 + spec_tokens) +
+                            min(max_step_tokens, 1024) rows */
+    int spec_tokens;     /* speculative decoding by n-gram lookup (vLLM's "ngram" method; see
+                            engine.c): draft tokens per sequence and step, 0 (off) ..
+                            ENGINE_MAX_SPEC_TOKENS */
+    int spec_ngram_min, spec_ngram_max; /* the n-gram sizes looked up (vLLM's prompt_lookup_min
+                                           / max), 1 <= min <= max */
 } EngineOptions;
+
+#define ENGINE_MAX_SPEC_TOKENS 16
 
 typedef struct EngineStats {
     int running, waiting;
     int kv_blocks_total, kv_blocks_used;
     uint64_t steps, prompt_tokens, generated_tokens, preemptions;
     uint64_t prefix_query_tokens, prefix_hit_tokens; /* prompt tokens looked up / served from cache */
+    uint64_t spec_draft_tokens, spec_accepted_tokens; /* speculative drafts verified / kept */
 } EngineStats;
 
 /* Sensible defaults for a config: 1 sequence, 512-token steps, context min(config, 32768). */

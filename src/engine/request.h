@@ -77,6 +77,7 @@ typedef struct Request {
     int32_t *tokens;      /* prompt then output; capacity n_prompt + max_tokens */
     int n_prompt, n_output;
     int n_computed;       /* tokens whose K/V are in the cache */
+    int n_draft;          /* speculative draft tokens in tokens[] after the output, this step */
     int32_t *blocks;      /* block table; capacity for n_prompt + max_tokens tokens */
     int n_blocks;
     int n_cached_blocks;  /* leading blocks registered in (or taken from) the prefix cache */

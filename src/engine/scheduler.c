@@ -131,7 +131,7 @@ void sched_schedule(Scheduler *s, SchedOutput *out) {
 
     for (int i = 0; i < s->n_running && budget > 0;) {
         Request *r = s->running[i];
-        int total = r->n_prompt + r->n_output;
+        int total = r->n_prompt + r->n_output + r->n_draft;
         int n = total - r->n_computed;
         if (n > budget) n = budget;
         if (wants_prompt_logits(r) && n > logit_budget) n = logit_budget;

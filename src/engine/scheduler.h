@@ -1,9 +1,11 @@
 /* scheduler.h — which requests run in the next step and how many of their tokens: bookkeeping
  * only, it never touches tensors (vLLM v1's shape). Running requests come first (a decode token
  * each, or the next chunk of a long prompt), then waiting ones while the token budget, the
- * sequence limit and free KV blocks allow. When a running request needs a block and none is
- * free, the most recently admitted request is preempted (its blocks freed; it waits again and
- * recomputes later), so nothing ever fails for lack of cache.
+ * sequence limit and free KV blocks allow. A running request's speculative drafts (n_draft, set
+ * by the engine before scheduling) are scheduled after its pending token, as far as the budget
+ * goes. When a running request needs a block and none is free, the most recently admitted
+ * request is preempted (its blocks freed; it waits again and recomputes later), so nothing ever
+ * fails for lack of cache.
  *
  * Prefix caching: a request admitted from scratch first takes the cached blocks that hold its
  * leading full blocks of tokens (at least its last token is always computed, to get logits), and

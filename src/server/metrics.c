@@ -198,6 +198,10 @@ char *metrics_render(Metrics *m, const EngineStats *st) {
            (double)st->prefix_hit_tokens);
     scalar(&b, m, "quill:prefix_cache_hit_rate", "gauge", "Fraction of prompt tokens served from the prefix cache.",
            st->prefix_query_tokens ? (double)st->prefix_hit_tokens / st->prefix_query_tokens : 0.0);
+    scalar(&b, m, "quill:spec_decode_num_draft_tokens_total", "counter", "Speculative draft tokens verified.",
+           (double)st->spec_draft_tokens);
+    scalar(&b, m, "quill:spec_decode_num_accepted_tokens_total", "counter", "Speculative draft tokens kept.",
+           (double)st->spec_accepted_tokens);
     scalar(&b, m, "quill:num_http_requests_active", "gauge", "HTTP requests whose generation state is still held.",
            m->active);
 

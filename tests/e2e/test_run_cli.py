@@ -24,23 +24,54 @@ def run_json(quill_bin, *args):
     return json.loads(r.stdout)
 
 
+# Speculative decoding (n-gram drafts verified in one step) must not change a greedy output: the
+# same references, with drafts made and some kept (the random models repeat themselves).
+SPEC = ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}']
+
+
+def check_spec_stats(out, spec):
+    if spec:
+        assert out["spec_draft_tokens"] > 0 and 0 < out["spec_accepted_tokens"] <= out["spec_draft_tokens"]
+    else:
+        assert "spec_draft_tokens" not in out
+
+
+@pytest.mark.parametrize("spec", [False, True], ids=["plain", "speculative"])
 @pytest.mark.parametrize("prompt", ["chat", "raw", "long"])
-def test_tiny_greedy_matches_transformers(quill_bin, tiny_model, shared_dir, prompt):
+def test_tiny_greedy_matches_transformers(quill_bin, tiny_model, shared_dir, prompt, spec):
     ref = load_file(str(shared_dir / "reference" / "tiny_ref.safetensors"))
     ids = ",".join(str(i) for i in ref[f"{prompt}.input_ids"])
-    out = run_json(quill_bin, "run", tiny_model, "--ids", ids, "-n", 32, "--greedy", "--ignore-eos")
+    out = run_json(quill_bin, "run", tiny_model, "--ids", ids, "-n", 32, "--greedy", "--ignore-eos",
+                   *(SPEC if spec else []))
     assert out["ids"] == ref[f"{prompt}.greedy32"].tolist()
     assert out["prompt_ids"] == ref[f"{prompt}.input_ids"].tolist()
     assert out["finish_reason"] == "length"
     assert out["peak_rss_bytes"] > 0 and out["tokens_per_s"] > 0
+    check_spec_stats(out, spec)
 
 
+@pytest.mark.parametrize("spec", [False, True], ids=["plain", "speculative"])
 @pytest.mark.parametrize("name", ["len5", "len513"])
-def test_small_greedy_matches_transformers(quill_bin, small_model, shared_dir, name):
+def test_small_greedy_matches_transformers(quill_bin, small_model, shared_dir, name, spec):
     ref = load_file(str(shared_dir / "reference" / "small_ref.safetensors"))
     ids = ",".join(str(i) for i in ref[f"{name}.input_ids"])
-    out = run_json(quill_bin, "run", small_model, "--ids", ids, "-n", 32, "--greedy", "--ignore-eos")
+    out = run_json(quill_bin, "run", small_model, "--ids", ids, "-n", 32, "--greedy", "--ignore-eos",
+                   *(SPEC if spec else []))
     assert out["ids"] == ref[f"{name}.greedy32"].tolist()
+    check_spec_stats(out, spec)
+
+
+@pytest.mark.parametrize("config,needle", [
+    ('{"method": "eagle", "num_speculative_tokens": 4}', "ngram"),
+    ('{"method": "ngram"}', "num_speculative_tokens"),
+    ('{"method": "ngram", "num_speculative_tokens": 4, "lookahead": 2}', "lookahead"),
+    ('{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 5, "prompt_lookup_max": 3}',
+     "prompt_lookup_min"),
+    ('[4]', "JSON object"),
+])
+def test_speculative_config_refused(quill_bin, tiny_model, config, needle):
+    r = run(quill_bin, "run", tiny_model, "--ids", "1,2,3", "-n", 4, "--speculative-config", config)
+    assert r.returncode != 0 and "--speculative-config" in r.stderr and needle in r.stderr, r.stderr
 
 
 def test_chat_prompt_is_the_template_tokenized(quill_bin, tiny_model, shared_dir):

@@ -973,3 +973,34 @@ def test_bench_serve_timings(quill_bin, tmp_path):
     assert r["duration"] == pytest.approx(1.4, abs=0.4)  # two waves of two
     assert r["request_throughput"] == pytest.approx(4 / r["duration"], rel=1e-6)
     assert r["max_concurrent_requests"] == 2
+
+
+def test_speculative_decoding_serves_the_reference(quill_bin, tiny_model, shared_dir):
+    """--speculative-config (vLLM's, n-gram drafts): greedy completions, plain and streamed, still
+    equal transformers' greedy continuations, drafts are made and counted in /metrics."""
+    from safetensors.numpy import load_file
+    ref = load_file(str(shared_dir / "reference" / "tiny_ref.safetensors"))
+    s = Server(quill_bin, tiny_model, "--served-model-name", "tiny", "--speculative-config",
+               '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}')
+    try:
+        for name in ["chat", "raw", "long"]:
+            body = {"model": "tiny", "prompt": ref[f"{name}.input_ids"].tolist(), "max_tokens": 32,
+                    "temperature": 0, "ignore_eos": True, "logprobs": 0, "return_tokens_as_token_ids": True}
+            r = requests.post(s.url + "/v1/completions", timeout=600, json=body).json()
+            ids = [int(t.split(":")[1]) for t in r["choices"][0]["logprobs"]["tokens"]]
+            assert ids == ref[f"{name}.greedy32"].tolist()
+            streamed = []
+            with requests.post(s.url + "/v1/completions", timeout=600, json={**body, "stream": True}, stream=True) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith(b"data: ") and line != b"data: [DONE]":
+                        lp = json.loads(line[6:])["choices"][0].get("logprobs") or {}
+                        streamed += [int(t.split(":")[1]) for t in lp.get("tokens", [])]
+            assert streamed == ids
+        m = s.metrics()
+        assert 0 < m["quill:spec_decode_num_accepted_tokens_total"] <= m["quill:spec_decode_num_draft_tokens_total"]
+    finally:
+        assert s.stop() == 0, "\n".join(s.lines[-30:])
+    bad = subprocess.run([str(quill_bin), "serve", str(tiny_model), "--port", "0", "--speculative-config",
+                          '{"method": "ngram", "num_speculative_tokens": 99}'], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and "num_speculative_tokens" in bad.stderr
