@@ -4,8 +4,9 @@
  * never waits on a slow client, at the price of one copy per token. The HTTP thread then runs
  * each choice's pipeline: token -> incremental UTF-8 detokenizer -> stop-string matcher (holding
  * back the last max_stop-1 bytes, since a match can span tokens) -> reasoning/tool-call parser
- * (chat) -> the choice's accumulated output. The whole output is kept rather than streamed and
- * forgotten, because a non-streaming response needs it and it is small next to the KV cache.
+ * (chat; the content then to a forced tool_choice's reader, if any) -> the choice's accumulated
+ * output. The whole output is kept rather than streamed and forgotten, because a non-streaming
+ * response needs it and it is small next to the KV cache.
  *
  * Small internal arrays grow with the StrBuf policy (out of memory aborts): no request could be
  * answered sensibly past that point, and it keeps every consumer path free of half states. */
@@ -40,6 +41,7 @@ typedef struct QEv {
 typedef struct GenPipe {
     TokStream *ts;
     RpParser *rp;
+    FtReader *ft;      /* a forced tool_choice's calls, read from the content */
     StrBuf raw;        /* decoded output, before stop strings cut it */
     size_t released;   /* bytes of raw passed on */
     int cap_lps;       /* capacity of the choice's lps */
@@ -117,6 +119,7 @@ void gen_spec_free(GenSpec *s) {
     free(s->prompts);
     for (int i = 0; i < s->n_stop; i++) free(s->stop[i]);
     free(s->stop);
+    free(s->forced_name);
     for (int i = 0; i < s->format.n_choices; i++) free(s->format.choices[i]);
     free(s->format.choices);
     json_schema_unref(s->format.schema);
@@ -129,6 +132,24 @@ static void qev_free(QEv *e) {
     free(e->plp_top);
 }
 
+/* A new tool call of the choice, to name (taken), with no arguments yet. */
+static GenToolCall *add_tool_call(GenChoice *c, char *name) {
+    c->tools = xrealloc(c->tools, (size_t)(c->n_tools + 1) * sizeof *c->tools);
+    GenToolCall *t = &c->tools[c->n_tools++];
+    char id[48] = "chatcmpl-tool-";
+    gen_random_hex(id + strlen(id), 32);
+    *t = (GenToolCall){.id = xstrdup(id), .name = name};
+    return t;
+}
+
+/* The forced calls' sink (user: the choice). */
+static void forced_begin(void *user, const char *name) { add_tool_call(user, xstrdup(name)); }
+
+static void forced_arguments(void *user, const char *bytes, size_t n) {
+    GenChoice *c = user;
+    sb_append(&c->tools[c->n_tools - 1].arguments, bytes, n);
+}
+
 static void gen_destroy(Gen *g) {
     for (int i = 0; i < g->n_choices; i++) {
         GenChoice *c = &g->choices[i];
@@ -137,7 +158,7 @@ static void gen_destroy(Gen *g) {
         for (int k = 0; k < c->n_tools; k++) {
             free(c->tools[k].id);
             free(c->tools[k].name);
-            free(c->tools[k].arguments);
+            sb_free(&c->tools[k].arguments);
         }
         free(c->tools);
         free(c->lps);
@@ -146,6 +167,7 @@ static void gen_destroy(Gen *g) {
         if (c->pipe) {
             tok_stream_free(c->pipe->ts);
             rp_free(c->pipe->rp);
+            ft_free(c->pipe->ft);
             sb_free(&c->pipe->raw);
             free(c->pipe);
         }
@@ -196,6 +218,9 @@ Gen *gen_new(Engine *e, const Tok *tok, Metrics *metrics, GenSpec *spec, QErr *e
         if (!(c->pipe = calloc(1, sizeof *c->pipe))) goto oom;
         if (!(c->pipe->ts = tok_stream_new(tok, g->spec.skip_special, err))) goto fail;
         if (g->spec.chat && !(c->pipe->rp = rp_new(g->spec.thinking, g->spec.tools, err))) goto fail;
+        if (g->spec.forced != FORCED_NONE &&
+            !(c->pipe->ft = ft_new(g->spec.forced, g->spec.forced_name, (FtSink){forced_begin, forced_arguments, c})))
+            goto oom;
         if (g->spec.params.prompt_logprobs >= 0 &&
             !(c->prompt_lps = calloc((size_t)g->spec.prompts[c->prompt].n, sizeof *c->prompt_lps)))
             goto oom;
@@ -335,23 +360,19 @@ const char *gen_token_bytes(const Gen *g, int32_t id, size_t *len) {
     return s;
 }
 
-/* Moves the parser's events into the choice's output. */
+/* Moves the parser's events into the choice's output (a forced call's content to its reader). */
 static void take_parsed(Gen *g, GenChoice *c) {
     for (size_t i = 0; i < g->rpev.n; i++) {
         RpEvent *e = &g->rpev.items[i];
         if (e->kind == RP_REASONING) {
             sb_puts(&c->reasoning, e->text);
+        } else if (e->kind == RP_CONTENT && c->pipe->ft) {
+            ft_feed(c->pipe->ft, e->text, strlen(e->text));
         } else if (e->kind == RP_CONTENT) {
             sb_puts(&c->text, e->text);
         } else {
-            c->tools = xrealloc(c->tools, (size_t)(c->n_tools + 1) * sizeof *c->tools);
-            GenToolCall *t = &c->tools[c->n_tools++];
-            char id[48] = "chatcmpl-tool-";
-            gen_random_hex(id + strlen(id), 32);
-            t->id = xstrdup(id);
-            t->name = e->name;
-            t->arguments = e->arguments;
-            e->name = e->arguments = NULL;
+            sb_puts(&add_tool_call(c, e->name)->arguments, e->arguments);
+            e->name = NULL;
         }
     }
     rp_events_clear(&g->rpev);
@@ -387,8 +408,15 @@ static void finish(Gen *g, GenChoice *c, const char *reason) {
         }
         take_parsed(g, c);
     }
+    if (c->pipe->ft) ft_finish(c->pipe->ft);
     c->done = true;
-    c->finish_reason = c->n_tools ? "tool_calls" : reason;
+    if (g->spec.forced == FORCED_NAMED)
+        c->finish_reason = reason; /* "stop": OpenAI and vLLM keep it for a call they forced by name */
+    else if (g->spec.forced == FORCED_REQUIRED)
+        /* as vLLM: "tool_calls" when the array ended by itself (not when thinking ran to the end) */
+        c->finish_reason = c->n_tools && !strcmp(reason, "stop") ? "tool_calls" : reason;
+    else
+        c->finish_reason = c->n_tools ? "tool_calls" : reason;
     g->n_done++;
 }
 

@@ -16,6 +16,7 @@
 
 #include "engine/engine.h"
 #include "server/metrics.h"
+#include "text/forced_tools.h"
 #include "text/structured.h"
 #include "text/tokenizer.h"
 #include "util/strbuf.h"
@@ -30,7 +31,8 @@ typedef struct GenLp {
 } GenLp;
 
 typedef struct GenToolCall {
-    char *id, *name, *arguments; /* arguments: JSON text */
+    char *id, *name;
+    StrBuf arguments; /* JSON text; a forced call's grows as it is generated */
 } GenToolCall;
 
 typedef struct GenPrompt {
@@ -52,6 +54,9 @@ typedef struct GenSpec {
     bool skip_special;    /* detokenize without special tokens */
     bool chat;            /* parse reasoning and tool calls (text/reasoning.h) */
     bool thinking, tools; /* the parser's modes */
+    ForcedTool forced;    /* chat: the content is a forced call's (text/forced_tools.h; format holds
+                             it to its form, and tools is false) */
+    char *forced_name;    /* FORCED_NAMED: the function */
     OutputFormat format;       /* JSON mode, a schema or a choice (its strings, the schema's reference
                                   owned): a constraint per choice */
     const StructVocab *vocab;  /* for the constraint (not owned); set with format */
@@ -71,12 +76,14 @@ typedef struct GenChoice {
     GenLp *prompt_lps;    /* [n_prompt] when params.prompt_logprobs >= 0 (entry 0 has no logprob) */
     int n_gen;            /* generated tokens (usage) */
     bool done;
-    const char *finish_reason; /* "stop", "length", "tool_calls", "abort" once done */
+    const char *finish_reason; /* "stop", "length", "tool_calls", "abort" once done (a forced named
+                                  call ends with "stop", as in OpenAI and vLLM) */
     char *stop_str;       /* the stop string that ended it, or NULL */
     int32_t stop_token;   /* the stop_token_ids entry that ended it, or -1 */
     /* Cursors of the streaming writer (openai.c); gen.c never reads them. */
     size_t sent_text, sent_reasoning;
     int sent_tools, sent_lps;
+    size_t sent_args;     /* bytes sent of the arguments of call sent_tools - 1 */
     long sent_chars;      /* completions: characters sent so far (text_offset) */
     bool sent_start, sent_finish;
     /* gen.c's own state */

@@ -229,13 +229,18 @@ static int parse_schema(const json_t *schema, OutputFormat *f, const char *param
     return 0;
 }
 
+/* Refuses a second output form, given by field param, when f holds one already. */
+static int one_form(const OutputFormat *f, const char *param, OaiError *err) {
+    if (f->kind == OUTPUT_TEXT) return 0;
+    return oai_error(err, 400, param,
+                     "give one output form: response_format json_object or json_schema, guided_json, guided_choice, "
+                     "one structured_outputs key, or a tool_choice that forces a call (\"required\" or a function)");
+}
+
 /* The output's form from one more field (param): refused when another field gave one already.
  * arg: the choices, or the schema. */
 static int set_form(OutputFormat *f, OutputKind kind, const json_t *arg, const char *param, OaiError *err) {
-    if (f->kind != OUTPUT_TEXT)
-        return oai_error(err, 400, param,
-                         "give one output form: response_format json_object or json_schema, guided_json, "
-                         "guided_choice, or one structured_outputs key");
+    if (one_form(f, param, err)) return -1;
     if (kind == OUTPUT_CHOICE) return parse_choices(arg, f, param, err);
     if (kind == OUTPUT_JSON_SCHEMA) return parse_schema(arg, f, param, err);
     f->kind = kind;
@@ -350,6 +355,89 @@ static int tokenize(const OaiContext *ctx, const char *text, size_t len, GenProm
     return 0;
 }
 
+/* A forced call to tools[i] (FORCED_NAMED): the output is a value of its parameters schema, any
+ * object when it has none. */
+static int force_named(const json_t *tools, size_t i, GenSpec *s, OaiError *err) {
+    const json_t *fn = json_object_get(json_array_get(tools, i), "function"), *params = field(fn, "parameters");
+    if (!(s->forced_name = strdup(json_string_value(json_object_get(fn, "name")))))
+        return oai_error(err, 500, NULL, "out of memory");
+    s->forced = FORCED_NAMED;
+    if (!params) return set_form(&s->format, OUTPUT_JSON_OBJECT, NULL, "tool_choice", err);
+    QErr q;
+    if (!json_is_object(params) && !json_is_boolean(params))
+        return oai_error(err, 400, "tools", "tools[%zu].function.parameters must be a JSON schema object", i);
+    if (!(s->format.schema = json_schema_compile(params, &q)))
+        return oai_error(err, 400, "tools", "tools[%zu].function.parameters: %s", i, q.msg);
+    s->format.kind = OUTPUT_JSON_SCHEMA;
+    return 0;
+}
+
+/* tool_choice "required" (FORCED_REQUIRED): the output is an array of calls to the tools, each
+ * its name and arguments valid for it (text/json_schema.h's json_schema_tool_calls). */
+static int force_required(const json_t *tools, GenSpec *s, OaiError *err) {
+    const size_t n = json_array_size(tools);
+    const char **names = calloc(n, sizeof *names);
+    const json_t **params = calloc(n, sizeof *params);
+    int rc = names && params ? 0 : oai_error(err, 500, NULL, "out of memory");
+    for (size_t i = 0; i < n && !rc; i++) {
+        const json_t *fn = json_object_get(json_array_get(tools, i), "function");
+        names[i] = json_string_value(json_object_get(fn, "name"));
+        params[i] = field(fn, "parameters");
+        if (params[i] && !json_is_object(params[i]) && !json_is_boolean(params[i]))
+            rc = oai_error(err, 400, "tools", "tools[%zu].function.parameters must be a JSON schema object", i);
+        for (size_t k = 0; k < i && !rc; k++)
+            if (!strcmp(names[k], names[i]))
+                rc = oai_error(err, 400, "tools", "tools[%zu] and tools[%zu] are both named '%s' (tool_choice "
+                               "\"required\" tells the tools apart by name)", k, i, names[i]);
+    }
+    QErr q;
+    if (!rc && !(s->format.schema = json_schema_tool_calls(names, params, (int)n, &q)))
+        rc = oai_error(err, 400, "tools", "tools: %s", q.msg);
+    free(names);
+    free(params);
+    if (rc) return -1;
+    s->format.kind = OUTPUT_JSON_SCHEMA;
+    s->forced = FORCED_REQUIRED;
+    return 0;
+}
+
+/* tool_choice (tools already checked): "auto" (the default), "none" (tool calls stay text), or a
+ * call forced through structured outputs, as vLLM does it: "required" or {"type": "function",
+ * "function": {"name": NAME}}. Anything but "none" needs tools. *parse: whether the output's
+ * hermes tool calls are to be parsed (auto with tools). */
+static int parse_tool_choice(const json_t *root, const json_t *tools, GenSpec *s, const OaiContext *ctx, bool *parse,
+                             OaiError *err) {
+    const json_t *tc = field(root, "tool_choice");
+    const char *mode = json_is_string(tc) ? json_string_value(tc) : NULL, *name = NULL;
+    *parse = json_array_size(tools) > 0 && !(mode && !strcmp(mode, "none"));
+    if (!tc || (mode && !strcmp(mode, "none"))) return 0;
+    if (json_is_object(tc)) {
+        const json_t *type = json_object_get(tc, "type"), *fn = json_object_get(tc, "function");
+        name = json_string_value(json_object_get(fn, "name"));
+        if (!json_is_string(type) || strcmp(json_string_value(type), "function") || !name || !*name)
+            return oai_error(err, 400, "tool_choice",
+                             "tool_choice as an object must be {\"type\": \"function\", \"function\": {\"name\": "
+                             "\"NAME\"}}");
+    } else if (!mode || (strcmp(mode, "auto") && strcmp(mode, "required"))) {
+        return oai_error(err, 400, "tool_choice",
+                         "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                         "\"function\": {\"name\": \"NAME\"}}");
+    }
+    if (!tools) return oai_error(err, 400, "tool_choice", "tool_choice is only allowed when tools are given");
+    if (mode && !strcmp(mode, "auto")) return 0;
+    if (!json_array_size(tools)) return oai_error(err, 400, "tool_choice", "tool_choice forces a call, but tools is empty");
+    if (one_form(&s->format, "tool_choice", err)) return -1;
+    if (!ctx->vocab) return oai_error(err, 400, "tool_choice", "structured outputs are not available on this server");
+    *parse = false;
+    s->vocab = ctx->vocab;
+    if (!name) return force_required(tools, s, err);
+    for (size_t i = 0; i < json_array_size(tools); i++)
+        if (!strcmp(json_string_value(json_object_get(json_object_get(json_array_get(tools, i), "function"), "name")),
+                    name))
+            return force_named(tools, i, s, err);
+    return oai_error(err, 400, "tool_choice", "tool_choice names the function '%s', which tools does not list", name);
+}
+
 static int parse_chat(OaiRequest *r, const json_t *root, const OaiContext *ctx, OaiError *err) {
     GenSpec *s = &r->spec;
     json_t *msgs = field(root, "messages");
@@ -367,15 +455,8 @@ static int parse_chat(OaiRequest *r, const json_t *root, const OaiContext *ctx, 
                                  "tools[%zu] must be {\"type\": \"function\", \"function\": {\"name\": ...}}", i);
         }
     }
-    bool parse_tools = tools && json_array_size(tools) > 0;
-    json_t *tc = field(root, "tool_choice");
-    if (tc) {
-        if (json_is_string(tc) && !strcmp(json_string_value(tc), "none"))
-            parse_tools = false;
-        else if (!json_is_string(tc) || strcmp(json_string_value(tc), "auto"))
-            return oai_error(err, 400, "tool_choice", "tool_choice must be \"auto\" or \"none\" (\"required\" and named "
-                                                      "functions are not supported)");
-    }
+    bool parse_tools;
+    if (parse_tool_choice(root, tools, s, ctx, &parse_tools, err)) return -1;
     bool thinking = true;
     json_t *kw = field(root, "chat_template_kwargs");
     if (kw) {
@@ -764,7 +845,7 @@ static json_t *tool_call_json(const GenToolCall *t, int index, bool with_index) 
     json_object_set_new(o, "id", jstr(t->id));
     json_object_set_new(o, "type", json_string("function"));
     json_object_set_new(fn, "name", jstr(t->name));
-    json_object_set_new(fn, "arguments", jstr(t->arguments));
+    json_object_set_new(fn, "arguments", jstrn(sb_str(&t->arguments), t->arguments.len));
     json_object_set_new(o, "function", fn);
     return o;
 }
@@ -850,6 +931,28 @@ static json_t *reasoning_delta(GenChoice *c) {
     return delta;
 }
 
+/* Whether tool calls have news to send: calls not sent, or more arguments of the last one sent
+ * (a forced call's grow as they are generated). */
+static bool tool_news(const GenChoice *c) {
+    return c->n_tools > c->sent_tools || (c->sent_tools && c->tools[c->sent_tools - 1].arguments.len > c->sent_args);
+}
+
+/* The tool call deltas, marked sent: more arguments of the last call sent ({"index", "function":
+ * {"arguments"}}), then the calls not sent yet, with their arguments so far. */
+static json_t *tool_deltas(GenChoice *c) {
+    json_t *list = json_array();
+    if (c->sent_tools) {
+        const StrBuf *a = &c->tools[c->sent_tools - 1].arguments;
+        if (a->len > c->sent_args)
+            json_array_append_new(list, json_pack("{s:i, s:{s:o}}", "index", c->sent_tools - 1, "function", "arguments",
+                                                  jstrn(a->s + c->sent_args, a->len - c->sent_args)));
+    }
+    for (int k = c->sent_tools; k < c->n_tools; k++) json_array_append_new(list, tool_call_json(&c->tools[k], k, true));
+    c->sent_tools = c->n_tools;
+    c->sent_args = c->n_tools ? c->tools[c->n_tools - 1].arguments.len : 0;
+    return list;
+}
+
 static void chat_chunks(const OaiRequest *r, Gen *g, GenChoice *c, StrBuf *out) {
     if (!c->sent_start) {
         c->sent_start = true;
@@ -859,7 +962,7 @@ static void chat_chunks(const OaiRequest *r, Gen *g, GenChoice *c, StrBuf *out) 
     }
     bool fin = c->done && !c->sent_finish;
     const bool reasoning = c->reasoning.len > c->sent_reasoning;
-    if (reasoning && (c->text.len > c->sent_text || c->n_tools > c->sent_tools)) {
+    if (reasoning && (c->text.len > c->sent_text || tool_news(c))) {
         /* the writer fell behind across </think>: the reasoning goes first, in a chunk of its own,
          * so that no delta mixes reasoning and content */
         json_t *ch = json_pack("{s:i, s:o, s:n}", "index", c->index, "delta", reasoning_delta(c), "logprobs");
@@ -870,12 +973,7 @@ static void chat_chunks(const OaiRequest *r, Gen *g, GenChoice *c, StrBuf *out) 
         json_object_set_new(delta, "content", jstrn(c->text.s + c->sent_text, c->text.len - c->sent_text));
         c->sent_text = c->text.len;
     }
-    if (c->n_tools > c->sent_tools) {
-        json_t *tools = json_array();
-        for (int k = c->sent_tools; k < c->n_tools; k++) json_array_append_new(tools, tool_call_json(&c->tools[k], k, true));
-        json_object_set_new(delta, "tool_calls", tools);
-        c->sent_tools = c->n_tools;
-    }
+    if (tool_news(c)) json_object_set_new(delta, "tool_calls", tool_deltas(c));
     if (json_object_size(delta) == 0 && !fin) {
         json_decref(delta); /* logprobs of held-back text ride with the next chunk */
         return;

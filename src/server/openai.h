@@ -5,16 +5,27 @@
  * Accepted request fields (both endpoints unless noted): model, max_tokens, temperature, top_p,
  * top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty, logit_bias, seed, stop
  * (string or list), stop_token_ids, n, min_tokens, ignore_eos, skip_special_tokens, stream,
- * stream_options.include_usage, return_tokens_as_token_ids; chat: messages, tools, tool_choice
- * ("auto" | "none"), logprobs (bool), top_logprobs, max_completion_tokens,
- * chat_template_kwargs.enable_thinking, add_generation_prompt; completions: prompt (string,
- * strings, token ids, lists of token ids), echo, logprobs (int). Absent sampling fields take the model's generation_config
- * values (as vLLM does). Structured outputs (text/structured.h; chat: the content after the
- * reasoning): response_format {"type": "json_object"} (a JSON object) or {"type": "json_schema",
+ * stream_options.include_usage, return_tokens_as_token_ids; chat: messages, tools, tool_choice,
+ * logprobs (bool), top_logprobs, max_completion_tokens, chat_template_kwargs.enable_thinking,
+ * add_generation_prompt; completions: prompt (string, strings, token ids, lists of token ids),
+ * echo, logprobs (int). Absent sampling fields take the model's generation_config values (as
+ * vLLM does). Structured outputs (text/structured.h; chat: the content after the reasoning):
+ * response_format {"type": "json_object"} (a JSON object) or {"type": "json_schema",
  * "json_schema": {"name", "schema", "strict"}} (text/json_schema.h's subset; a schema beyond it is
  * refused, naming the keyword), and vLLM's guided_json, guided_choice or structured_outputs
- * {"json": schema} / {"choice": [...]} / {"json_object": true}. Unknown fields are ignored; a
- * field that cannot be honoured (guided_regex / grammar, tool_choice "required", suffix) is
+ * {"json": schema} / {"choice": [...]} / {"json_object": true}.
+ *
+ * tool_choice, as vLLM: "auto" (the default with tools: hermes <tool_call>s in the output become
+ * tool calls) or "none" (they stay text); or a call forced through structured outputs (so never
+ * beside another output form): {"type": "function", "function": {"name": NAME}} holds the output
+ * to a value of NAME's parameters schema (any object without one) and returns it as one call to
+ * NAME, finish_reason "stop"; "required" holds it to an array of calls [{"name", "parameters"}]
+ * to the tools (text/json_schema.h's json_schema_tool_calls: exact, a tagged union on the name)
+ * and returns each as a call, finish_reason "tool_calls". Either way content is null and the
+ * arguments are the generated JSON text, streamed as it comes (text/forced_tools.h). Anything but
+ * "none" needs tools (forcing, at least one); parameters schemas beyond the subset are refused.
+ *
+ * Unknown fields are ignored; a field that cannot be honoured (guided_regex / grammar, suffix) is
  * refused. null means absent. */
 #ifndef QUILL_SERVER_OPENAI_H
 #define QUILL_SERVER_OPENAI_H

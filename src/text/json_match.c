@@ -5,8 +5,9 @@
  * the few fields before it, cleared when done so that equal situations are equal states (the
  * mask cache's key). What makes the walk exact (every state it keeps can still be completed): a
  * value starts only when its shallowest valid form fits under JSON_MAX_DEPTH (the compiler's
- * min_depth), an anyOf takes the one alternative its first byte allows, keys and literals are
- * matched against the candidates still possible, and counts saturate where their bounds stop
+ * min_depth), an anyOf takes the one alternative its first byte allows (a union of objects, the
+ * one its tag names, once the tag is read), keys and literals are matched against the candidates
+ * still possible, and counts saturate where their bounds stop
  * mattering. Strings are checked to be valid UTF-8 and written without \u surrogate escapes
  * (any character can be written as itself), so code points are counted exactly. */
 #include <stddef.h>
@@ -116,7 +117,12 @@ static int literal_byte(const JsonSchema *g, JsonMatch *m, uint8_t c) {
         m->lit = (uint16_t)j, m->pos++;
         const SchemaText next = j + 1 < n->count ? lits[j + 1] : (SchemaText){0, 0};
         const bool extended = next.len > m->pos && !memcmp(g->text + next.off, g->text + t.off, m->pos);
-        if (t.len == m->pos && !extended) value_done(m);
+        if (t.len == m->pos && !extended) {
+            const SchemaNode *u = m->depth ? &g->nodes[top(m)->node] : NULL;
+            if (u && u->kind == SK_UNION) /* the tag: its object goes on after it */
+                *top(m) = (JsonFrame){g->alts[u->objects + j], 1};
+            value_done(m);
+        }
         return 1;
     }
     return cur.len == m->pos ? 0 : -1;
@@ -189,6 +195,7 @@ static bool begin_value(const JsonSchema *g, JsonMatch *m, uint16_t node, uint8_
     switch (n->kind) {
     case SK_OBJECT:
     case SK_MAP:
+    case SK_UNION:
     case SK_ARRAY: /* fits: depth + min_depth (>= 1) <= JSON_MAX_DEPTH */
         m->stack[m->depth++] = (JsonFrame){(uint16_t)id, 0};
         m->lex = n->kind == SK_ARRAY ? L_ARR_FIRST : L_OBJ_FIRST;
@@ -209,7 +216,7 @@ static bool begin_value(const JsonSchema *g, JsonMatch *m, uint16_t node, uint8_
 static bool close_container(const JsonSchema *g, JsonMatch *m, uint8_t c) {
     const JsonFrame *f = top(m);
     const SchemaNode *n = &g->nodes[f->node];
-    if (c == '}' ? n->kind == SK_ARRAY || (n->kind == SK_OBJECT && f->index < n->need)
+    if (c == '}' ? n->kind == SK_ARRAY || ((n->kind == SK_OBJECT || n->kind == SK_UNION) && f->index < n->need)
                  : n->kind != SK_ARRAY || f->index < n->min)
         return false;
     m->depth--;

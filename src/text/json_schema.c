@@ -5,8 +5,8 @@
  * become graph cycles; keywords are checked as they are read, so an error names the first
  * unsupported one with its JSON pointer. Then, over the whole graph (a $ref may point at a node
  * still being built during the pass), three fixpoints: the bytes each node's values start with,
- * anyOf alternatives flattened and merged where they overlap (or refused), and the shallowest
- * nesting each node needs. Each node keeps its schema's pointer for the errors found then. */
+ * anyOf alternatives flattened and merged where they overlap (tagged objects united, other
+ * overlaps merged or refused), and the shallowest nesting each node needs. Each node keeps its schema's pointer for the errors found then. */
 #include "text/json_schema.h"
 
 #include <math.h>
@@ -529,7 +529,8 @@ static void compute_starts(JsonSchema *g) {
         memset(n->starts, 0, sizeof n->starts);
         switch (n->kind) {
         case SK_OBJECT:
-        case SK_MAP: set_byte(n->starts, '{'); break;
+        case SK_MAP:
+        case SK_UNION: set_byte(n->starts, '{'); break;
         case SK_ARRAY: set_byte(n->starts, '['); break;
         case SK_STRING: set_byte(n->starts, '"'); break;
         case SK_NUMBER:
@@ -558,15 +559,22 @@ static void compute_starts(JsonSchema *g) {
     }
 }
 
-/* The concrete alternatives under anyOf node id, nested anyOfs opened, into list. */
+/* A union's objects: alts[u->objects, + this), one per literal of its tags node. */
+static uint32_t union_size(const JsonSchema *g, const SchemaNode *u) { return g->nodes[g->props[u->first].node].count; }
+
+/* The concrete alternatives under anyOf node id, nested anyOfs and unions (of an anyOf flattened
+ * before this one) opened, into list. */
 static int collect(Compiler *c, uint32_t id, bool *seen, uint16_t *list, uint32_t *n, bool *exclusive) {
-    const SchemaNode *x = &c->g->nodes[id];
+    const JsonSchema *g = c->g;
+    const SchemaNode *x = &g->nodes[id];
     *exclusive = *exclusive || c->info[id].exclusive;
-    for (uint32_t k = 0; k < x->count; k++) {
-        const uint16_t alt = c->g->alts[x->first + k];
+    const bool is_union = x->kind == SK_UNION;
+    const uint32_t first = is_union ? x->objects : x->first, count = is_union ? union_size(g, x) : x->count;
+    for (uint32_t k = 0; k < count; k++) {
+        const uint16_t alt = g->alts[first + k];
         if (seen[alt]) continue;
         seen[alt] = true;
-        if (c->g->nodes[alt].kind == SK_ANY_OF) {
+        if (g->nodes[alt].kind == SK_ANY_OF || g->nodes[alt].kind == SK_UNION) {
             if (collect(c, alt, seen, list, n, exclusive)) return -1;
         } else {
             list[(*n)++] = alt;
@@ -602,13 +610,92 @@ static int merge(Compiler *c, uint32_t id, bool exclusive, uint16_t a, uint16_t 
     }
     return qerr_set(c->err,
                     "%s at %s: the alternatives %s and %s can both start with '%c'; quill tells alternatives apart by "
-                    "their first character (object, array, string, number, literal)%s",
+                    "their first character (object, array, string, number, literal)%s%s",
                     c->info[id].exclusive ? "oneOf" : "anyOf", c->info[id].path, c->info[a].path, c->info[b].path, byte,
-                    exclusive ? "" : ", merging only numbers, equal strings and enum values");
+                    exclusive ? "" : ", merging only numbers, equal strings and enum values",
+                    byte == '{' ? "; objects only by a tag: a first, required property under the same key in each, "
+                                  "whose value is one string (const) that differs between them"
+                                : "");
 }
 
-/* Each anyOf's alternatives flattened (nested anyOfs opened), overlaps merged or refused, so
- * that a value's first byte picks at most one. */
+/* Whether object node o has a tag (see SK_UNION): a first property, required, whose value is one
+ * string literal. */
+static bool has_tag(const JsonSchema *g, uint16_t o) {
+    const SchemaNode *n = &g->nodes[o];
+    if (n->kind != SK_OBJECT || !n->count || !g->props[n->first].required) return false;
+    const SchemaNode *v = &g->nodes[g->props[n->first].node];
+    return v->kind == SK_LITERALS && v->count == 1 && g->text[g->lits[v->first].off] == '"';
+}
+
+static SchemaText tag_key(const JsonSchema *g, uint16_t o) { return g->props[g->nodes[o].first].key; }
+
+static SchemaText tag_value(const JsonSchema *g, uint16_t o) {
+    return g->lits[g->nodes[g->props[g->nodes[o].first].node].first];
+}
+
+static int cmp_tag_of(const void *a, const void *b, void *g) {
+    return cmp_text(g, tag_value(g, *(const uint16_t *)a), tag_value(g, *(const uint16_t *)b));
+}
+
+/* The union of objs[0, k) (tagged, under one key) as a new node of anyOf id: into *out, or an
+ * error for two equal tags. objs is reordered by tag. */
+static int make_union(Compiler *c, uint32_t id, uint16_t *objs, uint32_t k, uint16_t *out) {
+    JsonSchema *g = c->g;
+    qsort_r(objs, k, sizeof *objs, cmp_tag_of, g);
+    for (uint32_t i = 1; i < k; i++) {
+        const SchemaText t = tag_value(g, objs[i]);
+        if (!cmp_text(g, tag_value(g, objs[i - 1]), t))
+            return qerr_set(c->err, "%s at %s: the objects %s and %s have the same tag %.*s",
+                            c->info[id].exclusive ? "oneOf" : "anyOf", c->info[id].path, c->info[objs[i - 1]].path,
+                            c->info[objs[i]].path, (int)t.len, g->text + t.off);
+    }
+    SchemaText *tags = malloc((size_t)k * sizeof *tags);
+    if (!tags) return oom(c);
+    for (uint32_t i = 0; i < k; i++) tags[i] = tag_value(g, objs[i]);
+    const int lits = new_node(c, SK_LITERALS, NULL, c->info[id].path);
+    const int bad = lits < 0 || set_literals(c, lits, tags, k); /* already in order: literal i is objs[i]'s tag */
+    free(tags);
+    const int u = bad ? -1 : new_node(c, SK_UNION, NULL, c->info[id].path);
+    const int prop = u < 0 ? -1 : reserve(c, (void **)&g->props, &g->n_props, &c->cap_props, 1, sizeof *g->props);
+    const int first = prop < 0 ? -1 : reserve(c, (void **)&g->alts, &g->n_alts, &c->cap_alts, k, sizeof *g->alts);
+    if (first < 0) return -1;
+    g->props[prop] = (SchemaProp){.key = tag_key(g, objs[0]), .node = (uint16_t)lits, .required = true};
+    memcpy(g->alts + first, objs, (size_t)k * sizeof *objs);
+    SchemaNode *n = &g->nodes[u];
+    n->first = (uint32_t)prop, n->count = 1, n->need = 1, n->objects = (uint32_t)first;
+    *out = (uint16_t)u;
+    return 0;
+}
+
+/* The objects among an anyOf's alternatives list[0, *n) replaced by their union, when there are
+ * several and each has a tag under the same key; otherwise the list is left as it is (merge
+ * refuses two objects). */
+static int unite_objects(Compiler *c, uint32_t id, uint16_t *list, uint32_t *n) {
+    const JsonSchema *g = c->g;
+    uint16_t *objs = malloc((size_t)*n * sizeof *objs);
+    if (!objs) return oom(c);
+    uint32_t k = 0;
+    bool tagged = true;
+    for (uint32_t i = 0; i < *n; i++) {
+        if (g->nodes[list[i]].kind != SK_OBJECT) continue;
+        objs[k++] = list[i];
+        tagged = tagged && has_tag(g, list[i]) && !cmp_text(g, tag_key(g, objs[0]), tag_key(g, list[i]));
+    }
+    uint16_t u = 0;
+    const int rc = k >= 2 && tagged ? make_union(c, id, objs, k, &u) : 0;
+    free(objs);
+    if (rc || k < 2 || !tagged) return rc;
+    uint32_t m = 0;
+    for (uint32_t i = 0; i < *n; i++)
+        if (g->nodes[list[i]].kind != SK_OBJECT) list[m++] = list[i];
+    list[m++] = u;
+    *n = m;
+    compute_starts(c->g); /* the union is new */
+    return 0;
+}
+
+/* Each anyOf's alternatives flattened (nested anyOfs opened), tagged objects united, other
+ * overlaps merged or refused, so that a value's first byte picks at most one. */
 static int flatten_any_of(Compiler *c) {
     const uint32_t n_before = c->g->n_nodes;
     bool *seen = malloc(SCHEMA_MAX_NODES * sizeof *seen);
@@ -621,6 +708,7 @@ static int flatten_any_of(Compiler *c) {
         bool exclusive = false;
         seen[id] = true;
         rc = collect(c, id, seen, list, &n, &exclusive);
+        if (!rc) rc = unite_objects(c, id, list, &n);
         for (uint32_t i = 0; i < n && !rc; i++)
             for (uint32_t j = i + 1; j < n && !rc; j++) {
                 int byte;
@@ -661,6 +749,10 @@ static void compute_min_depth(JsonSchema *g) {
                 for (uint32_t k = 0; k < n->count; k++)
                     if (g->nodes[g->alts[n->first + k]].min_depth < d) d = g->nodes[g->alts[n->first + k]].min_depth;
                 break;
+            case SK_UNION: /* its deepest object: whichever tag comes, that object must fit */
+                for (uint32_t k = 0; k < union_size(g, n); k++)
+                    if (g->nodes[g->alts[n->objects + k]].min_depth > d) d = g->nodes[g->alts[n->objects + k]].min_depth;
+                break;
             default: break;
             }
             if (d > DEPTH_NONE) d = DEPTH_NONE;
@@ -679,7 +771,7 @@ static uint64_t graph_hash(const JsonSchema *g) {
     uint64_t h = 14695981039346656037ull;
     for (uint32_t i = 0; i < g->n_nodes; i++) {
         const SchemaNode *n = &g->nodes[i];
-        const uint32_t f[8] = {n->kind, n->min_depth, n->item, n->min, n->max, n->need, n->first, n->count};
+        const uint32_t f[9] = {n->kind, n->min_depth, n->item, n->min, n->max, n->need, n->first, n->count, n->objects};
         h = fnv(h, f, sizeof f);
     }
     for (uint32_t i = 0; i < g->n_props; i++) {
@@ -735,14 +827,62 @@ JsonSchema *json_schema_compile(const json_t *schema, QErr *err) {
     return finish(&c, compile(&c, schema, "#"));
 }
 
+/* A map of any keys to any values: any object. */
+static int any_object_node(Compiler *c, const char *path) {
+    const int any = any_node(c);
+    const int map = any < 0 ? -1 : new_node(c, SK_MAP, NULL, path);
+    if (map >= 0) c->g->nodes[map].item = (uint16_t)any;
+    return map;
+}
+
 JsonSchema *json_schema_any_object(void) {
     Compiler c;
     QErr err;
     if (!compiler_init(&c, NULL, &err)) return NULL;
-    const int any = any_node(&c);
-    const int map = any < 0 ? -1 : new_node(&c, SK_MAP, NULL, "#");
-    if (map >= 0) c.g->nodes[map].item = (uint16_t)any;
-    return finish(&c, map);
+    return finish(&c, any_object_node(&c, "#"));
+}
+
+/* {"name": the literal name, "parameters": a value of params (its own root for $refs)}, the
+ * alternative at path. */
+static int call_node(Compiler *c, const char *name, const json_t *params, const char *path) {
+    const int id = new_node(c, SK_OBJECT, NULL, path);
+    const int first = id < 0 ? -1 : reserve(c, (void **)&c->g->props, &c->g->n_props, &c->cap_props, 2, sizeof *c->g->props);
+    if (first < 0) return -1;
+    json_t *s = json_string(name);
+    char *text = s ? json_dumps(s, JSON_ENCODE_ANY | JSON_COMPACT) : NULL;
+    json_decref(s);
+    char at[PATH_MAX_LEN];
+    child_path(at, path, "name");
+    const int lit = text ? literal_node(c, (const char *const[]){text}, 1, NULL, at) : oom(c);
+    free(text);
+    SchemaText keys[2];
+    if (lit < 0 || add_text(c, "\"name\"", 6, &keys[0]) || add_text(c, "\"parameters\"", 12, &keys[1])) return -1;
+    c->root = params;
+    const int args = params ? compile(c, params, "#") : any_object_node(c, "#");
+    if (args < 0) return qerr_prefix(c->err, "the parameters of '%s'", name);
+    c->g->props[first] = (SchemaProp){.key = keys[0], .node = (uint16_t)lit, .required = true};
+    c->g->props[first + 1] = (SchemaProp){.key = keys[1], .node = (uint16_t)args, .required = true};
+    c->g->nodes[id].first = (uint32_t)first, c->g->nodes[id].count = 2, c->g->nodes[id].need = 2;
+    return id;
+}
+
+JsonSchema *json_schema_tool_calls(const char *const *names, const json_t *const *params, int n, QErr *err) {
+    Compiler c;
+    if (!compiler_init(&c, NULL, err)) return NULL;
+    const int arr = new_node(&c, SK_ARRAY, NULL, "#"), calls = arr < 0 ? -1 : new_node(&c, SK_ANY_OF, NULL, "#/items");
+    int first = calls < 0 ? -1 : reserve(&c, (void **)&c.g->alts, &c.g->n_alts, &c.cap_alts, (uint32_t)n, sizeof *c.g->alts);
+    if (first >= 0) {
+        c.g->nodes[arr].min = 1, c.g->nodes[arr].item = (uint16_t)calls;
+        c.g->nodes[calls].first = (uint32_t)first, c.g->nodes[calls].count = (uint32_t)n;
+    }
+    for (int i = 0; i < n && first >= 0; i++) {
+        char at[PATH_MAX_LEN];
+        index_path(at, "#/items", "anyOf", (size_t)i);
+        const int call = call_node(&c, names[i], params[i], at);
+        if (call < 0) first = -1;
+        else c.g->alts[first + i] = (uint16_t)call;
+    }
+    return finish(&c, first < 0 ? -1 : arr);
 }
 
 JsonSchema *json_schema_ref(JsonSchema *s) {

@@ -18,8 +18,12 @@
  *   value); beside type only (values of another type are dropped).
  * - anyOf, oneOf (as anyOf, but overlaps are refused): the alternative is chosen by the value's
  *   first byte, so alternatives must differ in it: an object, an array, a string, a number and
- *   literals can be told apart, two objects cannot. Overlaps that merge are allowed in anyOf:
- *   integer with number, literals with literals, equal strings.
+ *   literals can be told apart. Overlaps that merge are allowed in anyOf: integer with number,
+ *   literals with literals, equal strings. Several objects are allowed as a tagged union: when
+ *   each object's first property is required, has the same key in all of them, and is one string
+ *   (a const, or an enum of one value) that differs between them (the tag, as in
+ *   {"name": {"const": "get_weather"}, ...}), the tag's value picks the object. A union counts
+ *   as deep as its deepest object (so that whichever tag is written, its object still fits).
  * - $ref to "#", "#/$defs/NAME", "#/definitions/NAME" or any local JSON pointer; recursion is
  *   fine. $defs / definitions, and the annotations description, title, default, examples,
  *   $schema, $comment, deprecated, readOnly, writeOnly are taken as they are (the latter ignored);
@@ -60,6 +64,9 @@ typedef enum SchemaKind {
     SK_INTEGER,
     SK_LITERALS, /* one of the texts [first, first + count) (sorted, distinct) */
     SK_ANY_OF,   /* one of the nodes alts[first, first + count), told apart by their first byte */
+    SK_UNION,    /* objects told apart by a tag: read as an object of one property, the tag
+                    (props[first], count 1, need 1), whose value is the literal k of the tags
+                    node; then the object alts[objects + k] goes on from its second property */
 } SchemaKind;
 
 typedef struct SchemaNode {
@@ -69,6 +76,7 @@ typedef struct SchemaNode {
     uint16_t min, max;   /* array: items; string: code points */
     uint16_t need;       /* object: every required property is below this index */
     uint32_t first, count;
+    uint32_t objects;    /* union: its objects in alts, in the order of the tags' literals */
     uint64_t starts[4];  /* bit b: a value can start with byte b */
 } SchemaNode;
 
@@ -102,6 +110,13 @@ typedef struct JsonSchema {
 JsonSchema *json_schema_compile(const json_t *schema, QErr *err);
 /* JSON mode's schema: any JSON object. NULL when out of memory. */
 JsonSchema *json_schema_any_object(void);
+/* vLLM's schema for tool_choice "required": a JSON array of one or more calls
+ * {"name": NAME, "parameters": PARAMS}, in that order, NAME one of names[0, n) (n >= 1, distinct)
+ * and PARAMS valid under params[i]: a schema (an object or a boolean, its $refs local to it) or
+ * NULL for any object. With several names the calls are a tagged union on "name". Returns the
+ * schema with one reference, or NULL with err (a parameters schema beyond the subset: the error
+ * names the function and the place in its parameters; repeated names; out of memory). */
+JsonSchema *json_schema_tool_calls(const char *const *names, const json_t *const *params, int n, QErr *err);
 JsonSchema *json_schema_ref(JsonSchema *s); /* another reference; returns s */
 void json_schema_unref(JsonSchema *s);      /* NULL allowed; frees with the last reference */
 

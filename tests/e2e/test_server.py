@@ -493,6 +493,186 @@ def test_tool_call_streamed_and_tool_choice_none(craft):
     assert r.choices[0].message.content == f"<tool_call>{TOOL_JSON}</tool_call>"
 
 
+# ------------------------------------------------------------------ forced tool calls (tool_choice)
+
+NAMED_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
+TOOLS_R = [  # for the random model: parameters with bounds, a $ref, none at all
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "required": ["city", "days"], "additionalProperties": False,
+        "properties": {"city": {"type": "string", "maxLength": 8}, "days": {"type": "integer"},
+                       "unit": {"enum": ["c", "f"]}}}}},
+    {"type": "function", "function": {"name": "get_time", "description": "no parameters"}},
+    {"type": "function", "function": {"name": "set_alarm", "parameters": {
+        "$defs": {"hm": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}},
+        "type": "object", "properties": {"at": {"$ref": "#/$defs/hm"}, "label": {"type": ["string", "null"]}},
+        "required": ["at"]}}},
+]
+# the ends far up, whitespace tokens down (random models pad a lot)
+BIAS_R = {"151643": 30, "151645": 30, "198": -5, "220": -5, "197": -5, "256": -5}
+
+
+def check_call_against_tools(call, tools):
+    """A tool call's name is one of the tools' and its arguments (a JSON object) are valid for it,
+    by the jsonschema package; returns the parsed arguments."""
+    fns = {t["function"]["name"]: t["function"] for t in tools}
+    assert call.type == "function" and call.function.name in fns, call
+    assert call.id.startswith("chatcmpl-tool-")
+    args = json.loads(call.function.arguments)
+    schema = fns[call.function.name].get("parameters") or {"type": "object"}
+    jsonschema.Draft202012Validator(schema).validate(args)
+    assert isinstance(args, dict)
+    return args
+
+
+def streamed_calls(chunks):
+    """Tool calls of a streamed chat, rebuilt from their deltas: {index: [id, name, arguments]};
+    checks that the id, type and name come once, in a call's first delta."""
+    calls = {}
+    for c in chunks:
+        for d in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            if d.index not in calls:
+                assert d.id and d.id.startswith("chatcmpl-tool-") and d.type == "function" and d.function.name, d
+                calls[d.index] = [d.id, d.function.name, d.function.arguments or ""]
+            else:
+                assert d.id is None and d.function.name is None, d
+                calls[d.index][2] += d.function.arguments or ""
+    return calls
+
+
+def test_tool_choice_named_random_model(rand):
+    """tool_choice naming a function: sampled output of a random model is one call to it whose
+    arguments validate against its parameters (any object when it has none), finish_reason "stop";
+    streamed, the same call (same seed) in deltas, the arguments in pieces."""
+    client = rand.client()
+    ended, pieces = 0, []
+    for seed in range(6):
+        tool = TOOLS_R[seed % 3]["function"]["name"]
+        thinking = seed >= 4  # </think> biased up, so the call comes after (empty) reasoning
+        kw = dict(model="tiny", messages=[{"role": "user", "content": "call it"}], tools=TOOLS_R,
+                  tool_choice={"type": "function", "function": {"name": tool}}, max_tokens=120, temperature=1.0,
+                  seed=seed, logit_bias={**BIAS_R, **({"151668": 40} if thinking else {})},
+                  extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
+        r = client.chat.completions.create(**kw)
+        c = r.choices[0]
+        [call] = c.message.tool_calls
+        assert call.function.name == tool and not c.message.content, c
+        if c.finish_reason == "stop":
+            ended += 1
+            check_call_against_tools(call, TOOLS_R)
+        else:
+            assert c.finish_reason == "length" and r.usage.completion_tokens == 120, c
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        calls = streamed_calls(chunks)
+        assert list(calls) == [0] and calls[0][1:] == [tool, call.function.arguments], (calls, call)
+        assert not any(ch.choices[0].delta.content for ch in chunks if ch.choices)
+        pieces.append(sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls))
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == \
+            [c.finish_reason]
+    assert ended >= 4, f"most calls should end ({ended} of 6)"
+    assert max(pieces) > 5, f"the arguments stream in pieces ({pieces} deltas)"
+
+
+def test_tool_choice_required_random_model(rand):
+    """tool_choice "required": sampled output of a random model is one or more calls, each to one
+    of the tools with arguments valid for that tool, finish_reason "tool_calls"; streamed, the same
+    calls."""
+    client = rand.client()
+    ended, names = 0, set()
+    for seed in range(8):
+        kw = dict(model="tiny", messages=[{"role": "user", "content": "call"}], tools=TOOLS_R, tool_choice="required",
+                  max_tokens=160, temperature=1.0, seed=seed, logit_bias={**BIAS_R, "60": 3},  # ']' up
+                  extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        r = client.chat.completions.create(**kw)
+        c = r.choices[0]
+        assert not c.message.content, c
+        if c.finish_reason == "tool_calls":
+            ended += 1
+            assert c.message.tool_calls
+            for call in c.message.tool_calls:
+                check_call_against_tools(call, TOOLS_R)
+                names.add(call.function.name)
+        else:
+            assert c.finish_reason == "length" and r.usage.completion_tokens == 160, c
+        calls = streamed_calls(client.chat.completions.create(stream=True, **kw))
+        assert [v[1:] for _, v in sorted(calls.items())] == \
+            [[t.function.name, t.function.arguments] for t in c.message.tool_calls or []]
+        assert len({v[0] for v in calls.values()}) == len(calls), "call ids differ"
+    assert ended >= 5 and len(names) >= 2, f"most arrays should end, calling several tools ({ended}, {names})"
+
+
+def test_tool_choice_crafted(craft):
+    """Forced calls on the crafted model: its logits tie (0) outside the chains, so greedy takes the
+    lowest allowed id, steered by biases ('"' 2, '}' and ']' 1, <|im_end|> 3). Named: the call's
+    arguments are {"city":""}, after the reasoning when thinking; "required" with one tool: the
+    array of that one call; with two: the lowest name byte wins ('t' of get_time before 'w'), whose
+    parameters are any object: {"":""}."""
+    bias = {"1": 2, "92": 1, "60": 1, "151645": 3}
+    client = craft.client()
+    time_tool = {"type": "function", "function": {"name": "get_time"}}
+    cases = [(NAMED_WEATHER, TOOLS, "stop", [("get_weather", '{"city":""}')]),
+             ("required", TOOLS, "tool_calls", [("get_weather", '{"city":""}')]),
+             ("required", TOOLS + [time_tool], "tool_calls", [("get_time", '{"":""}')])]
+    for tool_choice, tools, finish, want in cases:
+        for thinking in (True, False):
+            kw = dict(model="crafted", messages=[{"role": "user", "content": "weather?"}], tools=tools,
+                      tool_choice=tool_choice, temperature=0, max_tokens=64, logit_bias=bias,
+                      extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
+            r = client.chat.completions.create(**kw)
+            c = r.choices[0]
+            got = [(t.function.name, t.function.arguments) for t in c.message.tool_calls]
+            assert got == want and c.finish_reason == finish and not c.message.content, (tool_choice, thinking, c)
+            assert (c.message.reasoning_content == "Hmm okay") if thinking else c.message.reasoning_content is None
+            chunks = list(client.chat.completions.create(stream=True, **kw))
+            calls = streamed_calls(chunks)
+            assert [v[1:] for _, v in sorted(calls.items())] == [list(w) for w in want]
+            reasoning = "".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks
+                                if ch.choices)
+            assert reasoning == ("Hmm okay" if thinking else "")
+            assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == \
+                [finish]
+    # the same request without tool_choice follows the chain: a hermes call, parsed
+    r = client.chat.completions.create(model="crafted", messages=[{"role": "user", "content": "weather?"}], tools=TOOLS,
+                                       temperature=0, max_tokens=64,
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
+
+
+BAD_PARAMS_TOOL = {"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"s": {"type": "string", "pattern": "a+"}}}}}
+
+
+@pytest.mark.parametrize("patch,param,needle", [
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": TOOLS}, "tool_choice", "'nope'"),
+    ({"tool_choice": "required"}, "tool_choice", "tools"),
+    ({"tool_choice": NAMED_WEATHER}, "tool_choice", "tools"),
+    ({"tool_choice": "auto"}, "tool_choice", "tools"),
+    ({"tool_choice": "required", "tools": []}, "tool_choice", "empty"),
+    ({"tool_choice": "sometimes", "tools": TOOLS}, "tool_choice", "required"),
+    ({"tool_choice": 5, "tools": TOOLS}, "tool_choice", "required"),
+    ({"tool_choice": {"function": {"name": "get_weather"}}, "tools": TOOLS}, "tool_choice", "type"),
+    ({"tool_choice": {"type": "function", "function": "get_weather"}, "tools": TOOLS}, "tool_choice", "name"),
+    ({"tool_choice": {"type": "function", "function": {"name": ""}}, "tools": TOOLS}, "tool_choice", "name"),
+    ({"tool_choice": "required", "tools": TOOLS, "response_format": {"type": "json_object"}}, "tool_choice",
+     "one output form"),
+    ({"tool_choice": NAMED_WEATHER, "tools": TOOLS, "guided_choice": ["a"]}, "tool_choice", "one output form"),
+    ({"tool_choice": "required", "tools": [BAD_PARAMS_TOOL]}, "tools", "'pattern'"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}, "tools": [BAD_PARAMS_TOOL]}, "tools",
+     "tools[0].function.parameters"),
+    ({"tool_choice": "required", "tools": TOOLS + TOOLS}, "tools", "'get_weather'"),
+    ({"tool_choice": NAMED_WEATHER, "tools": [{"type": "function", "function": {"name": "get_weather",
+                                                                                 "parameters": "x"}}]},
+     "tools", "parameters"),
+])
+def test_tool_choice_refused(craft, patch, param, needle):
+    """A tool_choice that cannot be honoured gets a 400 naming the field; the server goes on."""
+    body = {"model": "crafted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **patch}
+    err = error_of(requests.post(craft.url + "/v1/chat/completions", json=body, timeout=60), 400)
+    assert err["param"] == param and needle in err["message"] and err["type"] == "BadRequestError", err
+    r = craft.client().chat.completions.create(model="crafted", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=4, tool_choice="none")  # "none" needs no tools (vLLM)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_chat_logprobs_and_n(craft, hf_tok):
     r = craft.client().chat.completions.create(model="crafted", messages=[{"role": "user", "content": "hi"}],
                                                temperature=0, max_tokens=64, logprobs=True, top_logprobs=2, n=3)
@@ -813,7 +993,7 @@ BAD_CHAT = [
     ("top_logprobs", {"top_logprobs": 2}),
     ("stream", {"stream": "yes"}),
     ("stream_options", {"stream_options": {"include_usage": True}}),
-    ("tool_choice", {"tool_choice": "required", "tools": TOOLS}),
+    ("tool_choice", {"tool_choice": "any", "tools": TOOLS}),
     ("tools", {"tools": [{"type": "function"}]}),
     ("messages", {"messages": []}),
     ("messages", {"messages": "hello"}),

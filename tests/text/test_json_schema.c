@@ -2,7 +2,7 @@
  * compile, every other keyword or impossible constraint is refused with an error naming it and
  * its JSON pointer. The recogniser, per schema: every prefix of a valid text accepted and the
  * value complete only at its end, each invalid text refused at the byte where it goes wrong,
- * the depth limit. The masks over the real Qwen3 vocabulary: equal, along random walks, to
+ * the depth limit; objects told apart by a tag, and tool_choice "required"'s schema of calls. The masks over the real Qwen3 vocabulary: equal, along random walks, to
  * trying every token's bytes one by one (no shortcut), with the ends only on a whole value, and
  * cached per schema (two schemas in the same state get their own masks). */
 #include <math.h>
@@ -93,6 +93,24 @@ static void test_compile_refuses(void) {
         {"{\"properties\":{\"a\":{}},\"additionalProperties\":{\"type\":\"string\"}}", "additionalProperties", "#"},
         {"{\"properties\":{\"x\":{\"$id\":\"y\"}}}", "'$id'", "#/properties/x/$id"},
         {"{\"type\":\"object\",\"nullable\":true}", "'nullable'", "#/nullable"},
+        /* objects: a tag is a first, required, one-string property under the same key in each */
+        {"{\"anyOf\":[{\"properties\":{\"k\":{\"const\":\"a\"}},\"required\":[\"k\"]},{\"properties\":{\"t\":{"
+         "\"const\":\"b\"}},\"required\":[\"t\"]}]}",
+         "#/anyOf/1", "objects only by a tag"},
+        {"{\"anyOf\":[{\"properties\":{\"k\":{\"const\":\"a\"}}},{\"properties\":{\"k\":{\"const\":\"b\"}}}]}",
+         "#/anyOf/0", "can both start with '{'"},
+        {"{\"anyOf\":[{\"properties\":{\"k\":{\"const\":1}},\"required\":[\"k\"]},{\"properties\":{\"k\":{"
+         "\"const\":2}},\"required\":[\"k\"]}]}",
+         "#/anyOf/1", "objects only by a tag"},
+        {"{\"anyOf\":[{\"properties\":{\"k\":{\"enum\":[\"a\",\"b\"]}},\"required\":[\"k\"]},{\"properties\":{"
+         "\"k\":{\"const\":\"c\"}},\"required\":[\"k\"]}]}",
+         "#/anyOf/0", "objects only by a tag"},
+        {"{\"oneOf\":[{\"properties\":{\"k\":{\"const\":\"a\"},\"x\":{}},\"required\":[\"k\"]},{\"properties\":{"
+         "\"k\":{\"enum\":[\"a\"]}},\"required\":[\"k\"]}]}",
+         "same tag \"a\"", "oneOf at #"},
+        {"{\"anyOf\":[{\"properties\":{\"k\":{\"const\":\"a\"}},\"required\":[\"k\"]},{\"properties\":{\"k\":{"
+         "\"const\":\"b\"}},\"required\":[\"k\"]},{\"type\":\"object\",\"additionalProperties\":{}}]}",
+         "can both start with '{'", "#/anyOf/2"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         QErr err = {{0}};
@@ -160,6 +178,28 @@ static const Case kCases[] = {
      {"{\"ab\":null,\"a\":null,\"b\":true}", "{\"a\":null,\"b\":false}", "{\"b\":true}"},
      {{"{\"a\":null,\"ab\":null,\"b\":true}", 11}, {"{\"ab\":null}", 10}, {"{\"b\":true,\"a\":null}", 9}}},
     {"{\"type\":\"array\",\"items\":false}", {"[]"}, {{"[1]", 1}}},
+    /* a tagged union (const and a one-value enum as tags, "sq" a prefix of "square"), beside a string */
+    {"{\"anyOf\":[{\"type\":\"object\",\"properties\":{\"kind\":{\"const\":\"circle\"},\"r\":{\"type\":\"number\"}},"
+     "\"required\":[\"kind\",\"r\"]},{\"type\":\"object\",\"properties\":{\"kind\":{\"enum\":[\"square\"]},\"side\":{"
+     "\"type\":\"integer\"},\"label\":{\"type\":\"string\"}},\"required\":[\"kind\",\"side\"]},{\"properties\":{"
+     "\"kind\":{\"const\":\"sq\"}},\"required\":[\"kind\"]},{\"type\":\"string\"}]}",
+     {"{\"kind\":\"circle\",\"r\":1.5}", " { \"kind\" : \"square\" , \"side\" : 2 , \"label\" : \"x\" } ",
+      "{\"kind\":\"sq\"}", "\"s\""},
+     {{"{\"kind\":\"square\",\"r\":1}", 18},
+      {"{\"kind\":\"sq\",\"side\":1}", 12},
+      {"{\"r\":1}", 2},
+      {"{}", 1},
+      {"{\"kind\":\"tri\"}", 9},
+      {"{\"kind\":\"circle\"}", 16},
+      {"{\"kind\":\"square\",\"side\":2", (size_t)-1}}},
+    /* a union built twice: $defs/ab (flattened first) inside a wider anyOf */
+    {"{\"$defs\":{\"ab\":{\"anyOf\":[{\"properties\":{\"t\":{\"const\":\"a\"}},\"required\":[\"t\"]},{"
+     "\"properties\":{\"t\":{\"const\":\"b\"},\"n\":{\"type\":\"integer\"}},\"required\":[\"t\",\"n\"]}]}},"
+     "\"properties\":{\"p\":{\"$ref\":\"#/$defs/ab\"},\"q\":{\"anyOf\":[{\"$ref\":\"#/$defs/ab\"},{\"properties\":{"
+     "\"t\":{\"const\":\"c\"}},\"required\":[\"t\"]},{\"type\":\"null\"}]}},\"required\":[\"p\",\"q\"]}",
+     {"{\"p\":{\"t\":\"a\"},\"q\":{\"t\":\"c\"}}", "{\"p\":{\"t\":\"b\",\"n\":1},\"q\":{\"t\":\"b\",\"n\":2}}",
+      "{\"p\":{\"t\":\"a\"},\"q\":null}"},
+     {{"{\"p\":{\"t\":\"c\"}", 11}, {"{\"p\":{\"t\":\"b\"}", 13}, {"{\"p\":{\"t\":\"a\"},\"q\":{\"t\":\"d\"}}", 25}}},
 };
 
 static void test_recogniser(void) {
@@ -281,7 +321,8 @@ static void test_masks(void) {
     StructVocab *sv = struct_vocab_new(tok, V, eos, 2);
     float *logits = malloc((size_t)V * sizeof *logits);
     uint8_t *ok = malloc((size_t)V);
-    static const char *const schemas[] = {kCases[0].schema, kCases[1].schema, kCases[2].schema, kCases[4].schema};
+    static const char *const schemas[] = {kCases[0].schema, kCases[1].schema, kCases[2].schema, kCases[4].schema,
+                                          kCases[9].schema};
     uint64_t rng = 88172645463325252ull;
     int total_steps = 0;
     for (size_t si = 0; si < sizeof schemas / sizeof *schemas; si++) {
@@ -353,12 +394,67 @@ static void test_masks(void) {
     tok_free(tok);
 }
 
+/* tool_choice "required": an array of one or more calls, each a tool's name and then parameters
+ * valid for that tool (their $refs local to them, absent parameters any object). */
+static void test_tool_calls(void) {
+    json_t *weather = json_loads("{\"type\":\"object\",\"properties\":{\"city\":{\"type\":\"string\"}},"
+                                 "\"required\":[\"city\"]}", 0, NULL);
+    json_t *echo = json_loads("{\"$ref\":\"#/$defs/m\",\"$defs\":{\"m\":{\"type\":\"object\",\"properties\":{"
+                              "\"text\":{\"type\":\"string\"}}}}}", 0, NULL);
+    const char *const names[] = {"get_weather", "get_time", "echo"};
+    const json_t *const params[] = {weather, NULL, echo};
+    QErr err = {{0}};
+    JsonSchema *g = json_schema_tool_calls(names, params, 3, &err);
+    CHECK(g != NULL, "three tools: %s", err.msg);
+    static const char *const valid[] = {
+        "[{\"name\":\"get_weather\",\"parameters\":{\"city\":\"Paris\"}}]",
+        "[{\"name\":\"get_time\",\"parameters\":{\"tz\":[1,{}]}}, {\"name\":\"echo\",\"parameters\":{\"text\":\"x\"}}]",
+        "[{\"name\":\"echo\",\"parameters\":{}}]",
+    };
+    static const struct {
+        const char *text;
+        size_t fails_at;
+    } invalid[] = {
+        {"[]", 1},
+        {"[{\"name\":\"get_weather\",\"parameters\":{}}]", 37},
+        {"[{\"name\":\"nope\"", 10},
+        {"[{\"parameters\":{}}]", 3},
+        {"[{\"name\":\"echo\",\"parameters\":{\"text\":1}}]", 37},
+        {"[{\"name\":\"echo\"}]", 15},
+    };
+    JsonMatch m;
+    for (size_t i = 0; g && i < sizeof valid / sizeof *valid; i++)
+        CHECK(accepted(g, valid[i], &m) == strlen(valid[i]) && json_match_complete(&m, g), "calls: valid %s", valid[i]);
+    for (size_t i = 0; g && i < sizeof invalid / sizeof *invalid; i++) {
+        const size_t n = accepted(g, invalid[i].text, &m);
+        CHECK(n == invalid[i].fails_at, "calls: %s refused at %zu, want %zu", invalid[i].text, n, invalid[i].fails_at);
+    }
+    json_schema_unref(g);
+    /* one tool: no union needed */
+    g = json_schema_tool_calls(names + 1, params + 1, 1, &err);
+    const char *one = "[{\"name\":\"get_time\",\"parameters\":{\"a\":1}},{\"name\":\"get_time\",\"parameters\":{}}]";
+    CHECK(g && accepted(g, one, &m) == strlen(one) && json_match_complete(&m, g), "one tool: %s", g ? one : err.msg);
+    json_schema_unref(g);
+    /* refusals name the function and the place in its parameters; repeated names */
+    json_t *pattern = json_loads("{\"type\":\"object\",\"properties\":{\"s\":{\"pattern\":\"a\"}}}", 0, NULL);
+    const json_t *const bad[] = {weather, pattern};
+    g = json_schema_tool_calls(names, bad, 2, &err);
+    CHECK(!g && strstr(err.msg, "'get_time'") && strstr(err.msg, "#/properties/s/pattern"), "bad parameters: %s", err.msg);
+    const char *const twice[] = {"f", "f"};
+    g = json_schema_tool_calls(twice, params, 2, &err);
+    CHECK(!g && strstr(err.msg, "same tag \"f\""), "repeated names: %s", err.msg);
+    json_decref(pattern);
+    json_decref(weather);
+    json_decref(echo);
+}
+
 int main(void) {
     test_compile_accepts();
     test_compile_refuses();
     test_recogniser();
     test_depth();
     test_long_enums();
+    test_tool_calls();
     test_masks();
     return test_finish();
 }
