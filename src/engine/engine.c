@@ -518,7 +518,11 @@ static void fetch_logits(Engine *e, const float *d_logits, int rows) {
  * the step keeps tokens while each equals the draft that the next row was computed on: the first
  * that differs, or the one after the last draft, is the next pending token. So the output is the
  * one decoding without drafts gives (on the host's sampler; a GPU step with drafts samples on the
- * host), in fewer steps when the text repeats itself or its prompt. Drafts are made only while
+ * host), in fewer steps when the text repeats itself or its prompt. A verification costs more
+ * than a plain decode step (more tokens through every matmul: ~2x at 5 tokens on a 2-core CPU or
+ * an H100's int4 kernels), so each sequence's draft length adapts: 1 at first, doubled (up to
+ * spec_tokens) after a step that kept every draft, cut to the number kept (at least 1) after one
+ * that did not. Drafts are made only while
  * at most kSpecMaxSeqs sequences run: larger batches are on their way from memory-bound to
  * compute-bound, where verifying drafts costs about what it saves. */
 enum { kSpecMaxSeqs = 4 };
@@ -551,7 +555,8 @@ static void propose_drafts(Engine *e) {
         Request *r = s->running[i];
         const int total = r->n_prompt + r->n_output;
         int k = r->params.max_tokens - r->n_output - 1; /* the token after the drafts must fit too */
-        if (k > e->opt.spec_tokens) k = e->opt.spec_tokens;
+        const int want = r->draft_len ? r->draft_len : 1;
+        if (k > want) k = want;
         if (r->n_output == 0 || r->n_computed != total - 1 || k <= 0) continue; /* not in decode */
         r->n_draft = ngram_drafts(r->tokens, total, e->opt.spec_ngram_min, e->opt.spec_ngram_max, k, r->tokens + total);
     }
@@ -611,6 +616,7 @@ static int verify_drafts(Engine *e, Request *r, const float *rows, int *kept) {
         ++*kept;
     }
     if (r->state != REQ_FINISHED) sched_cache_blocks(&e->sched, r);
+    r->draft_len = *kept < d ? (*kept > 1 ? *kept : 1) : (2 * d < e->opt.spec_tokens ? 2 * d : e->opt.spec_tokens);
     return emitted;
 }
 

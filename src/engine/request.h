@@ -78,6 +78,7 @@ typedef struct Request {
     int n_prompt, n_output;
     int n_computed;       /* tokens whose K/V are in the cache */
     int n_draft;          /* speculative draft tokens in tokens[] after the output, this step */
+    int draft_len;        /* drafts to ask for next (engine.c; 0: not yet drafted) */
     int32_t *blocks;      /* block table; capacity for n_prompt + max_tokens tokens */
     int n_blocks;
     int n_cached_blocks;  /* leading blocks registered in (or taken from) the prefix cache */
