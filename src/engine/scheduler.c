@@ -140,6 +140,10 @@ void sched_schedule(Scheduler *s, SchedOutput *out) {
             continue;
         }
         if (!reserve(s, r, r->n_computed + n)) {
+            if (r->n_draft) { /* drafts are optional: try again without them first */
+                r->n_draft = 0;
+                continue;
+            }
             /* Free the newest running request (possibly r itself) and try again. */
             Request *victim = s->running[s->n_running - 1];
             for (int k = 0; k < out->n_items; k++)

@@ -3,9 +3,9 @@
  * each, or the next chunk of a long prompt), then waiting ones while the token budget, the
  * sequence limit and free KV blocks allow. A running request's speculative drafts (n_draft, set
  * by the engine before scheduling) are scheduled after its pending token, as far as the budget
- * goes. When a running request needs a block and none is free, the most recently admitted
- * request is preempted (its blocks freed; it waits again and recomputes later), so nothing ever
- * fails for lack of cache.
+ * goes, and dropped rather than preempt anything for their blocks. When a running request needs
+ * a block and none is free, the most recently admitted request is preempted (its blocks freed;
+ * it waits again and recomputes later), so nothing ever fails for lack of cache.
  *
  * Prefix caching: a request admitted from scratch first takes the cached blocks that hold its
  * leading full blocks of tokens (at least its last token is always computed, to get logits), and

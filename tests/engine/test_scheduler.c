@@ -1,6 +1,6 @@
 /* test_scheduler.c — the scheduler's bookkeeping: token budget and chunked prefill, the sequence
  * limit, admission control when KV blocks run out (requests wait, never fail), preemption of the
- * newest request when a running one needs a block, and block accounting. */
+ * newest request when a running one needs a block, block accounting, and speculative drafts. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -176,6 +176,31 @@ int main(void) {
     free_req(p3);
     free_req(p4);
     free_req(big);
+    sched_destroy(&s);
+
+    /* Speculative drafts: scheduled after the pending token within the budget, and dropped
+     * rather than preempt another request for a block. Two requests of 15-token prompts on a
+     * pool of 2 blocks of 16: each decodes inside its block; 4 drafts would need a second. */
+    CHECK(sched_init(&s, 512, 4, 2, 16, false) == 0, "init");
+    Request *d1 = req(40, 15, 8, 16), *d2 = req(41, 15, 8, 16);
+    sched_add(&s, d1);
+    sched_add(&s, d2);
+    sched_schedule(&s, &o);
+    apply(&o); /* both prefilled, one token out each: n_computed 15 of 16 */
+    d1->n_draft = 4;
+    sched_schedule(&s, &o);
+    CHECK(o.n_preempted == 0 && o.n_items == 2 && o.items[0].req == d1 && o.items[0].n_tokens == 1 && d1->n_draft == 0,
+          "drafts dropped, nothing preempted (%d preempted, %d tokens for d1)", o.n_preempted,
+          o.n_items ? o.items[0].n_tokens : -1);
+    d1->n_draft = 0;
+    sched_remove(&s, d2);
+    d1->n_draft = 3; /* room now: the pending token and 3 drafts, with a second block */
+    sched_schedule(&s, &o);
+    CHECK(o.n_items == 1 && o.items[0].n_tokens == 4 && d1->n_blocks == 2, "drafts scheduled (%d tokens)",
+          o.n_items ? o.items[0].n_tokens : -1);
+    sched_remove(&s, d1);
+    free_req(d1);
+    free_req(d2);
     sched_destroy(&s);
     return test_finish();
 }
