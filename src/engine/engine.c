@@ -51,7 +51,7 @@ struct Engine {
     int n_inbox, cap_inbox;
     uint64_t *aborts;
     int n_aborts, cap_aborts;
-    PendingEvent *pending;   /* token events to deliver [max_seqs * (1 + spec_tokens)] (see the top) */
+    PendingEvent *pending;   /* token events to deliver [max_seqs + step_drafts] (see the top) */
     int n_pending;
     Request **live;          /* every request the loop owns */
     int n_live, cap_live;
@@ -60,6 +60,8 @@ struct Engine {
     pthread_t thread;
     bool thread_running, stopping;
     char *failure; /* set once (under mu) when the backend fails; see engine_failure */
+    int32_t eos[2 * CONFIG_MAX_EOS]; /* the model's ids that end generation (model_eos_ids) */
+    int n_eos;
 };
 
 const char *finish_reason_name(FinishReason r) {
@@ -94,6 +96,28 @@ static int kv_blocks_for(const EngineOptions *o, const QwenConfig *cfg) {
     return (int)blocks;
 }
 
+/* Speculative decoding by n-gram lookup (vLLM's "ngram" method, prompt lookup decoding): for a
+ * sequence in decode, the tokens that followed the latest earlier occurrence of its last n tokens
+ * (n from spec_ngram_max down to spec_ngram_min) are drafted after its pending token, and one
+ * step computes them all (like a prefill chunk, a row of logits each). The rows are then sampled
+ * in order, exactly as one token per step would be (same masks, penalties and random draws), and
+ * the step keeps tokens while each equals the draft that the next row was computed on: the first
+ * that differs, or the one after the last draft, is the next pending token. So the output is the
+ * one decoding without drafts gives (on the host's sampler; a GPU step with drafts samples on the
+ * host), in fewer steps when the text repeats itself or its prompt. A verification costs more
+ * than a plain decode step (more tokens through every matmul: ~2x at 5 tokens on a 2-core CPU or
+ * Hopper's int4 kernels), so each sequence's draft length adapts: 1 at first, doubled (up to
+ * spec_tokens) after a step that kept every draft, cut to the number kept (at least 1) after one
+ * that did not. Drafts are made only while at most kSpecMaxSeqs sequences run: larger batches are
+ * on their way from memory-bound to compute-bound, where verifying drafts costs about what it
+ * saves. */
+enum { kSpecMaxSeqs = 4 };
+
+/* Draft tokens a step can hold: spec_tokens for each of at most kSpecMaxSeqs sequences. */
+static int step_drafts(const EngineOptions *o) {
+    return (o->max_seqs < kSpecMaxSeqs ? o->max_seqs : kSpecMaxSeqs) * o->spec_tokens;
+}
+
 /* Prompt tokens of prompt-logprobs requests per step (Scheduler.max_prompt_logit_tokens): each
  * returns a row of logits (600 KB for Qwen3's vocabulary), so long steps would otherwise need
  * logits buffers of max_step_tokens rows (5 GB at vLLM's 8192-token GPU steps). */
@@ -101,11 +125,11 @@ static int prompt_logit_tokens(const EngineOptions *o) {
     return o->max_step_tokens < 1024 ? o->max_step_tokens : 1024;
 }
 
-/* Rows of logits a step can return: one per sequence and speculative draft token (plus the
- * pending token's), plus the prompt-logprobs tokens. */
+/* Rows of logits a step can return: one per sequence and speculative draft, plus the
+ * prompt-logprobs tokens. */
 static int logit_rows(const EngineOptions *o) {
     if (o->every_logit) return o->max_step_tokens;
-    long rows = (long)o->max_seqs * (1 + o->spec_tokens) + prompt_logit_tokens(o);
+    long rows = (long)o->max_seqs + step_drafts(o) + prompt_logit_tokens(o);
     return rows < o->max_step_tokens ? (int)rows : o->max_step_tokens;
 }
 
@@ -161,12 +185,13 @@ Engine *engine_create(Model *m, const EngineOptions *o, QErr *err) {
     e->dev_ids = malloc((size_t)o->max_seqs * sizeof *e->dev_ids);
     e->dev_rng_saved = malloc((size_t)o->max_seqs * sizeof *e->dev_rng_saved);
     e->dev_sampled = malloc((size_t)o->max_seqs * sizeof *e->dev_sampled);
-    e->pending = malloc((size_t)o->max_seqs * (1 + o->spec_tokens) * sizeof *e->pending);
+    e->pending = malloc((size_t)(o->max_seqs + step_drafts(o)) * sizeof *e->pending);
     if (!e->pending || !e->out.items || !e->seqs || !e->step_tokens || !e->sampler || !e->row || !e->lp_buf || !e->lp_ids ||
         !e->lp_top || !e->logits || !e->dev_params || !e->dev_uniform || !e->dev_ids || !e->dev_rng_saved ||
         !e->dev_sampled)
         goto oom;
     e->stats.kv_blocks_total = m->kv_shape.n_blocks;
+    e->n_eos = model_eos_ids(m, e->eos);
     return e;
 oom:
     qerr_set(err, "out of memory creating the engine");
@@ -318,7 +343,7 @@ static void flush_events(Engine *e) {
 }
 
 /* Queues a step's token event (one per request and step, or one per kept draft and the token
- * after them: the queue holds max_seqs * (1 + spec_tokens)). */
+ * after them: the queue holds max_seqs + step_drafts). */
 static void queue_event(Engine *e, Request *r, const EngineEvent *ev) {
     PendingEvent *p = &e->pending[e->n_pending++];
     p->req = r;
@@ -398,29 +423,18 @@ static void retire_finished(Engine *e) {
 }
 
 static bool is_stop_token(const Engine *e, const Request *r, int32_t t) {
-    const QwenConfig *c = &e->model->cfg;
     if (!r->params.ignore_eos)
-        for (int i = 0; i < e->model->gen.n_eos; i++)
-            if (e->model->gen.eos_token_ids[i] == t) return true;
-    if (!r->params.ignore_eos)
-        for (int i = 0; i < c->n_eos; i++)
-            if (c->eos_token_ids[i] == t) return true;
+        for (int i = 0; i < e->n_eos; i++)
+            if (e->eos[i] == t) return true;
     for (int i = 0; i < r->params.n_stop_ids; i++)
         if (r->params.stop_ids[i] == t) return true;
     return false;
 }
 
-/* Masks EOS and stop ids while fewer than min_tokens are generated. (A model's EOS ids may lie
- * outside its vocabulary, e.g. a small test model with Qwen3's generation_config: never sampled,
- * nothing to mask.) */
+/* Masks EOS and stop ids while fewer than min_tokens are generated. */
 static void mask_min_tokens(const Engine *e, const Request *r, float *row) {
     if (r->n_output >= r->params.min_tokens) return;
-    const Model *m = e->model;
-    const int V = m->cfg.vocab_size;
-    for (int i = 0; i < m->gen.n_eos; i++)
-        if (m->gen.eos_token_ids[i] >= 0 && m->gen.eos_token_ids[i] < V) row[m->gen.eos_token_ids[i]] = -INFINITY;
-    for (int i = 0; i < m->cfg.n_eos; i++)
-        if (m->cfg.eos_token_ids[i] >= 0 && m->cfg.eos_token_ids[i] < V) row[m->cfg.eos_token_ids[i]] = -INFINITY;
+    for (int i = 0; i < e->n_eos; i++) row[e->eos[i]] = -INFINITY;
     for (int i = 0; i < r->params.n_stop_ids; i++) row[r->params.stop_ids[i]] = -INFINITY;
 }
 
@@ -510,22 +524,6 @@ static void fetch_logits(Engine *e, const float *d_logits, int rows) {
     be->ops->to_host(be, e->logits, d_logits, rows * row_bytes);
 }
 
-/* Speculative decoding by n-gram lookup (vLLM's "ngram" method, prompt lookup decoding): for a
- * sequence in decode, the tokens that followed the latest earlier occurrence of its last n tokens
- * (n from spec_ngram_max down to spec_ngram_min) are drafted after its pending token, and one
- * step computes them all (like a prefill chunk, a row of logits each). The rows are then sampled
- * in order, exactly as one token per step would be (same masks, penalties and random draws), and
- * the step keeps tokens while each equals the draft that the next row was computed on: the first
- * that differs, or the one after the last draft, is the next pending token. So the output is the
- * one decoding without drafts gives (on the host's sampler; a GPU step with drafts samples on the
- * host), in fewer steps when the text repeats itself or its prompt. A verification costs more
- * than a plain decode step (more tokens through every matmul: ~2x at 5 tokens on a 2-core CPU or
- * an H100's int4 kernels), so each sequence's draft length adapts: 1 at first, doubled (up to
- * spec_tokens) after a step that kept every draft, cut to the number kept (at least 1) after one
- * that did not. Drafts are made only while
- * at most kSpecMaxSeqs sequences run: larger batches are on their way from memory-bound to
- * compute-bound, where verifying drafts costs about what it saves. */
-enum { kSpecMaxSeqs = 4 };
 
 /* The tokens that followed the latest earlier occurrence of the last n tokens of seq[len] (n
  * from n_max down to n_min), at most k of them, into out; returns how many (0: no occurrence). */
@@ -548,9 +546,10 @@ static int ngram_drafts(const int32_t *seq, int len, int n_min, int n_max, int k
  * the others. */
 static void propose_drafts(Engine *e) {
     Scheduler *s = &e->sched;
+    if (!e->opt.spec_tokens) return; /* n_draft stays 0 */
     for (int i = 0; i < s->n_waiting; i++) s->waiting[i]->n_draft = 0;
     for (int i = 0; i < s->n_running; i++) s->running[i]->n_draft = 0;
-    if (!e->opt.spec_tokens || s->n_running > kSpecMaxSeqs) return;
+    if (s->n_running > kSpecMaxSeqs) return;
     for (int i = 0; i < s->n_running; i++) {
         Request *r = s->running[i];
         const int total = r->n_prompt + r->n_output;

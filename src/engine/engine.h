@@ -28,7 +28,7 @@ typedef struct EngineOptions {
     bool embed_resident; /* ModelOptions.embed_resident (a server's choice: default off) */
     bool every_logit;    /* the model returns logits for every token of a step (callers of
                             model_forward that score whole windows, e.g. quill eval); otherwise
-                            a step has at most max_seqs * (1 + spec_tokens) +
+                            a step has at most max_seqs + min(max_seqs, 4) * spec_tokens +
                             min(max_step_tokens, 1024) rows */
     int spec_tokens;     /* speculative decoding by n-gram lookup (vLLM's "ngram" method; see
                             engine.c): draft tokens per sequence and step, 0 (off) ..

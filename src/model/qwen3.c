@@ -338,9 +338,12 @@ void model_free(Model *m) {
 }
 
 int model_eos_ids(const Model *m, int32_t out[2 * CONFIG_MAX_EOS]) {
+    const int V = m->cfg.vocab_size;
     int n = 0;
-    for (int i = 0; i < m->gen.n_eos; i++) out[n++] = m->gen.eos_token_ids[i];
-    for (int i = 0; i < m->cfg.n_eos; i++) out[n++] = m->cfg.eos_token_ids[i];
+    for (int i = 0; i < m->gen.n_eos; i++)
+        if (m->gen.eos_token_ids[i] >= 0 && m->gen.eos_token_ids[i] < V) out[n++] = m->gen.eos_token_ids[i];
+    for (int i = 0; i < m->cfg.n_eos; i++)
+        if (m->cfg.eos_token_ids[i] >= 0 && m->cfg.eos_token_ids[i] < V) out[n++] = m->cfg.eos_token_ids[i];
     return n;
 }
 

@@ -75,7 +75,8 @@ void model_free(Model *m);
 ModelOptions model_default_options(const QwenConfig *cfg);
 
 /* The ids that end generation, generation_config's then config.json's (duplicates possible), into
- * out; returns their count. */
+ * out; returns their count. Ids outside the vocabulary are left out (a small model with Qwen3's
+ * generation_config has them): they can never be generated. */
 int model_eos_ids(const Model *m, int32_t out[2 * CONFIG_MAX_EOS]);
 
 /* Weight bytes one decode step must read: every tensor of the checkpoint except the embedding

@@ -57,7 +57,6 @@ int sampling_validate(const SamplingParams *p, int vocab, QErr *err) {
     return 0;
 }
 
-
 static uint64_t splitmix64(uint64_t *s) {
     uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
