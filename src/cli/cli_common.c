@@ -227,7 +227,9 @@ int parse_generation_flag(int argc, char **argv, int *i, SamplingParams *sp, boo
     return r ? r : parse_runtime_flag(argc, argv, i, ra, err);
 }
 
-int parse_spec_config(const char *json, RuntimeArgs *a, QErr *err) {
+/* --speculative-config's JSON into a's spec_* (N defaults to 4, M to 2, or N when only N is
+ * given); -1 with err naming the key on anything else. */
+static int parse_spec_config(const char *json, RuntimeArgs *a, QErr *err) {
     json_error_t je;
     json_t *c = json ? json_loads(json, 0, &je) : NULL;
     if (!json_is_object(c)) {

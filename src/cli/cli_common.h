@@ -63,13 +63,10 @@ int parse_sampling_flag(int argc, char **argv, int *i, SamplingParams *p, QErr *
  * naming the flag. */
 int parse_bytes(const char *name, const char *s, size_t *out, QErr *err);
 
-/* vLLM's --speculative-config: a JSON object {"method": "ngram", "num_speculative_tokens": K,
- * "prompt_lookup_max": N, "prompt_lookup_min": M} (N defaults to 4, M to 2, or N when only N is
- * given) into a's spec_*; -1 with err naming the key on anything else. */
-int parse_spec_config(const char *json, RuntimeArgs *a, QErr *err);
-
-/* If argv[*i] is --device, -t/--threads or --speculative-config, consumes it and its value into a
- * and returns 1; returns 0 if it is not one; -1 with err on a missing or bad value. */
+/* If argv[*i] is --device, -t/--threads or --speculative-config (vLLM's: {"method": "ngram",
+ * "num_speculative_tokens": K, "prompt_lookup_max": N, "prompt_lookup_min": M}), consumes it and
+ * its value into a and returns 1; returns 0 if it is not one; -1 with err on a missing or bad
+ * value. */
 int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err);
 /* For `run` and `chat`: a sampling flag (setting *sampling_set) or a runtime flag, as the two
  * functions above (1 consumed, 0 neither, -1 with err). */

@@ -73,18 +73,13 @@ int cmd_serve(int argc, char **argv) {
             if (parse_int(a, v, 1, 4096, &ra.max_seqs, &err)) goto bad;
         } else if (!strcmp(a, "--max-num-batched-tokens")) {
             if (parse_int(a, v, 16, 1 << 20, &ra.max_step_tokens, &err)) goto bad;
-        } else if ((r = parse_random_weights_flag(argc, argv, &i, &ra, &err)) != 0) {
+        } else if ((r = parse_random_weights_flag(argc, argv, &i, &ra, &err)) != 0 ||
+                   (r = parse_runtime_flag(argc, argv, &i, &ra, &err)) != 0) { /* --device, -t, ... */
             if (r < 0) {
                 fprintf(stderr, "quill serve: %s\n", err.msg);
                 return 2;
             }
             continue;
-        } else if (!strcmp(a, "--device")) {
-            ra.device = v;
-        } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
-            if (parse_int(a, v, 0, 4096, &ra.threads, &err)) goto bad;
-        } else if (!strcmp(a, "--speculative-config")) {
-            if (parse_spec_config(v, &ra, &err)) goto bad;
         } else if (!strcmp(a, "--kv-cache-memory")) {
             if (parse_bytes(a, v, &ra.kv_bytes, &err)) goto bad;
         } else if (!strcmp(a, "--gpu-memory-utilization")) {
