@@ -795,12 +795,17 @@ void split_slots(const void *kernel, size_t smem, int sms, int (&slots)[4]) {
 }
 
 /* How a split of k is judged: by whole waves of the co-resident blocks (kernels that fit one block
- * per multiprocessor), by every multiprocessor busy, or by every co-resident slot busy. */
-enum class Fill { WholeWaves, BusySms, AllSlots, AllSlotsShort };
+ * per multiprocessor), by every multiprocessor busy, or by every co-resident slot busy; and the
+ * fewest stages of k a block of a split may get. */
+enum class Fill { WholeWaves, BusySms, AllSlots };
+struct SplitRule {
+    Fill fill;
+    int min_stages;
+};
 
 /* Blocks per output tile (the split of k). A larger split must fill the machine 10% better (it
- * costs a reduction), and each split keeps at least two stages of k (AllSlots: eight, AllSlotsShort:
- * four). Measured on an H100 (us per launch, Qwen3-8B matrices):
+ * costs a reduction) and give each block at least rule.min_stages stages of k (two unless said
+ * below). Measured on an H100 (us per launch, Qwen3-8B matrices):
  *  - one block per multiprocessor (128- and 256-token tiles): whole waves;
  *  - two per multiprocessor (wgmma 64-token tiles, the mma.sync kernel): every multiprocessor
  *    busy once; waves at M = 128 picked split 4 for o and down, 27.1 / 64.8 vs 19.8 / 51.6 with
@@ -811,24 +816,23 @@ enum class Fill { WholeWaves, BusySms, AllSlots, AllSlotsShort };
  *  - wgmma with 32-token tiles (17..32 tokens): every slot busy, at least eight stages of k per
  *    block, since each block then streams weights no other block reads: gate_up at M = 32 39.6 ->
  *    35.8 (split 1 -> 2), down 33.8 -> 30.4 (4 -> 8); the step's matmuls M = 32 3.61 -> 3.33 ms;
- *  - up to 16 tokens (AllSlotsShort), at least four stages: o splits 8 ways instead of 4, two
+ *  - up to 16 tokens, every slot busy with at least four stages: o splits 8 ways instead of 4, two
  *    blocks per multiprocessor instead of one (H200: o 14.3 -> 10.6 us per launch; the step's
  *    matmuls M = 4 / 8 / 16 2.64 / 2.92 / 2.73 -> 2.61 / 2.77 / 2.69 ms, but M = 24 / 32 2.84 /
  *    2.74 -> 2.81 / 2.91, so not beyond 16). */
-int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, Fill rule) {
+int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, SplitRule rule) {
     int best = 1;
     double best_fill = -1.0;
     for (int i = 0; i < 4; i++) {
         const int s = 1 << i;
-        const int min_stages = rule == Fill::AllSlots ? 8 : rule == Fill::AllSlotsShort ? 4 : 2;
-        if (!slots[i] || (s > 1 && k_tiles < min_stages * s)) break;
+        if (!slots[i] || (s > 1 && k_tiles < rule.min_stages * s)) break;
         const long long blocks = tiles * s;
         double fill;
-        if (rule == Fill::WholeWaves) {
+        if (rule.fill == Fill::WholeWaves) {
             const long long waves = (blocks + slots[i] - 1) / slots[i];
             fill = (double)blocks / (double)(waves * slots[i]);
         } else {
-            const int room = rule == Fill::BusySms ? sms : slots[i];
+            const int room = rule.fill == Fill::BusySms ? sms : slots[i];
             fill = blocks >= room ? 1.0 : (double)blocks / room;
         }
         if (fill > 1.1 * best_fill) best = s, best_fill = fill;
@@ -857,7 +861,7 @@ cudaError_t prepare(void (*kernel)(GemmArgs, Extra...), size_t smem, int sms, Ke
  * the kernel's arguments after a. */
 template <typename... Extra>
 cudaError_t launch_tiles(cudaStream_t st, void (*kernel)(GemmArgs, Extra...), size_t smem, KernelSlots &ks,
-                         int features, int BT, int kk, Fill rule, const GemmArgs &a, int sms, Extra... extra) {
+                         int features, int BT, int kk, SplitRule rule, const GemmArgs &a, int sms, Extra... extra) {
     const cudaError_t rc = prepare(kernel, smem, sms, ks);
     if (rc != cudaSuccess) return rc;
     const int feature_tiles = (a.n + features - 1) / features, token_tiles = (a.M + BT - 1) / BT;
@@ -932,7 +936,7 @@ struct MmaSync {
     static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms, const WgMaps *) {
         static KernelSlots ks; /* one per instantiation (its shared memory decides its occupancy) */
         return launch_tiles(st, gemm_q4<BT, GS>, Stage<BT, GS>::kSmem, ks, kFeatures, BT, Tile<BT>::kK,
-                            Tile<BT>::kMinBlocks == 1 ? Fill::WholeWaves : Fill::BusySms, a, sms);
+                            SplitRule{Tile<BT>::kMinBlocks == 1 ? Fill::WholeWaves : Fill::BusySms, 2}, a, sms);
     }
 };
 
@@ -940,10 +944,10 @@ template <int BT, int GS>
 struct Wgmma {
     static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms, const WgMaps *maps) {
         static KernelSlots ks;
-        const Fill rule = WgTile<BT, GS>::kMinBlocks == 1 ? Fill::WholeWaves
-                          : BT <= 32 && a.M <= 16          ? Fill::AllSlotsShort
-                          : BT <= 32 && a.M <= BT          ? Fill::AllSlots
-                                                           : Fill::BusySms;
+        const SplitRule rule = WgTile<BT, GS>::kMinBlocks == 1 ? SplitRule{Fill::WholeWaves, 2}
+                               : BT <= 32 && a.M <= 16          ? SplitRule{Fill::AllSlots, 4}
+                               : BT <= 32 && a.M <= BT          ? SplitRule{Fill::AllSlots, 8}
+                                                                : SplitRule{Fill::BusySms, 2};
         return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, rule, a, sms, *maps);
     }
 };
