@@ -1039,6 +1039,63 @@ def test_request_errors(craft):
     assert r.choices[0].message.content == "Hello there"
 
 
+FUZZ_FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+               "n", "stop", "stop_token_ids", "logprobs", "top_logprobs", "seed", "response_format", "tools",
+               "tool_choice", "stream", "stream_options", "logit_bias", "presence_penalty", "frequency_penalty",
+               "repetition_penalty", "min_tokens", "guided_choice", "guided_json", "structured_outputs",
+               "chat_template_kwargs", "ignore_eos", "prompt", "echo", "user", "parallel_tool_calls", "best_of"]
+FUZZ_KEYS = ["type", "name", "role", "content", "x", "json_schema", "schema", "function", "properties", "json"]
+
+
+def fuzz_value(rng, depth=0):
+    """A random JSON value: scalars at the edges of every type, strings up to 3000 bytes, and
+    (shallowly) nested arrays and objects with keys the schema readers look for."""
+    k = rng.randrange(14 if depth < 2 else 12)
+    if k == 12:
+        return [fuzz_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if k == 13:
+        return {rng.choice(FUZZ_KEYS): fuzz_value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
+    return [None, True, False, 0, -1, 1 << 62, -(1 << 40), 1.5, -0.0, 1e308, "", "x" * rng.randint(1, 3000)][k]
+
+
+def test_fuzzed_requests(rand):
+    """Valid requests with one to three fields replaced by random JSON (sometimes the whole
+    message list, sometimes the body cut short): every answer is a success or an OpenAI error
+    object with a 4xx code, never a 5xx or a dropped connection, and the server serves on (in
+    the sanitizer build, a memory error would end it)."""
+    import random
+    rng = random.Random(20261128)
+    statuses = {}
+    for _ in range(400):
+        chat = rng.random() < 0.6
+        body = {"model": "tiny", "max_tokens": 4, **({"messages": [{"role": "user", "content": "hi"}]} if chat
+                                                        else {"prompt": "hi"})}
+        for _ in range(rng.randint(1, 3)):
+            body[rng.choice(FUZZ_FIELDS)] = fuzz_value(rng)
+        if chat and rng.random() < 0.3:
+            body["messages"] = [{"role": rng.choice(["user", "system", "assistant", "tool", "x", None, 3]),
+                                 "content": fuzz_value(rng), **({"tool_calls": fuzz_value(rng)} if rng.random() < 0.3
+                                                                else {})} for _ in range(rng.randint(0, 3))]
+        data = json.dumps(body)
+        if rng.random() < 0.05:
+            data = data[:rng.randint(0, len(data))]
+        r = requests.post(rand.url + ("/v1/chat/completions" if chat else "/v1/completions"), data=data, timeout=120,
+                          headers={"Content-Type": "application/json"})
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        if r.status_code == 200:
+            if not r.headers.get("content-type", "").startswith("text/event-stream"):
+                assert r.json()["choices"], data[:300]
+            else:
+                assert r.text.rstrip().endswith("data: [DONE]"), (data[:300], r.text[-300:])
+        else:
+            assert 400 <= r.status_code < 500, (data[:300], r.text[:300])
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["code"] == r.status_code, r.text[:300]
+    assert statuses.get(200, 0) >= 20 and statuses.get(400, 0) >= 200, statuses
+    r = rand.client().completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+
+
 def test_port_in_use(quill_bin, crafted_model, craft):
     port = craft.url.rsplit(":", 1)[1]
     p = subprocess.run([str(quill_bin), "serve", str(crafted_model), "--port", port], capture_output=True,
