@@ -1089,8 +1089,7 @@ def test_fuzzed_requests(rand):
                 assert r.text.rstrip().endswith("data: [DONE]"), (data[:300], r.text[-300:])
         else:
             assert 400 <= r.status_code < 500, (data[:300], r.text[:300])
-            err = r.json()["error"]
-            assert set(err) == {"message", "type", "param", "code"} and err["code"] == r.status_code, r.text[:300]
+            error_of(r, r.status_code)
     assert statuses.get(200, 0) >= 20 and statuses.get(400, 0) >= 200, statuses
     r = rand.client().completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0)
     assert r.choices[0].finish_reason == "length"
