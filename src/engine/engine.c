@@ -524,7 +524,6 @@ static void fetch_logits(Engine *e, const float *d_logits, int rows) {
     be->ops->to_host(be, e->logits, d_logits, rows * row_bytes);
 }
 
-
 /* The tokens that followed the latest earlier occurrence of the last n tokens of seq[len] (n
  * from n_max down to n_min), at most k of them, into out; returns how many (0: no occurrence). */
 static int ngram_drafts(const int32_t *seq, int len, int n_min, int n_max, int k, int32_t *out) {
@@ -640,9 +639,7 @@ int engine_step(Engine *e) {
     for (int i = 0; i < out->n_items; i++) {
         Request *r = out->items[i].req;
         int n = out->items[i].n_tokens;
-        const int total = r->n_prompt + r->n_output;
-        if (r->n_draft && r->n_draft > r->n_computed + n - total) r->n_draft = r->n_computed + n - total; /* budget */
-        bool reaches_end = r->n_computed + n == total + r->n_draft;
+        bool reaches_end = r->n_computed + n == r->n_prompt + r->n_output + r->n_draft;
         bool in_prompt = r->n_computed < r->n_prompt;
         e->seqs[i] = (StepSeq){
             .n_tokens = n,

@@ -131,10 +131,11 @@ void sched_schedule(Scheduler *s, SchedOutput *out) {
 
     for (int i = 0; i < s->n_running && budget > 0;) {
         Request *r = s->running[i];
-        int total = r->n_prompt + r->n_output + r->n_draft;
-        int n = total - r->n_computed;
+        const int owed = r->n_prompt + r->n_output - r->n_computed; /* tokens due before any draft */
+        int n = owed + r->n_draft;
         if (n > budget) n = budget;
         if (wants_prompt_logits(r) && n > logit_budget) n = logit_budget;
+        if (r->n_draft > n - owed) r->n_draft = n > owed ? n - owed : 0; /* drafts as far as the budget goes */
         if (n <= 0) {
             i++;
             continue;

@@ -2,8 +2,9 @@
  * only, it never touches tensors (vLLM v1's shape). Running requests come first (a decode token
  * each, or the next chunk of a long prompt), then waiting ones while the token budget, the
  * sequence limit and free KV blocks allow. A running request's speculative drafts (n_draft, set
- * by the engine before scheduling) are scheduled after its pending token, as far as the budget
- * goes, and dropped rather than preempt anything for their blocks. When a running request needs
+ * by the engine before scheduling) are scheduled after its pending token as far as the budget
+ * goes (n_draft is cut to what was scheduled), and dropped rather than preempt anything for their
+ * blocks. When a running request needs
  * a block and none is free, the most recently admitted request is preempted (its blocks freed;
  * it waits again and recomputes later), so nothing ever fails for lack of cache.
  *

@@ -202,5 +202,19 @@ int main(void) {
     free_req(d1);
     free_req(d2);
     sched_destroy(&s);
+
+    /* A step budget of 3 tokens: the pending token and 2 of 5 drafts, n_draft cut to 2. */
+    CHECK(sched_init(&s, 3, 4, 4, 16, false) == 0, "init");
+    Request *d3 = req(42, 2, 8, 16);
+    sched_add(&s, d3);
+    sched_schedule(&s, &o);
+    apply(&o); /* the 2-token prompt: one token out, n_computed 2 of 3 */
+    d3->n_draft = 5;
+    sched_schedule(&s, &o);
+    CHECK(o.n_items == 1 && o.items[0].n_tokens == 3 && d3->n_draft == 2,
+          "drafts cut to the budget (%d tokens, %d drafts)", o.n_items ? o.items[0].n_tokens : -1, d3->n_draft);
+    sched_remove(&s, d3);
+    free_req(d3);
+    sched_destroy(&s);
     return test_finish();
 }
