@@ -275,6 +275,13 @@ static int parse_spec_config(const char *json, RuntimeArgs *a, QErr *err) {
     return 0;
 }
 
+void spec_stats_json(const Runtime *rt, json_t *o) {
+    if (!rt->eopt.spec_tokens) return;
+    const EngineStats st = engine_stats(rt->engine);
+    json_object_set_new(o, "spec_draft_tokens", json_integer((json_int_t)st.spec_draft_tokens));
+    json_object_set_new(o, "spec_accepted_tokens", json_integer((json_int_t)st.spec_accepted_tokens));
+}
+
 int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err) {
     const char *f = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
     if (!strcmp(f, "--speculative-config")) {

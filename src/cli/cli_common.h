@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include <jansson.h>
+
 #include "engine/engine.h"
 #include "text/structured.h"
 #include "text/tokenizer.h"
@@ -68,6 +70,9 @@ int parse_bytes(const char *name, const char *s, size_t *out, QErr *err);
  * its value into a and returns 1; returns 0 if it is not one; -1 with err on a missing or bad
  * value. */
 int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err);
+/* With speculative decoding on, adds the engine's counts so far to o (spec_draft_tokens,
+ * spec_accepted_tokens); nothing otherwise. */
+void spec_stats_json(const Runtime *rt, json_t *o);
 /* For `run` and `chat`: a sampling flag (setting *sampling_set) or a runtime flag, as the two
  * functions above (1 consumed, 0 neither, -1 with err). */
 int parse_generation_flag(int argc, char **argv, int *i, SamplingParams *sp, bool *sampling_set, RuntimeArgs *ra,

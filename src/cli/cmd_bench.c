@@ -164,7 +164,6 @@ static int bench_latency(int argc, char **argv) {
         size_t peak_dev = 0;
         if (be->ops->mem_used) be->ops->mem_used(be, &peak_dev);
         static const double pcts[] = {10, 25, 50, 75, 90, 99};
-        const EngineStats st = engine_stats(rt.engine); /* warmup runs included */
         if (json_out) {
             json_t *o = json_pack("{s:s, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:I, s:f, s:f, s:I, s:I}", "device",
                                   be->ops->name, "batch_size", batch, "input_len", input_len, "output_len", output_len,
@@ -181,10 +180,7 @@ static int bench_latency(int argc, char **argv) {
                 json_object_set_new(pc, k, json_real(percentile(sorted, iters, pcts[i])));
             }
             json_object_set_new(o, "percentiles_s", pc);
-            if (rt.eopt.spec_tokens) {
-                json_object_set_new(o, "spec_draft_tokens", json_integer((json_int_t)st.spec_draft_tokens));
-                json_object_set_new(o, "spec_accepted_tokens", json_integer((json_int_t)st.spec_accepted_tokens));
-            }
+            spec_stats_json(&rt, o); /* warmup runs included */
             char *str = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
             puts(str);
             free(str);
@@ -200,6 +196,7 @@ static int bench_latency(int argc, char **argv) {
             printf("decode reads %.3f GB/step (weights %.3f + KV %.3f): %.1f GB/s achieved, probe %.1f GB/s (%.0f%%)\n",
                    (wbytes + kv) / 1e9, wbytes / 1e9, kv / 1e9, gbs, probe, probe > 0 ? 100 * gbs / probe : 0);
             printf("peak memory: device %.3f GB, RSS %.3f GB\n", peak_dev / 1e9, peak_rss_bytes() / 1e9);
+            const EngineStats st = engine_stats(rt.engine); /* warmup runs included */
             if (rt.eopt.spec_tokens)
                 printf("speculative decoding: %llu of %llu draft tokens kept (%.0f%%); decode figures are per "
                        "token, a step may make several\n",

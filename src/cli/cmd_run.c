@@ -161,11 +161,7 @@ int cmd_run(int argc, char **argv) {
         json_object_set_new(o, "prompt_tokens_per_s", json_real(res.prompt_tps));
         json_object_set_new(o, "tokens_per_s", json_real(res.gen_tps));
         json_object_set_new(o, "peak_rss_bytes", json_integer((json_int_t)peak_rss_bytes()));
-        if (rt.eopt.spec_tokens) {
-            const EngineStats st = engine_stats(rt.engine);
-            json_object_set_new(o, "spec_draft_tokens", json_integer((json_int_t)st.spec_draft_tokens));
-            json_object_set_new(o, "spec_accepted_tokens", json_integer((json_int_t)st.spec_accepted_tokens));
-        }
+        spec_stats_json(&rt, o);
         char *s = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
         puts(s);
         free(s);
