@@ -6,7 +6,8 @@
  * unsupported one with its JSON pointer. Then, over the whole graph (a $ref may point at a node
  * still being built during the pass), three fixpoints: the bytes each node's values start with,
  * anyOf alternatives flattened and merged where they overlap (tagged objects united, other
- * overlaps merged or refused), and the shallowest nesting each node needs. Each node keeps its schema's pointer for the errors found then. */
+ * overlaps merged or refused), and the shallowest nesting each node needs. Each node keeps its
+ * schema's pointer for the errors found then. */
 #include "text/json_schema.h"
 
 #include <math.h>
