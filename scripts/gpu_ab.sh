@@ -55,7 +55,7 @@ for round in $(seq "${ROUNDS:-2}"); do
         if want matmul; then
             m=${MATMUL_M:-1,2,3,8,16,24,32,48,64,96,128,192,256,512,2048}
             [ "$round" -gt 1 ] && m=1,32,64
-            timeout 200 "$bench" --dtype int4 --matmul-m "$m" | grep -A1 "matmul-step" | grep -v "^--"
+            timeout 200 "$bench" --dtype int4 --matmul-m "$m" | grep -A2 "matmul-step" | grep -v "^--"
         fi
         if want attn && [ "$round" = 1 ]; then
             timeout 60 "$bench" --ctx 640 --attn-seqs 1,8,64,256 | grep "attention S="

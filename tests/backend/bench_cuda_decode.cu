@@ -13,7 +13,10 @@
  * --profile runs one decode step eagerly and exits (for ncu: the step's kernels, nothing else).
  * --matmul-m 1,16,128,... times, for each M of the list instead of the decode step, one step's
  * 4 x L linear layers (qkv, o, gate_up, down; the backend table's matmul, as a CUDA graph) on M
- * tokens, with the FLOP rate and the rate at which the weights are read. --attn-seqs 1,64,...
+ * tokens, with the FLOP rate and the rate at which the weights are read, each matrix alone, and
+ * the same linears as model_forward issues them (norm_matmul, matmul_add, mlp_add: with the
+ * RMSNorms, SwiGLU and residual adds, and the input conversions, each path fuses or needs;
+ * the plain matmul step converts every float input to bf16 from 4 tokens). --attn-seqs 1,64,...
  * times instead one step's L decode attentions for that many sequences of context --ctx each;
  * --prefill-seqs the same for prefill chunks (every sequence's --ctx tokens at once).
  * The layer sequence is model_forward's (src/model/qwen3.c), issued through the backend table. */
@@ -247,6 +250,15 @@ int matmul_steps(Bench *b, const int *Ms, int n_M, bool q4, int reps) {
                 }
             }, reps, inner, false, NULL) / b->L * 1e6;
         printf("    per launch (us): qkv %.1f  o %.1f  gate_up %.1f  down %.1f\n", each[0], each[1], each[2], each[3]);
+        const double t_model = time_graph(b, 2000 + (uint64_t)i, [&] {
+            for (int l = 0; l < b->L; l++) {
+                const Layer *ly = &b->layers[l];
+                op->norm_matmul(b->be, qkv, x, ly->attn_norm, 1e-6f, M, ly->qkv);
+                op->matmul_add(b->be, out, attn, M, ly->o);
+                op->mlp_add(b->be, out, ly->mlp_norm, 1e-6f, M, ly->gate_up, ly->down, gate_up);
+            }
+        }, reps, inner, false, NULL);
+        printf("    as the model runs them: %9.3f ms\n", t_model * 1e3);
     }
     const char *e = cuda_backend_error(b->be);
     printf("  CUDA error: %s\n", e ? e : "none");
