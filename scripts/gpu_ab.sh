@@ -12,6 +12,8 @@
 #   serve    scripts/gpu_serve_bench.sh, int4 at CONC, for both sides
 # Usage (after scripts/gpu_stage.sh here; carry .debs and build-shared):
 #   OUT=$OUT scripts/gpu_ab.sh BASE [decode matmul attn latency serve]   (default: all but serve)
+# BASE is a commit, or a directory holding a source tree (`git archive REV | tar -x -C DIR` here,
+# DIR carried: the machine's copy of .git is the session's first checkout, without later commits).
 # Environment: ROUNDS (2), MATMUL_M (1,2,3,8,16,24,32,48,64,96,128,192,256,512,2048), CONC ("1 8 64 256").
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,7 +29,11 @@ want() { [[ " $parts " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 base=$root/build-ab/base
 rm -rf "$base" && mkdir -p "$base"
-git archive "$base_rev" | tar -x -C "$base" || { echo "gpu_ab.sh: no commit $base_rev here"; exit 1; }
+if [ -d "$base_rev" ]; then # a source tree (e.g. a commit the machine's copy of .git lacks, carried)
+    cp -a "$base_rev"/. "$base"/
+else
+    git archive "$base_rev" | tar -x -C "$base" || { echo "gpu_ab.sh: no commit $base_rev here"; exit 1; }
+fi
 ln -sfn "$root/.debs" "$base/.debs"
 (cd "$base" && DEBROOT=/tmp/debroot-ab JOBS=6 scripts/gpu_build.sh build-gpu >"$out/base_build.log" 2>&1
  echo "base build rc=$?" >>"$out/base_build.log") &

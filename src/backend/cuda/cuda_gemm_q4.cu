@@ -627,6 +627,11 @@ CU_DEV void wgmma_rs(float (&)[R], const uint32_t (&)[4], uint64_t, bool) {
 /* 1 where this module's device code has the wgmma kernel (built for sm_90a); read by the host. */
 __device__ int wg_built = QUILL_WGMMA;
 
+/* Makes v opaque to the compiler, so that it keeps v in a register rather than recomputing it
+ * where it is used (a shared-memory address recomputed in every stage costs a slow special
+ * register read, SR_CgaCtaId, in a cluster launch). */
+CU_DEV void keep_in_register(uint32_t &v) { asm volatile("" : "+r"(v)); }
+
 template <int N>
 CU_DEV void fence_acc(float (&acc)[N]) {
 #pragma unroll
@@ -634,7 +639,9 @@ CU_DEV void fence_acc(float (&acc)[N]) {
 }
 
 /* Descriptor of a K-major, 128-byte-swizzled B operand at shared address addr (8-row groups
- * 1024 bytes apart; the leading offset is unused in this layout). */
+ * 1024 bytes apart; the leading offset is unused in this layout). The address sits in the low 14
+ * bits as addr / 16, so the descriptor of addr + d (d a multiple of 16, the sum still in shared
+ * memory) is this one plus d / 16: one add per wgmma instead of the whole encoding. */
 CU_DEV uint64_t wg_desc(uint32_t addr) {
     return (uint64_t)((addr & 0x3ffff) >> 4) | (uint64_t)1 << 16 | (uint64_t)(1024 >> 4) << 32 | (uint64_t)1 << 62;
 }
@@ -653,8 +660,10 @@ __global__ void __launch_bounds__(kThreads, WgTile<BT, GS>::kMinBlocks)
     const int k_tiles = (a.k + kWgK - 1) / kWgK;
     const int kt0 = split * k_tiles / splits, n_kt = (split + 1) * k_tiles / splits - kt0;
     /* x ring, weight ring, mbarriers; the swizzle atoms need 1024-byte alignment */
-    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw), xs = (raw + 1023) & ~1023u;
+    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
+    uint32_t xs = (raw + 1023) & ~1023u;
     char *base = reinterpret_cast<char *>(smem_raw) + (xs - raw);
+    keep_in_register(xs);
     const uint32_t ws = xs + (uint32_t)(T::kXSlots * T::kX), bars = xs + (uint32_t)T::kRings;
     auto x_bar = [&](int s) { return bars + 8u * (uint32_t)s; };
     auto w_bar = [&](int s) { return bars + 8u * (uint32_t)(T::kXSlots + s); };
@@ -704,7 +713,7 @@ __global__ void __launch_bounds__(kThreads, WgTile<BT, GS>::kMinBlocks)
         __syncwarp(); /* the wgmmas below need the whole warp, which the waits may have split */
         const uint32_t *words = reinterpret_cast<const uint32_t *>(base + T::kXSlots * T::kX + sw * T::kW);
         const uint32_t *scales = words + kFeatures * kWgChunks * 4;
-        const uint32_t xa = xs + (uint32_t)(sx * T::kX);
+        const uint64_t xdesc = wg_desc(xs + (uint32_t)(sx * T::kX)); /* the stage's x; offsets added below */
         const int g0 = ((kt0 + it) * kWgChunks >> GS) & 3; /* the stage's first group in its scale box */
         uint32_t sc[2], ze[2];
 #pragma unroll
@@ -740,7 +749,7 @@ __global__ void __launch_bounds__(kThreads, WgTile<BT, GS>::kMinBlocks)
 #pragma unroll
                 for (int ks = 0; ks < 2; ks++) {
                     const int c = c0 + cc;
-                    wgmma_rs(acc, af[cc][ks], wg_desc(xa + (c >> 1) * (BT * 128) + (c & 1) * 64 + ks * 32),
+                    wgmma_rs(acc, af[cc][ks], xdesc + (((c >> 1) * (BT * 128) + (c & 1) * 64 + ks * 32) >> 4),
                              it > 0 || c > 0 || ks > 0);
                 }
             wgmma_commit();
