@@ -36,6 +36,46 @@ __global__ void rmsnorm_kernel(T *y, const float *x, const float *w, int D, floa
     for (int i = threadIdx.x; i < D; i += blockDim.x) store_as(yr + i, w[i] * (xr[i] * inv));
 }
 
+/* Four consecutive results stored as the output's type, in one store. */
+CU_DEV void store4_as(float *p, float4 v) { *reinterpret_cast<float4 *>(p) = v; }
+CU_DEV void store4_as(__nv_bfloat16 *p, float4 v) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+    uint2 u;
+    u.x = *reinterpret_cast<const uint32_t *>(&lo), u.y = *reinterpret_cast<const uint32_t *>(&hi);
+    *reinterpret_cast<uint2 *>(p) = u;
+}
+
+/* The same RMSNorm with a row held in registers, for rows of kNormVec x 4 x blockDim.x floats
+ * (the launcher's choice): each thread's float4s are loaded at once, so a row costs one trip to
+ * L2 instead of a loop of dependent ones, and the norm weight is in registers before pdl_wait().
+ * H200, one step's linears as the model runs them (two RMSNorms per layer, 36 layers), looping
+ * kernel -> this one: 8 tokens 2.778 -> 2.652 ms, 32 2.787 -> 2.642, 64 3.475 -> 3.343. */
+constexpr int kNormVec = 4;
+template <class T>
+__global__ void rmsnorm_rows_kernel(T *y, const float *x, const float *w, int D, float eps) {
+    __shared__ float red[32];
+    pdl_trigger();
+    const int stride = 4 * blockDim.x, i0 = 4 * threadIdx.x;
+    float4 wv[kNormVec], xv[kNormVec];
+#pragma unroll
+    for (int j = 0; j < kNormVec; j++) wv[j] = *reinterpret_cast<const float4 *>(w + i0 + j * stride);
+    pdl_wait();
+    const float *xr = x + (size_t)blockIdx.x * D;
+#pragma unroll
+    for (int j = 0; j < kNormVec; j++) xv[j] = *reinterpret_cast<const float4 *>(xr + i0 + j * stride);
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kNormVec; j++)
+        ss = fmaf(xv[j].x, xv[j].x, fmaf(xv[j].y, xv[j].y, fmaf(xv[j].z, xv[j].z, fmaf(xv[j].w, xv[j].w, ss))));
+    ss = block_sum(ss, red);
+    const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+    T *yr = y + (size_t)blockIdx.x * D;
+#pragma unroll
+    for (int j = 0; j < kNormVec; j++)
+        store4_as(yr + i0 + j * stride, make_float4(wv[j].x * (xv[j].x * inv), wv[j].y * (xv[j].y * inv),
+                                                    wv[j].z * (xv[j].z * inv), wv[j].w * (xv[j].w * inv)));
+}
+
 template <class T>
 __global__ void swiglu_kernel(T *h, const float *gu, int M, int I) {
     pdl_trigger();
@@ -147,9 +187,14 @@ int grid_for(size_t n, int threads) {
     return (int)(b < 4096 ? (b ? b : 1) : 4096);
 }
 
+/* Rows whose width is a multiple of 512 floats (Qwen3's hidden sizes from 1024 on) and aligned
+ * buffers take the register kernel, D / 16 threads per row; others the looping one. */
 template <class T>
 cudaError_t rmsnorm(cudaStream_t st, T *y, const float *x, const float *w, int M, int D, float eps) {
     if (M <= 0 || D <= 0) return cudaSuccess;
+    const int row_threads = D / (4 * kNormVec);
+    if (D % (4 * kNormVec * 32) == 0 && row_threads <= 1024 && ((uintptr_t)x | (uintptr_t)w | (uintptr_t)y) % 16 == 0)
+        return cu_launch(st, dim3(M), dim3(row_threads), 0, rmsnorm_rows_kernel<T>, y, x, w, D, eps);
     int threads = D >= 4096 ? 1024 : D >= 1024 ? 512 : 256;
     return cu_launch(st, dim3(M), dim3(threads), 0, rmsnorm_kernel<T>, y, x, w, D, eps);
 }
