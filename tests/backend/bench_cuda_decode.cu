@@ -258,7 +258,18 @@ int matmul_steps(Bench *b, const int *Ms, int n_M, bool q4, int reps) {
                 op->mlp_add(b->be, out, ly->mlp_norm, 1e-6f, M, ly->gate_up, ly->down, gate_up);
             }
         }, reps, inner, false, NULL);
-        printf("    as the model runs them: %9.3f ms\n", t_model * 1e3);
+        double part[3]; /* the same per op: qkv with its RMSNorm, o with its residual add, the MLP */
+        for (int w = 0; w < 3; w++)
+            part[w] = time_graph(b, 3000 + 3 * (uint64_t)i + w, [&] {
+                for (int l = 0; l < b->L; l++) {
+                    const Layer *ly = &b->layers[l];
+                    if (w == 0) op->norm_matmul(b->be, qkv, x, ly->attn_norm, 1e-6f, M, ly->qkv);
+                    if (w == 1) op->matmul_add(b->be, out, attn, M, ly->o);
+                    if (w == 2) op->mlp_add(b->be, out, ly->mlp_norm, 1e-6f, M, ly->gate_up, ly->down, gate_up);
+                }
+            }, reps, inner, false, NULL) / b->L * 1e6;
+        printf("    as the model runs them: %9.3f ms  (per layer, us: norm + qkv %.1f  o + add %.1f  mlp %.1f)\n",
+               t_model * 1e3, part[0], part[1], part[2]);
     }
     const char *e = cuda_backend_error(b->be);
     printf("  CUDA error: %s\n", e ? e : "none");
