@@ -227,47 +227,35 @@ int matmul_steps(Bench *b, const int *Ms, int n_M, bool q4, int reps) {
            G, 4 * b->L);
     for (int i = 0; i < n_M; i++) {
         const int M = Ms[i], inner = M <= 64 ? 10 : M <= 512 ? 3 : 1;
-        double t = time_graph(b, 100 + (uint64_t)i, [&] {
-            for (int l = 0; l < b->L; l++) {
-                const Layer *ly = &b->layers[l];
-                op->matmul(b->be, qkv, x, M, ly->qkv);
-                op->matmul(b->be, out, attn, M, ly->o);
-                op->matmul(b->be, gate_up, x, M, ly->gate_up);
-                op->matmul(b->be, out, h, M, ly->down);
-            }
-        }, reps, inner, false, NULL);
+        /* op w of a layer: the plain step's four matmuls, or the model's three ops (qkv with its
+         * RMSNorm, o with its residual add, the MLP) */
+        auto plain_op = [&](int w, const Layer *ly) {
+            if (w == 0) op->matmul(b->be, qkv, x, M, ly->qkv);
+            if (w == 1) op->matmul(b->be, out, attn, M, ly->o);
+            if (w == 2) op->matmul(b->be, gate_up, x, M, ly->gate_up);
+            if (w == 3) op->matmul(b->be, out, h, M, ly->down);
+        };
+        auto model_op = [&](int w, const Layer *ly) {
+            if (w == 0) op->norm_matmul(b->be, qkv, x, ly->attn_norm, 1e-6f, M, ly->qkv);
+            if (w == 1) op->matmul_add(b->be, out, attn, M, ly->o);
+            if (w == 2) op->mlp_add(b->be, out, ly->mlp_norm, 1e-6f, M, ly->gate_up, ly->down, gate_up);
+        };
+        /* seconds per replay of graph `key`: ops w0 .. w1 - 1 of every layer */
+        auto timed = [&](uint64_t key, const auto &one, int w0, int w1) {
+            return time_graph(b, key, [&] {
+                for (int l = 0; l < b->L; l++)
+                    for (int w = w0; w < w1; w++) one(w, &b->layers[l]);
+            }, reps, inner, false, NULL);
+        };
+        const double t = timed(100 + (uint64_t)i, plain_op, 0, 4);
         printf("  matmul-step M=%-5d time=%9.3f ms  TFLOP/s=%7.1f  GB/s(weights)=%6.0f\n", M, t * 1e3,
                2.0 * macs * M / t / 1e12, weights / t / 1e9);
         double each[4];
-        for (int w = 0; w < 4; w++)
-            each[w] = time_graph(b, 1000 + 4 * (uint64_t)i + w, [&] {
-                for (int l = 0; l < b->L; l++) {
-                    const Layer *ly = &b->layers[l];
-                    if (w == 0) op->matmul(b->be, qkv, x, M, ly->qkv);
-                    if (w == 1) op->matmul(b->be, out, attn, M, ly->o);
-                    if (w == 2) op->matmul(b->be, gate_up, x, M, ly->gate_up);
-                    if (w == 3) op->matmul(b->be, out, h, M, ly->down);
-                }
-            }, reps, inner, false, NULL) / b->L * 1e6;
+        for (int w = 0; w < 4; w++) each[w] = timed(1000 + 4 * (uint64_t)i + w, plain_op, w, w + 1) / b->L * 1e6;
         printf("    per launch (us): qkv %.1f  o %.1f  gate_up %.1f  down %.1f\n", each[0], each[1], each[2], each[3]);
-        const double t_model = time_graph(b, 2000 + (uint64_t)i, [&] {
-            for (int l = 0; l < b->L; l++) {
-                const Layer *ly = &b->layers[l];
-                op->norm_matmul(b->be, qkv, x, ly->attn_norm, 1e-6f, M, ly->qkv);
-                op->matmul_add(b->be, out, attn, M, ly->o);
-                op->mlp_add(b->be, out, ly->mlp_norm, 1e-6f, M, ly->gate_up, ly->down, gate_up);
-            }
-        }, reps, inner, false, NULL);
-        double part[3]; /* the same per op: qkv with its RMSNorm, o with its residual add, the MLP */
-        for (int w = 0; w < 3; w++)
-            part[w] = time_graph(b, 3000 + 3 * (uint64_t)i + w, [&] {
-                for (int l = 0; l < b->L; l++) {
-                    const Layer *ly = &b->layers[l];
-                    if (w == 0) op->norm_matmul(b->be, qkv, x, ly->attn_norm, 1e-6f, M, ly->qkv);
-                    if (w == 1) op->matmul_add(b->be, out, attn, M, ly->o);
-                    if (w == 2) op->mlp_add(b->be, out, ly->mlp_norm, 1e-6f, M, ly->gate_up, ly->down, gate_up);
-                }
-            }, reps, inner, false, NULL) / b->L * 1e6;
+        const double t_model = timed(2000 + (uint64_t)i, model_op, 0, 3);
+        double part[3];
+        for (int w = 0; w < 3; w++) part[w] = timed(3000 + 3 * (uint64_t)i + w, model_op, w, w + 1) / b->L * 1e6;
         printf("    as the model runs them: %9.3f ms  (per layer, us: norm + qkv %.1f  o + add %.1f  mlp %.1f)\n",
                t_model * 1e3, part[0], part[1], part[2]);
     }

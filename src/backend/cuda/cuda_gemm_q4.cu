@@ -991,10 +991,10 @@ bool wg_in_build() {
  *   mma.sync  3.71  3.76  5.54  5.25  8.65  9.89  16.15  15.31  (18.0 dequant + cuBLAS)
  *   wgmma     3.55  3.60  5.06  5.27  6.76  6.77  10.30  10.28  17.86
  * wgmma in tiles of 32 (M <= 32), 64 (M <= 64) or 128 (64-token tiles up to 128 measured 5-7%
- * slower); below 17 tokens, tiles of 16 up to 7 tokens (below). The mma.sync kernel takes every M on GPUs (or builds) without wgmma,
- * with 16-token tiles up to 16 tokens, 32-token tiles up to 96 (more blocks to fill the machine,
- * each weight tile read again from L2 rather than HBM) and 128-token tiles from 128, unless the
- * last one would be at most half full.
+ * slower); below 17 tokens, tiles of 16 up to 7 tokens (below). The mma.sync kernel takes every
+ * M on GPUs (or builds) without wgmma, with 16-token tiles up to 16 tokens, 32-token tiles up to
+ * 96 (more blocks to fill the machine, each weight tile read again from L2 rather than HBM) and
+ * 128-token tiles from 128, unless the last one would be at most half full.
  *
  * Below 17 tokens wgmma wins too (H200, same measure, ms; mma.sync's 16-token tile vs wgmma's 16-
  * and 32-token tiles):
