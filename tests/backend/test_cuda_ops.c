@@ -421,11 +421,12 @@ static void test_mlp(void) {
     for (int i = 0; i < 2; i++) free_part(&gu[i]);
 }
 
-/* The int4 matmuls (tensor-core GEMMs, GEMV at M = 1, dequant + cuBLAS above 256 tokens). */
+/* The int4 matmuls (GEMV up to 3 tokens, tensor-core GEMMs above; without wgmma, dequant +
+ * cuBLAS above 256 tokens). */
 static void test_matmul_q4(void) {
     /* the GEMV (1..3 tokens), the GEMMs' token tiles (mma.sync 16: 4, 5, 8, 9, 16; wgmma 32: 24;
-     * 64: 33, 64; 128: 127, 160, 200 on these narrow matrices) and ragged last tiles; 257 is past
-     * their range (dequantized for cuBLAS) */
+     * 64: 33, 64; 128: 127, 160, 200, 257 on these narrow matrices) and ragged last tiles; 257 is
+     * past the mma.sync kernel's range (dequantized for cuBLAS when wgmma is off) */
     static const int Mq[] = {1, 2, 3, 4, 5, 8, 9, 16, 24, 33, 64, 127, 160, 200, 257};
     const int nMq = sizeof Mq / sizeof Mq[0];
     Part p[3];
@@ -439,9 +440,10 @@ static void test_matmul_q4(void) {
         check_matmul(what, p, 1, Mq, nMq, true);
         free_part(&p[0]);
     }
-    static const int Mqwen[] = {16, 130}; /* a Qwen3-like row: k split over clusters of 8 */
+    /* a Qwen3-like row: k split over clusters of 8; from 512 tokens 256-token tiles (wgmma) */
+    static const int Mqwen[] = {16, 130, 600};
     make_q4(&p[0], "int4 g128 512x4096", 512, 4096, 128);
-    check_matmul("int4 g128 512x4096", p, 1, Mqwen, 2, true);
+    check_matmul("int4 g128 512x4096", p, 1, Mqwen, 3, true);
     free_part(&p[0]);
     /* a wide matrix: 128-token wgmma tiles up to 128 tokens and 256-token tiles above (narrow
      * matrices take 64 and 128) */

@@ -9,11 +9,12 @@
  *    int4 model costs its file size on the GPU.
  *    Stacked parts (q|k|v, gate|up) become one matrix and one launch.
  *  - Decode at M = 1 (and int4 up to 3 tokens) uses our GEMV kernels (cuda_gemv.cu), built to
- *    stream weights from HBM once. Larger M converts x to bf16: int4 parts up to kGemmQ4MaxM
- *    rows (batched decode, chunked prefill) go to our tensor-core int4 GEMM (cuda_gemm_q4.cu),
- *    which reads the codes (0.5 byte per weight); bf16 parts, and int4 parts at larger M, call cuBLAS, int4
- *    weights first dequantized to a bf16 scratch one matrix at a time (~4.5 bytes per weight,
- *    which cuBLAS's higher bf16 rate outweighs at large M). See kGemmQ4MaxM for the measurements.
+ *    stream weights from HBM once. Larger M converts x to bf16: int4 parts (batched decode,
+ *    prefill; without Hopper's wgmma only up to kGemmQ4MaxM rows) go to our tensor-core int4
+ *    GEMM (cuda_gemm_q4.cu), which reads the codes (0.5 byte per weight); bf16 parts, and int4
+ *    parts at larger M on older GPUs, call cuBLAS, int4 weights first dequantized to a bf16
+ *    scratch one matrix at a time (~4.5 bytes per weight, which cuBLAS's higher bf16 rate
+ *    outweighs there at large M). See kGemmQ4MaxM for the measurements.
  *  - The embedding table stays in host memory unless the model asks for it resident (a server):
  *    M rows are gathered and converted on the host into pinned memory and uploaded (16 KB per
  *    decode token), which keeps ~1.2 GB off the GPU; resident (bf16 tables), only the ids are
@@ -55,11 +56,12 @@ __global__ void arch_probe_kernel() {}
 /* Which kernel multiplies at which M (H100, one step's 144 linears of Qwen3-8B, bench_cuda_decode
  * --matmul-m): int4 up to M = 3 streams through the fixed-point GEMV (M = 1: 1.71 ms, 2: 2.18,
  * 3: 2.58; cu_gemv_takes); from there the tensor-core GEMM reads the codes directly (M = 4..16:
- * 2.85-2.88 ms, 32: 3.61, 64: 4.49, 128: 6.06, 256: 8.96); above kGemmQ4MaxM the weights are
- * dequantized to bf16 one matrix at a time for cuBLAS, whose tensor-core rate then catches up
- * despite the extra ~4 bytes per weight (M = 384: 15.9 vs 16.0 ms with 256-token tiles, whose
- * qkv is the slower there; 1024: 29.5 vs 29.8; 2048: 53.3 vs 59.3).
- * bf16 uses the GEMV only at M = 1: cuBLAS is as fast from M = 2. */
+ * 2.85-2.88 ms, 32: 3.61, 64: 4.49, 128: 6.06, 256: 8.96). On Hopper (the wgmma kernel) it
+ * takes every larger M too: dequantizing each matrix to bf16 for cuBLAS costs ~4 more bytes per
+ * weight than cuBLAS's faster bf16 products save (H200, same measure, wgmma / dequant + cuBLAS:
+ * M = 512 14.7 / 17.0 ms, 1024 25.2-25.4 / 29.6, 2048 50.9-51.0 / 51.9), and the scratch it needs
+ * (256 MB) is never allocated. Elsewhere (the mma.sync kernel) int4 above kGemmQ4MaxM is
+ * dequantized for cuBLAS. bf16 uses the GEMV only at M = 1: cuBLAS is as fast from M = 2. */
 constexpr int kGemmQ4MaxM = 256;
 constexpr int kBf16GemvMaxM = 1;
 constexpr size_t kDequantElems = (size_t)128 << 20; /* bf16 elements of the dequant scratch (the
@@ -690,10 +692,10 @@ struct MatIn {
 /* Which kernel multiplies one matrix at M rows. */
 enum class MatPath { Gemv, GemmQ4, DequantBlas, Blas };
 
-MatPath mat_path(const CuMat *m, int M) {
+MatPath mat_path(const CudaBackend *c, const CuMat *m, int M) {
     if (!m->group) return M <= kBf16GemvMaxM ? MatPath::Gemv : MatPath::Blas;
     if (cu_gemv_takes(m, M)) return MatPath::Gemv; /* the decode int4 kernel (M <= 3) */
-    return M <= kGemmQ4MaxM ? MatPath::GemmQ4 : MatPath::DequantBlas;
+    return M <= kGemmQ4MaxM || cu_gemm_q4_wgmma(m, c->wgmma) ? MatPath::GemmQ4 : MatPath::DequantBlas;
 }
 
 /* Grows the matmul scratch *buf to count elements; false (the error noted) when out of memory. */
@@ -724,7 +726,7 @@ void matmul(CudaBackend *c, float *y, MatIn in, int M, const Linear *l, bool acc
     MatPath path[kMaxParts];
     bool fused_input = in.op == InOp::Norm, need_float = false, need_bf16 = false;
     for (int i = 0; i < l->n_mats; i++) {
-        path[i] = mat_path(&l->mat[i], M);
+        path[i] = mat_path(c, &l->mat[i], M);
         fused_input = fused_input && path[i] == MatPath::Gemv && cu_gemv_fuses_norm(&l->mat[i], c->sms);
         need_float = need_float || path[i] == MatPath::Gemv;
         need_bf16 = need_bf16 || path[i] != MatPath::Gemv;
@@ -822,9 +824,9 @@ void cu_mlp_add(Backend *be, float *x, const float *norm_w, float eps, int M, co
         return;
     }
     /* gate|up in stacked parts (mixed dtypes) is never fused: taken as cuBLAS here */
-    const MatPath gp = gu->n_mats == 1 ? mat_path(&gu->mat[0], M) : MatPath::Blas;
+    const MatPath gp = gu->n_mats == 1 ? mat_path(c, &gu->mat[0], M) : MatPath::Blas;
     bool down_gemv = false; /* a part of down needs a float input */
-    for (int i = 0; i < down->n_mats; i++) down_gemv = down_gemv || mat_path(&down->mat[i], M) == MatPath::Gemv;
+    for (int i = 0; i < down->n_mats; i++) down_gemv = down_gemv || mat_path(c, &down->mat[i], M) == MatPath::Gemv;
     use_device(c);
     if (gp == MatPath::Gemv && I % 2 == 0) {
         if (!note(c, cu_gemv_swiglu(c->st, &gu->mat[0], x, K, M, scratch, I, c->sms, norm_w, eps), "mlp gate_up (GEMV)"))

@@ -1,8 +1,8 @@
-/* cuda_gemm_q4.cu — int4 x bf16 matrix products on the tensor cores, for the token counts between
- * the decode GEMV (M = 1) and large prefills (which dequantize to bf16 for cuBLAS): batched
- * decode and chunked prefill. The weights are read once, as the checkpoint's int4 codes, and
- * dequantized in registers right before the multiply, so memory traffic stays at 0.5 byte per
- * weight plus scales; dequantizing to a bf16 scratch for cuBLAS costs ~4.5.
+/* cuda_gemm_q4.cu — int4 x bf16 matrix products on the tensor cores, for every token count above
+ * the decode GEMV's (M = 1..3): batched decode and prefill (on GPUs without wgmma, large prefills
+ * dequantize to bf16 for cuBLAS instead). The weights are read once, as the checkpoint's int4
+ * codes, and dequantized in registers right before the multiply, so memory traffic stays at 0.5
+ * byte per weight plus scales; dequantizing to a bf16 scratch for cuBLAS costs ~4.5.
  *
  * Two kernels share the dequantization and the epilogue: mma.sync (any sm_80+ GPU; not used on
  * Hopper), loading through cp.async, and further down wgmma (sm_90a, from 4 tokens), loading
@@ -1013,7 +1013,10 @@ bool wg_in_build() {
  *   M = 160  10.08 -> 8.58 ms, 192  10.30 -> 8.88, 256  10.34 -> 9.08 (74.6 / 27.4 / 121.0 / 66.3
  *   -> 39.8 / 26.6 / 120.2 / 67.5); 256-token tiles for all four: 10.71 (o 49.5, down 95.2).
  * Likewise from 65 to 128 tokens the narrow matrices take two 64-token tiles (o 31.8 -> 19.8,
- * down 59.5 -> 51.6 us at M = 128, split as choose_split says). */
+ * down 59.5 -> 51.6 us at M = 128, split as choose_split says). From 512 tokens they have token
+ * tiles enough to fill the machine with 256-token tiles too (H200, per launch at M = 1024 / 2048,
+ * us: o 72.8 -> 64.4 / 150.4 -> 130.9, down 205.0 -> 175.4 / 428.6 -> 364.5; M = 512: down
+ * 100.2 -> 94.0, o 35.1 -> 36.4). */
 constexpr int kWgMinM = 4;
 
 int wg_token_tile(int M, int n, int sms) {
@@ -1022,7 +1025,7 @@ int wg_token_tile(int M, int n, int sms) {
     if (M <= 32) return 32;
     if (M <= 64) return 64;
     if (M <= 128) return wide ? 128 : 64;
-    return wide ? 256 : 128;
+    return wide || M >= 512 ? 256 : 128;
 }
 
 /* The mma.sync kernel's token tile for M (GPUs or builds without wgmma). */
@@ -1081,6 +1084,8 @@ void cu_gemm_q4_describe(CuMat *w) {
     memcpy(w->tma[1], &sz, sizeof sz);
     w->tma_ok = true;
 }
+
+bool cu_gemm_q4_wgmma(const CuMat *w, bool wgmma) { return wgmma && w->tma_ok && wg_in_build(); }
 
 cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, int M, float *y, int ldy, int sms,
                        bool accumulate, bool wgmma) {
