@@ -4,7 +4,9 @@
  * Latency runs B requests of input_len random prompt tokens, each generating output_len tokens
  * (EOS ignored), through the same engine as everything else, and reports the end-to-end latency
  * distribution, prefill and decode speed, the time of one decode step, and the memory bandwidth
- * that step achieved next to a bandwidth probe run in the same process. */
+ * that step achieved next to a bandwidth probe run in the same process. Every run repeats the
+ * same prompts, so automatic prefix caching is off here: with it, each run after the first would
+ * find its prompts cached and "prefill" would time a lookup, not a prefill. */
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,7 +24,8 @@ static void usage(FILE *f) {
             "  --input-len N     prompt tokens per request (default 256)\n"
             "  --output-len N    generated tokens per request (default 256)\n"
             "  --batch-size B    requests run together (default 1)\n"
-            "  --iters N         timed runs (default 3); --warmup N untimed runs (default 1)\n"
+            "  --iters N         timed runs (default 3); --warmup N untimed runs (default 1); every\n"
+            "                    run prefills its prompts in full (prefix caching is off)\n"
             "  --device cpu|cuda, -t/--threads N, --json (one JSON object on stdout)\n"
             "  --speculative-config JSON  as `quill run --help` (random prompts rarely repeat)\n"
             "       quill bench serve --help   (serving benchmark client)\n");
@@ -107,6 +110,7 @@ static int bench_latency(int argc, char **argv) {
         return 2;
     }
     ra.max_seqs = batch;
+    ra.no_prefix_caching = true; /* the runs repeat the same prompts */
     ra.max_model_len = input_len + output_len;
     ra.max_step_tokens = input_len * batch < 2048 ? input_len * batch : 2048;
     if (ra.max_step_tokens < batch) ra.max_step_tokens = batch;
@@ -163,16 +167,18 @@ static int bench_latency(int argc, char **argv) {
         double gbs = step_ms > 0 ? ((double)wbytes + kv) / (step_ms * 1e-3) / 1e9 : 0;
         size_t peak_dev = 0;
         if (be->ops->mem_used) be->ops->mem_used(be, &peak_dev);
+        const EngineStats st = engine_stats(rt.engine); /* warmup runs included */
         static const double pcts[] = {10, 25, 50, 75, 90, 99};
         if (json_out) {
-            json_t *o = json_pack("{s:s, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:I, s:f, s:f, s:I, s:I}", "device",
-                                  be->ops->name, "batch_size", batch, "input_len", input_len, "output_len", output_len,
-                                  "iters", iters, "avg_latency_s", avg, "avg_prefill_s", avg_prefill,
+            json_t *o = json_pack("{s:s, s:i, s:i, s:i, s:i, s:f, s:f, s:f, s:f, s:f, s:I, s:f, s:f, s:I, s:I, s:I, s:I}",
+                                  "device", be->ops->name, "batch_size", batch, "input_len", input_len, "output_len",
+                                  output_len, "iters", iters, "avg_latency_s", avg, "avg_prefill_s", avg_prefill,
                                   "prefill_tokens_per_s", batch * input_len / avg_prefill, "decode_tokens_per_s",
                                   batch * 1e3 / step_ms, "decode_step_ms", step_ms, "weight_bytes_per_step",
                                   (json_int_t)wbytes, "achieved_gb_per_s", gbs, "probe_gb_per_s", probe,
                                   "peak_device_bytes", (json_int_t)peak_dev, "peak_rss_bytes",
-                                  (json_int_t)peak_rss_bytes());
+                                  (json_int_t)peak_rss_bytes(), "prompt_tokens", (json_int_t)st.prompt_tokens,
+                                  "prefix_hit_tokens", (json_int_t)st.prefix_hit_tokens);
             json_t *pc = json_object();
             for (size_t i = 0; i < sizeof pcts / sizeof pcts[0]; i++) {
                 char k[16];
@@ -196,7 +202,6 @@ static int bench_latency(int argc, char **argv) {
             printf("decode reads %.3f GB/step (weights %.3f + KV %.3f): %.1f GB/s achieved, probe %.1f GB/s (%.0f%%)\n",
                    (wbytes + kv) / 1e9, wbytes / 1e9, kv / 1e9, gbs, probe, probe > 0 ? 100 * gbs / probe : 0);
             printf("peak memory: device %.3f GB, RSS %.3f GB\n", peak_dev / 1e9, peak_rss_bytes() / 1e9);
-            const EngineStats st = engine_stats(rt.engine); /* warmup runs included */
             if (rt.eopt.spec_tokens)
                 printf("speculative decoding: %llu of %llu draft tokens kept (%.0f%%); decode figures are per "
                        "token, a step may make several\n",
