@@ -421,8 +421,8 @@ static void test_mlp(void) {
     for (int i = 0; i < 2; i++) free_part(&gu[i]);
 }
 
-/* The int4 matmuls (GEMV up to 3 tokens, tensor-core GEMMs above; without wgmma, dequant +
- * cuBLAS above 256 tokens). */
+/* The int4 matmuls (GEMV up to 3 tokens, tensor-core GEMMs above, dequant + cuBLAS above 2048
+ * tokens, or 256 without wgmma). */
 static void test_matmul_q4(void) {
     /* the GEMV (1..3 tokens), the GEMMs' token tiles (mma.sync 16: 4, 5, 8, 9, 16; wgmma 32: 24;
      * 64: 33, 64; 128: 127, 160, 200, 257 on these narrow matrices) and ragged last tiles; 257 is

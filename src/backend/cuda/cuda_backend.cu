@@ -9,12 +9,12 @@
  *    int4 model costs its file size on the GPU.
  *    Stacked parts (q|k|v, gate|up) become one matrix and one launch.
  *  - Decode at M = 1 (and int4 up to 3 tokens) uses our GEMV kernels (cuda_gemv.cu), built to
- *    stream weights from HBM once. Larger M converts x to bf16: int4 parts (batched decode,
- *    prefill; without Hopper's wgmma only up to kGemmQ4MaxM rows) go to our tensor-core int4
+ *    stream weights from HBM once. Larger M converts x to bf16: int4 parts up to kGemmQ4MaxM
+ *    rows (kWgmmaMaxM on Hopper: batched decode, chunked prefill) go to our tensor-core int4
  *    GEMM (cuda_gemm_q4.cu), which reads the codes (0.5 byte per weight); bf16 parts, and int4
- *    parts at larger M on older GPUs, call cuBLAS, int4 weights first dequantized to a bf16
- *    scratch one matrix at a time (~4.5 bytes per weight, which cuBLAS's higher bf16 rate
- *    outweighs there at large M). See kGemmQ4MaxM for the measurements.
+ *    parts at larger M, call cuBLAS, int4 weights first dequantized to a bf16 scratch one matrix
+ *    at a time (~4.5 bytes per weight, which cuBLAS's higher bf16 rate outweighs at large M).
+ *    See kGemmQ4MaxM for the measurements.
  *  - The embedding table stays in host memory unless the model asks for it resident (a server):
  *    M rows are gathered and converted on the host into pinned memory and uploaded (16 KB per
  *    decode token), which keeps ~1.2 GB off the GPU; resident (bf16 tables), only the ids are
@@ -56,13 +56,16 @@ __global__ void arch_probe_kernel() {}
 /* Which kernel multiplies at which M (H100, one step's 144 linears of Qwen3-8B, bench_cuda_decode
  * --matmul-m): int4 up to M = 3 streams through the fixed-point GEMV (M = 1: 1.71 ms, 2: 2.18,
  * 3: 2.58; cu_gemv_takes); from there the tensor-core GEMM reads the codes directly (M = 4..16:
- * 2.85-2.88 ms, 32: 3.61, 64: 4.49, 128: 6.06, 256: 8.96). On Hopper (the wgmma kernel) it
- * takes every larger M too: dequantizing each matrix to bf16 for cuBLAS costs ~4 more bytes per
- * weight than cuBLAS's faster bf16 products save (H200, same measure, wgmma / dequant + cuBLAS:
- * M = 512 14.7 / 17.0 ms, 1024 25.2-25.4 / 29.6, 2048 50.9-51.0 / 51.9), and the scratch it needs
- * (256 MB) is never allocated. Elsewhere (the mma.sync kernel) int4 above kGemmQ4MaxM is
- * dequantized for cuBLAS. bf16 uses the GEMV only at M = 1: cuBLAS is as fast from M = 2. */
+ * 2.85-2.88 ms, 32: 3.61, 64: 4.49, 128: 6.06, 256: 8.96); above kGemmQ4MaxM the weights are
+ * dequantized to bf16 one matrix at a time for cuBLAS, whose tensor-core rate then makes up for
+ * the extra ~4 bytes per weight. On Hopper the wgmma kernel takes up to kWgmmaMaxM (H200, the
+ * step's linears as the model runs them, wgmma / dequant + cuBLAS: M = 512 13.25 / 16.30 ms, 1024
+ * 21.65 / 26.81, 2048 43.21 / 48.16, where bf16 takes 48.6; 4096 90.1 / 91.0, 8192 186.7 /
+ * 189.4, but serving int4 with 8192-token steps lost 3% throughput at concurrency 64 and 256 with
+ * wgmma above 2048, bench/RESULTS.md). bf16 uses the GEMV only at M = 1: cuBLAS is as fast from
+ * M = 2. */
 constexpr int kGemmQ4MaxM = 256;
+constexpr int kWgmmaMaxM = 2048;
 constexpr int kBf16GemvMaxM = 1;
 constexpr size_t kDequantElems = (size_t)128 << 20; /* bf16 elements of the dequant scratch (the
                                                        largest Qwen3-8B matrix is 100 M) */
@@ -695,7 +698,8 @@ enum class MatPath { Gemv, GemmQ4, DequantBlas, Blas };
 MatPath mat_path(const CudaBackend *c, const CuMat *m, int M) {
     if (!m->group) return M <= kBf16GemvMaxM ? MatPath::Gemv : MatPath::Blas;
     if (cu_gemv_takes(m, M)) return MatPath::Gemv; /* the decode int4 kernel (M <= 3) */
-    return M <= kGemmQ4MaxM || cu_gemm_q4_wgmma(m, c->wgmma) ? MatPath::GemmQ4 : MatPath::DequantBlas;
+    const bool wgmma = cu_gemm_q4_wgmma(m, c->wgmma);
+    return M <= (wgmma ? kWgmmaMaxM : kGemmQ4MaxM) ? MatPath::GemmQ4 : MatPath::DequantBlas;
 }
 
 /* Grows the matmul scratch *buf to count elements; false (the error noted) when out of memory. */

@@ -1,8 +1,9 @@
-/* cuda_gemm_q4.cu — int4 x bf16 matrix products on the tensor cores, for every token count above
- * the decode GEMV's (M = 1..3): batched decode and prefill (on GPUs without wgmma, large prefills
- * dequantize to bf16 for cuBLAS instead). The weights are read once, as the checkpoint's int4
- * codes, and dequantized in registers right before the multiply, so memory traffic stays at 0.5
- * byte per weight plus scales; dequantizing to a bf16 scratch for cuBLAS costs ~4.5.
+/* cuda_gemm_q4.cu — int4 x bf16 matrix products on the tensor cores, for the token counts between
+ * the decode GEMV (M = 1..3) and large prefills (which dequantize to bf16 for cuBLAS: above 2048
+ * tokens on Hopper, 256 elsewhere): batched decode and chunked prefill. The weights are read once,
+ * as the checkpoint's int4 codes, and dequantized in registers right before the multiply, so
+ * memory traffic stays at 0.5 byte per weight plus scales; dequantizing to a bf16 scratch for
+ * cuBLAS costs ~4.5.
  *
  * Two kernels share the dequantization and the epilogue: mma.sync (any sm_80+ GPU; not used on
  * Hopper), loading through cp.async, and further down wgmma (sm_90a, from 4 tokens), loading
