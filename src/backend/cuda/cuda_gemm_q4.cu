@@ -1041,7 +1041,7 @@ int token_tile(int M) {
 /* The product a describes, for w: the kernel and token tile for a.M tokens. */
 cudaError_t launch_gemm(cudaStream_t st, const CuMat *w, const GemmArgs &a, int sms, bool wgmma) {
     const int gs = cu_group_shift(w), M = a.M;
-    if (M >= kWgMinM && wgmma && w->tma_ok && wg_in_build()) {
+    if (M >= kWgMinM && cu_gemm_q4_wgmma(w, wgmma)) {
         const int BT = wg_token_tile(M, w->n, sms);
         WgMaps maps;
         static_assert(sizeof maps.codes == sizeof w->tma[0], "CuMat::tma holds a CUtensorMap");
