@@ -805,18 +805,31 @@ void split_slots(const void *kernel, size_t smem, int sms, int (&slots)[4]) {
 }
 
 /* How a split of k is judged: by whole waves of the co-resident blocks (kernels that fit one block
- * per multiprocessor), by every multiprocessor busy, or by every co-resident slot busy; and the
- * fewest stages of k a block of a split may get. */
+ * per multiprocessor), by every multiprocessor busy, or by every co-resident slot busy; the
+ * fewest stages of k a block of a split may get; the largest split; and how much better a larger
+ * split must fill the machine to be taken (it costs a reduction). */
 enum class Fill { WholeWaves, BusySms, AllSlots };
 struct SplitRule {
     Fill fill;
     int min_stages;
+    int max_split;
+    double min_gain;
 };
 
-/* Blocks per output tile (the split of k). A larger split must fill the machine 10% better (it
- * costs a reduction) and give each block at least rule.min_stages stages of k (two unless said
- * below). Measured on an H100 (us per launch, Qwen3-8B matrices):
- *  - one block per multiprocessor (128- and 256-token tiles): whole waves;
+/* Blocks per output tile (the split of k). A larger split must fill the machine better by
+ * rule.min_gain (10% unless said below), give each block at least rule.min_stages stages of k (two
+ * unless said below) and be at most rule.max_split (8 unless said below). Measured on an H100 (us
+ * per launch, Qwen3-8B matrices):
+ *  - one block per multiprocessor (128- and 256-token tiles): whole waves; for wgmma, a split of at
+ *    most 2 that must fill 25% better, since reducing a 128- or 256-token tile over the cluster
+ *    costs more than the small tiles' (H200, per launch at 384 / 512 / 768 tokens, us, the 10% rule
+ *    up to 8 -> this one: qkv 99.9 / 106.1 / 107.0 -> 54.5 / 55.5 / 99.0, o 69.6 / 36.0 / 106.5 ->
+ *    34.5 / 36.7 / 56.1, gate_up 180.8 / 172.6 / 298.4 -> 180.8 / 174.5 / 278.1, down 115.1 / 92.6
+ *    / 193.4 -> 87.8 / 93.0 / 156.1: splits of 4 or 8 over several waves, and gate_up's 2 at 768
+ *    tokens for a fill of 0.97 instead of 0.87, cost more than they gained. The two rules agree up
+ *    to 256 tokens and differ only for some matrices up to ~1800; one step's linears as the model
+ *    runs them, 320 / 512 / 768 / 1280 tokens: 17.17 / 13.19 / 23.66 / 34.46 -> 13.49 / 11.44 /
+ *    19.66 / 30.07 ms, and 128-256 and 1024-2048 unchanged);
  *  - two per multiprocessor (wgmma 64-token tiles, the mma.sync kernel): every multiprocessor
  *    busy once; waves at M = 128 picked split 4 for o and down, 27.1 / 64.8 vs 19.8 / 51.6 with
  *    split 2; all slots (below): M = 4..16 2.85 -> 3.17-3.31 ms for the step's matmuls, M = 128
@@ -835,7 +848,7 @@ int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, S
     double best_fill = -1.0;
     for (int i = 0; i < 4; i++) {
         const int s = 1 << i;
-        if (!slots[i] || (s > 1 && k_tiles < rule.min_stages * s)) break;
+        if (s > rule.max_split || !slots[i] || (s > 1 && k_tiles < rule.min_stages * s)) break;
         const long long blocks = tiles * s;
         double fill;
         if (rule.fill == Fill::WholeWaves) {
@@ -845,7 +858,7 @@ int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, S
             const int room = rule.fill == Fill::BusySms ? sms : slots[i];
             fill = blocks >= room ? 1.0 : (double)blocks / room;
         }
-        if (fill > 1.1 * best_fill) best = s, best_fill = fill;
+        if (fill > rule.min_gain * best_fill) best = s, best_fill = fill;
     }
     return best;
 }
@@ -946,7 +959,8 @@ struct MmaSync {
     static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms, const WgMaps *) {
         static KernelSlots ks; /* one per instantiation (its shared memory decides its occupancy) */
         return launch_tiles(st, gemm_q4<BT, GS>, Stage<BT, GS>::kSmem, ks, kFeatures, BT, Tile<BT>::kK,
-                            SplitRule{Tile<BT>::kMinBlocks == 1 ? Fill::WholeWaves : Fill::BusySms, 2}, a, sms);
+                            SplitRule{Tile<BT>::kMinBlocks == 1 ? Fill::WholeWaves : Fill::BusySms, 2, 8, 1.1}, a,
+                            sms);
     }
 };
 
@@ -954,10 +968,10 @@ template <int BT, int GS>
 struct Wgmma {
     static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms, const WgMaps *maps) {
         static KernelSlots ks;
-        const SplitRule rule = WgTile<BT, GS>::kMinBlocks == 1 ? SplitRule{Fill::WholeWaves, 2}
-                               : BT <= 32 && a.M <= 16          ? SplitRule{Fill::AllSlots, 4}
-                               : BT <= 32 && a.M <= BT          ? SplitRule{Fill::AllSlots, 8}
-                                                                : SplitRule{Fill::BusySms, 2};
+        const SplitRule rule = WgTile<BT, GS>::kMinBlocks == 1 ? SplitRule{Fill::WholeWaves, 2, 2, 1.25}
+                               : BT <= 32 && a.M <= 16          ? SplitRule{Fill::AllSlots, 4, 8, 1.1}
+                               : BT <= 32 && a.M <= BT          ? SplitRule{Fill::AllSlots, 8, 8, 1.1}
+                                                                : SplitRule{Fill::BusySms, 2, 8, 1.1};
         return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, rule, a, sms, *maps);
     }
 };
@@ -1017,7 +1031,12 @@ bool wg_in_build() {
  * down 59.5 -> 51.6 us at M = 128, split as choose_split says). From 512 tokens they have token
  * tiles enough to fill the machine with 256-token tiles too (H200, per launch at M = 1024 / 2048,
  * us: o 72.8 -> 64.4 / 150.4 -> 130.9, down 205.0 -> 175.4 / 428.6 -> 364.5; M = 512: down
- * 100.2 -> 94.0, o 35.1 -> 36.4). */
+ * 100.2 -> 94.0, o 35.1 -> 36.4). Below 768 tokens the wide matrices take 256-token tiles only
+ * where they pad M no more than 128-token tiles do (M % 256 zero or above 128): a half-empty last
+ * tile costs more than dequantizing each weight once per 256 tokens saves (H200, the step's linears
+ * as the model runs them, 256- -> 128-token tiles: M = 288 13.15 -> 11.44 ms, 320 13.55 -> 11.44,
+ * 384 12.39 -> 11.41, 576 20.71 -> 17.84, 640 19.83 -> 17.85; but 896 22.31 -> 22.94, 1152 30.35
+ * -> 31.05, 1664 40.20 -> 42.11, so not from 768). */
 constexpr int kWgMinM = 4;
 
 int wg_token_tile(int M, int n, int sms) {
@@ -1026,7 +1045,8 @@ int wg_token_tile(int M, int n, int sms) {
     if (M <= 32) return 32;
     if (M <= 64) return 64;
     if (M <= 128) return wide ? 128 : 64;
-    return wide || M >= 512 ? 256 : 128;
+    if (!wide) return M >= 512 ? 256 : 128;
+    return M >= 768 || M % 256 == 0 || M % 256 > 128 ? 256 : 128;
 }
 
 /* The mma.sync kernel's token tile for M (GPUs or builds without wgmma). */
