@@ -15,11 +15,13 @@
  *    parts at larger M, call cuBLAS, int4 weights first dequantized to a bf16 scratch one matrix
  *    at a time (~4.5 bytes per weight, which cuBLAS's higher bf16 rate outweighs at large M).
  *    See kGemmQ4MaxM for the measurements.
- *  - The embedding table stays in host memory unless the model asks for it resident (a server):
- *    M rows are gathered and converted on the host into pinned memory and uploaded (16 KB per
- *    decode token), which keeps ~1.2 GB off the GPU; resident (bf16 tables), only the ids are
- *    uploaded and a kernel gathers the rows, so a large prefill chunk does not wait for the host
- *    to convert and upload its rows (8192 tokens: 128 MB) with the GPU idle.
+ *  - The embedding table stays in host memory unless the model asks for it resident (a server),
+ *    which keeps ~1.2 GB off the GPU. A bf16 table is then copied into page-locked host memory
+ *    that kernels can read (1.25 GB of host memory for Qwen3-8B), so a kernel gathers a step's
+ *    rows over the bus (8 KB per token) from the uploaded ids, as it does from a resident table;
+ *    the host gathering and converting the rows into a pinned buffer and uploading them as
+ *    float, with the GPU idle, took 1.4 ms of a 512-token prefill and 5.5 of a 2048-token one
+ *    (H200). Other dtypes, or no pinned memory to be had: the host still does that.
  *  - Ops cannot fail (backend.h), so a CUDA error is recorded (the first one wins) for
  *    cuda_backend_error() and the op does nothing more.
  *  - Graph capture uses relaxed mode so scratch can still grow during a capture; a scratch buffer
@@ -355,7 +357,8 @@ struct Linear {
 struct Embedding {
     const StTensor *table;
     int64_t vocab, dim;
-    __nv_bfloat16 *dev; /* the resident copy, or NULL */
+    __nv_bfloat16 *dev; /* the resident copy, the device's view of the pinned host copy, or NULL */
+    void *pinned;       /* the pinned host copy, or NULL */
 };
 
 namespace {
@@ -511,6 +514,26 @@ float *cu_vector_load(Backend *be, const StTensor *t, QErr *err) {
     return v;
 }
 
+/* A page-locked copy of host table t that kernels read over the bus (*host: the copy, for
+ * cudaFreeHost), or NULL where page-locked memory is not to be had. (Registering the table where
+ * it lies instead, cudaHostRegister on the checkpoint's mmap, made test_qwen3_ref hang on the
+ * H200, though it worked on malloc'd tables; not pursued.) */
+__nv_bfloat16 *pinned_copy(const StTensor *t, void **host) {
+    void *p = NULL, *dev = NULL;
+    if (cudaHostAlloc(&p, t->nbytes, cudaHostAllocMapped) != cudaSuccess) {
+        cudaGetLastError();
+        return NULL;
+    }
+    if (cudaHostGetDevicePointer(&dev, p, 0) != cudaSuccess) {
+        cudaFreeHost(p);
+        cudaGetLastError();
+        return NULL;
+    }
+    memcpy(p, t->data, t->nbytes);
+    *host = p;
+    return static_cast<__nv_bfloat16 *>(dev);
+}
+
 Embedding *cu_embedding_load(Backend *be, const StTensor *table, bool resident, QErr *err) {
     CudaBackend *c = cb(be);
     if (table->ndim != 2 || (table->dtype != DT_BF16 && table->dtype != DT_F16 && table->dtype != DT_F32)) {
@@ -526,7 +549,11 @@ Embedding *cu_embedding_load(Backend *be, const StTensor *table, bool resident, 
     e->vocab = table->shape[0];
     e->dim = table->shape[1];
     e->dev = NULL;
-    if (resident && table->dtype == DT_BF16) { /* other dtypes, or no room: gathered on the host */
+    e->pinned = NULL;
+    if (!resident && table->dtype == DT_BF16) { /* other dtypes, or no pinned memory: gathered on the host */
+        use_device(c);
+        e->dev = pinned_copy(table, &e->pinned);
+    } else if (resident && table->dtype == DT_BF16) {
         use_device(c);
         const size_t bytes = (size_t)e->vocab * e->dim * sizeof(uint16_t);
         e->dev = static_cast<__nv_bfloat16 *>(dev_alloc(c, bytes));
@@ -547,7 +574,10 @@ void cu_embedding_free(Backend *be, Embedding *e) {
         CudaBackend *c = cb(be);
         use_device(c);
         drop_graphs(c);
-        dev_free(c, e->dev);
+        if (e->pinned)
+            cudaFreeHost(e->pinned);
+        else
+            dev_free(c, e->dev);
     }
     free(e);
 }

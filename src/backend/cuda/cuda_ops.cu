@@ -114,12 +114,22 @@ __global__ void gather_kernel(float *dst, const float *src, const int32_t *rows,
     }
 }
 
-/* x[m] = table[ids[m]] as float, one block per row (a resident bf16 embedding table). */
+/* x[m] = table[ids[m]] as float, one block per row (a bf16 embedding table, resident or in pinned
+ * host memory: 16-byte loads where the row allows, which a bus read needs more than HBM does). */
 __global__ void embed_rows_kernel(float *x, const __nv_bfloat16 *table, const int32_t *ids, int D) {
     pdl_trigger();
     pdl_wait();
     const __nv_bfloat16 *row = table + (size_t)ids[blockIdx.x] * D;
     float *out = x + (size_t)blockIdx.x * D;
+    if (D % 8 == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+        for (int i = threadIdx.x; i < D / 8; i += blockDim.x) {
+            const uint4 v = reinterpret_cast<const uint4 *>(row)[i];
+            float4 *o = reinterpret_cast<float4 *>(out) + 2 * i;
+            o[0] = make_float4(bf16_lo(v.x), bf16_hi(v.x), bf16_lo(v.y), bf16_hi(v.y));
+            o[1] = make_float4(bf16_lo(v.z), bf16_hi(v.z), bf16_lo(v.w), bf16_hi(v.w));
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < D; i += blockDim.x) out[i] = __bfloat162float(row[i]);
 }
 
