@@ -550,14 +550,11 @@ Embedding *cu_embedding_load(Backend *be, const StTensor *table, bool resident, 
     e->dim = table->shape[1];
     e->dev = NULL;
     e->pinned = NULL;
-    if (!resident && table->dtype == DT_BF16) { /* other dtypes, or no pinned memory: gathered on the host */
-        use_device(c);
-        e->dev = pinned_copy(table, &e->pinned);
-    } else if (resident && table->dtype == DT_BF16) {
-        use_device(c);
-        const size_t bytes = (size_t)e->vocab * e->dim * sizeof(uint16_t);
-        e->dev = static_cast<__nv_bfloat16 *>(dev_alloc(c, bytes));
-        cudaError_t rc = e->dev ? cudaMemcpy(e->dev, table->data, bytes, cudaMemcpyHostToDevice) : cudaSuccess;
+    if (table->dtype != DT_BF16) return e; /* gathered on the host */
+    use_device(c);
+    if (resident) {
+        e->dev = static_cast<__nv_bfloat16 *>(dev_alloc(c, table->nbytes));
+        const cudaError_t rc = e->dev ? cudaMemcpy(e->dev, table->data, table->nbytes, cudaMemcpyHostToDevice) : cudaSuccess;
         if (rc != cudaSuccess) {
             set_err(err, "%s: copying the embedding table to the GPU: %s", table->name, cudaGetErrorString(rc));
             dev_free(c, e->dev);
@@ -565,6 +562,8 @@ Embedding *cu_embedding_load(Backend *be, const StTensor *table, bool resident, 
             return NULL;
         }
     }
+    /* not resident, or no room on the GPU: the pinned copy (or, without one, the host gather) */
+    if (!e->dev) e->dev = pinned_copy(table, &e->pinned);
     return e;
 }
 
