@@ -421,8 +421,8 @@ static void test_mlp(void) {
     for (int i = 0; i < 2; i++) free_part(&gu[i]);
 }
 
-/* The int4 matmuls (GEMV up to 3 tokens, tensor-core GEMMs above, dequant + cuBLAS above 2048
- * tokens, or 256 without wgmma). */
+/* The int4 matmuls (GEMV up to 3 tokens, tensor-core GEMMs above: wgmma at any M on Hopper,
+ * elsewhere mma.sync up to 256 tokens and dequant + cuBLAS above). */
 static void test_matmul_q4(void) {
     /* the GEMV (1..3 tokens), the GEMMs' token tiles (mma.sync 16: 4, 5, 8, 9, 16; wgmma 32: 24;
      * 64: 33, 64; 128: 127, 160, 200, 257 on these narrow matrices) and ragged last tiles; 257 is
@@ -444,6 +444,11 @@ static void test_matmul_q4(void) {
     static const int Mqwen[] = {16, 130, 600};
     make_q4(&p[0], "int4 g128 512x4096", 512, 4096, 128);
     check_matmul("int4 g128 512x4096", p, 1, Mqwen, 3, true);
+    free_part(&p[0]);
+    /* 6 token tiles of 256 (wgmma): a group of 4 and a partial one of 2 in the tile order */
+    static const int Mgroups[] = {1300};
+    make_q4(&p[0], "int4 g64 130x384", 130, 384, 64);
+    check_matmul("int4 g64 130x384", p, 1, Mgroups, 1, true);
     free_part(&p[0]);
     /* a wide matrix: 128-token wgmma tiles up to 128 tokens and 256-token tiles above (narrow
      * matrices take 64 and 128) */

@@ -10,10 +10,11 @@
  *    Stacked parts (q|k|v, gate|up) become one matrix and one launch.
  *  - Decode at M = 1 (and int4 up to 3 tokens) uses our GEMV kernels (cuda_gemv.cu), built to
  *    stream weights from HBM once. Larger M converts x to bf16: int4 parts up to kGemmQ4MaxM
- *    rows (kWgmmaMaxM on Hopper: batched decode, chunked prefill) go to our tensor-core int4
- *    GEMM (cuda_gemm_q4.cu), which reads the codes (0.5 byte per weight); bf16 parts, and int4
- *    parts at larger M, call cuBLAS, int4 weights first dequantized to a bf16 scratch one matrix
- *    at a time (~4.5 bytes per weight, which cuBLAS's higher bf16 rate outweighs at large M).
+ *    rows (any M on Hopper: batched decode, chunked prefill, whole prefills) go to our
+ *    tensor-core int4 GEMM (cuda_gemm_q4.cu), which reads the codes (0.5 byte per weight); bf16
+ *    parts, and int4 parts at larger M elsewhere, call cuBLAS, int4 weights first dequantized to
+ *    a bf16 scratch one matrix at a time (~4.5 bytes per weight, which cuBLAS's higher bf16 rate
+ *    outweighs at large M).
  *    See kGemmQ4MaxM for the measurements.
  *  - The embedding table stays in host memory unless the model asks for it resident (a server),
  *    which keeps ~1.2 GB off the GPU. A bf16 table is then copied into page-locked host memory
@@ -60,14 +61,14 @@ __global__ void arch_probe_kernel() {}
  * 3: 2.58; cu_gemv_takes); from there the tensor-core GEMM reads the codes directly (M = 4..16:
  * 2.85-2.88 ms, 32: 3.61, 64: 4.49, 128: 6.06, 256: 8.96); above kGemmQ4MaxM the weights are
  * dequantized to bf16 one matrix at a time for cuBLAS, whose tensor-core rate then makes up for
- * the extra ~4 bytes per weight. On Hopper the wgmma kernel takes up to kWgmmaMaxM (H200, the
- * step's linears as the model runs them, wgmma / dequant + cuBLAS: M = 512 13.25 / 16.30 ms, 1024
- * 21.65 / 26.81, 2048 43.21 / 48.16, where bf16 takes 48.6; 4096 90.1 / 91.0, 8192 186.7 /
- * 189.4, but serving int4 with 8192-token steps lost 3% throughput at concurrency 64 and 256 with
- * wgmma above 2048, bench/RESULTS.md). bf16 uses the GEMV only at M = 1: cuBLAS is as fast from
- * M = 2. */
+ * the extra ~4 bytes per weight. On Hopper the wgmma kernel takes every M (H200, the step's
+ * linears as the model runs them, wgmma / dequant + cuBLAS: M = 512 13.25 / 16.30 ms, 1024 21.65
+ * / 26.81, 2048 43.21 / 48.16, where bf16 takes 48.6; 4096 87.1 / 90.7, 8192 173.5 / 187.6,
+ * where bf16 takes 188.4, since the kernel's tile groups, kTileGroup; serving int4 with 8192-token
+ * steps the same either way, concurrency 64 / 256 7084 / 9626 vs 7072 / 9635 tok/s over four
+ * alternating rounds, and no dequant scratch, ~200 MB, bench/RESULTS.md). bf16 uses the GEMV
+ * only at M = 1: cuBLAS is as fast from M = 2. */
 constexpr int kGemmQ4MaxM = 256;
-constexpr int kWgmmaMaxM = 2048;
 constexpr int kBf16GemvMaxM = 1;
 constexpr size_t kDequantElems = (size_t)128 << 20; /* bf16 elements of the dequant scratch (the
                                                        largest Qwen3-8B matrix is 100 M) */
@@ -727,8 +728,7 @@ enum class MatPath { Gemv, GemmQ4, DequantBlas, Blas };
 MatPath mat_path(const CudaBackend *c, const CuMat *m, int M) {
     if (!m->group) return M <= kBf16GemvMaxM ? MatPath::Gemv : MatPath::Blas;
     if (cu_gemv_takes(m, M)) return MatPath::Gemv; /* the decode int4 kernel (M <= 3) */
-    const bool wgmma = cu_gemm_q4_wgmma(m, c->wgmma);
-    return M <= (wgmma ? kWgmmaMaxM : kGemmQ4MaxM) ? MatPath::GemmQ4 : MatPath::DequantBlas;
+    return cu_gemm_q4_wgmma(m, c->wgmma) || M <= kGemmQ4MaxM ? MatPath::GemmQ4 : MatPath::DequantBlas;
 }
 
 /* Grows the matmul scratch *buf to count elements; false (the error noted) when out of memory. */
