@@ -109,21 +109,7 @@ struct GemmArgs {
      * h[m][j] = silu(gate) * up (bf16, row stride pair) instead of y */
     int pair;
     __nv_bfloat16 *h;
-    int group; /* token tiles per group of the tile order (block_tile; the wgmma kernel) */
 };
-
-/* The token and feature tile of this block (grid y x z tiles). Blocks start in launch order, y
- * before z, so a wave of co-resident blocks takes `group` token tiles across as many feature
- * tiles as it holds, and the next wave the next feature tiles of the same token tiles: the x rows
- * of a group stay in L2 while the weights stream past them once per group, instead of every wave
- * streaming all of x (group = gridDim.y: the plain order, y fastest). */
-CU_DEV void block_tile(int group, int &token_tile, int &feature_tile) {
-    const int tiles_y = (int)gridDim.y, per_group = group * (int)gridDim.z;
-    const int i = (int)(blockIdx.y + gridDim.y * blockIdx.z), first = i / per_group * group;
-    const int size = min(tiles_y - first, group), j = i % per_group;
-    token_tile = first + j % size;
-    feature_tile = j / size;
-}
 
 /* The weight row behind row r (0 .. 127) of the block's tile starting at feature f0; ok says
  * whether it exists (when not, the row returned is a valid one, to be zero-filled). */
@@ -478,6 +464,18 @@ constexpr size_t kSmemPerBlock[2] = {227 * 1024, 113 * 1024}; /* sm_90, 1 or 2 b
  * 2824 us); 1024 and 2048 tokens the same within 0.5% (at most 8 token tiles). */
 constexpr int kTileGroup = 4;
 
+/* The token and feature tile of this block (grid y x z tiles). Blocks start in launch order, y
+ * before z, so a wave of co-resident blocks takes kTileGroup token tiles across as many feature
+ * tiles as it holds, and the next wave the next feature tiles of the same token tiles (the last
+ * group may hold fewer token tiles). */
+CU_DEV void block_tile(int &token_tile, int &feature_tile) {
+    const int tiles_y = (int)gridDim.y, per_group = kTileGroup * (int)gridDim.z;
+    const int i = (int)(blockIdx.y + gridDim.y * blockIdx.z), first = i / per_group * kTileGroup;
+    const int size = min(tiles_y - first, kTileGroup), j = i % per_group;
+    token_tile = first + j % size;
+    feature_tile = j / size;
+}
+
 template <int BT, int GS>
 struct WgTile {
     static constexpr int kMinBlocks = BT <= 64 ? 2 : 1;
@@ -679,7 +677,7 @@ __global__ void __launch_bounds__(kThreads, WgTile<BT, GS>::kMinBlocks)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int wg = warp >> 2, wq = warp & 3;
     int token_tile, feature_tile;
-    block_tile(a.group, token_tile, feature_tile);
+    block_tile(token_tile, feature_tile);
     const int f0 = feature_tile * kFeatures, t0 = token_tile * BT;
     const int splits = gridDim.x, split = blockIdx.x;
     const int k_tiles = (a.k + kWgK - 1) / kWgK;
@@ -996,9 +994,7 @@ struct Wgmma {
                                : BT <= 32 && a.M <= 16          ? SplitRule{Fill::AllSlots, 4, 8, 1.1}
                                : BT <= 32 && a.M <= BT          ? SplitRule{Fill::AllSlots, 8, 8, 1.1}
                                                                 : SplitRule{Fill::BusySms, 2, 8, 1.1};
-        GemmArgs g = a;
-        g.group = kTileGroup;
-        return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, rule, g, sms, *maps);
+        return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, rule, a, sms, *maps);
     }
 };
 
@@ -1139,7 +1135,7 @@ cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, 
     if (M <= 0 || w->n <= 0) return cudaSuccess;
     if (!w->group || w->k % 32) return cudaErrorInvalidValue;
     const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), y + w->n0, M,
-                        w->n, w->k, ldy, accumulate, 0, nullptr, 0};
+                        w->n, w->k, ldy, accumulate, 0, nullptr};
     return launch_gemm(st, w, a, sms, wgmma);
 }
 
@@ -1148,6 +1144,6 @@ cudaError_t cu_gemm_q4_swiglu(cudaStream_t st, const CuMat *w, const __nv_bfloat
     if (M <= 0 || w->n <= 0) return cudaSuccess;
     if (!w->group || w->k % 32 || w->n % 2 || w->n0) return cudaErrorInvalidValue;
     const GemmArgs a = {static_cast<const uint4 *>(w->w), w->sz, reinterpret_cast<const uint4 *>(x), nullptr, M,
-                        w->n, w->k, 0, false, w->n / 2, h, 0};
+                        w->n, w->k, 0, false, w->n / 2, h};
     return launch_gemm(st, w, a, sms, wgmma);
 }
