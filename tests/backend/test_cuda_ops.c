@@ -310,7 +310,8 @@ static void check_matmul(const char *what, Part *parts, int n_parts, const int *
 
 /* mlp_add on both backends: x += SwiGLU(RMSNorm(x) gate_up^T) down^T, gate_up = [gate | up]
  * [2I][H], down [H][I]. CUDA fuses the SwiGLU into the int4 GEMV's store (1..3 tokens, I even)
- * and the int4 GEMM's (4..256 tokens, I a multiple of 8) and runs the ops one by one elsewhere.
+ * and the int4 GEMM's (from 4 tokens: any M on Hopper, up to 256 elsewhere; I a multiple of 8)
+ * and runs the ops one by one elsewhere.
  * Error of each element relative to |x0| + sum_i |down_i| (|h_i| + the error bound of h_i from
  * the gate|up product), bound 1e-2 as for the bf16-rounding paths of check_matmul_mode. */
 static void check_mlp(const char *what, Part *gu, Part *dn, const int *Ms, int n_M) {

@@ -844,7 +844,7 @@ void cu_swiglu_matmul_add(Backend *be, float *y, const float *gate_up, int M, in
  * itself and stores SwiGLU's float h (into the caller's scratch) for the down GEMV. (A bf16
  * GEMV re-applies the norm weight for every row group a warp walks, which the H100 measured
  * slower than the separate norm only at lm_head's 24 groups per warp; a gate|up's warps walk a
- * few pairs: Qwen3-8B 2.) 4..256 tokens (int4 GEMM):
+ * few pairs: Qwen3-8B 2.) From 4 tokens on the int4 GEMM (any M on Hopper, up to 256 elsewhere):
  * RMSNorm(x) as bf16, the gate|up GEMM stores SwiGLU's bf16 h in its epilogue, down reads it as
  * it is. Elsewhere (cuBLAS, stacked parts, shapes the kernels do not pair) the ops one by one. */
 void cu_mlp_add(Backend *be, float *x, const float *norm_w, float eps, int M, const Linear *gu, const Linear *down,
