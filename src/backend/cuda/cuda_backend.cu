@@ -14,8 +14,7 @@
  *    tensor-core int4 GEMM (cuda_gemm_q4.cu), which reads the codes (0.5 byte per weight); bf16
  *    parts, and int4 parts at larger M elsewhere, call cuBLAS, int4 weights first dequantized to
  *    a bf16 scratch one matrix at a time (~4.5 bytes per weight, which cuBLAS's higher bf16 rate
- *    outweighs at large M).
- *    See kGemmQ4MaxM for the measurements.
+ *    outweighs at large M). See kGemmQ4MaxM for the measurements.
  *  - The embedding table stays in host memory unless the model asks for it resident (a server),
  *    which keeps ~1.2 GB off the GPU. A bf16 table is then copied into page-locked host memory
  *    that kernels can read (1.25 GB of host memory for Qwen3-8B), so a kernel gathers a step's

@@ -265,8 +265,8 @@ bool cu_gemv_fuses_norm(const CuMat *w, int sms);
 cudaError_t cu_gemm_q4(cudaStream_t st, const CuMat *w, const __nv_bfloat16 *x, int M, float *y, int ldy, int sms,
                        bool accumulate, bool wgmma);
 /* Whether cu_gemm_q4 multiplies w on the Hopper kernel (wgmma as passed to it), which beats
- * dequantizing to bf16 for cuBLAS up to a few thousand tokens; where false, the mma.sync kernel
- * does only up to a few hundred. */
+ * dequantizing to bf16 for cuBLAS at every M; where false, the mma.sync kernel does only up to a
+ * few hundred tokens. */
 bool cu_gemm_q4_wgmma(const CuMat *w, bool wgmma);
 /* Fills w->tma and sets w->tma_ok where the device and driver have the TMA engine (sm_90 and a
  * driver with cuTensorMapEncodeTiled); elsewhere leaves tma_ok false, and cu_gemm_q4 then runs
