@@ -273,22 +273,28 @@ CU_DEV float4 cluster_load(const float *p, int rank) {
     return v;
 }
 
-/* y[m][f .. f + 3] (+)= v, columns past n dropped. */
+/* y[m][f .. f + 3] = v, columns past n dropped. */
 CU_DEV void store_out(const GemmArgs &a, int m, int f, float4 v) {
     float *p = a.y + (size_t)m * a.ldy + f;
     if (f + 4 <= a.n && ((uintptr_t)p & 15) == 0) {
-        float4 *q = reinterpret_cast<float4 *>(p);
-        if (a.accumulate) {
-            const float4 o = *q;
-            v.x += o.x, v.y += o.y, v.z += o.z, v.w += o.w;
-        }
-        *q = v;
+        *reinterpret_cast<float4 *>(p) = v;
         return;
     }
     const float vals[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int e = 0; e < 4; e++)
-        if (f + e < a.n) p[e] = a.accumulate ? p[e] + vals[e] : vals[e];
+        if (f + e < a.n) p[e] = vals[e];
+}
+
+/* y[m][f .. f + 3] as it is (what an accumulating store adds to); columns past n read as 0. */
+CU_DEV float4 load_out(const GemmArgs &a, int m, int f) {
+    const float *p = a.y + (size_t)m * a.ldy + f;
+    if (f + 4 <= a.n && ((uintptr_t)p & 15) == 0) return *reinterpret_cast<const float4 *>(p);
+    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+        if (f + e < a.n) v[e] = p[e];
+    return make_float4(v[0], v[1], v[2], v[3]);
 }
 
 /* The float4 at tile offset p summed over the cluster's blocks (splits > 1) or this block's. */
@@ -326,15 +332,39 @@ CU_DEV void store_tile(const GemmArgs &a, const float *tile, int ld, int f0, int
     const int quads = a.pair ? kQuads / 2 : kQuads, units = BT * quads; /* pairs: gate quads */
     const int u0 = split * units / splits, u1 = (split + 1) * units / splits;
     if (splits > 1) cluster_barrier();
-    for (int u = u0 + threadIdx.x; u < u1; u += kThreads) {
-        const int tk = u / quads, fq = u % quads, m = t0 + tk;
-        const float *p = tile + tk * ld + 4 * fq;
-        if (a.pair) {
-            const int j = f0 / 2 + 4 * fq;
-            if (m < a.M && j < a.pair) store_swiglu(a, m, j, tile_sum(p, splits), tile_sum(p + F / 2, splits));
-        } else {
-            const int f = f0 + 4 * fq;
-            if (m < a.M && f < a.n) store_out(a, m, f, tile_sum(p, splits));
+    if (a.accumulate) {
+        /* y += the sums, kAddBatch units per thread at a time, all of their old values read
+         * before any is written: the compiler must assume a store may alias a later load, so unit
+         * by unit each load waited for its own round trip (32 in a row for a 256-token tile) */
+        constexpr int kAddBatch = 8;
+        for (int u = u0 + threadIdx.x; u < u1; u += kAddBatch * kThreads) {
+            float4 v[kAddBatch], old[kAddBatch];
+#pragma unroll
+            for (int b = 0; b < kAddBatch; b++) {
+                const int ub = u + b * kThreads, tk = ub / quads, f = f0 + 4 * (ub % quads);
+                if (ub >= u1 || t0 + tk >= a.M || f >= a.n) continue;
+                v[b] = tile_sum(tile + tk * ld + 4 * (ub % quads), splits);
+                old[b] = load_out(a, t0 + tk, f);
+            }
+#pragma unroll
+            for (int b = 0; b < kAddBatch; b++) {
+                const int ub = u + b * kThreads, tk = ub / quads, f = f0 + 4 * (ub % quads);
+                if (ub >= u1 || t0 + tk >= a.M || f >= a.n) continue;
+                store_out(a, t0 + tk, f, make_float4(v[b].x + old[b].x, v[b].y + old[b].y, v[b].z + old[b].z,
+                                                     v[b].w + old[b].w));
+            }
+        }
+    } else {
+        for (int u = u0 + threadIdx.x; u < u1; u += kThreads) {
+            const int tk = u / quads, fq = u % quads, m = t0 + tk;
+            const float *p = tile + tk * ld + 4 * fq;
+            if (a.pair) {
+                const int j = f0 / 2 + 4 * fq;
+                if (m < a.M && j < a.pair) store_swiglu(a, m, j, tile_sum(p, splits), tile_sum(p + F / 2, splits));
+            } else {
+                const int f = f0 + 4 * fq;
+                if (m < a.M && f < a.n) store_out(a, m, f, tile_sum(p, splits));
+            }
         }
     }
     if (splits > 1) cluster_barrier(); /* the tile stays readable until every block is done */
