@@ -76,6 +76,7 @@ int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr 
         }
         eo.max_model_len = a->max_model_len;
     }
+    if (a->kv_all_seqs) eo.kv_blocks = eo.max_seqs * ((eo.max_model_len + eo.block_size - 1) / eo.block_size);
     if (!(rt->be = open_backend(a, err))) {
         st_close(random);
         return -1;

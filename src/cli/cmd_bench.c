@@ -2,7 +2,8 @@
  * dispatcher for `quill bench serve` (bench_serve.c), a client for any OpenAI-compatible server.
  *
  * Latency runs B requests of input_len random prompt tokens, each generating output_len tokens
- * (EOS ignored), through the same engine as everything else, and reports the end-to-end latency
+ * (EOS ignored), through the same engine as everything else, all B at once (the KV pool is sized
+ * for the batch and the report says how many sequences a step ran), and reports the end-to-end latency
  * distribution, prefill and decode speed, the time of one decode step, and the memory bandwidth
  * that step achieved next to a bandwidth probe run in the same process. Every run repeats the
  * same prompts, so automatic prefix caching is off here: with it, each run after the first would
@@ -112,6 +113,9 @@ static int bench_latency(int argc, char **argv) {
     ra.max_seqs = batch;
     ra.no_prefix_caching = true; /* the runs repeat the same prompts */
     ra.max_model_len = input_len + output_len;
+    /* the whole batch at once, as vLLM's bench latency runs it (the engine's default 1 GiB pool
+     * holds only ~9 Qwen3-8B sequences of 768 tokens in bf16) */
+    ra.kv_all_seqs = true;
     ra.max_step_tokens = input_len * batch < 2048 ? input_len * batch : 2048;
     if (ra.max_step_tokens < batch) ra.max_step_tokens = batch;
     Runtime rt;
@@ -179,6 +183,7 @@ static int bench_latency(int argc, char **argv) {
                                   "peak_device_bytes", (json_int_t)peak_dev, "peak_rss_bytes",
                                   (json_int_t)peak_rss_bytes(), "prompt_tokens", (json_int_t)st.prompt_tokens,
                                   "prefix_hit_tokens", (json_int_t)st.prefix_hit_tokens);
+            json_object_set_new(o, "peak_step_seqs", json_integer(st.peak_step_seqs));
             json_t *pc = json_object();
             for (size_t i = 0; i < sizeof pcts / sizeof pcts[0]; i++) {
                 char k[16];
@@ -202,6 +207,7 @@ static int bench_latency(int argc, char **argv) {
             printf("decode reads %.3f GB/step (weights %.3f + KV %.3f): %.1f GB/s achieved, probe %.1f GB/s (%.0f%%)\n",
                    (wbytes + kv) / 1e9, wbytes / 1e9, kv / 1e9, gbs, probe, probe > 0 ? 100 * gbs / probe : 0);
             printf("peak memory: device %.3f GB, RSS %.3f GB\n", peak_dev / 1e9, peak_rss_bytes() / 1e9);
+            printf("sequences per step: at most %d\n", st.peak_step_seqs);
             if (rt.eopt.spec_tokens)
                 printf("speculative decoding: %llu of %llu draft tokens kept (%.0f%%); decode figures are per "
                        "token, a step may make several\n",

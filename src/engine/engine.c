@@ -692,6 +692,7 @@ int engine_step(Engine *e) {
 
     pthread_mutex_lock(&e->mu);
     e->stats.steps++;
+    if (out->n_items > e->stats.peak_step_seqs) e->stats.peak_step_seqs = out->n_items;
     e->stats.prompt_tokens += (uint64_t)prompt_tokens;
     e->stats.generated_tokens += generated;
     e->stats.spec_draft_tokens += drafted;

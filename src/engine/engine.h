@@ -42,6 +42,7 @@ typedef struct EngineOptions {
 typedef struct EngineStats {
     int running, waiting;
     int kv_blocks_total, kv_blocks_used;
+    int peak_step_seqs; /* the most sequences one step has run */
     uint64_t steps, prompt_tokens, generated_tokens, preemptions;
     uint64_t prefix_query_tokens, prefix_hit_tokens; /* prompt tokens looked up / served from cache */
     uint64_t spec_draft_tokens, spec_accepted_tokens; /* speculative drafts verified / kept */

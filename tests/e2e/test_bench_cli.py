@@ -1,6 +1,7 @@
 """`quill bench latency` end to end on the CPU: its --json report accounts for the work it timed
 (every run prefills its prompts in full, although the runs repeat the same prompts, so "prefill"
-times a prefill and not a prefix-cache lookup), and bad arguments get one clear message."""
+times a prefill and not a prefix-cache lookup; the batch runs at once), and bad arguments get one
+clear message."""
 import json
 import subprocess
 
@@ -20,6 +21,7 @@ def test_every_run_prefills_in_full(quill_bin, tiny_model):
     assert (out["batch_size"], out["input_len"], out["output_len"], out["iters"]) == (2, 48, 5, 3)
     assert out["prompt_tokens"] == (1 + 3) * 2 * 48
     assert out["prefix_hit_tokens"] == 0
+    assert out["peak_step_seqs"] == 2  # the batch runs at once
     assert 0 < out["avg_prefill_s"] < out["avg_latency_s"]
     assert out["decode_step_ms"] > 0 and out["peak_rss_bytes"] > 0
     p = out["percentiles_s"]
