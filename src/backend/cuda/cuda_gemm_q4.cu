@@ -335,8 +335,10 @@ CU_DEV void store_tile(const GemmArgs &a, const float *tile, int ld, int f0, int
     if (a.accumulate) {
         /* y += the sums, kAddBatch units per thread at a time, all of their old values read
          * before any is written: the compiler must assume a store may alias a later load, so unit
-         * by unit each load waited for its own round trip (32 in a row for a 256-token tile) */
-        constexpr int kAddBatch = 8;
+         * by unit each load waited for its own round trip (32 in a row for a 256-token tile).
+         * Only the one-block-per-SM tiles batch: the batch's registers took the small tiles to
+         * 128 (from 68-95) and 32-token tiles from three blocks per multiprocessor to two. */
+        constexpr int kAddBatch = BT >= 128 ? 8 : 1;
         for (int u = u0 + threadIdx.x; u < u1; u += kAddBatch * kThreads) {
             float4 v[kAddBatch], old[kAddBatch];
 #pragma unroll
