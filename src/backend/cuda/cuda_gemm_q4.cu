@@ -273,17 +273,22 @@ CU_DEV float4 cluster_load(const float *p, int rank) {
     return v;
 }
 
-/* y[m][f .. f + 3] = v, columns past n dropped. */
+/* y[m][f .. f + 3] (+)= v, columns past n dropped. */
 CU_DEV void store_out(const GemmArgs &a, int m, int f, float4 v) {
     float *p = a.y + (size_t)m * a.ldy + f;
     if (f + 4 <= a.n && ((uintptr_t)p & 15) == 0) {
-        *reinterpret_cast<float4 *>(p) = v;
+        float4 *q = reinterpret_cast<float4 *>(p);
+        if (a.accumulate) {
+            const float4 o = *q;
+            v.x += o.x, v.y += o.y, v.z += o.z, v.w += o.w;
+        }
+        *q = v;
         return;
     }
     const float vals[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int e = 0; e < 4; e++)
-        if (f + e < a.n) p[e] = vals[e];
+        if (f + e < a.n) p[e] = a.accumulate ? p[e] + vals[e] : vals[e];
 }
 
 /* y[m][f .. f + 3] as it is (what an accumulating store adds to); columns past n read as 0. */
@@ -332,41 +337,46 @@ CU_DEV void store_tile(const GemmArgs &a, const float *tile, int ld, int f0, int
     const int quads = a.pair ? kQuads / 2 : kQuads, units = BT * quads; /* pairs: gate quads */
     const int u0 = split * units / splits, u1 = (split + 1) * units / splits;
     if (splits > 1) cluster_barrier();
-    if (a.accumulate) {
-        /* y += the sums, kAddBatch units per thread at a time, all of their old values read
-         * before any is written: the compiler must assume a store may alias a later load, so unit
-         * by unit each load waited for its own round trip (32 in a row for a 256-token tile).
-         * Only the one-block-per-SM tiles batch: the batch's registers took the small tiles to
-         * 128 (from 68-95) and 32-token tiles from three blocks per multiprocessor to two. */
-        constexpr int kAddBatch = BT >= 128 ? 8 : 1;
-        for (int u = u0 + threadIdx.x; u < u1; u += kAddBatch * kThreads) {
-            float4 v[kAddBatch], old[kAddBatch];
+    if constexpr (BT >= 128) {
+        if (a.accumulate) {
+            /* y += the sums, 8 units per thread at a time, all of their old values read before
+             * any is written: the compiler must assume a store may alias a later load, so unit by
+             * unit each load waited for its own round trip (32 in a row for a 256-token tile).
+             * Only the one-block-per-SM tiles: the batch's registers took the small tiles to 128
+             * (from 68-95), 32-token tiles from three blocks per multiprocessor to two. */
+            constexpr int kBatch = 8;
+            GemmArgs plain = a;
+            plain.accumulate = false;
+            for (int u = u0 + threadIdx.x; u < u1; u += kBatch * kThreads) {
+                float4 v[kBatch], old[kBatch];
 #pragma unroll
-            for (int b = 0; b < kAddBatch; b++) {
-                const int ub = u + b * kThreads, tk = ub / quads, f = f0 + 4 * (ub % quads);
-                if (ub >= u1 || t0 + tk >= a.M || f >= a.n) continue;
-                v[b] = tile_sum(tile + tk * ld + 4 * (ub % quads), splits);
-                old[b] = load_out(a, t0 + tk, f);
-            }
+                for (int b = 0; b < kBatch; b++) {
+                    const int ub = u + b * kThreads, tk = ub / quads, f = f0 + 4 * (ub % quads);
+                    if (ub >= u1 || t0 + tk >= a.M || f >= a.n) continue;
+                    v[b] = tile_sum(tile + tk * ld + 4 * (ub % quads), splits);
+                    old[b] = load_out(a, t0 + tk, f);
+                }
 #pragma unroll
-            for (int b = 0; b < kAddBatch; b++) {
-                const int ub = u + b * kThreads, tk = ub / quads, f = f0 + 4 * (ub % quads);
-                if (ub >= u1 || t0 + tk >= a.M || f >= a.n) continue;
-                store_out(a, t0 + tk, f, make_float4(v[b].x + old[b].x, v[b].y + old[b].y, v[b].z + old[b].z,
-                                                     v[b].w + old[b].w));
+                for (int b = 0; b < kBatch; b++) {
+                    const int ub = u + b * kThreads, tk = ub / quads, f = f0 + 4 * (ub % quads);
+                    if (ub >= u1 || t0 + tk >= a.M || f >= a.n) continue;
+                    store_out(plain, t0 + tk, f,
+                              make_float4(v[b].x + old[b].x, v[b].y + old[b].y, v[b].z + old[b].z, v[b].w + old[b].w));
+                }
             }
+            if (splits > 1) cluster_barrier();
+            return;
         }
-    } else {
-        for (int u = u0 + threadIdx.x; u < u1; u += kThreads) {
-            const int tk = u / quads, fq = u % quads, m = t0 + tk;
-            const float *p = tile + tk * ld + 4 * fq;
-            if (a.pair) {
-                const int j = f0 / 2 + 4 * fq;
-                if (m < a.M && j < a.pair) store_swiglu(a, m, j, tile_sum(p, splits), tile_sum(p + F / 2, splits));
-            } else {
-                const int f = f0 + 4 * fq;
-                if (m < a.M && f < a.n) store_out(a, m, f, tile_sum(p, splits));
-            }
+    }
+    for (int u = u0 + threadIdx.x; u < u1; u += kThreads) {
+        const int tk = u / quads, fq = u % quads, m = t0 + tk;
+        const float *p = tile + tk * ld + 4 * fq;
+        if (a.pair) {
+            const int j = f0 / 2 + 4 * fq;
+            if (m < a.M && j < a.pair) store_swiglu(a, m, j, tile_sum(p, splits), tile_sum(p + F / 2, splits));
+        } else {
+            const int f = f0 + 4 * fq;
+            if (m < a.M && f < a.n) store_out(a, m, f, tile_sum(p, splits));
         }
     }
     if (splits > 1) cluster_barrier(); /* the tile stays readable until every block is done */
