@@ -5,9 +5,9 @@
  * (EOS ignored), through the same engine as everything else, all B at once (the KV pool is sized
  * for the batch, and the report says how many sequences a step ran), and reports the end-to-end
  * latency distribution, prefill and decode speed, the time of one decode step, and the memory
- * bandwidth that step achieved next to a bandwidth probe run in the same process. Every run repeats the
- * same prompts, so automatic prefix caching is off here: with it, each run after the first would
- * find its prompts cached and "prefill" would time a lookup, not a prefill. */
+ * bandwidth that step achieved next to a bandwidth probe run in the same process. Every run
+ * repeats the same prompts, so automatic prefix caching is off here: with it, each run after the
+ * first would find its prompts cached and "prefill" would time a lookup, not a prefill. */
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -273,24 +273,6 @@ CU_DEV float4 cluster_load(const float *p, int rank) {
     return v;
 }
 
-/* y[m][f .. f + 3] (+)= v, columns past n dropped. */
-CU_DEV void store_out(const GemmArgs &a, int m, int f, float4 v) {
-    float *p = a.y + (size_t)m * a.ldy + f;
-    if (f + 4 <= a.n && ((uintptr_t)p & 15) == 0) {
-        float4 *q = reinterpret_cast<float4 *>(p);
-        if (a.accumulate) {
-            const float4 o = *q;
-            v.x += o.x, v.y += o.y, v.z += o.z, v.w += o.w;
-        }
-        *q = v;
-        return;
-    }
-    const float vals[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int e = 0; e < 4; e++)
-        if (f + e < a.n) p[e] = a.accumulate ? p[e] + vals[e] : vals[e];
-}
-
 /* y[m][f .. f + 3] as it is (what an accumulating store adds to); columns past n read as 0. */
 CU_DEV float4 load_out(const GemmArgs &a, int m, int f) {
     const float *p = a.y + (size_t)m * a.ldy + f;
@@ -300,6 +282,28 @@ CU_DEV float4 load_out(const GemmArgs &a, int m, int f) {
     for (int e = 0; e < 4; e++)
         if (f + e < a.n) v[e] = p[e];
     return make_float4(v[0], v[1], v[2], v[3]);
+}
+
+/* y[m][f .. f + 3] = v, columns past n dropped. */
+CU_DEV void write_out(const GemmArgs &a, int m, int f, float4 v) {
+    float *p = a.y + (size_t)m * a.ldy + f;
+    if (f + 4 <= a.n && ((uintptr_t)p & 15) == 0) {
+        *reinterpret_cast<float4 *>(p) = v;
+        return;
+    }
+    const float vals[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+        if (f + e < a.n) p[e] = vals[e];
+}
+
+/* y[m][f .. f + 3] (+)= v, columns past n dropped. */
+CU_DEV void store_out(const GemmArgs &a, int m, int f, float4 v) {
+    if (a.accumulate) {
+        const float4 o = load_out(a, m, f);
+        v.x += o.x, v.y += o.y, v.z += o.z, v.w += o.w;
+    }
+    write_out(a, m, f, v);
 }
 
 /* The float4 at tile offset p summed over the cluster's blocks (splits > 1) or this block's. */
@@ -345,8 +349,6 @@ CU_DEV void store_tile(const GemmArgs &a, const float *tile, int ld, int f0, int
              * Only the one-block-per-SM tiles: the batch's registers took the small tiles to 128
              * (from 68-95), 32-token tiles from three blocks per multiprocessor to two. */
             constexpr int kBatch = 8;
-            GemmArgs plain = a;
-            plain.accumulate = false;
             for (int u = u0 + threadIdx.x; u < u1; u += kBatch * kThreads) {
                 float4 v[kBatch], old[kBatch];
 #pragma unroll
@@ -360,7 +362,7 @@ CU_DEV void store_tile(const GemmArgs &a, const float *tile, int ld, int f0, int
                 for (int b = 0; b < kBatch; b++) {
                     const int ub = u + b * kThreads, tk = ub / quads, f = f0 + 4 * (ub % quads);
                     if (ub >= u1 || t0 + tk >= a.M || f >= a.n) continue;
-                    store_out(plain, t0 + tk, f,
+                    write_out(a, t0 + tk, f,
                               make_float4(v[b].x + old[b].x, v[b].y + old[b].y, v[b].z + old[b].z, v[b].w + old[b].w));
                 }
             }
