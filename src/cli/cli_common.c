@@ -60,6 +60,7 @@ int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr 
     if (a->max_seqs > 0) eo.max_seqs = a->max_seqs;
     if (a->max_step_tokens > 0) eo.max_step_tokens = a->max_step_tokens;
     eo.kv_bytes = a->kv_bytes;
+    eo.kv_all_seqs = a->kv_all_seqs;
     eo.kv_mem_fraction = a->gpu_mem_util;
     eo.every_logit = a->every_logit;
     eo.prefix_caching = !a->no_prefix_caching;
@@ -76,7 +77,6 @@ int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr 
         }
         eo.max_model_len = a->max_model_len;
     }
-    if (a->kv_all_seqs) eo.kv_blocks = eo.max_seqs * ((eo.max_model_len + eo.block_size - 1) / eo.block_size);
     if (!(rt->be = open_backend(a, err))) {
         st_close(random);
         return -1;

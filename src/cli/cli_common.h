@@ -35,7 +35,7 @@ typedef struct RuntimeArgs {
     bool embed_resident; /* EngineOptions.embed_resident */
     bool need_tokenizer;
     size_t kv_bytes;           /* KV-cache pool budget (0: the engine's default, 1 GiB) */
-    bool kv_all_seqs;          /* instead, a pool that holds max_seqs sequences of max_model_len */
+    bool kv_all_seqs;          /* EngineOptions.kv_all_seqs */
     double gpu_mem_util;       /* > 0: on a GPU, the KV pool fills the device up to this fraction */
     bool no_prefix_caching;    /* turn automatic prefix caching off */
     bool every_logit;          /* EngineOptions.every_logit */

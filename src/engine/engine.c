@@ -91,7 +91,7 @@ static int kv_blocks_for(const EngineOptions *o, const QwenConfig *cfg) {
     long blocks = (long)(budget / (per_token * o->block_size));
     long one_seq = (o->max_model_len + o->block_size - 1) / o->block_size;
     long all = one_seq * o->max_seqs;
-    if (blocks > all) blocks = all;
+    if (blocks > all || o->kv_all_seqs) blocks = all;
     if (blocks < one_seq) blocks = one_seq; /* at least one full-length request must fit */
     return (int)blocks;
 }

@@ -20,6 +20,7 @@ typedef struct EngineOptions {
     int max_model_len;   /* prompt + output limit per request */
     int kv_blocks;       /* 0: sized by kv_bytes */
     size_t kv_bytes;     /* KV pool budget when kv_blocks is 0 (0: 1 GiB) */
+    bool kv_all_seqs;    /* instead of kv_bytes: a pool for max_seqs sequences of max_model_len */
     double kv_mem_fraction; /* > 0: ModelOptions.kv_mem_fraction (the budget then applies only
                                where the backend cannot report device memory) */
     int kv_value_bytes;  /* bytes of one cached K or V value in the backend (0: 4, float32) */

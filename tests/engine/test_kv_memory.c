@@ -2,7 +2,8 @@
  * serve's --gpu-memory-utilization): it never takes more than the fraction leaves after what is
  * already in use, grows with the free memory, stops at max_seqs full-length requests, refuses
  * clearly when not one request fits, and is not used where the backend cannot report device
- * memory. Runs tiny-qwen3's random weights on the CPU backend with its op table copied and a
+ * memory. Also the pool of EngineOptions.kv_all_seqs (bench latency's whole batch at once), which
+ * the 1 GiB byte budget would cap. Runs tiny-qwen3's random weights on the CPU backend with its op table copied and a
  * mem_free op injected that reports a device of the test's choosing. */
 #include <stdbool.h>
 #include <stdlib.h>
@@ -86,6 +87,20 @@ int main(void) {
     long n4 = pool_blocks(be, 0.9, 4, &err);
     CHECK(n4 < 0 && strstr(err.msg, "--gpu-memory-utilization") && strstr(err.msg, "256-token"),
           "120 MB free of 1 GiB refused: %ld, '%s'", n4, n4 < 0 ? err.msg : "");
+
+    /* kv_all_seqs: Qwen3-8B's KV geometry (36 layers x 8 kv heads x 128, bf16: 147456 bytes per
+     * token), 64 sequences of 768 tokens: the 1 GiB budget holds 455 blocks of 16 tokens, the
+     * batch needs 64 x 48 */
+    QwenConfig big = cfg;
+    big.num_hidden_layers = 36, big.num_key_value_heads = 8, big.head_dim = 128;
+    EngineOptions eo = engine_default_options(&big);
+    eo.max_seqs = 64, eo.max_model_len = 768, eo.kv_value_bytes = 2;
+    const long budget_blocks = (long)(((size_t)1 << 30) / ((size_t)36 * 2 * 8 * 128 * 2 * 16));
+    CHECK(engine_model_options(&eo, &big).kv_blocks == budget_blocks, "1 GiB budget: %d blocks, want %ld",
+          engine_model_options(&eo, &big).kv_blocks, budget_blocks);
+    eo.kv_all_seqs = true;
+    CHECK(engine_model_options(&eo, &big).kv_blocks == 64 * 48, "kv_all_seqs: %d blocks, want %d",
+          engine_model_options(&eo, &big).kv_blocks, 64 * 48);
 
     be->ops->destroy(be);
     return test_finish();
