@@ -7,7 +7,8 @@
 # whether two variants compiled to identical code) before spending GPU time on it.
 #
 # Usage: scripts/sass.sh FILE [NAME]   (NAME: print only functions whose mangled name contains it,
-#        e.g. gemm_q4_wgILi64ELi2E; ptxas's register and spill report goes to stderr)
+#        e.g. gemm_q4_wgILi64ELi2E; ptxas's register and spill report goes to stderr, with its
+#        performance warnings: C7512, wgmma serialized for want of registers, costs more than a spill)
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 file=${1:?usage: scripts/sass.sh FILE [NAME]}
@@ -23,7 +24,7 @@ fi
 PATH=$tools/nvidia/cu13/bin:$PATH
 cubin=$tools/$(basename "$file" .cu).cubin
 nvcc -O3 -std=c++17 -arch=sm_90a -cubin -I"$root/src" -D_GNU_SOURCE --use_fast_math -lineinfo -Xptxas -v \
-    "$file" -o "$cubin" 2>&1 | grep -E "Compiling entry|spill|Used [0-9]+ registers" >&2 || true
+    "$file" -o "$cubin" 2>&1 | grep -E "Compiling entry|spill|Used [0-9]+ registers|Potential Performance Loss" >&2 || true
 "$cuobjdump" -sass "$cubin" | awk -v name="$name" '
     /Function : / { show = name == "" || index($0, name) > 0 }
     show'
