@@ -85,13 +85,14 @@ EngineOptions engine_default_options(const QwenConfig *cfg) {
 
 static int kv_blocks_for(const EngineOptions *o, const QwenConfig *cfg) {
     if (o->kv_blocks > 0) return o->kv_blocks;
+    long one_seq = (o->max_model_len + o->block_size - 1) / o->block_size;
+    long all = one_seq * o->max_seqs;
+    if (o->kv_all_seqs) return (int)all;
     size_t value_bytes = o->kv_value_bytes > 0 ? (size_t)o->kv_value_bytes : sizeof(float);
     size_t per_token = (size_t)cfg->num_hidden_layers * 2 * cfg->num_key_value_heads * cfg->head_dim * value_bytes;
     size_t budget = o->kv_bytes ? o->kv_bytes : (size_t)1 << 30;
     long blocks = (long)(budget / (per_token * o->block_size));
-    long one_seq = (o->max_model_len + o->block_size - 1) / o->block_size;
-    long all = one_seq * o->max_seqs;
-    if (blocks > all || o->kv_all_seqs) blocks = all;
+    if (blocks > all) blocks = all;
     if (blocks < one_seq) blocks = one_seq; /* at least one full-length request must fit */
     return (int)blocks;
 }

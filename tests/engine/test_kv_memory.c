@@ -3,8 +3,8 @@
  * already in use, grows with the free memory, stops at max_seqs full-length requests, refuses
  * clearly when not one request fits, and is not used where the backend cannot report device
  * memory. Also the pool of EngineOptions.kv_all_seqs (bench latency's whole batch at once), which
- * the 1 GiB byte budget would cap. Runs tiny-qwen3's random weights on the CPU backend with its op table copied and a
- * mem_free op injected that reports a device of the test's choosing. */
+ * the 1 GiB byte budget would cap. Runs tiny-qwen3's random weights on the CPU backend with its
+ * op table copied and a mem_free op injected that reports a device of the test's choosing. */
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -96,11 +96,11 @@ int main(void) {
     EngineOptions eo = engine_default_options(&big);
     eo.max_seqs = 64, eo.max_model_len = 768, eo.kv_value_bytes = 2;
     const long budget_blocks = (long)(((size_t)1 << 30) / ((size_t)36 * 2 * 8 * 128 * 2 * 16));
-    CHECK(engine_model_options(&eo, &big).kv_blocks == budget_blocks, "1 GiB budget: %d blocks, want %ld",
-          engine_model_options(&eo, &big).kv_blocks, budget_blocks);
+    const int by_budget = engine_model_options(&eo, &big).kv_blocks;
+    CHECK(by_budget == budget_blocks, "1 GiB budget: %d blocks, want %ld", by_budget, budget_blocks);
     eo.kv_all_seqs = true;
-    CHECK(engine_model_options(&eo, &big).kv_blocks == 64 * 48, "kv_all_seqs: %d blocks, want %d",
-          engine_model_options(&eo, &big).kv_blocks, 64 * 48);
+    const int whole_batch = engine_model_options(&eo, &big).kv_blocks;
+    CHECK(whole_batch == 64 * 48, "kv_all_seqs: %d blocks, want %d", whole_batch, 64 * 48);
 
     be->ops->destroy(be);
     return test_finish();
