@@ -9,8 +9,9 @@
 # Environment: PRESET (qwen3-8b), DTYPES ("int4 bf16"), CONC ("1 8 64 256"), IN (512), OUT_LEN (256),
 #              KV (the --kv-cache-memory, 32G: 256 sequences of 768 tokens need 28.3 GB in bf16),
 #              BATCHED (--max-num-batched-tokens, 8192: the prefill chunk, vLLM's and quill serve's
-#              default on a GPU of 70 GiB or more). Start CONC at 1: the first requests after the
-#              server starts pay for graph captures and cuBLAS set-up.
+#              default on a GPU of 70 GiB or more), SERVE_ARGS (more `quill serve` options, e.g.
+#              "--kv-cache-dtype fp8"; TAG names their output files). Start CONC at 1: the first
+#              requests after the server starts pay for graph captures and cuBLAS set-up.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${1:-$root/build-gpu}
@@ -30,7 +31,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for dtype in ${DTYPES:-int4 bf16}; do
     "$build/quill" serve --random-weights "$preset" --dtype "$dtype" --port $port --max-num-seqs 256 \
         --max-num-batched-tokens "${BATCHED:-8192}" \
-        --kv-cache-memory "${KV:-32G}" --disable-log-requests 2>"$out/serve_$dtype.log" &
+        --kv-cache-memory "${KV:-32G}" --disable-log-requests ${SERVE_ARGS:-} 2>"$out/serve_$dtype${TAG:-}.log" &
     server=$!
     for _ in $(seq 300); do
         healthy && break
@@ -39,16 +40,16 @@ for dtype in ${DTYPES:-int4 bf16}; do
     done
     if ! healthy; then
         echo "serve ($dtype) did not come up:"
-        tail -5 "$out/serve_$dtype.log"
+        tail -5 "$out/serve_$dtype${TAG:-}.log"
         kill $server 2>/dev/null
         continue
     fi
     for c in ${CONC:-1 8 64 256}; do
         n=$((2 * c > 16 ? 2 * c : 16))
-        echo "== $preset $dtype, concurrency $c, $n prompts, ${IN:-512} in / ${OUT_LEN:-256} out"
+        echo "== $preset $dtype ${SERVE_ARGS:-}, concurrency $c, $n prompts, ${IN:-512} in / ${OUT_LEN:-256} out"
         timeout 300 "$build/quill" bench serve --base-url "http://127.0.0.1:$port" --model "$preset" \
             --dataset random --input-len "${IN:-512}" --output-len "${OUT_LEN:-256}" --num-prompts $n \
-            --max-concurrency "$c" --ignore-eos --json "$out/serve_${dtype}_c$c.json" 2>&1 |
+            --max-concurrency "$c" --ignore-eos --json "$out/serve_${dtype}${TAG:-}_c$c.json" 2>&1 |
             grep -E "throughput|TTFT|TPOT|ITL|Successful|Failed|duration" | grep -vE "P99|Median ITL"
     done
     kill -INT $server

@@ -34,10 +34,18 @@ typedef struct LinearSource {
     int group_size;
 } LinearSource;
 
+/* What the KV cache stores per value. KV_AUTO: the backend's own type (kv_value_bytes: float32
+ * on the CPU, bf16 on CUDA). KV_FP8: float8 e4m3 with a unit scale (vLLM's --kv-cache-dtype fp8
+ * without calibrated scales), each K and V value rounded to nearest even and saturated at +-448
+ * (util/fp8.h), one byte: half a bf16 cache's memory and half the bytes decode attention reads. */
+typedef enum KvDtype { KV_AUTO = 0, KV_FP8 = 1 } KvDtype;
+
 /* Shape of the paged KV cache: per layer, K and V pools of n_blocks x block_size token slots,
- * each n_kv_heads x head_dim. Blocks are numbered 0..n_blocks-1 and shared by all layers. */
+ * each n_kv_heads x head_dim values of type dtype. Blocks are numbered 0..n_blocks-1 and shared
+ * by all layers. */
 typedef struct KVShape {
     int n_layers, n_blocks, block_size, n_kv_heads, head_dim;
+    KvDtype dtype;
 } KVShape;
 
 /* Per-step attention metadata (device pointers). The step's tokens form one flat batch; the
@@ -71,7 +79,7 @@ typedef struct AttnHeads {
 
 typedef struct BackendOps {
     const char *name;
-    int kv_value_bytes; /* bytes of one cached K or V value (what kv_alloc's pools hold) */
+    int kv_value_bytes; /* bytes of one cached K or V value of dtype KV_AUTO (KV_FP8: 1) */
     void (*destroy)(Backend *be);
 
     /* memory */
@@ -174,6 +182,12 @@ typedef struct BackendOps {
 struct Backend {
     const BackendOps *ops;
 };
+
+/* Bytes of one cached K or V value of dtype on a backend with op table ops: what every KV
+ * memory figure (pool sizing, bandwidth reports) multiplies by. */
+static inline int kv_dtype_bytes(const BackendOps *ops, KvDtype dtype) {
+    return dtype == KV_FP8 ? 1 : ops->kv_value_bytes;
+}
 
 /* The CPU backend with n_threads workers (0 = all online CPUs). Never fails except on OOM. */
 Backend *cpu_backend_create(int n_threads, QErr *err);

@@ -81,7 +81,8 @@ int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr 
         st_close(random);
         return -1;
     }
-    eo.kv_value_bytes = rt->be->ops->kv_value_bytes;
+    eo.kv_dtype = a->kv_dtype;
+    eo.kv_value_bytes = kv_dtype_bytes(rt->be->ops, a->kv_dtype);
     if (a->max_step_tokens <= 0 && a->serve_steps && rt->be->ops->mem_free)
         eo.max_step_tokens = serve_step_tokens(rt->be);
     ModelOptions mo = engine_model_options(&eo, &cfg);
@@ -292,6 +293,10 @@ int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err)
         a->device = v;
     } else if (!strcmp(f, "-t") || !strcmp(f, "--threads")) {
         if (parse_int(f, v, 0, 4096, &a->threads, err)) return -1;
+    } else if (!strcmp(f, "--kv-cache-dtype")) {
+        if (!v || (strcmp(v, "auto") && strcmp(v, "fp8") && strcmp(v, "fp8_e4m3")))
+            return qerr_set(err, "--kv-cache-dtype must be auto, fp8 or fp8_e4m3 (got '%s')", v ? v : "nothing");
+        a->kv_dtype = strcmp(v, "auto") ? KV_FP8 : KV_AUTO;
     } else {
         return 0;
     }

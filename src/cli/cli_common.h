@@ -37,6 +37,7 @@ typedef struct RuntimeArgs {
     size_t kv_bytes;           /* KV-cache pool budget (0: the engine's default, 1 GiB) */
     bool kv_all_seqs;          /* EngineOptions.kv_all_seqs */
     double gpu_mem_util;       /* > 0: on a GPU, the KV pool fills the device up to this fraction */
+    KvDtype kv_dtype;          /* --kv-cache-dtype (EngineOptions.kv_dtype) */
     bool no_prefix_caching;    /* turn automatic prefix caching off */
     bool every_logit;          /* EngineOptions.every_logit */
     const char *random_preset; /* build this preset's random weights in memory instead of a dir */
@@ -66,10 +67,10 @@ int parse_sampling_flag(int argc, char **argv, int *i, SamplingParams *p, QErr *
  * naming the flag. */
 int parse_bytes(const char *name, const char *s, size_t *out, QErr *err);
 
-/* If argv[*i] is --device, -t/--threads or --speculative-config (vLLM's: {"method": "ngram",
- * "num_speculative_tokens": K, "prompt_lookup_max": N, "prompt_lookup_min": M}), consumes it and
- * its value into a and returns 1; returns 0 if it is not one; -1 with err on a missing or bad
- * value. */
+/* If argv[*i] is --device, -t/--threads, --kv-cache-dtype (vLLM's: auto, or fp8 = fp8_e4m3) or
+ * --speculative-config (vLLM's: {"method": "ngram", "num_speculative_tokens": K,
+ * "prompt_lookup_max": N, "prompt_lookup_min": M}), consumes it and its value into a and returns
+ * 1; returns 0 if it is not one; -1 with err on a missing or bad value. */
 int parse_runtime_flag(int argc, char **argv, int *i, RuntimeArgs *a, QErr *err);
 /* With speculative decoding on, adds the engine's counts so far to o (spec_draft_tokens,
  * spec_accepted_tokens); nothing otherwise. */

@@ -28,6 +28,7 @@ static void usage(FILE *f) {
             "  --iters N         timed runs (default 3); --warmup N untimed runs (default 1); every\n"
             "                    run prefills its prompts in full (prefix caching is off)\n"
             "  --device cpu|cuda, -t/--threads N, --json (one JSON object on stdout)\n"
+            "  --kv-cache-dtype auto|fp8  as `quill run --help`\n"
             "  --speculative-config JSON  as `quill run --help` (random prompts rarely repeat)\n"
             "       quill bench serve --help   (serving benchmark client)\n");
 }
@@ -167,7 +168,8 @@ static int bench_latency(int argc, char **argv) {
         size_t wbytes = model_weight_bytes_per_step(m);
         /* KV read per decode step: every sequence reads its context (average length). */
         double kv = (double)batch * (input_len + output_len / 2.0) * m->cfg.num_hidden_layers * 2 *
-                    m->cfg.num_key_value_heads * m->cfg.head_dim * (be->ops->graph_replay ? 2 : 4);
+                    m->cfg.num_key_value_heads * m->cfg.head_dim * kv_dtype_bytes(be->ops, m->kv_shape.dtype);
+        const char *kv_name = m->kv_shape.dtype == KV_FP8 ? "fp8_e4m3" : "auto";
         double gbs = step_ms > 0 ? ((double)wbytes + kv) / (step_ms * 1e-3) / 1e9 : 0;
         size_t peak_dev = 0;
         if (be->ops->mem_used) be->ops->mem_used(be, &peak_dev);
@@ -184,6 +186,8 @@ static int bench_latency(int argc, char **argv) {
                                   (json_int_t)peak_rss_bytes(), "prompt_tokens", (json_int_t)st.prompt_tokens,
                                   "prefix_hit_tokens", (json_int_t)st.prefix_hit_tokens);
             json_object_set_new(o, "peak_step_seqs", json_integer(st.peak_step_seqs));
+            json_object_set_new(o, "kv_cache_dtype", json_string(kv_name));
+            json_object_set_new(o, "kv_bytes_per_step", json_integer((json_int_t)kv));
             json_t *pc = json_object();
             for (size_t i = 0; i < sizeof pcts / sizeof pcts[0]; i++) {
                 char k[16];
@@ -197,8 +201,8 @@ static int bench_latency(int argc, char **argv) {
             free(str);
             json_decref(o);
         } else {
-            printf("device %s | batch %d | input %d | output %d | %d iters\n", be->ops->name, batch, input_len, output_len,
-                   iters);
+            printf("device %s | KV cache %s | batch %d | input %d | output %d | %d iters\n", be->ops->name, kv_name, batch,
+                   input_len, output_len, iters);
             printf("Avg latency: %.4f s\n", avg);
             for (size_t i = 0; i < sizeof pcts / sizeof pcts[0]; i++)
                 printf("%g%% percentile latency: %.4f s\n", pcts[i], percentile(sorted, iters, pcts[i]));

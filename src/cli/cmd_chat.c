@@ -19,7 +19,7 @@ static void usage(FILE *f) {
             "  --no-think             disable Qwen3's thinking\n"
             "  -n, --max-tokens N     tokens per answer at most (default 2048)\n"
             "  sampling flags, --json-object, --json-schema, --choice as in `quill run --help`;\n"
-            "  --device, --threads, --speculative-config\n"
+            "  --device, --threads, --kv-cache-dtype, --speculative-config\n"
             "Type a message and press Enter. /reset clears the history, /exit (or Ctrl-D) quits.\n");
 }
 

@@ -24,7 +24,7 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: quill eval perplexity MODEL_DIR --file TEXT [--ctx 512] [--batch N] [--json]\n"
             "       quill eval compare BASE_DIR QUANT_DIR... --file TEXT [--ctx 512] [--batch N] [--json]\n"
-            "  --device cpu|cuda, -t/--threads N\n");
+            "  --device cpu|cuda, -t/--threads N, --kv-cache-dtype auto|fp8 (as `quill run --help`)\n");
 }
 
 /* Running sums of one model's scores. */

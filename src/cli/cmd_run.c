@@ -31,6 +31,8 @@ static void usage(FILE *f) {
             "  --json                 print one JSON object instead of streaming text\n"
             "  --device cpu|cuda      where to run (default: cuda if available)\n"
             "  -t, --threads N        CPU threads (default: all cores)\n"
+            "  --kv-cache-dtype auto|fp8|fp8_e4m3  what the KV cache stores: auto, the device's own\n"
+            "                         type (float32 on the CPU, bf16 on a GPU), or float8 e4m3 (fp8)\n"
             "  --speculative-config JSON  speculative decoding by n-gram lookup, as vLLM's:\n"
             "                         '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'\n"
             "                         (prompt_lookup_max 4, prompt_lookup_min 2 by default)\n");

@@ -36,6 +36,9 @@ static void usage(FILE *f) {
             "  --no-enable-prefix-caching   do not reuse the KV blocks of shared prompt prefixes\n"
             "  --device cpu|cuda            where to run (default: cuda if available)\n"
             "  -t, --threads N              CPU threads (default: all cores)\n"
+            "  --kv-cache-dtype auto|fp8|fp8_e4m3  what the KV cache stores: auto, the device's own type\n"
+            "                               (float32 on the CPU, bf16 on a GPU), or float8 e4m3 (fp8,\n"
+            "                               unit scale): one byte a value, so more blocks in the memory\n"
             "  --speculative-config JSON    speculative decoding by n-gram lookup, e.g.\n"
             "                               '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'\n"
             "                               (prompt_lookup_max 4, _min 2 by default); while at most 4\n"
@@ -155,10 +158,11 @@ int cmd_serve(int argc, char **argv) {
     }
     fprintf(stderr,
             "quill serve: model %s (max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d, %d KV blocks "
-            "of %d tokens)\n"
+            "of %d tokens%s)\n"
             "quill serve: listening on http://%s%s%s:%d\n",
             so.model_name, rt.eopt.max_model_len, rt.eopt.max_seqs, rt.eopt.max_step_tokens,
-            engine_stats(rt.engine).kv_blocks_total, rt.eopt.block_size, strchr(so.host, ':') ? "[" : "", so.host,
+            engine_stats(rt.engine).kv_blocks_total, rt.eopt.block_size,
+            rt.eopt.kv_dtype == KV_FP8 ? ", kv_cache_dtype fp8_e4m3" : "", strchr(so.host, ':') ? "[" : "", so.host,
             strchr(so.host, ':') ? "]" : "",
             server_port(s));
     fflush(stderr);

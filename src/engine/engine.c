@@ -143,6 +143,7 @@ ModelOptions engine_model_options(const EngineOptions *o, const QwenConfig *cfg)
         .kv_blocks = kv_blocks_for(o, cfg),
         .kv_mem_fraction = o->kv_mem_fraction,
         .block_size = o->block_size,
+        .kv_dtype = o->kv_dtype,
         .embed_resident = o->embed_resident,
     };
 }

@@ -23,7 +23,9 @@ typedef struct EngineOptions {
     bool kv_all_seqs;    /* instead of kv_bytes: a pool for max_seqs sequences of max_model_len */
     double kv_mem_fraction; /* > 0: ModelOptions.kv_mem_fraction (the budget then applies only
                                where the backend cannot report device memory) */
-    int kv_value_bytes;  /* bytes of one cached K or V value in the backend (0: 4, float32) */
+    KvDtype kv_dtype;    /* ModelOptions.kv_dtype */
+    int kv_value_bytes;  /* bytes of one cached K or V value: kv_dtype_bytes(backend, kv_dtype)
+                            (0: 4, float32) */
     int block_size;      /* 16 */
     bool prefix_caching; /* reuse KV blocks of identical prompt prefixes (default on) */
     bool embed_resident; /* ModelOptions.embed_resident (a server's choice: default off) */

@@ -203,7 +203,7 @@ static long kv_blocks_by_memory(const Model *m, long cap) {
     size_t reserve = (size_t)m->opt.max_step_tokens * ((size_t)c->intermediate_size * 2 + (size_t)c->hidden_size * 4) +
                      (size_t)c->intermediate_size * c->hidden_size * 2 + ((size_t)256 << 20);
     size_t per_block = (size_t)c->num_hidden_layers * 2 * c->num_key_value_heads * c->head_dim *
-                       be->ops->kv_value_bytes * m->opt.block_size;
+                       kv_dtype_bytes(be->ops, m->opt.kv_dtype) * m->opt.block_size;
     if (avail <= keep + reserve || per_block == 0) return 0;
     long fit = (long)((avail - keep - reserve) / per_block);
     return fit < cap ? fit : cap;
@@ -297,6 +297,7 @@ Model *model_create(const QwenConfig *cfg, const GenConfig *gen, StModel *st, Ba
         .block_size = m->opt.block_size,
         .n_kv_heads = c->num_key_value_heads,
         .head_dim = c->head_dim,
+        .dtype = m->opt.kv_dtype,
     };
     if (!(m->kv = be->ops->kv_alloc(be, &m->kv_shape, err))) goto fail;
     free(L.used);

@@ -38,6 +38,7 @@ typedef struct ModelOptions {
                                fraction of the device (vLLM's --gpu-memory-utilization), at most
                                max_seqs x max_ctx */
     int block_size;       /* tokens per KV block (16) */
+    KvDtype kv_dtype;     /* what the KV cache stores (KV_AUTO: the backend's own type) */
     bool embed_resident;  /* the embedding table in device memory (BackendOps.embedding_load) */
 } ModelOptions;
 

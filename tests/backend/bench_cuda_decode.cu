@@ -8,7 +8,7 @@
  *   nvcc -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc \
  *        tests/backend/bench_cuda_decode.cu build-gpu/libquill_cuda.a -lcublas -o /tmp/bench
  *   /tmp/bench [--dtype int4|bf16] [--ctx N] [--layers L] [--reps R] [--profile] [--matmul-m LIST]
- *              [--attn-seqs LIST] [--prefill-seqs LIST]
+ *              [--attn-seqs LIST] [--prefill-seqs LIST] [--kv-dtype bf16|fp8]
  *
  * --profile runs one decode step eagerly and exits (for ncu: the step's kernels, nothing else).
  * --matmul-m 1,16,128,... times, for each M of the list instead of the decode step, one step's
@@ -19,6 +19,7 @@
  * the plain matmul step converts every float input to bf16 from 4 tokens). --attn-seqs 1,64,...
  * times instead one step's L decode attentions for that many sequences of context --ctx each;
  * --prefill-seqs the same for prefill chunks (every sequence's --ctx tokens at once).
+ * --kv-dtype fp8: the KV cache in float8 e4m3 (KvDtype KV_FP8) instead of bf16.
  * The layer sequence is model_forward's (src/model/qwen3.c), issued through the backend table. */
 #include <math.h>
 #include <stdio.h>
@@ -269,14 +270,14 @@ int matmul_steps(Bench *b, const int *Ms, int n_M, bool q4, int reps) {
  * Distinct KV blocks per sequence, so the cache is read from HBM as in serving; the cache is
  * filled once (qk-norm + rope + store of every token) before the timing. Returns nonzero on a
  * CUDA error. */
-int attention_steps(Bench *b, const int *Ss, int n_S, int ctx, bool prefill, int reps) {
+int attention_steps(Bench *b, const int *Ss, int n_S, int ctx, bool prefill, int reps, KvDtype kv_dtype) {
     const BackendOps *op = b->op;
     int max_s = 1;
     for (int i = 0; i < n_S; i++) max_s = Ss[i] > max_s ? Ss[i] : max_s;
     const int mb = (ctx + BS - 1) / BS, W = (NH + 2 * NKV) * HD, nq = prefill ? ctx : 1;
     const size_t max_t = (size_t)max_s * ctx;
     QErr err;
-    KVShape ks = {b->L, max_s * mb, BS, NKV, HD};
+    KVShape ks = {b->L, max_s * mb, BS, NKV, HD, kv_dtype};
     if (!(b->kv = op->kv_alloc(b->be, &ks, &err))) die("kv_alloc", err);
     float *qkv = (float *)op->alloc(b->be, max_t * W * 4), *out = (float *)op->alloc(b->be, max_t * NH * HD * 4);
     float *cs = (float *)op->alloc(b->be, max_t * HD * 4);
@@ -285,7 +286,8 @@ int attention_steps(Bench *b, const int *Ss, int n_S, int ctx, bool prefill, int
     if (!qkv || !out || !cs || !d) die("attention buffers", err);
     float *xq = (float *)malloc(max_t * W * 4);
     for (size_t i = 0; i < max_t * W; i++) xq[i] = (float)((int)(next() % 2001) - 1000) * 1e-3f;
-    printf("%s attention, ctx %d, %d layers (graph), KV bf16\n", prefill ? "prefill" : "decode", ctx, b->L);
+    printf("%s attention, ctx %d, %d layers (graph), KV %s\n", prefill ? "prefill" : "decode", ctx, b->L,
+           kv_dtype == KV_FP8 ? "fp8 e4m3" : "bf16");
     for (int i = 0; i < n_S; i++) {
         const int S = Ss[i], T = S * nq;
         int32_t *q_start = h, *ctx_len = q_start + S + 1, *tables = ctx_len + S, *pos = tables + (size_t)S * mb,
@@ -311,7 +313,7 @@ int attention_steps(Bench *b, const int *Ss, int n_S, int ctx, bool prefill, int
                 op->attention(b->be, out, qkv, &heads, cs, b->kv, l, &m);
             }
         }, reps, prefill ? 1 : 5, false, NULL);
-        const double kv_bytes = (double)S * ctx * NKV * HD * 2 * 2 * b->L;
+        const double kv_bytes = (double)S * ctx * NKV * HD * 2 * (kv_dtype == KV_FP8 ? 1 : 2) * b->L;
         const double flops = 4.0 * HD * NH * b->L * S * (prefill ? (double)ctx * (ctx + 1) / 2 : (double)ctx);
         printf("  attention S=%-4d time=%8.3f ms  (%6.1f us per layer)  KV %.2f GB at %5.0f GB/s  %6.1f TFLOP/s\n", S,
                t * 1e3, t * 1e6 / b->L, kv_bytes / 1e9, kv_bytes / t / 1e9, flops / t / 1e12);
@@ -330,6 +332,7 @@ int main(int argc, char **argv) {
     bool profile = false;
     int mm[32], n_mm = 0, as[32], n_as = 0;
     bool prefill_attn = false;
+    KvDtype kv_dtype = KV_AUTO;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--dtype") && i + 1 < argc) {
             q4 = !strcmp(argv[++i], "int4");
@@ -339,6 +342,8 @@ int main(int argc, char **argv) {
             L = atoi(argv[++i]);
         } else if (!strcmp(argv[i], "--reps") && i + 1 < argc) {
             reps = atoi(argv[++i]);
+        } else if (!strcmp(argv[i], "--kv-dtype") && i + 1 < argc) {
+            kv_dtype = !strcmp(argv[++i], "fp8") ? KV_FP8 : KV_AUTO;
         } else if (!strcmp(argv[i], "--profile")) {
             profile = true;
         } else if ((!strcmp(argv[i], "--matmul-m") || !strcmp(argv[i], "--attn-seqs") ||
@@ -352,7 +357,8 @@ int main(int argc, char **argv) {
             }
         } else {
             fprintf(stderr, "usage: %s [--dtype int4|bf16] [--ctx N] [--layers L] [--reps R] [--profile]"
-                            " [--matmul-m M,M,...] [--attn-seqs S,S,...] [--prefill-seqs S,S,...]\n", argv[0]);
+                            " [--matmul-m M,M,...] [--attn-seqs S,S,...] [--prefill-seqs S,S,...]"
+                            " [--kv-dtype bf16|fp8]\n", argv[0]);
             return 2;
         }
     }
@@ -401,7 +407,7 @@ int main(int argc, char **argv) {
     op->to_device(b.be, b.inv_freq, inv, sizeof inv);
     double t_load = now_s() - t0;
     if (n_mm || n_as) {
-        int rc = n_mm ? matmul_steps(&b, mm, n_mm, q4, reps) : attention_steps(&b, as, n_as, ctx, prefill_attn, reps);
+        int rc = n_mm ? matmul_steps(&b, mm, n_mm, q4, reps) : attention_steps(&b, as, n_as, ctx, prefill_attn, reps, kv_dtype);
         free(ones);
         free_host_linear(&hq), free_host_linear(&hk), free_host_linear(&hv), free_host_linear(&ho);
         free_host_linear(&hg), free_host_linear(&hu), free_host_linear(&hd), free_host_linear(&hlm);
@@ -411,7 +417,7 @@ int main(int argc, char **argv) {
     }
 
     const int T = ctx - 1, max_blocks = (ctx + BS - 1) / BS;
-    KVShape ks = {L, max_blocks, BS, NKV, HD};
+    KVShape ks = {L, max_blocks, BS, NKV, HD, kv_dtype};
     if (!(b.kv = op->kv_alloc(b.be, &ks, &err))) die("kv_alloc", err);
     struct {
         float **p;

@@ -4,7 +4,8 @@
  * GEMVs at M = 1, the int4 tensor-core GEMMs and the cuBLAS paths above; outputs poisoned first,
  * canaries after them), gather_rows (also in place), rope_cos_sin, attention (with its q / k
  * norm, rope and K/V store) over a paged cache with shuffled block tables (prefill, chunked
- * prefill, mixed steps and split-KV decode, at head_dim 64, 128 and 256 and GQA 1..8), embed,
+ * prefill, mixed steps and split-KV decode, at head_dim 64, 128 and 256 and GQA 1..8, bf16 and e4m3
+ * caches), embed,
  * CUDA graph capture and replay of a decode step (with new metadata, and with the int4 GEMM
  * inside the capture), device sampling against the host sampler with the same uniforms, memory
  * accounting, and that no CUDA error was recorded.
@@ -30,6 +31,7 @@ int main(void) {
 #include "backend/cuda/cuda_backend.h"
 #include "model/sampler.h"
 #include "util/bf16.h"
+#include "util/fp8.h"
 
 static Backend *cpu, *gpu;
 
@@ -625,16 +627,18 @@ static void build_meta(HostMeta *h, SeqState *seqs, const int *ids, const int *n
 
 typedef struct AttnRig {
     int nh, nkv, hd;
+    KvDtype dtype; /* of both caches */
     void *kv_c, *kv_g;
     float *qn_c, *kn_c, *qn_g, *kn_g, *inv_c, *inv_g;
     float qn[256], kn[256], inv[128];
 } AttnRig;
 
-static void rig_init(AttnRig *r, int nh, int nkv, int hd, int n_blocks) {
+static void rig_init(AttnRig *r, int nh, int nkv, int hd, int n_blocks, KvDtype dtype) {
     memset(r, 0, sizeof *r);
-    r->nh = nh, r->nkv = nkv, r->hd = hd;
+    r->nh = nh, r->nkv = nkv, r->hd = hd, r->dtype = dtype;
     QErr err;
-    KVShape ks = {.n_layers = 2, .n_blocks = n_blocks, .block_size = BS, .n_kv_heads = nkv, .head_dim = hd};
+    KVShape ks = {.n_layers = 2, .n_blocks = n_blocks, .block_size = BS, .n_kv_heads = nkv, .head_dim = hd,
+                  .dtype = dtype};
     r->kv_c = cpu->ops->kv_alloc(cpu, &ks, &err);
     CHECK(r->kv_c != NULL, "cpu kv: %s", err.msg);
     r->kv_g = gpu->ops->kv_alloc(gpu, &ks, &err);
@@ -656,7 +660,8 @@ static void rig_free(AttnRig *r) {
 }
 
 /* Attention of token t (query q, post norm + rope) over positions 0..p of seq q_s, from its
- * bf16-rounded K/V mirror, in double: what the GPU must compute up to float rounding. */
+ * K/V mirror (rounded as the GPU's cache holds them), in double: what the GPU must compute up to
+ * float rounding. */
 static void attn_reference(const SeqState *q_s, const float *qkv_row, int p, int nh, int nkv, int hd, float *out) {
     int G = nh / nkv;
     double *w = malloc((size_t)(p + 1) * sizeof *w);
@@ -681,8 +686,14 @@ static void attn_reference(const SeqState *q_s, const float *qkv_row, int p, int
 }
 
 /* One step's rope table, q/k norm + rope + store and attention on both backends. The GPU keeps
- * K/V in bf16, so against the CPU (float32 cache) attention agrees to bf16 accuracy; against a
- * double-precision reference over bf16-rounded K/V it must agree to float rounding. */
+ * K/V in bf16 (or e4m3: KV_FP8, where the CPU does too), so against the CPU (float32 cache)
+ * attention agrees to bf16 accuracy; against a double-precision reference over K/V rounded as the
+ * GPU stores them it must agree to float rounding. */
+/* v as the GPU's cache of that type holds it. */
+static float cache_rounded(float v, KvDtype dtype) {
+    return dtype == KV_FP8 ? fp8_e4m3_to_f32(fp8_e4m3_from_f32(v)) : bf16_to_f32(f32_to_bf16_rne(v));
+}
+
 static void attn_step(AttnRig *r, HostMeta *h, SeqState *seqs, const int *ids, const char *what) {
     int T = h->cpu.n_tokens, nh = r->nh, nkv = r->nkv, hd = r->hd, layer = 1;
     size_t W = (size_t)(nh + 2 * nkv) * hd, O = (size_t)nh * hd;
@@ -697,15 +708,15 @@ static void attn_step(AttnRig *r, HostMeta *h, SeqState *seqs, const int *ids, c
     gpu->ops->rope_cos_sin(gpu, dcs, h->gpu.positions, T, r->inv_g, hd / 2);
     gpu->ops->attention(gpu, dout, dqkv, &hg, dcs, r->kv_g, layer, &h->gpu);
     float *gq = download(gpu, dqkv, (size_t)T * W), *go = download(gpu, dout, (size_t)T * O);
-    /* mirror this step's K/V (bf16-rounded, as the GPU stores them) */
+    /* mirror this step's K/V (rounded as the GPU stores them) */
     for (int s = 0; s < h->cpu.n_seqs; s++) {
         SeqState *q = &seqs[ids[s]];
         for (int t = h->q_start[s]; t < h->q_start[s + 1]; t++) {
             const float *kv = qkv + (size_t)t * W + O;
             size_t off = (size_t)h->positions[t] * nkv * hd;
             for (size_t i = 0; i < (size_t)nkv * hd; i++) {
-                q->k[off + i] = bf16_to_f32(f32_to_bf16_rne(kv[i]));
-                q->v[off + i] = bf16_to_f32(f32_to_bf16_rne(kv[(size_t)nkv * hd + i]));
+                q->k[off + i] = cache_rounded(kv[i], r->dtype);
+                q->v[off + i] = cache_rounded(kv[(size_t)nkv * hd + i], r->dtype);
             }
         }
     }
@@ -735,13 +746,13 @@ static void attn_step(AttnRig *r, HostMeta *h, SeqState *seqs, const int *ids, c
      * were seen at up to 7e-4 on an H100 (prefill kernel, fast-math exp), the whole output stays
      * near 1e-4 */
     CHECK(worst_ref <= 2e-3 && all_ref <= 3e-4,
-          "%s: attention vs bf16-KV reference: relative L2 %.3g, worst row %.3g", what, all_ref, worst_ref);
+          "%s: attention vs rounded-KV reference: relative L2 %.3g, worst row %.3g", what, all_ref, worst_ref);
     /* the README's bf16 agreement over the whole output; single rows are worse (the bf16 rounding
      * of K/V, which the check above accounts for, reaches 5.4e-2 on a row of small norm: 12
      * sequences, H100, with data drawn in another test order) */
     CHECK(all_cpu <= 2e-2 && worst_cpu <= 1e-1, "%s: attention vs CPU: relative L2 %.3g (worst row %.3g)", what,
           all_cpu, worst_cpu);
-    printf("attention %-36s T=%-4d qkv %.1e, vs bf16 ref %.1e, vs cpu %.1e (row %.1e)\n", what, T, eq, worst_ref,
+    printf("attention %-36s T=%-4d qkv %.1e, vs rounded-KV ref %.1e, vs cpu %.1e (row %.1e)\n", what, T, eq, worst_ref,
            all_cpu, worst_cpu);
     free(qkv), free(raw), free(cs), free(out), free(gq), free(go), free(ref);
     gpu->ops->free(gpu, dqkv), gpu->ops->free(gpu, dcs), gpu->ops->free(gpu, dout);
@@ -764,10 +775,10 @@ static void shuffled_tables(SeqState *seqs, int n_seqs, int n_blocks) {
     }
 }
 
-static void test_attention(int nh, int nkv, int hd) {
+static void test_attention(int nh, int nkv, int hd, KvDtype dtype) {
     AttnRig r;
     int n_blocks = 2 * 40;
-    rig_init(&r, nh, nkv, hd, n_blocks);
+    rig_init(&r, nh, nkv, hd, n_blocks, dtype);
     if (!r.kv_c || !r.kv_g) {
         rig_free(&r);
         return;
@@ -793,7 +804,8 @@ static void test_attention(int nh, int nkv, int hd) {
     };
     for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
         build_meta(&h, seqs, steps[i].ids, steps[i].n, steps[i].S, NULL);
-        snprintf(what, sizeof what, "nh=%d nkv=%d hd=%d %s", nh, nkv, hd, steps[i].name);
+        snprintf(what, sizeof what, "nh=%d nkv=%d hd=%d%s %s", nh, nkv, hd, dtype == KV_FP8 ? " fp8" : "",
+                 steps[i].name);
         attn_step(&r, &h, seqs, steps[i].ids, what);
     }
     for (int i = 0; i < 2; i++) free(seqs[i].k), free(seqs[i].v);
@@ -803,14 +815,14 @@ static void test_attention(int nh, int nkv, int hd) {
 /* Many sequences with long contexts, built by chunked prefill steps: the batched decode kernel
  * (the tensor cores at head_dim 128) with several 16-token tiles per warp, splits of the
  * context, and ragged last tiles. */
-static void test_attention_batched(int nh, int nkv, int hd, int S, int ctx) {
+static void test_attention_batched(int nh, int nkv, int hd, int S, int ctx, KvDtype dtype) {
     AttnRig r;
     const int per = ctx / BS + 2, n_blocks = S * per; /* blocks per sequence: the context + 2 decodes */
     /* the rig's fixed tables: 16 sequences, MAX_BLOCKS per sequence, 1024 shuffled blocks */
     CHECK(S <= 16 && per <= MAX_BLOCKS && n_blocks <= 1024, "batched attention test too large: %d seqs x %d blocks", S,
           per);
     if (S > 16 || per > MAX_BLOCKS || n_blocks > 1024) return;
-    rig_init(&r, nh, nkv, hd, n_blocks);
+    rig_init(&r, nh, nkv, hd, n_blocks, dtype);
     if (!r.kv_c || !r.kv_g) {
         rig_free(&r);
         return;
@@ -828,8 +840,8 @@ static void test_attention_batched(int nh, int nkv, int hd, int S, int ctx) {
         const int todo = done < ctx ? (ctx - done < 1024 / S ? ctx - done : 1024 / S) : 1;
         for (int s = 0; s < S; s++) ids[s] = s, n[s] = todo;
         build_meta(&h, seqs, ids, n, S, NULL);
-        snprintf(what, sizeof what, "nh=%d nkv=%d hd=%d %d seqs, %s to %d", nh, nkv, hd, S,
-                 done < ctx ? "prefill" : "decode", done + todo);
+        snprintf(what, sizeof what, "nh=%d nkv=%d hd=%d%s %d seqs, %s to %d", nh, nkv, hd,
+                 dtype == KV_FP8 ? " fp8" : "", S, done < ctx ? "prefill" : "decode", done + todo);
         attn_step(&r, &h, seqs, ids, what);
         done += todo;
     }
@@ -908,7 +920,7 @@ static void mini_step(Backend *be, const MiniModel *mm, AttnRig *r, const AttnMe
 static void test_graphs(int S) {
     int nh = 8, nkv = 2, hd = 128, H = 256, n_blocks = 16 * S;
     AttnRig r;
-    rig_init(&r, nh, nkv, hd, n_blocks);
+    rig_init(&r, nh, nkv, hd, n_blocks, KV_AUTO);
     Part pq[3], po;
     make_q4(&pq[0], "q", nh * hd, H, 128);
     make_q4(&pq[1], "k", nkv * hd, H, 128);
@@ -1089,11 +1101,13 @@ int main(void) {
     if (!gpu) return test_finish();
     if (section("elementwise")) test_elementwise();
     if (section("attention")) {
-        test_attention(8, 2, 128);
-        test_attention(2, 1, 128);
-        test_attention(4, 4, 64);
-        test_attention(16, 2, 256);
-        test_attention_batched(16, 4, 128, 12, 637);
+        for (KvDtype dt = KV_AUTO; dt <= KV_FP8; dt++) {
+            test_attention(8, 2, 128, dt);
+            test_attention(2, 1, 128, dt);
+            test_attention(4, 4, 64, dt);
+            test_attention(16, 2, 256, dt);
+            test_attention_batched(16, 4, 128, 12, 637, dt);
+        }
     }
     if (section("embed")) test_embed();
     if (section("graphs")) {

@@ -3,8 +3,10 @@
  * already in use, grows with the free memory, stops at max_seqs full-length requests, refuses
  * clearly when not one request fits, and is not used where the backend cannot report device
  * memory. Also the pool of EngineOptions.kv_all_seqs (bench latency's whole batch at once), which
- * the 1 GiB byte budget would cap. Runs tiny-qwen3's random weights on the CPU backend with its
- * op table copied and a mem_free op injected that reports a device of the test's choosing. */
+ * the 1 GiB byte budget would cap; and the fp8 cache (one byte a value), which gets proportionally
+ * more blocks from the fraction and from the budget. Runs tiny-qwen3's random weights on the CPU
+ * backend with its op table copied and a mem_free op injected that reports a device of the test's
+ * choosing. */
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,7 +24,7 @@ static size_t fake_mem_free(Backend *be, size_t *total) {
 }
 
 /* Blocks of the pool that model_create gives tiny-qwen3 with these options, or -1 (err set). */
-static long pool_blocks(Backend *be, double fraction, int max_seqs, QErr *err) {
+static long pool_blocks_of(Backend *be, double fraction, int max_seqs, KvDtype dtype, QErr *err) {
     QwenConfig cfg;
     GenConfig gen;
     StModel *st = random_weights_build("tiny-qwen3", false, &cfg, &gen, err);
@@ -31,13 +33,19 @@ static long pool_blocks(Backend *be, double fraction, int max_seqs, QErr *err) {
     eo.max_seqs = max_seqs;
     eo.max_model_len = 256;
     eo.kv_mem_fraction = fraction;
-    eo.kv_value_bytes = be->ops->kv_value_bytes;
+    eo.kv_dtype = dtype;
+    eo.kv_value_bytes = kv_dtype_bytes(be->ops, dtype);
     ModelOptions mo = engine_model_options(&eo, &cfg);
     Model *m = model_create(&cfg, &gen, st, be, &mo, "tiny-qwen3", err);
     if (!m) return -1;
     long n = m->kv_shape.n_blocks;
+    CHECK(m->kv_shape.dtype == dtype, "the pool's dtype %d, want %d", m->kv_shape.dtype, dtype);
     model_free(m);
     return n;
+}
+
+static long pool_blocks(Backend *be, double fraction, int max_seqs, QErr *err) {
+    return pool_blocks_of(be, fraction, max_seqs, KV_AUTO, err);
 }
 
 int main(void) {
@@ -73,6 +81,10 @@ int main(void) {
     CHECK(n1 > 0 && (size_t)n1 * block <= cap, "%ld blocks of %zu bytes within the %zu the fraction leaves (%s)", n1,
           block, cap, n1 < 0 ? err.msg : "");
     CHECK(n1 >= per_seq, "at least one full-length request fits: %ld blocks", n1);
+    /* fp8: one byte a value instead of float32's four, so 4x the blocks in the same memory */
+    long n1_fp8 = pool_blocks_of(be, 0.9, 4096, KV_FP8, &err);
+    CHECK(n1_fp8 >= 4 * n1 && n1_fp8 < 4 * (n1 + 1) && (size_t)n1_fp8 * block / 4 <= cap,
+          "fp8: %ld blocks, 4x the %ld of float32 within the %zu bytes", n1_fp8, n1, cap);
     /* more free memory, more blocks */
     fake_free = (size_t)900 << 20;
     long n2 = pool_blocks(be, 0.9, 4096, &err);
@@ -98,6 +110,11 @@ int main(void) {
     const long budget_blocks = (long)(((size_t)1 << 30) / ((size_t)36 * 2 * 8 * 128 * 2 * 16));
     const int by_budget = engine_model_options(&eo, &big).kv_blocks;
     CHECK(by_budget == budget_blocks, "1 GiB budget: %d blocks, want %ld", by_budget, budget_blocks);
+    eo.kv_dtype = KV_FP8, eo.kv_value_bytes = 1; /* as runtime_open sets them for --kv-cache-dtype fp8 */
+    const int by_budget_fp8 = engine_model_options(&eo, &big).kv_blocks;
+    CHECK(by_budget_fp8 == 2 * budget_blocks && engine_model_options(&eo, &big).kv_dtype == KV_FP8,
+          "1 GiB budget, fp8: %d blocks, want %ld", by_budget_fp8, 2 * budget_blocks);
+    eo.kv_dtype = KV_AUTO, eo.kv_value_bytes = 2;
     eo.kv_all_seqs = true;
     const int whole_batch = engine_model_options(&eo, &big).kv_blocks;
     CHECK(whole_batch == 64 * 48, "kv_all_seqs: %d blocks, want %d", whole_batch, 64 * 48);

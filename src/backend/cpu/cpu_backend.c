@@ -1,8 +1,13 @@
 /* cpu_backend.c — the CPU backend: the reference for every other backend, and fast enough to
  * serve small models. Activations and the KV cache are float32 (the references in
- * ../shared/reference are float32 runs, and we match them to 1e-4). Weights stay where the loader
- * mapped them (bf16 or int4 in the checkpoint's mmap), so a model costs no more resident memory
- * than the pages its matmuls touch; only norm vectors are copied (to float32).
+ * ../shared/reference are float32 runs, and we match them to 1e-4), or with KVShape.dtype KV_FP8
+ * the cache holds e4m3 codes (util/fp8.h, rounded as the GPU rounds them): attention decodes each
+ * K and V row it reads through a 256-entry table into a row of floats and then runs the float
+ * loops, so both cache types share one attention and the float32 one pays a branch per row. The
+ * fp8 cache is the oracle for the CUDA backend's (and saves memory), not a way to speed up the
+ * CPU. Weights stay where the loader mapped them (bf16 or int4 in the checkpoint's mmap), so a
+ * model costs no more resident memory than the pages its matmuls touch; only norm vectors are
+ * copied (to float32).
  *
  * Parallelism: matmuls split output rows across the thread pool (matmul.c); attention splits
  * over (sequence, head); the small elementwise ops run on the calling thread, they are a rounding
@@ -18,6 +23,7 @@
 #include "backend/cpu/matmul.h"
 #include "model/logits.h"
 #include "util/bf16.h"
+#include "util/fp8.h"
 #include "util/threadpool.h"
 
 typedef struct CpuBackend {
@@ -235,8 +241,9 @@ static void cpu_embedding_free(Backend *be, Embedding *e) {
 
 typedef struct CpuKV {
     KVShape s;
-    size_t layer_stride; /* floats per layer per K (or V) */
-    float *k, *v;        /* [layers][blocks][block_size][nkv][hd] */
+    size_t layer_stride; /* values per layer per K (or V) */
+    void *k, *v;         /* [layers][blocks][block_size][nkv][hd]: float, or uint8 e4m3 codes (KV_FP8) */
+    float fp8[256];      /* KV_FP8: the value of each code */
 } CpuKV;
 
 static void *cpu_kv_alloc(Backend *be, const KVShape *s, QErr *err) {
@@ -247,7 +254,8 @@ static void *cpu_kv_alloc(Backend *be, const KVShape *s, QErr *err) {
     }
     kv->s = *s;
     kv->layer_stride = (size_t)s->n_blocks * s->block_size * s->n_kv_heads * s->head_dim;
-    size_t bytes = kv->layer_stride * s->n_layers * sizeof(float);
+    size_t bytes = kv->layer_stride * s->n_layers * (size_t)kv_dtype_bytes(be->ops, s->dtype);
+    for (int b = 0; b < 256; b++) kv->fp8[b] = fp8_e4m3_to_f32((uint8_t)b);
     kv->k = cpu_alloc(be, bytes);
     kv->v = cpu_alloc(be, bytes);
     if (!kv->k || !kv->v) {
@@ -391,9 +399,14 @@ static void qk_norm_rope_store(float *qkv, const AttnHeads *ah, const float *cs,
         for (int h = 0; h < nh; h++) norm_rope_head(row + (size_t)h * hd, q_norm, c, hd, eps);
         float *k = row + (size_t)nh * hd, *v = k + (size_t)nkv * hd;
         for (int h = 0; h < nkv; h++) norm_rope_head(k + (size_t)h * hd, k_norm, c, hd, eps);
-        size_t slot = (size_t)meta->slots[m] * nkv * hd + kv->layer_stride * layer;
-        memcpy(kv->k + slot, k, (size_t)nkv * hd * sizeof(float));
-        memcpy(kv->v + slot, v, (size_t)nkv * hd * sizeof(float));
+        size_t slot = (size_t)meta->slots[m] * nkv * hd + kv->layer_stride * layer, n = (size_t)nkv * hd;
+        if (kv->s.dtype == KV_FP8) {
+            uint8_t *kc = (uint8_t *)kv->k + slot, *vc = (uint8_t *)kv->v + slot;
+            for (size_t i = 0; i < n; i++) kc[i] = fp8_e4m3_from_f32(k[i]), vc[i] = fp8_e4m3_from_f32(v[i]);
+        } else {
+            memcpy((float *)kv->k + slot, k, n * sizeof(float));
+            memcpy((float *)kv->v + slot, v, n * sizeof(float));
+        }
     }
 }
 
@@ -404,9 +417,17 @@ typedef struct AttnJob {
     const CpuKV *kv;
     int layer;
     const AttnMeta *meta;
-    float *scratch;      /* [threads][max_ctx] scores */
+    float *scratch;      /* [threads][max_ctx + hd]: scores, then a decoded K or V row */
     int T;
 } AttnJob;
+
+/* Row idx (in values) of a K or V pool as floats: in place for float32, else decoded into row. */
+static const float *kv_row(const CpuKV *kv, const void *pool, size_t idx, int hd, float *row) {
+    if (kv->s.dtype != KV_FP8) return (const float *)pool + idx;
+    const uint8_t *c = (const uint8_t *)pool + idx;
+    for (int i = 0; i < hd; i++) row[i] = kv->fp8[c[i]];
+    return row;
+}
 
 /* Dot product with 16 independent accumulators, so the compiler vectorises it. */
 static float dot(const float *a, const float *b, int n) {
@@ -434,13 +455,12 @@ static void attn_task(void *ctx, int task, int thread) {
     size_t qkv_w = (size_t)(j->nh + 2 * j->nkv) * hd;
     const float *q = j->qkv + (size_t)t * qkv_w + (size_t)h * hd;
     const int32_t *table = mt->block_tables + (size_t)s * mt->max_blocks;
-    const float *K = j->kv->k + j->kv->layer_stride * j->layer;
-    const float *V = j->kv->v + j->kv->layer_stride * j->layer;
-    float *sc = j->scratch + (size_t)thread * mt->max_ctx;
+    const size_t base = j->kv->layer_stride * j->layer;
+    float *sc = j->scratch + (size_t)thread * (mt->max_ctx + hd), *row = sc + mt->max_ctx;
     float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY;
     for (int p = 0; p <= pos; p++) {
         size_t slot = (size_t)table[p / bs] * bs + p % bs;
-        sc[p] = dot(q, K + (slot * j->nkv + kvh) * hd, hd) * scale;
+        sc[p] = dot(q, kv_row(j->kv, j->kv->k, base + (slot * j->nkv + kvh) * hd, hd, row), hd) * scale;
         if (sc[p] > mx) mx = sc[p];
     }
     float sum = 0;
@@ -452,7 +472,7 @@ static void attn_task(void *ctx, int task, int thread) {
     memset(o, 0, (size_t)hd * sizeof(float));
     for (int p = 0; p <= pos; p++) {
         size_t slot = (size_t)table[p / bs] * bs + p % bs;
-        const float *v = V + (slot * j->nkv + kvh) * hd;
+        const float *v = kv_row(j->kv, j->kv->v, base + (slot * j->nkv + kvh) * hd, hd, row);
         float w = sc[p] / sum;
         for (int i = 0; i < hd; i++) o[i] += w * v[i];
     }
@@ -463,8 +483,8 @@ static void cpu_attention(Backend *be, float *out, float *qkv, const AttnHeads *
     CpuBackend *c = cpu(be);
     qk_norm_rope_store(qkv, ah, cs, kv, layer, meta);
     int threads = tp_size(c->pool);
-    AttnJob j = {out, qkv, ah->nh, ah->nkv, ah->hd, kv, layer, meta, scratch(c, (size_t)threads * meta->max_ctx),
-                 meta->n_tokens};
+    float *sc = scratch(c, (size_t)threads * (meta->max_ctx + ah->hd));
+    AttnJob j = {out, qkv, ah->nh, ah->nkv, ah->hd, kv, layer, meta, sc, meta->n_tokens};
     tp_run(c->pool, meta->n_tokens * ah->nh, attn_task, &j);
 }
 

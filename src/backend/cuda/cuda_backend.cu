@@ -585,8 +585,8 @@ void cu_embedding_free(Backend *be, Embedding *e) {
 
 struct CudaKV {
     KVShape s;
-    size_t layer_stride; /* elements per layer of K (or V) */
-    __nv_bfloat16 *k, *v;
+    size_t layer_bytes; /* of K (or V) per layer */
+    char *k, *v;        /* bf16 values (KV_AUTO) or e4m3 codes (KV_FP8) */
     CuAttnScratch scr;
 };
 
@@ -607,14 +607,15 @@ void *cu_kv_alloc(Backend *be, const KVShape *s, QErr *err) {
         return NULL;
     }
     kv->s = *s;
-    kv->layer_stride = (size_t)s->n_blocks * s->block_size * s->n_kv_heads * s->head_dim;
-    size_t bytes = kv->layer_stride * s->n_layers * sizeof(__nv_bfloat16);
+    const size_t value_bytes = s->dtype == KV_FP8 ? 1 : sizeof(__nv_bfloat16);
+    kv->layer_bytes = (size_t)s->n_blocks * s->block_size * s->n_kv_heads * s->head_dim * value_bytes;
+    size_t bytes = kv->layer_bytes * s->n_layers;
     /* split-KV partials: fewer than 4 x SMs (sequence, kv head, split) units, up to 16 query heads
      * per kv head (more only lowers the split count); one counter per (sequence, kv head). */
     kv->scr.part_floats = (size_t)4 * c->sms * 16 * cu_part_stride(s->head_dim);
     kv->scr.n_counters = 2 * c->sms;
-    kv->k = static_cast<__nv_bfloat16 *>(dev_alloc(c, bytes));
-    kv->v = static_cast<__nv_bfloat16 *>(dev_alloc(c, bytes));
+    kv->k = static_cast<char *>(dev_alloc(c, bytes));
+    kv->v = static_cast<char *>(dev_alloc(c, bytes));
     kv->scr.part = static_cast<float *>(dev_alloc(c, kv->scr.part_floats * sizeof(float)));
     kv->scr.counters = static_cast<int *>(dev_alloc(c, (size_t)kv->scr.n_counters * sizeof(int)));
     if (!kv->k || !kv->v || !kv->scr.part || !kv->scr.counters ||
@@ -894,10 +895,8 @@ void cu_attention_op(Backend *be, float *out, float *qkv, const AttnHeads *heads
     CudaBackend *c = cb(be);
     CudaKV *kv = static_cast<CudaKV *>(kvp);
     const CuAttnHeads ah = {qkv, heads->q_norm, heads->k_norm, cs, heads->eps, heads->nh, heads->nkv, heads->hd};
-    note(c,
-         cu_attention(c->st, out, &ah, kv->k + kv->layer_stride * layer, kv->v + kv->layer_stride * layer,
-                      kv->s.block_size, meta, &kv->scr, c->sms),
-         "attention");
+    const CuKvPools pools = {kv->k + kv->layer_bytes * layer, kv->v + kv->layer_bytes * layer, kv->s.dtype};
+    note(c, cu_attention(c->st, out, &ah, pools, kv->s.block_size, meta, &kv->scr, c->sms), "attention");
 }
 
 /* ---- graphs ------------------------------------------------------------------------------- */

@@ -13,6 +13,7 @@
 #define QUILL_CUDA_COMMON_CUH
 
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -88,6 +89,13 @@ static inline cudaError_t cu_launch(cudaStream_t st, dim3 grid, dim3 block, size
 CU_DEV void cp_async16(void *smem, const void *gmem, bool valid = true) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
                  "l"(gmem), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
+/* 8 bytes, through L1 (the .cg form takes 16 only; e4m3 K/V chunks); zero-filled when !valid. */
+CU_DEV void cp_async8(void *smem, const void *gmem, bool valid = true) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
+                 "l"(gmem), "r"(valid ? 8 : 0)
                  : "memory");
 }
 
@@ -173,6 +181,22 @@ struct PairHead {
         for (int j = 0; j < P; j++) h[lane + 32 * j] = a[j], h[lane + 32 * j + HD / 2] = b[j];
     }
 };
+
+/* A cached K or V value: bf16 (KvDtype KV_AUTO) or float8 e4m3 (KV_FP8). kv_value rounds a float
+ * to it (nearest even; e4m3 saturates at +-448, as util/fp8.h does on the CPU); kv_float widens
+ * it back (exact). */
+CU_DEV __nv_bfloat16 kv_value(float v, const __nv_bfloat16 *) { return __float2bfloat16_rn(v); }
+CU_DEV __nv_fp8_e4m3 kv_value(float v, const __nv_fp8_e4m3 *) { return __nv_fp8_e4m3(v); }
+CU_DEV float kv_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+CU_DEV float kv_float(__nv_fp8_e4m3 v) { return (float)v; }
+/* Two e4m3 codes (the low byte first) as the bf16 pair of their values (exact: e4m3 has 3 mantissa
+ * bits and a range inside bf16's), low value in the low half. */
+CU_DEV uint32_t fp8x2_to_bf16x2(uint16_t codes) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)codes, __NV_E4M3);
+    const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&h));
+    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+    return *reinterpret_cast<const uint32_t *>(&b);
+}
 
 /* Four 8 x 8 bf16 matrices from shared memory (ldmatrix, sm_75+): lanes 8i .. 8i + 7 give the row
  * addresses (16 bytes each) of matrix i, and r[i] is this lane's fragment of it: row lane / 4,
@@ -296,11 +320,17 @@ cudaError_t cu_gather_rows(cudaStream_t st, float *dst, const float *src, const 
 cudaError_t cu_embed_rows(cudaStream_t st, float *x, const __nv_bfloat16 *table, const int32_t *ids, int M, int D);
 cudaError_t cu_rope_cos_sin(cudaStream_t st, float *cs, const int32_t *pos, int M, const float *inv_freq, int half);
 
-/* kc / vc point at the layer's K and V pools ([n_blocks * block_size][nkv][hd] bf16); hd a multiple of
- * 64 up to 256 (else cudaErrorInvalidValue), the head sizes the attention kernels take. */
+/* The layer's K and V pools: [n_blocks * block_size][nkv][hd] values of type dtype (bf16 for
+ * KV_AUTO, e4m3 for KV_FP8). */
+typedef struct CuKvPools {
+    void *k, *v;
+    KvDtype dtype;
+} CuKvPools;
+/* hd a multiple of 64 up to 256 (else cudaErrorInvalidValue), the head sizes the attention
+ * kernels take. */
 cudaError_t cu_qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_norm, const float *k_norm,
-                                  const float *cs, int M, int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc,
-                                  __nv_bfloat16 *vc, const int32_t *slots);
+                                  const float *cs, int M, int nh, int nkv, int hd, float eps, CuKvPools kv,
+                                  const int32_t *slots);
 
 /* Floats per (unit, query head) record of split-KV partials: hd outputs, max, sum, and padding
  * that keeps every record 16-byte aligned (the combine reads them as vectors). */
@@ -326,9 +356,9 @@ typedef struct CuAttnHeads {
     int nh, nkv, hd;
 } CuAttnHeads;
 /* The backend's attention op (backend.h): q / k norm + rope + K/V store, then attention over the
- * layer's pools kc / vc; qkv is scratch afterwards (decode leaves it raw). */
-cudaError_t cu_attention(cudaStream_t st, float *out, const CuAttnHeads *heads, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
-                         int block_size, const AttnMeta *meta, const CuAttnScratch *scr, int sms);
+ * layer's pools; qkv is scratch afterwards (decode leaves it raw). */
+cudaError_t cu_attention(cudaStream_t st, float *out, const CuAttnHeads *heads, CuKvPools kv, int block_size,
+                         const AttnMeta *meta, const CuAttnScratch *scr, int sms);
 
 /* One row's sampling parameters as the sampling kernel reads them. */
 typedef struct CuSampleRow {

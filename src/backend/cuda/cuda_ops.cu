@@ -149,17 +149,16 @@ __global__ void rope_kernel(float *cs, const int32_t *pos, int M, const float *i
 
 /* Grid (token, head block); warp w of head block b handles head 8 b + w: q and k heads get
  * RMSNorm over HD with their weight, then rotate-half RoPE (in PairHead's lane layout), written
- * back in place; k and v heads are also stored (bf16) at the token's cache slot. HD: 64, 128,
+ * back in place; k and v heads are also stored (KV: bf16 or e4m3, kv_value) at the token's cache slot. HD: 64, 128,
  * 192 or 256.
  *
  * The norm weight (constant) is loaded before pdl_wait(); after it, the head's values and its
  * cos / sin in one round trip (cs, written at the step's start, has usually left L2 by the time
  * a later layer needs it), so the wait for the qkv GEMV is followed by one memory latency, not
  * three in a row. */
-template <int HD>
+template <int HD, typename KV>
 __global__ void qk_norm_rope_store_kernel(float *qkv, const float *q_norm, const float *k_norm, const float *cs,
-                                          int nh, int nkv, float eps, __nv_bfloat16 *kc, __nv_bfloat16 *vc,
-                                          const int32_t *slots) {
+                                          int nh, int nkv, float eps, KV *kc, KV *vc, const int32_t *slots) {
     pdl_trigger();
     const int m = blockIdx.x, lane = threadIdx.x & 31;
     const int heads = nh + 2 * nkv;
@@ -172,8 +171,8 @@ __global__ void qk_norm_rope_store_kernel(float *qkv, const float *q_norm, const
     float *x = qkv + ((size_t)m * heads + h) * HD;
     const size_t slot = (size_t)slots[m];
     if (!normed) {
-        __nv_bfloat16 *v = vc + (slot * nkv + (h - nh - nkv)) * HD;
-        for (int i = lane; i < HD; i += 32) v[i] = __float2bfloat16_rn(x[i]);
+        KV *v = vc + (slot * nkv + (h - nh - nkv)) * HD;
+        for (int i = lane; i < HD; i += 32) v[i] = kv_value(x[i], v);
         return;
     }
     PairHead<HD> xh, c; /* c: the token's cos (a) and sin (b), cs being [cos | sin] */
@@ -182,12 +181,12 @@ __global__ void qk_norm_rope_store_kernel(float *qkv, const float *q_norm, const
     qk_norm_rope(xh.a, xh.b, w.a, w.b, c.a, c.b, HD, eps);
     xh.store(x, lane);
     if (h >= nh) {
-        __nv_bfloat16 *k = kc + (slot * nkv + (h - nh)) * HD;
+        KV *k = kc + (slot * nkv + (h - nh)) * HD;
 #pragma unroll
         for (int j = 0; j < PairHead<HD>::P; j++) {
             const int i = lane + 32 * j;
-            k[i] = __float2bfloat16_rn(xh.a[j]);
-            k[i + HD / 2] = __float2bfloat16_rn(xh.b[j]);
+            k[i] = kv_value(xh.a[j], k);
+            k[i + HD / 2] = kv_value(xh.b[j], k);
         }
     }
 }
@@ -246,17 +245,29 @@ cudaError_t cu_rope_cos_sin(cudaStream_t st, float *cs, const int32_t *pos, int 
     return cu_launch(st, dim3(grid_for((size_t)M * half, 128)), dim3(128), 0, rope_kernel, cs, pos, M, inv_freq, half);
 }
 
-cudaError_t cu_qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_norm, const float *k_norm,
-                                  const float *cs, int M, int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc,
-                                  __nv_bfloat16 *vc, const int32_t *slots) {
-    if (M <= 0) return cudaSuccess;
-    auto kernel = hd == 64    ? qk_norm_rope_store_kernel<64>
-                  : hd == 128 ? qk_norm_rope_store_kernel<128>
-                  : hd == 192 ? qk_norm_rope_store_kernel<192>
-                  : hd == 256 ? qk_norm_rope_store_kernel<256>
+namespace {
+template <typename KV>
+cudaError_t qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_norm, const float *k_norm, const float *cs,
+                               int M, int nh, int nkv, int hd, float eps, KV *kc, KV *vc, const int32_t *slots) {
+    auto kernel = hd == 64    ? qk_norm_rope_store_kernel<64, KV>
+                  : hd == 128 ? qk_norm_rope_store_kernel<128, KV>
+                  : hd == 192 ? qk_norm_rope_store_kernel<192, KV>
+                  : hd == 256 ? qk_norm_rope_store_kernel<256, KV>
                               : nullptr;
     if (!kernel) return cudaErrorInvalidValue; /* the head sizes the attention kernels take */
     int heads = nh + 2 * nkv, warps = heads < 8 ? heads : 8;
     return cu_launch(st, dim3(M, (heads + warps - 1) / warps), dim3(32 * warps), 0, kernel, qkv, q_norm, k_norm, cs,
                      nh, nkv, eps, kc, vc, slots);
+}
+} // namespace
+
+cudaError_t cu_qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_norm, const float *k_norm,
+                                  const float *cs, int M, int nh, int nkv, int hd, float eps, CuKvPools kv,
+                                  const int32_t *slots) {
+    if (M <= 0) return cudaSuccess;
+    if (kv.dtype == KV_FP8)
+        return qk_norm_rope_store(st, qkv, q_norm, k_norm, cs, M, nh, nkv, hd, eps, static_cast<__nv_fp8_e4m3 *>(kv.k),
+                                  static_cast<__nv_fp8_e4m3 *>(kv.v), slots);
+    return qk_norm_rope_store(st, qkv, q_norm, k_norm, cs, M, nh, nkv, hd, eps, static_cast<__nv_bfloat16 *>(kv.k),
+                              static_cast<__nv_bfloat16 *>(kv.v), slots);
 }
