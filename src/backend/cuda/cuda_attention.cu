@@ -87,8 +87,7 @@ CU_DEV float2 pair_at(const KvVec<KV, VPL> &r, int i) {
     if constexpr (sizeof(KV) == 2) {
         return make_float2(bf16_lo(r.w[i >> 1]), bf16_hi(r.w[i >> 1]));
     } else {
-        const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(r.w[i >> 2] >> (8 * (i & 3))), __NV_E4M3);
-        return __half22float2(*reinterpret_cast<const __half2 *>(&h));
+        return fp8x2_to_float2((uint16_t)(r.w[i >> 2] >> (8 * (i & 3))));
     }
 }
 
@@ -118,10 +117,7 @@ CU_DEV void store_raw(KV *p, const KvVec<KV, VPL> &r) {
 
 /* Two consecutive cached values at p as floats. */
 CU_DEV float2 load_pair(const __nv_bfloat16 *p) { return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(p)); }
-CU_DEV float2 load_pair(const __nv_fp8_e4m3 *p) {
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(*reinterpret_cast<const __nv_fp8x2_storage_t *>(p), __NV_E4M3);
-    return __half22float2(*reinterpret_cast<const __half2 *>(&h));
-}
+CU_DEV float2 load_pair(const __nv_fp8_e4m3 *p) { return fp8x2_to_float2(*reinterpret_cast<const uint16_t *>(p)); }
 
 /* Tokens per batch of the decode loop: all K/V loads of a batch are issued together. */
 template <int HD>
@@ -961,9 +957,8 @@ __global__ void __launch_bounds__(128) attn_prefill_mma(float *out, const float 
 /* The separate qk-norm + rope + store launch, for the kernels that do not fuse it. */
 template <typename KV>
 cudaError_t qk_norm_rope_store(cudaStream_t st, const CuAttnHeads *ah, KV *kc, KV *vc, const AttnMeta *mt) {
-    const CuKvPools kv = {kc, vc, sizeof(KV) == 1 ? KV_FP8 : KV_AUTO};
     return cu_qk_norm_rope_store(st, ah->qkv, ah->q_norm, ah->k_norm, ah->cs, mt->n_tokens, ah->nh, ah->nkv, ah->hd,
-                                 ah->eps, kv, mt->slots);
+                                 ah->eps, kc, vc, mt->slots);
 }
 
 template <int HD, typename KV>

@@ -607,8 +607,8 @@ void *cu_kv_alloc(Backend *be, const KVShape *s, QErr *err) {
         return NULL;
     }
     kv->s = *s;
-    const size_t value_bytes = s->dtype == KV_FP8 ? 1 : sizeof(__nv_bfloat16);
-    kv->layer_bytes = (size_t)s->n_blocks * s->block_size * s->n_kv_heads * s->head_dim * value_bytes;
+    kv->layer_bytes =
+        (size_t)s->n_blocks * s->block_size * s->n_kv_heads * s->head_dim * kv_dtype_bytes(be->ops, s->dtype);
     size_t bytes = kv->layer_bytes * s->n_layers;
     /* split-KV partials: fewer than 4 x SMs (sequence, kv head, split) units, up to 16 query heads
      * per kv head (more only lowers the split count); one counter per (sequence, kv head). */

@@ -189,11 +189,15 @@ CU_DEV __nv_bfloat16 kv_value(float v, const __nv_bfloat16 *) { return __float2b
 CU_DEV __nv_fp8_e4m3 kv_value(float v, const __nv_fp8_e4m3 *) { return __nv_fp8_e4m3(v); }
 CU_DEV float kv_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 CU_DEV float kv_float(__nv_fp8_e4m3 v) { return (float)v; }
-/* Two e4m3 codes (the low byte first) as the bf16 pair of their values (exact: e4m3 has 3 mantissa
- * bits and a range inside bf16's), low value in the low half. */
-CU_DEV uint32_t fp8x2_to_bf16x2(uint16_t codes) {
+/* The values of two e4m3 codes (the low byte first: .x), exact. */
+CU_DEV float2 fp8x2_to_float2(uint16_t codes) {
     const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)codes, __NV_E4M3);
-    const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&h));
+    return __half22float2(*reinterpret_cast<const __half2 *>(&h));
+}
+/* The same as a bf16 pair, low value in the low half (exact: e4m3 has 3 mantissa bits and a range
+ * inside bf16's). */
+CU_DEV uint32_t fp8x2_to_bf16x2(uint16_t codes) {
+    const float2 f = fp8x2_to_float2(codes);
     const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
     return *reinterpret_cast<const uint32_t *>(&b);
 }
@@ -326,11 +330,14 @@ typedef struct CuKvPools {
     void *k, *v;
     KvDtype dtype;
 } CuKvPools;
-/* hd a multiple of 64 up to 256 (else cudaErrorInvalidValue), the head sizes the attention
- * kernels take. */
+/* kc / vc: the layer's pools (bf16 or e4m3); hd a multiple of 64 up to 256 (else
+ * cudaErrorInvalidValue), the head sizes the attention kernels take. */
 cudaError_t cu_qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_norm, const float *k_norm,
-                                  const float *cs, int M, int nh, int nkv, int hd, float eps, CuKvPools kv,
-                                  const int32_t *slots);
+                                  const float *cs, int M, int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc,
+                                  __nv_bfloat16 *vc, const int32_t *slots);
+cudaError_t cu_qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_norm, const float *k_norm,
+                                  const float *cs, int M, int nh, int nkv, int hd, float eps, __nv_fp8_e4m3 *kc,
+                                  __nv_fp8_e4m3 *vc, const int32_t *slots);
 
 /* Floats per (unit, query head) record of split-KV partials: hd outputs, max, sum, and padding
  * that keeps every record 16-byte aligned (the combine reads them as vectors). */

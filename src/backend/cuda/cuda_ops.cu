@@ -249,6 +249,7 @@ namespace {
 template <typename KV>
 cudaError_t qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_norm, const float *k_norm, const float *cs,
                                int M, int nh, int nkv, int hd, float eps, KV *kc, KV *vc, const int32_t *slots) {
+    if (M <= 0) return cudaSuccess;
     auto kernel = hd == 64    ? qk_norm_rope_store_kernel<64, KV>
                   : hd == 128 ? qk_norm_rope_store_kernel<128, KV>
                   : hd == 192 ? qk_norm_rope_store_kernel<192, KV>
@@ -262,12 +263,12 @@ cudaError_t qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_norm,
 } // namespace
 
 cudaError_t cu_qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_norm, const float *k_norm,
-                                  const float *cs, int M, int nh, int nkv, int hd, float eps, CuKvPools kv,
-                                  const int32_t *slots) {
-    if (M <= 0) return cudaSuccess;
-    if (kv.dtype == KV_FP8)
-        return qk_norm_rope_store(st, qkv, q_norm, k_norm, cs, M, nh, nkv, hd, eps, static_cast<__nv_fp8_e4m3 *>(kv.k),
-                                  static_cast<__nv_fp8_e4m3 *>(kv.v), slots);
-    return qk_norm_rope_store(st, qkv, q_norm, k_norm, cs, M, nh, nkv, hd, eps, static_cast<__nv_bfloat16 *>(kv.k),
-                              static_cast<__nv_bfloat16 *>(kv.v), slots);
+                                  const float *cs, int M, int nh, int nkv, int hd, float eps, __nv_bfloat16 *kc,
+                                  __nv_bfloat16 *vc, const int32_t *slots) {
+    return qk_norm_rope_store(st, qkv, q_norm, k_norm, cs, M, nh, nkv, hd, eps, kc, vc, slots);
+}
+cudaError_t cu_qk_norm_rope_store(cudaStream_t st, float *qkv, const float *q_norm, const float *k_norm,
+                                  const float *cs, int M, int nh, int nkv, int hd, float eps, __nv_fp8_e4m3 *kc,
+                                  __nv_fp8_e4m3 *vc, const int32_t *slots) {
+    return qk_norm_rope_store(st, qkv, q_norm, k_norm, cs, M, nh, nkv, hd, eps, kc, vc, slots);
 }
