@@ -32,10 +32,10 @@
  * apply), or to float8 e4m3 (KvDtype KV_FP8: half the memory, so twice the tokens in a pool).
  * Every kernel is a template on the cached type KV; the tensor-core kernels copy e4m3 tiles into
  * a staging ring and widen each tile to the bf16 layout their ldmatrix reads (exact), so their
- * math is the bf16 path's. Half the
- * bytes is not half the time: H200, 36 batched decode attentions at context 640, 64 sequences
- * 1.93 -> 1.84 ms, 256 sequences 7.07 -> 7.21 ms; the tensor-core decode kernel is bound by each
- * warp's chain of dependent steps (and 2 blocks per SM by its registers), not by HBM. */
+ * math is the bf16 path's. Half the bytes is not half the time: H200, 36 batched decode
+ * attentions at context 640, 64 sequences 1.93 -> 1.84 ms, 256 sequences 7.07 -> 7.21 ms; the
+ * tensor-core decode kernel is bound by each warp's chain of dependent steps (and 2 blocks per SM
+ * by its registers), not by HBM. */
 #include <math.h>
 
 #include "backend/cuda/cuda_common.cuh"
@@ -437,6 +437,33 @@ CU_DEV void widen_chunk(char *tile, const char *staged, int r, int c) {
     *reinterpret_cast<uint4 *>(tile + tile_at(r, c)) = out;
 }
 
+/* Chunk c (16 bytes of bf16) of row r of a tile of ROWS K rows then ROWS V rows, from k and v
+ * (zero-filled when !ok): bf16 straight into the swizzled tile at dst, e4m3 (8 bytes) into the
+ * staging layout at dst that widen_tile expands. */
+template <int ROWS, typename KV>
+CU_DEV void copy_kv_chunk(char *dst, int r, int c, const KV *k, const KV *v, bool ok) {
+    if constexpr (sizeof(KV) == 1) {
+        cp_async8(dst + r * kFp8Row + 8 * c, k, ok);
+        cp_async8(dst + ROWS * kFp8Row + r * kFp8Row + 8 * c, v, ok);
+    } else {
+        cp_async16(dst + tile_at(r, c), k, ok);
+        cp_async16(dst + ROWS * kMmaRow + tile_at(r, c), v, ok);
+    }
+}
+
+/* A staged e4m3 tile of ROWS K and ROWS V rows widened into the bf16 tile at wide, by THREADS
+ * threads, thread i taking the chunks it copied (chunk idx = j THREADS + i: row idx / 16, chunk
+ * idx % 16), so only its own copies need to have landed. */
+template <int ROWS, int THREADS>
+CU_DEV void widen_tile(char *wide, const char *staged, int i) {
+#pragma unroll
+    for (int j = 0; j < ROWS * 16 / THREADS; j++) {
+        const int idx = j * THREADS + i, r = idx >> 4, c = idx & 15;
+        widen_chunk(wide, staged, r, c);
+        widen_chunk(wide + ROWS * kMmaRow, staged + ROWS * kFp8Row, r, c);
+    }
+}
+
 /* The three steps of a warp's 16 rows (query heads, or (query, head) pairs) against a tile of
  * 8 NJ keys whose K and V rows sit in swizzled shared memory; flash attention 2's register reuse
  * (S's accumulators are P's A fragments). Thread (g, t4) = (lane / 4, lane % 4) holds rows g
@@ -612,13 +639,7 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, 
             const int idx = j * 32 + lane, r = idx >> 4, c = idx & 15;
             const size_t off = __shfl_sync(0xffffffffu, row, r) + c * 8;
             const bool ok = tp + r < p1;
-            if constexpr (kFp8) {
-                cp_async8(dst + r * kFp8Row + 8 * c, ok ? kc + off : kc, ok);
-                cp_async8(dst + kMmaTile * kFp8Row + r * kFp8Row + 8 * c, ok ? vc + off : vc, ok);
-            } else {
-                cp_async16(dst + tile_at(r, c), ok ? kc + off : kc, ok);
-                cp_async16(dst + kMmaTile * kMmaRow + tile_at(r, c), ok ? vc + off : vc, ok);
-            }
+            copy_kv_chunk<kMmaTile>(dst, r, c, ok ? kc + off : kc, ok ? vc + off : vc, ok);
         }
         cp_async_commit();
     };
@@ -633,12 +654,7 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, 
         char *cur = ring + (i & 1) * kRingStage;
         ring_step(i, my_tiles, [&](int next) { load_tile(next, ring + (next & 1) * kRingStage); });
         if constexpr (kFp8) {
-#pragma unroll
-            for (int j = 0; j < kMmaTile * 16 / 32; j++) {
-                const int idx = j * 32 + lane, r = idx >> 4, c = idx & 15;
-                widen_chunk(wide, cur, r, c);
-                widen_chunk(wide + kMmaTile * kMmaRow, cur + kMmaTile * kFp8Row, r, c);
-            }
+            widen_tile<kMmaTile, 32>(wide, cur, lane);
             cur = wide;
         }
         __syncwarp();
@@ -896,13 +912,7 @@ __global__ void __launch_bounds__(128) attn_prefill_mma(float *out, const float 
             const int idx = j * 128 + threadIdx.x, r = idx >> 4, c = idx & 15, p = kt * kPfKeys + r;
             const bool ok = p <= pos_last;
             const size_t off = ok ? (((size_t)table[p >> bs_shift] * bs + (p & (bs - 1))) * nkv + kvh) * HD + c * 8 : 0;
-            if constexpr (kFp8) {
-                cp_async8(dst + r * kFp8Row + 8 * c, kc + off, ok);
-                cp_async8(dst + kPfKeys * kFp8Row + r * kFp8Row + 8 * c, vc + off, ok);
-            } else {
-                cp_async16(dst + tile_at(r, c), kc + off, ok);
-                cp_async16(dst + kPfKeys * kMmaRow + tile_at(r, c), vc + off, ok);
-            }
+            copy_kv_chunk<kPfKeys>(dst, r, c, kc + off, vc + off, ok);
         }
         cp_async_commit();
     };
@@ -917,12 +927,7 @@ __global__ void __launch_bounds__(128) attn_prefill_mma(float *out, const float 
         const char *cur = ring + (kt & 1) * kRingStage;
         ring_step(kt, n_kt, [&](int next) { load_tile(next, ring + (next & 1) * kRingStage); });
         if constexpr (kFp8) {
-#pragma unroll
-            for (int j = 0; j < kPfKeys * 16 / 128; j++) {
-                const int idx = j * 128 + threadIdx.x, r = idx >> 4, c = idx & 15;
-                widen_chunk(wide, cur, r, c);
-                widen_chunk(wide + kPfKeys * kMmaRow, cur + kPfKeys * kFp8Row, r, c);
-            }
+            widen_tile<kPfKeys, 128>(wide, cur, threadIdx.x);
             cur = wide;
         }
         __syncthreads();
