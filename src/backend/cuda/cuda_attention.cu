@@ -395,9 +395,10 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, NewToken nt, KV *
  * Each warp walks every fourth 16-token tile of the split: K and V rows (head_dim 128: 256 bytes
  * each, from the paged cache) go to the warp's two-stage cp.async ring in shared memory, swizzled
  * by 16-byte chunk (chunk ^ row % 8) so that ldmatrix reads them without bank conflicts (K as is
- * for the B operand of Q K^T, V transposed for P V). The four warps' online-softmax states are
- * merged through shared memory, then written as the split's partial (combine_splits) or, unsplit,
- * as the output. */
+ * for the B operand of Q K^T, V transposed for P V); the first tile is requested before the PDL
+ * wait (H200, 36 layers at context 640: 8 sequences 0.623 -> 0.566 ms, 64: 1.88 -> 1.82). The
+ * four warps' online-softmax states are merged through shared memory, then written as the split's
+ * partial (combine_splits) or, unsplit, as the output. */
 constexpr int kMmaHD = 128;
 constexpr int kMmaTile = 16;                   /* tokens per tile */
 constexpr int kMmaRow = kMmaHD * 2;            /* bytes per cached row */
@@ -577,6 +578,29 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, 
     for (int f = 0; f < F; f++) wa[f] = nt.q_norm[col(f / 4, f % 4)], wb[f] = nt.q_norm[HD / 2 + col(f / 4, f % 4)];
     PairHead<HD> kw; /* k norm weights, only where has_new */
     if (has_new) kw.load(nt.k_norm, lane);
+    /* Tile i of this warp: tokens p0 + 16 (warp + 4 i) ..; lane < 16 looks up token lane's row.
+     * The first is requested before pdl_wait(), so it streams in while the previous kernel
+     * finishes and q is prepared: it reads only the step's metadata and cache rows of earlier
+     * steps (the new token's row, not stored yet, is replaced in the tile below). */
+    const int n_tiles = (p1 - p0 + kMmaTile - 1) / kMmaTile;
+    auto load_tile = [&](int i, char *dst) {
+        const int tp = p0 + kMmaTile * (warp + 4 * i);
+        size_t row = 0;
+        if (lane < kMmaTile && tp + lane < p1) {
+            const int pos = tp + lane;
+            row = (((size_t)table[pos >> bs_shift] * bs + (pos & (bs - 1))) * nkv + kvh) * HD;
+        }
+#pragma unroll
+        for (int j = 0; j < kMmaTile * 16 / 32; j++) { /* 16 rows x 16 chunks, 8 per lane, K and V */
+            const int idx = j * 32 + lane, r = idx >> 4, c = idx & 15;
+            const size_t off = __shfl_sync(0xffffffffu, row, r) + c * 8;
+            const bool ok = tp + r < p1;
+            copy_kv_chunk<kMmaTile>(dst, r, c, ok ? kc + off : kc, ok ? vc + off : vc, ok);
+        }
+        cp_async_commit();
+    };
+    const int my_tiles = warp < n_tiles ? (n_tiles - warp + 3) / 4 : 0;
+    if (my_tiles > 0) load_tile(0, ring);
     pdl_wait();
 
     /* Q as A fragments: rows g and g + 8 are heads kvh * G + row (zero past G), normalised and
@@ -625,31 +649,10 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, 
         }
     }
 
-    /* Tile i of this warp: tokens p0 + 16 (warp + 4 i) ..; lane < 16 looks up token lane's row. */
-    const int n_tiles = (p1 - p0 + kMmaTile - 1) / kMmaTile;
-    auto load_tile = [&](int i, char *dst) {
-        const int tp = p0 + kMmaTile * (warp + 4 * i);
-        size_t row = 0;
-        if (lane < kMmaTile && tp + lane < p1) {
-            const int pos = tp + lane;
-            row = (((size_t)table[pos >> bs_shift] * bs + (pos & (bs - 1))) * nkv + kvh) * HD;
-        }
-#pragma unroll
-        for (int j = 0; j < kMmaTile * 16 / 32; j++) { /* 16 rows x 16 chunks, 8 per lane, K and V */
-            const int idx = j * 32 + lane, r = idx >> 4, c = idx & 15;
-            const size_t off = __shfl_sync(0xffffffffu, row, r) + c * 8;
-            const bool ok = tp + r < p1;
-            copy_kv_chunk<kMmaTile>(dst, r, c, ok ? kc + off : kc, ok ? vc + off : vc, ok);
-        }
-        cp_async_commit();
-    };
-    const int my_tiles = warp < n_tiles ? (n_tiles - warp + 3) / 4 : 0;
-
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}; /* rows g, g + 8 (l: this thread's part) */
     float o[HD / 8][4];
 #pragma unroll
     for (int d = 0; d < HD / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
-    if (my_tiles > 0) load_tile(0, ring);
     for (int i = 0; i < my_tiles; i++) {
         char *cur = ring + (i & 1) * kRingStage;
         ring_step(i, my_tiles, [&](int next) { load_tile(next, ring + (next & 1) * kRingStage); });
