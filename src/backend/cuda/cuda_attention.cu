@@ -975,17 +975,24 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const CuAttnHeads *ah, KV 
     while ((1 << bs_shift) < bs) bs_shift++;
     if (mt->max_q == 1) {
         /* Splits: about two blocks per multiprocessor over all (sequence, kv head) pairs, at most
-         * 32, and no more than the scratch holds. Depends on n_seqs only (graph-safe). (Eight per
-         * multiprocessor measured no faster at 8, 64 or 256 sequences on an H100: batched decode
-         * attention is bound by its per-token shuffles, not by latency.) */
+         * 32 (the tensor-core kernel: below), and no more than the scratch holds. Depends on n_seqs
+         * only (graph-safe). */
         const long long pairs = (long long)mt->n_seqs * nkv;
+        const bool tensor_cores = HD == kMmaHD && G <= 16 && mt->n_seqs >= 2;
         long long splits = (2LL * sms + pairs - 1) / pairs;
-        if (splits > 32) splits = 32;
+        /* The tensor-core kernel runs two blocks per multiprocessor (its registers): a split that
+         * spills into a second, partial wave costs more than it spreads, and past 4 splits the
+         * per-block work (q, the partials, the combine) outweighs the shorter chains. So whole
+         * splits up to 4 while every block fits at once (H200, 36 layers at context 640, bf16
+         * cache, ms, this rule vs rounding up: 4 sequences 0.341 vs 0.497, 8: 0.411 vs 0.566, 16:
+         * 0.617 vs 0.810, 32: 0.929 vs 1.179; bench/RESULTS.md, twenty-fourth session). */
+        if (tensor_cores) splits = pairs >= 2LL * sms ? 1 : 2LL * sms / pairs;
+        if (splits > (tensor_cores ? 4 : 32)) splits = tensor_cores ? 4 : 32;
         while (splits > 1 && (size_t)(pairs * splits * G * cu_part_stride(HD)) > scr->part_floats) splits--;
         if (pairs > scr->n_counters) splits = 1;
         if (splits < 1) splits = 1;
         const NewToken nt = {qkv, ah->q_norm, ah->k_norm, ah->cs, mt->slots, ah->eps};
-        if (HD == kMmaHD && G <= 16 && mt->n_seqs >= 2) { /* the tensor cores (see the top of the file) */
+        if (tensor_cores) { /* (see the top of the file) */
             static bool mma_attr = false; /* one per instantiation */
             if (!mma_attr) {
                 cudaError_t rc = cudaFuncSetAttribute(attn_decode_mma<KV>, cudaFuncAttributeMaxDynamicSharedMemorySize,
