@@ -690,14 +690,12 @@ static void attn_reference(const SeqState *q_s, const float *qkv_row, int p, int
     free(w), free(qs);
 }
 
-/* Whether the CUDA attention runs this step on its tensor-core kernels (attention_hd's choice:
- * head_dim 128, prefill / mixed steps when 64 rows hold whole query groups, decode from 2
- * sequences with at most 16 query heads per kv head). */
+/* Whether the CUDA attention runs this step on its tensor-core kernels (the backend's answer). */
 static bool tensor_core_attention(const HostMeta *h, int nh, int nkv, int hd) {
-    int max_q = 0, G = nh / nkv;
+    int max_q = 0;
     for (int s = 0; s < h->cpu.n_seqs; s++)
         if (h->q_start[s + 1] - h->q_start[s] > max_q) max_q = h->q_start[s + 1] - h->q_start[s];
-    return hd == 128 && (max_q > 1 ? 64 % G == 0 : G <= 16 && h->cpu.n_seqs >= 2);
+    return cuda_attention_tensor_cores(hd, nh, nkv, max_q, h->cpu.n_seqs);
 }
 
 /* One step's rope table, q/k norm + rope + store and attention on both backends. The GPU keeps

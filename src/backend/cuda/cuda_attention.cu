@@ -38,6 +38,7 @@
  * by its registers), not by HBM. */
 #include <math.h>
 
+#include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_common.cuh"
 
 namespace {
@@ -964,6 +965,18 @@ cudaError_t qk_norm_rope_store(cudaStream_t st, const CuAttnHeads *ah, KV *kc, K
                                  ah->eps, kc, vc, mt->slots);
 }
 
+} // namespace
+
+/* head_dim 128; prefill and mixed steps when a block's 64 rows hold whole query groups, decode
+ * from 2 sequences with at most 16 query heads per kv head (the A operand's rows). */
+bool cuda_attention_tensor_cores(int head_dim, int n_heads, int n_kv_heads, int max_q, int n_seqs) {
+    const int G = n_heads / n_kv_heads;
+    if (head_dim != kMmaHD) return false;
+    return max_q > 1 ? kPfRows % G == 0 : G <= 16 && n_seqs >= 2;
+}
+
+namespace {
+
 template <int HD, typename KV>
 cudaError_t attention_hd(cudaStream_t st, float *out, const CuAttnHeads *ah, KV *kc, KV *vc, int bs,
                          const AttnMeta *mt, const CuAttnScratch *scr, int sms) {
@@ -978,7 +991,7 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const CuAttnHeads *ah, KV 
          * 32 (the tensor-core kernel: below), and no more than the scratch holds. Depends on n_seqs
          * only (graph-safe). */
         const long long pairs = (long long)mt->n_seqs * nkv;
-        const bool tensor_cores = HD == kMmaHD && G <= 16 && mt->n_seqs >= 2;
+        const bool tensor_cores = cuda_attention_tensor_cores(HD, nh, nkv, mt->max_q, mt->n_seqs);
         long long splits = (2LL * sms + pairs - 1) / pairs;
         /* The tensor-core kernel runs two blocks per multiprocessor (its registers): a split that
          * spills into a second, partial wave costs more than it spreads, and past 4 splits the
@@ -1010,7 +1023,7 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const CuAttnHeads *ah, KV 
     }
     cudaError_t rc = qk_norm_rope_store(st, ah, kc, vc, mt);
     if (rc != cudaSuccess) return rc;
-    if (HD == kMmaHD && kPfRows % G == 0) { /* the tensor cores (see attn_prefill_mma) */
+    if (cuda_attention_tensor_cores(HD, nh, nkv, mt->max_q, mt->n_seqs)) { /* (see attn_prefill_mma) */
         static bool pf_attr = false; /* one per instantiation */
         if (!pf_attr) {
             rc = cudaFuncSetAttribute(attn_prefill_mma<KV>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kPfSmem);
