@@ -82,10 +82,9 @@ int runtime_open(Runtime *rt, const char *model_dir, const RuntimeArgs *a, QErr 
         return -1;
     }
     eo.kv_dtype = a->kv_dtype;
-    eo.kv_value_bytes = kv_dtype_bytes(rt->be->ops, a->kv_dtype);
     if (a->max_step_tokens <= 0 && a->serve_steps && rt->be->ops->mem_free)
         eo.max_step_tokens = serve_step_tokens(rt->be);
-    ModelOptions mo = engine_model_options(&eo, &cfg);
+    ModelOptions mo = engine_model_options(&eo, &cfg, rt->be->ops);
     rt->model = random ? model_create(&cfg, &gen, random, rt->be, &mo, a->random_preset, err)
                        : model_load(model_dir, rt->be, &mo, err);
     if (!rt->model) goto fail;

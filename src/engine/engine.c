@@ -83,12 +83,12 @@ EngineOptions engine_default_options(const QwenConfig *cfg) {
     return o;
 }
 
-static int kv_blocks_for(const EngineOptions *o, const QwenConfig *cfg) {
+static int kv_blocks_for(const EngineOptions *o, const QwenConfig *cfg, const BackendOps *ops) {
     if (o->kv_blocks > 0) return o->kv_blocks;
     long one_seq = (o->max_model_len + o->block_size - 1) / o->block_size;
     long all = one_seq * o->max_seqs;
     if (o->kv_all_seqs) return (int)all;
-    size_t value_bytes = o->kv_value_bytes > 0 ? (size_t)o->kv_value_bytes : sizeof(float);
+    size_t value_bytes = (size_t)kv_dtype_bytes(ops, o->kv_dtype);
     size_t per_token = (size_t)cfg->num_hidden_layers * 2 * cfg->num_key_value_heads * cfg->head_dim * value_bytes;
     size_t budget = o->kv_bytes ? o->kv_bytes : (size_t)1 << 30;
     long blocks = (long)(budget / (per_token * o->block_size));
@@ -134,13 +134,13 @@ static int logit_rows(const EngineOptions *o) {
     return rows < o->max_step_tokens ? (int)rows : o->max_step_tokens;
 }
 
-ModelOptions engine_model_options(const EngineOptions *o, const QwenConfig *cfg) {
+ModelOptions engine_model_options(const EngineOptions *o, const QwenConfig *cfg, const BackendOps *ops) {
     return (ModelOptions){
         .max_step_tokens = o->max_step_tokens,
         .max_seqs = o->max_seqs,
         .max_logit_rows = logit_rows(o),
         .max_ctx = o->max_model_len,
-        .kv_blocks = kv_blocks_for(o, cfg),
+        .kv_blocks = kv_blocks_for(o, cfg, ops),
         .kv_mem_fraction = o->kv_mem_fraction,
         .block_size = o->block_size,
         .kv_dtype = o->kv_dtype,

@@ -24,8 +24,6 @@ typedef struct EngineOptions {
     double kv_mem_fraction; /* > 0: ModelOptions.kv_mem_fraction (the budget then applies only
                                where the backend cannot report device memory) */
     KvDtype kv_dtype;    /* ModelOptions.kv_dtype */
-    int kv_value_bytes;  /* bytes of one cached K or V value: kv_dtype_bytes(backend, kv_dtype)
-                            (0: 4, float32) */
     int block_size;      /* 16 */
     bool prefix_caching; /* reuse KV blocks of identical prompt prefixes (default on) */
     bool embed_resident; /* ModelOptions.embed_resident (a server's choice: default off) */
@@ -53,8 +51,9 @@ typedef struct EngineStats {
 
 /* Sensible defaults for a config: 1 sequence, 512-token steps, context min(config, 32768). */
 EngineOptions engine_default_options(const QwenConfig *cfg);
-/* Model options matching engine options (pass to model_load). */
-ModelOptions engine_model_options(const EngineOptions *o, const QwenConfig *cfg);
+/* Model options matching engine options, for a model on a backend with op table ops (the pool's
+ * bytes per cached value: kv_dtype_bytes); pass them to model_load / model_create. */
+ModelOptions engine_model_options(const EngineOptions *o, const QwenConfig *cfg, const BackendOps *ops);
 
 /* Creates an engine over a model loaded with engine_model_options(o). */
 Engine *engine_create(Model *m, const EngineOptions *o, QErr *err);

@@ -47,7 +47,7 @@ int main(void) {
     EngineOptions eo = engine_default_options(&cfg);
     eo.max_seqs = 2;
     eo.max_model_len = 256;
-    ModelOptions mo = engine_model_options(&eo, &cfg);
+    ModelOptions mo = engine_model_options(&eo, &cfg, be->ops);
     Model *m = model_create(&cfg, &gen, st, be, &mo, "tiny-qwen3", &err);
     CHECK(m != NULL, "model_create: %s", err.msg);
     Engine *e = m ? engine_create(m, &eo, &err) : NULL;

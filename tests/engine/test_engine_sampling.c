@@ -87,7 +87,7 @@ int main(void) {
     eo.max_seqs = N_REQ;
     eo.max_model_len = 64;
     eo.prefix_caching = false;
-    ModelOptions mo = engine_model_options(&eo, &cfg);
+    ModelOptions mo = engine_model_options(&eo, &cfg, be->ops);
     Model *m = model_create(&cfg, &gen, st, be, &mo, "tiny-qwen3", &err);
     CHECK(m != NULL, "model_create: %s", err.msg);
     if (!m) return test_finish();

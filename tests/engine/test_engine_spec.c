@@ -89,7 +89,7 @@ int main(void) {
     spec.spec_tokens = 4;
     spec.spec_ngram_min = 2;
     spec.spec_ngram_max = 4;
-    ModelOptions mo = engine_model_options(&spec, &cfg); /* the larger logit buffers */
+    ModelOptions mo = engine_model_options(&spec, &cfg, be->ops); /* the larger logit buffers */
     Model *m = model_create(&cfg, &gen, st, be, &mo, "small-qwen3", &err);
     CHECK(m != NULL, "model_create: %s", err.msg);
     if (!m) return test_finish();
@@ -155,7 +155,7 @@ int main(void) {
     tight.kv_blocks = tight_plain.kv_blocks = 5;
     tight.max_model_len = tight_plain.max_model_len = 64;
     StModel *st2 = random_weights_build("small-qwen3", false, &cfg, &gen, &err);
-    ModelOptions mo2 = engine_model_options(&tight, &cfg);
+    ModelOptions mo2 = engine_model_options(&tight, &cfg, be->ops);
     Model *m2 = st2 ? model_create(&cfg, &gen, st2, be, &mo2, "small-qwen3", &err) : NULL;
     CHECK(m2 != NULL, "model_create (small pool): %s", err.msg);
     if (!m2) return test_finish();

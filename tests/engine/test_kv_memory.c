@@ -34,8 +34,7 @@ static long pool_blocks_of(Backend *be, double fraction, int max_seqs, KvDtype d
     eo.max_model_len = 256;
     eo.kv_mem_fraction = fraction;
     eo.kv_dtype = dtype;
-    eo.kv_value_bytes = kv_dtype_bytes(be->ops, dtype);
-    ModelOptions mo = engine_model_options(&eo, &cfg);
+    ModelOptions mo = engine_model_options(&eo, &cfg, be->ops);
     Model *m = model_create(&cfg, &gen, st, be, &mo, "tiny-qwen3", err);
     if (!m) return -1;
     long n = m->kv_shape.n_blocks;
@@ -106,17 +105,20 @@ int main(void) {
     QwenConfig big = cfg;
     big.num_hidden_layers = 36, big.num_key_value_heads = 8, big.head_dim = 128;
     EngineOptions eo = engine_default_options(&big);
-    eo.max_seqs = 64, eo.max_model_len = 768, eo.kv_value_bytes = 2;
+    eo.max_seqs = 64, eo.max_model_len = 768;
+    static BackendOps bf16_cache; /* a backend whose own cache type is bf16, as CUDA's */
+    bf16_cache = *be->ops;
+    bf16_cache.kv_value_bytes = 2;
     const long budget_blocks = (long)(((size_t)1 << 30) / ((size_t)36 * 2 * 8 * 128 * 2 * 16));
-    const int by_budget = engine_model_options(&eo, &big).kv_blocks;
+    const int by_budget = engine_model_options(&eo, &big, &bf16_cache).kv_blocks;
     CHECK(by_budget == budget_blocks, "1 GiB budget: %d blocks, want %ld", by_budget, budget_blocks);
-    eo.kv_dtype = KV_FP8, eo.kv_value_bytes = 1; /* as runtime_open sets them for --kv-cache-dtype fp8 */
-    const int by_budget_fp8 = engine_model_options(&eo, &big).kv_blocks;
-    CHECK(by_budget_fp8 == 2 * budget_blocks && engine_model_options(&eo, &big).kv_dtype == KV_FP8,
+    eo.kv_dtype = KV_FP8;
+    const int by_budget_fp8 = engine_model_options(&eo, &big, &bf16_cache).kv_blocks;
+    CHECK(by_budget_fp8 == 2 * budget_blocks && engine_model_options(&eo, &big, &bf16_cache).kv_dtype == KV_FP8,
           "1 GiB budget, fp8: %d blocks, want %ld", by_budget_fp8, 2 * budget_blocks);
-    eo.kv_dtype = KV_AUTO, eo.kv_value_bytes = 2;
+    eo.kv_dtype = KV_AUTO;
     eo.kv_all_seqs = true;
-    const int whole_batch = engine_model_options(&eo, &big).kv_blocks;
+    const int whole_batch = engine_model_options(&eo, &big, &bf16_cache).kv_blocks;
     CHECK(whole_batch == 64 * 48, "kv_all_seqs: %d blocks, want %d", whole_batch, 64 * 48);
 
     be->ops->destroy(be);

@@ -349,7 +349,7 @@ static void check_model(const char *model_dir, const char *ref_file, const char 
     eo.max_step_tokens = 64;
     eo.max_model_len = 1024;
     eo.max_seqs = 12;
-    ModelOptions mo = engine_model_options(&eo, &cfg);
+    ModelOptions mo = engine_model_options(&eo, &cfg, be->ops);
     Model *m = model_load(model_dir, be, &mo, &err);
     CHECK(m != NULL, "model_load %s: %s", model_dir, err.msg);
     Engine *e = m ? engine_create(m, &eo, &err) : NULL;
