@@ -37,6 +37,7 @@
  * tensor-core decode kernel is bound by each warp's chain of dependent steps (and 2 blocks per SM
  * by its registers), not by HBM. */
 #include <math.h>
+#include <algorithm>
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_common.cuh"
@@ -987,20 +988,19 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const CuAttnHeads *ah, KV 
     int bs_shift = 0; /* block sizes are powers of two (checked at kv_alloc) */
     while ((1 << bs_shift) < bs) bs_shift++;
     if (mt->max_q == 1) {
-        /* Splits: about two blocks per multiprocessor over all (sequence, kv head) pairs, at most
-         * 32 (the tensor-core kernel: below), and no more than the scratch holds. Depends on n_seqs
-         * only (graph-safe). */
-        const long long pairs = (long long)mt->n_seqs * nkv;
+        /* Splits of each (sequence, kv head) pair's context, over about two blocks per
+         * multiprocessor. The batch-1 kernel rounds up, at most 32. The tensor-core kernel runs
+         * two blocks per multiprocessor (its registers): a split that spills into a second,
+         * partial wave costs more than it spreads, and past 4 splits the per-block work (q, the
+         * partials, the combine) outweighs the shorter chains; so whole splits, at most 4, while
+         * every block fits at once (H200, 36 layers at context 640, bf16 cache, ms, this rule vs
+         * rounding up: 4 sequences 0.341 vs 0.497, 8: 0.411 vs 0.566, 16: 0.617 vs 0.810, 32:
+         * 0.929 vs 1.179; bench/RESULTS.md, twenty-fourth session). Then no more than the scratch
+         * holds. Depends on n_seqs only (graph-safe). */
+        const long long pairs = (long long)mt->n_seqs * nkv, slots = 2LL * sms;
         const bool tensor_cores = cuda_attention_tensor_cores(HD, nh, nkv, mt->max_q, mt->n_seqs);
-        long long splits = (2LL * sms + pairs - 1) / pairs;
-        /* The tensor-core kernel runs two blocks per multiprocessor (its registers): a split that
-         * spills into a second, partial wave costs more than it spreads, and past 4 splits the
-         * per-block work (q, the partials, the combine) outweighs the shorter chains. So whole
-         * splits up to 4 while every block fits at once (H200, 36 layers at context 640, bf16
-         * cache, ms, this rule vs rounding up: 4 sequences 0.341 vs 0.497, 8: 0.411 vs 0.566, 16:
-         * 0.617 vs 0.810, 32: 0.929 vs 1.179; bench/RESULTS.md, twenty-fourth session). */
-        if (tensor_cores) splits = pairs >= 2LL * sms ? 1 : 2LL * sms / pairs;
-        if (splits > (tensor_cores ? 4 : 32)) splits = tensor_cores ? 4 : 32;
+        long long splits = tensor_cores ? std::min(pairs >= slots ? 1 : slots / pairs, 4LL)
+                                        : std::min((slots + pairs - 1) / pairs, 32LL);
         while (splits > 1 && (size_t)(pairs * splits * G * cu_part_stride(HD)) > scr->part_floats) splits--;
         if (pairs > scr->n_counters) splits = 1;
         if (splits < 1) splits = 1;
