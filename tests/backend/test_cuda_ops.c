@@ -695,7 +695,7 @@ static bool tensor_core_attention(const HostMeta *h, int nh, int nkv, int hd) {
     int max_q = 0;
     for (int s = 0; s < h->cpu.n_seqs; s++)
         if (h->q_start[s + 1] - h->q_start[s] > max_q) max_q = h->q_start[s + 1] - h->q_start[s];
-    return cuda_attention_tensor_cores(hd, nh, nkv, max_q, h->cpu.n_seqs);
+    return cuda_attention_tensor_cores(hd, nh, nkv, max_q);
 }
 
 /* One step's rope table, q/k norm + rope + store and attention on both backends. The GPU keeps

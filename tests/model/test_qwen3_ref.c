@@ -11,7 +11,7 @@
  * reference's top-2 margin exceeds the bf16 noise (0.1 x the row's RMS logit), and a greedy
  * continuation must agree up to its first near-tie: it may diverge only at a step where our own
  * top-2 margin is within that noise; so may a batched request from its run alone (batch 1 takes
- * other kernels: the GEMVs, the single-sequence attention). Skipped, exit 77, without a usable
+ * other kernels: the GEMVs, and other attention splits). Skipped, exit 77, without a usable
  * GPU. */
 #include <math.h>
 #include <stdio.h>

@@ -10,14 +10,15 @@
  * block), which saves a second launch per layer. Both decode kernels also do the qk-norm
  * kernel's work for their token (q and k RMSNorm + RoPE, K/V stored), which saves its launch: one
  * link less per layer in the decode chain (H100, batch-1 step 2.533 -> 2.499 ms). Two kernels:
- *  - from 2 sequences at head_dim 128 (Qwen3): all query heads of the kv head at once on the
- *    tensor cores (attn_decode_mma below; H100, 36 layers at context 640: 8 sequences 0.94 ->
- *    0.63 ms, 64: 4.09 -> 2.36 ms, 256: 15.9 -> 8.8 ms, 2.75 TB/s of KV).
- *  - batch 1 and other head dims: 4 warps take the kv head's query heads, walking the same K/V
- *    rows (L1 serves the repeats) in batches of 16 tokens (8 at head_dim 256) whose block-table
- *    lookups run in parallel across lanes and whose loads are all issued together; the first
- *    batch is requested before the PDL wait, which inside a decode step beats the tensor-core
- *    kernel at batch 1 (8.5 vs 9.0 us per layer).
+ *  - head_dim 128 (Qwen3): all query heads of the kv head at once on the tensor cores
+ *    (attn_decode_mma below; H100, 36 layers at context 640: 8 sequences 0.94 -> 0.63 ms, 64:
+ *    4.09 -> 2.36 ms, 256: 15.9 -> 8.8 ms, 2.75 TB/s of KV). Batch 1 too since its first K/V
+ *    tile is requested before the PDL wait and its splits fit one wave (H200, batch-1 decode
+ *    step at context 512: 2.081 -> 1.999 ms against the scalar kernel; twenty-fifth session).
+ *  - other head dims: 4 warps take the kv head's query heads, walking the same K/V rows (L1
+ *    serves the repeats) in batches of 16 tokens (8 at head_dim 256) whose block-table lookups
+ *    run in parallel across lanes and whose loads are all issued together; the first batch is
+ *    requested before the PDL wait.
  *
  * Prefill (chunks of many tokens; also mixed steps), after the qk-norm kernel. At head_dim 128
  * flash attention 2 on the tensor cores (attn_prefill_mma: 64 keys per tile, 70-130 TFLOP/s on an
@@ -969,11 +970,11 @@ cudaError_t qk_norm_rope_store(cudaStream_t st, const CuAttnHeads *ah, KV *kc, K
 } // namespace
 
 /* head_dim 128; prefill and mixed steps when a block's 64 rows hold whole query groups, decode
- * from 2 sequences with at most 16 query heads per kv head (the A operand's rows). */
-bool cuda_attention_tensor_cores(int head_dim, int n_heads, int n_kv_heads, int max_q, int n_seqs) {
+ * with at most 16 query heads per kv head (the A operand's rows). */
+bool cuda_attention_tensor_cores(int head_dim, int n_heads, int n_kv_heads, int max_q) {
     const int G = n_heads / n_kv_heads;
     if (head_dim != kMmaHD) return false;
-    return max_q > 1 ? kPfRows % G == 0 : G <= 16 && n_seqs >= 2;
+    return max_q > 1 ? kPfRows % G == 0 : G <= 16;
 }
 
 namespace {
@@ -989,17 +990,20 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const CuAttnHeads *ah, KV 
     while ((1 << bs_shift) < bs) bs_shift++;
     if (mt->max_q == 1) {
         /* Splits of each (sequence, kv head) pair's context, over about two blocks per
-         * multiprocessor. The batch-1 kernel rounds up, at most 32. The tensor-core kernel runs
+         * multiprocessor. The scalar kernel rounds up, at most 32. The tensor-core kernel runs
          * two blocks per multiprocessor (its registers): a split that spills into a second,
          * partial wave costs more than it spreads, and past 4 splits the per-block work (q, the
          * partials, the combine) outweighs the shorter chains; so whole splits, at most 4, while
          * every block fits at once (H200, 36 layers at context 640, bf16 cache, ms, this rule vs
          * rounding up: 4 sequences 0.341 vs 0.497, 8: 0.411 vs 0.566, 16: 0.617 vs 0.810, 32:
-         * 0.929 vs 1.179; bench/RESULTS.md, twenty-fourth session). Then no more than the scratch
-         * holds. Depends on n_seqs only (graph-safe). */
+         * 0.929 vs 1.179; bench/RESULTS.md, twenty-fourth session). One sequence takes 8: its
+         * chains are the whole step's latency (H200, batch-1 decode step at context 512, 4 / 8
+         * splits: 2.020 / 1.999 ms; 16 splits cost more alone: 9.5 vs 8.4 us per layer at 640;
+         * twenty-fifth session). Then no more than the scratch holds. Depends on n_seqs only
+         * (graph-safe). */
         const long long pairs = (long long)mt->n_seqs * nkv, slots = 2LL * sms;
-        const bool tensor_cores = cuda_attention_tensor_cores(HD, nh, nkv, mt->max_q, mt->n_seqs);
-        long long splits = tensor_cores ? std::min(pairs >= slots ? 1 : slots / pairs, 4LL)
+        const bool tensor_cores = cuda_attention_tensor_cores(HD, nh, nkv, mt->max_q);
+        long long splits = tensor_cores ? std::min(pairs >= slots ? 1 : slots / pairs, mt->n_seqs == 1 ? 8LL : 4LL)
                                         : std::min((slots + pairs - 1) / pairs, 32LL);
         while (splits > 1 && (size_t)(pairs * splits * G * cu_part_stride(HD)) > scr->part_floats) splits--;
         if (pairs > scr->n_counters) splits = 1;
@@ -1023,7 +1027,7 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const CuAttnHeads *ah, KV 
     }
     cudaError_t rc = qk_norm_rope_store(st, ah, kc, vc, mt);
     if (rc != cudaSuccess) return rc;
-    if (cuda_attention_tensor_cores(HD, nh, nkv, mt->max_q, mt->n_seqs)) { /* (see attn_prefill_mma) */
+    if (cuda_attention_tensor_cores(HD, nh, nkv, mt->max_q)) { /* (see attn_prefill_mma) */
         static bool pf_attr = false; /* one per instantiation */
         if (!pf_attr) {
             rc = cudaFuncSetAttribute(attn_prefill_mma<KV>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kPfSmem);

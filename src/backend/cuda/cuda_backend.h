@@ -33,11 +33,11 @@ bool cuda_backend_available(void);
  * block size must be a power of two and head_dim 64, 128 or 256 (kv_alloc says so otherwise). */
 Backend *cuda_backend_create(int device, QErr *err);
 
-/* Whether the CUDA attention runs a step of n_seqs sequences, the longest with max_q new tokens,
- * of a model with these heads on its tensor-core kernels, which round q and the softmax weights
- * to bf16 as a bf16 model's attention does (the other kernels keep them float): what a reference
- * that mirrors the kernels' rounding must know. */
-bool cuda_attention_tensor_cores(int head_dim, int n_heads, int n_kv_heads, int max_q, int n_seqs);
+/* Whether the CUDA attention runs a step whose longest sequence has max_q new tokens, of a model
+ * with these heads, on its tensor-core kernels, which round q and the softmax weights to bf16 as
+ * a bf16 model's attention does (the other kernels keep them float): what a reference that
+ * mirrors the kernels' rounding must know. */
+bool cuda_attention_tensor_cores(int head_dim, int n_heads, int n_kv_heads, int max_q);
 
 /* The first CUDA error any op of this backend ran into (ops themselves cannot report failure),
  * as "op: message", or NULL while there has been none. The string belongs to the backend. */
