@@ -443,10 +443,16 @@ static void test_matmul_q4(void) {
         check_matmul(what, p, 1, Mq, nMq, true);
         free_part(&p[0]);
     }
-    /* a Qwen3-like row: k split over clusters of 8; from 512 tokens 256-token tiles (wgmma) */
-    static const int Mqwen[] = {16, 130, 600};
+    /* a Qwen3-like row: k split over clusters of 8 (16 tokens) or 6 (one 32- or 64-token tile);
+     * from 512 tokens 256-token tiles (wgmma) */
+    static const int Mqwen[] = {16, 24, 64, 130, 600};
     make_q4(&p[0], "int4 g128 512x4096", 512, 4096, 128);
-    check_matmul("int4 g128 512x4096", p, 1, Mqwen, 3, true);
+    check_matmul("int4 g128 512x4096", p, 1, Mqwen, 5, true);
+    free_part(&p[0]);
+    /* 12 stages of k: split 3 for one 32- or 64-token tile (wgmma) */
+    static const int Mthree[] = {24, 64};
+    make_q4(&p[0], "int4 g128 256x1536", 256, 1536, 128);
+    check_matmul("int4 g128 256x1536", p, 1, Mthree, 2, true);
     free_part(&p[0]);
     /* 6 token tiles of 256 (wgmma): a group of 4 and a partial one of 2 in the tile order */
     static const int Mgroups[] = {1300};

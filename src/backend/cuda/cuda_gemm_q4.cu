@@ -850,9 +850,10 @@ __global__ void __launch_bounds__(kThreads, WgTile<BT, GS>::kMinBlocks)
     store_tile<kFeatures, BT>(a, tile, kTileLd, f0, t0, split, splits);
 }
 
-/* Co-resident blocks of kernel when launched in clusters of 1, 2, 4 and 8 (0 where clusters are
- * unavailable: a device or code older than sm_90). */
-void split_slots(const void *kernel, size_t smem, int sms, int (&slots)[4]) {
+/* Co-resident blocks of kernel when launched in clusters of 1 .. kMaxSplit blocks (slots[s - 1]
+ * for clusters of s; 0 where clusters are unavailable: a device or code older than sm_90). */
+constexpr int kMaxSplit = 8;
+void split_slots(const void *kernel, size_t smem, int sms, int (&slots)[kMaxSplit]) {
     int per_sm = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) != cudaSuccess || per_sm < 1)
         per_sm = 1;
@@ -862,31 +863,32 @@ void split_slots(const void *kernel, size_t smem, int sms, int (&slots)[4]) {
     const bool clusters = cudaGetDevice(&dev) == cudaSuccess &&
                           cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, dev) == cudaSuccess &&
                           cluster_launch && cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.ptxVersion >= 90;
-    for (int i = 1; i < 4; i++) {
+    for (int i = 1; i < kMaxSplit; i++) {
         slots[i] = 0;
         if (!clusters) continue;
         cudaLaunchAttribute attr;
         attr.id = cudaLaunchAttributeClusterDimension;
-        attr.val.clusterDim.x = 1u << i;
+        attr.val.clusterDim.x = (unsigned)i + 1;
         attr.val.clusterDim.y = 1;
         attr.val.clusterDim.z = 1;
         cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(1u << i);
+        cfg.gridDim = dim3((unsigned)i + 1);
         cfg.blockDim = dim3(kThreads);
         cfg.dynamicSmemBytes = smem;
         cfg.attrs = &attr;
         cfg.numAttrs = 1;
         int n = 0;
-        if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess) slots[i] = n << i;
+        if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess) slots[i] = n * (i + 1);
     }
     cudaGetLastError(); /* a failed query is not sticky; clear it */
 }
 
 /* How a split of k is judged: by whole waves of the co-resident blocks (kernels that fit one block
- * per multiprocessor), by every multiprocessor busy, or by every co-resident slot busy; the
- * fewest stages of k a block of a split may get; the largest split; and how much better a larger
- * split must fill the machine to be taken (it costs a reduction). */
-enum class Fill { WholeWaves, BusySms, AllSlots };
+ * per multiprocessor), by every multiprocessor busy, by every co-resident slot busy, or as the
+ * largest split of 2, 3, 4 or 6 whose blocks all run at once (one wave); the fewest stages of k a
+ * block of a split may get; the largest split; and how much better a larger split must fill the
+ * machine to be taken (it costs a reduction; not used by OneWave). */
+enum class Fill { WholeWaves, BusySms, AllSlots, OneWave };
 struct SplitRule {
     Fill fill;
     int min_stages;
@@ -894,10 +896,11 @@ struct SplitRule {
     double min_gain;
 };
 
-/* Blocks per output tile (the split of k). A larger split must fill the machine better by
- * rule.min_gain (10% unless said below), give each block at least rule.min_stages stages of k (two
- * unless said below) and be at most rule.max_split (8 unless said below). Measured on an H100 (us
- * per launch, Qwen3-8B matrices):
+/* Blocks per output tile (the split of k). Other than OneWave, splits are powers of two, and a
+ * larger split must fill the machine better by rule.min_gain (10% unless said below), give each
+ * block at least rule.min_stages stages of k (two unless said below) and be at most
+ * rule.max_split (8 unless said below). Measured on an H100 unless an H200 is named (us per
+ * launch, Qwen3-8B matrices):
  *  - one block per multiprocessor (128- and 256-token tiles): whole waves; for wgmma, a split of at
  *    most 2 that must fill 25% better, since reducing a 128- or 256-token tile over the cluster
  *    costs more than the small tiles' (H200, per launch at 384 / 512 / 768 tokens, us, the 10% rule
@@ -911,21 +914,34 @@ struct SplitRule {
  *  - two per multiprocessor (wgmma 64-token tiles, the mma.sync kernel): every multiprocessor
  *    busy once; waves at M = 128 picked split 4 for o and down, 27.1 / 64.8 vs 19.8 / 51.6 with
  *    split 2; all slots (below): M = 4..16 2.85 -> 3.17-3.31 ms for the step's matmuls, M = 128
- *    6.06 -> 6.70, and at 33..64 tokens (one 64-token tile) gate_up split 2 (384 blocks on 264
- *    slots: 1.45 waves) and down split 8 vs busy SMs' 1 and 4: M = 64 46.4 -> 40.3 and 38.6 ->
- *    35.8, M = 48 43.9 -> 38.8 and 36.7 -> 33.9 (H100, thirteenth session);
- *  - wgmma with 32-token tiles (17..32 tokens): every slot busy, at least eight stages of k per
- *    block, since each block then streams weights no other block reads: gate_up at M = 32 39.6 ->
- *    35.8 (split 1 -> 2), down 33.8 -> 30.4 (4 -> 8); the step's matmuls M = 32 3.61 -> 3.33 ms;
+ *    6.06 -> 6.70 (H100, thirteenth session); two 64-token tiles (65..128 tokens) keep busy SMs;
+ *  - one token tile of 17..64 tokens (wgmma 32- and 64-token tiles): one wave, splits of 2, 3, 4
+ *    or 6, at least four stages each. Every split from 1 to 8 forced on all four matrices (H200,
+ *    per launch, qkv / o / down at M = 32: splits 3 17.9 / 17.3 / 24.5, 4 14.2 / 14.2 / 27.6, 6
+ *    13.2 / 11.8 / 21.5, 8 16.2 / 11.2 / 23.5; at M = 64: 3 17.0 / 16.2 / 28.2, 4 15.0 / 14.1 /
+ *    32.9, 6 22.9 (a second wave) / 13.5 / 26.3, 8 22.5 / 18.8 / 33.4): a split that fits one
+ *    wave is the faster the larger, except that 8 (and 4 for down, whose k then steps in 3 KB
+ *    strides across its 6 KB rows) lose to 6. Against the rules before (every slot busy with 8
+ *    stages up to 32 tokens, busy SMs to 64), the step's matmuls as the model runs them, M = 24
+ *    / 32 / 48 / 64: 2.661 / 2.666 / 3.291 / 3.310 -> 2.581 / 2.633 / 3.039 / 3.087 ms (down at
+ *    64: 33.2 -> 26.6); serving int4 at concurrency 64 7445 -> 7648 tok/s (twenty-fifth session);
  *  - up to 16 tokens, every slot busy with at least four stages: o splits 8 ways instead of 4, two
  *    blocks per multiprocessor instead of one (H200: o 14.3 -> 10.6 us per launch; the step's
- *    matmuls M = 4 / 8 / 16 2.64 / 2.92 / 2.73 -> 2.61 / 2.77 / 2.69 ms, but M = 24 / 32 2.84 /
- *    2.74 -> 2.81 / 2.91, so not beyond 16). */
-int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, SplitRule rule) {
+ *    matmuls M = 4 / 8 / 16 2.64 / 2.92 / 2.73 -> 2.61 / 2.77 / 2.69 ms). One wave loses here
+ *    (M = 4 / 8 / 16 2.472 / 2.708 / 2.636 -> 2.442 / 2.822 / 2.673 ms: o and down lose their
+ *    split of 8). */
+int choose_split(long long tiles, int k_tiles, const int (&slots)[kMaxSplit], int sms, SplitRule rule) {
+    if (rule.fill == Fill::OneWave) {
+        int best = 1;
+        for (int s : {2, 3, 4, 6})
+            if (s <= rule.max_split && slots[s - 1] && k_tiles >= rule.min_stages * s && tiles * s <= slots[s - 1])
+                best = s;
+        return best;
+    }
     int best = 1;
     double best_fill = -1.0;
-    for (int i = 0; i < 4; i++) {
-        const int s = 1 << i;
+    for (int s = 1; s <= kMaxSplit; s *= 2) {
+        const int i = s - 1;
         if (s > rule.max_split || !slots[i] || (s > 1 && k_tiles < rule.min_stages * s)) break;
         const long long blocks = tiles * s;
         double fill;
@@ -945,7 +961,7 @@ int choose_split(long long tiles, int k_tiles, const int (&slots)[4], int sms, S
  * co-resident blocks per cluster size (split_slots). */
 struct KernelSlots {
     bool ready;
-    int slots[4];
+    int slots[kMaxSplit];
 };
 
 template <typename... Extra>
@@ -1047,8 +1063,8 @@ struct Wgmma {
     static cudaError_t launch(cudaStream_t st, const GemmArgs &a, int sms, const WgMaps *maps) {
         static KernelSlots ks;
         const SplitRule rule = WgTile<BT, GS>::kMinBlocks == 1 ? SplitRule{Fill::WholeWaves, 2, 2, 1.25}
-                               : BT <= 32 && a.M <= 16          ? SplitRule{Fill::AllSlots, 4, 8, 1.1}
-                               : BT <= 32 && a.M <= BT          ? SplitRule{Fill::AllSlots, 8, 8, 1.1}
+                               : a.M <= 16                      ? SplitRule{Fill::AllSlots, 4, 8, 1.1}
+                               : a.M <= BT                      ? SplitRule{Fill::OneWave, 4, 6, 1.0}
                                                                 : SplitRule{Fill::BusySms, 2, 8, 1.1};
         return launch_tiles(st, gemm_q4_wg<BT, GS>, WgTile<BT, GS>::kSmem, ks, kFeatures, BT, kWgK, rule, a, sms, *maps);
     }
