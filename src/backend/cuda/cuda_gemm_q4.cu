@@ -920,11 +920,11 @@ struct SplitRule {
  *    per launch, qkv / o / down at M = 32: splits 3 17.9 / 17.3 / 24.5, 4 14.2 / 14.2 / 27.6, 6
  *    13.2 / 11.8 / 21.5, 8 16.2 / 11.2 / 23.5; at M = 64: 3 17.0 / 16.2 / 28.2, 4 15.0 / 14.1 /
  *    32.9, 6 22.9 (a second wave) / 13.5 / 26.3, 8 22.5 / 18.8 / 33.4): a split that fits one
- *    wave is the faster the larger, except that 8 (and 4 for down, whose k then steps in 3 KB
- *    strides across its 6 KB rows) lose to 6. Against the rules before (every slot busy with 8
- *    stages up to 32 tokens, busy SMs to 64), the step's matmuls as the model runs them, M = 24
- *    / 32 / 48 / 64: 2.661 / 2.666 / 3.291 / 3.310 -> 2.581 / 2.633 / 3.039 / 3.087 ms (down at
- *    64: 33.2 -> 26.6); serving int4 at concurrency 64 7445 -> 7648 tok/s (twenty-fifth session);
+ *    wave is the faster the larger, except that 8 (and 4 for down; not profiled) lose to 6.
+ *    Against the rules before (every slot busy with 8 stages up to 32 tokens, busy SMs to 64),
+ *    the step's matmuls as the model runs them, M = 24 / 32 / 48 / 64: 2.661 / 2.666 / 3.291 /
+ *    3.310 -> 2.581 / 2.633 / 3.039 / 3.087 ms (down at 64: 33.2 -> 26.6); serving int4 at
+ *    concurrency 64 7445 -> 7648 tok/s (twenty-fifth session);
  *  - up to 16 tokens, every slot busy with at least four stages: o splits 8 ways instead of 4, two
  *    blocks per multiprocessor instead of one (H200: o 14.3 -> 10.6 us per launch; the step's
  *    matmuls M = 4 / 8 / 16 2.64 / 2.92 / 2.73 -> 2.61 / 2.77 / 2.69 ms). One wave loses here
