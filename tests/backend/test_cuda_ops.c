@@ -1128,6 +1128,9 @@ int main(void) {
             test_attention(4, 4, 64, dt);
             test_attention(16, 2, 256, dt);
             test_attention_batched(16, 4, 128, 12, 637, dt);
+            /* 480 (sequence, kv head) pairs, G = 2: more blocks than fit at once (two per SM up to
+             * 240 SMs), so the decode kernel runs in waves */
+            test_attention_batched(64, 32, 128, 15, 300, dt);
         }
     }
     if (section("embed")) test_embed();
