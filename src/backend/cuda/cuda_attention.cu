@@ -395,18 +395,21 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, NewToken nt, KV *
  * only is 8 sequences 0.662 -> 0.614 ms, 64: 1.93 -> 1.87 (e4m3 cache 1.84 -> 1.62), 256: 7.07 ->
  * 6.97 (7.22 -> 6.34).
  *
- * Each warp walks every fourth 16-token tile of the split: K and V rows (head_dim 128: 256 bytes
- * each, from the paged cache) go to the warp's two-stage cp.async ring in shared memory, swizzled
- * by 16-byte chunk (chunk ^ row % 8) so that ldmatrix reads them without bank conflicts (K as is
- * for the B operand of Q K^T, V transposed for P V); the first tile is requested before the PDL
- * wait (H200, 36 layers at context 640: 8 sequences 0.623 -> 0.566 ms, 64: 1.88 -> 1.82). The
- * four warps' online-softmax states are merged through shared memory, then written as the split's
- * partial (combine_splits) or, unsplit, as the output. */
+ * A block has W = 4 warps, or 2 where 4-warp blocks would run in several waves (attention_hd;
+ * at 254 registers a thread, 8 warps fit an SM either way). Each warp walks every W-th 16-token
+ * tile of the split: K and V rows (head_dim 128: 256 bytes each, from the paged cache) go to the
+ * warp's two-stage cp.async ring in shared memory, swizzled by 16-byte chunk (chunk ^ row % 8) so
+ * that ldmatrix reads them without bank conflicts (K as is for the B operand of Q K^T, V
+ * transposed for P V); the first tile is requested before the PDL wait (H200, 36 layers at
+ * context 640: 8 sequences 0.623 -> 0.566 ms, 64: 1.88 -> 1.82). The warps' online-softmax
+ * states are merged through shared memory, then written as the split's partial (combine_splits)
+ * or, unsplit, as the output. */
 constexpr int kMmaHD = 128;
 constexpr int kMmaTile = 16;                   /* tokens per tile */
 constexpr int kMmaRow = kMmaHD * 2;            /* bytes per cached row */
 constexpr int kMmaStage = 2 * kMmaTile * kMmaRow; /* K and V of one tile: 8 KB */
-constexpr size_t kMmaSmem = 4 * 2 * kMmaStage;  /* 4 warps x 2 stages: 64 KB */
+/* shared memory of a block of w warps: 2 stages each (64 KB for 4 warps) */
+constexpr size_t mma_decode_smem(int w) { return (size_t)w * 2 * kMmaStage; }
 
 /* One step of a two-stage cp.async ring over n tiles: requests tile i + 1 (load(i + 1), one
  * commit group) if there is one, then waits until tile i has landed (this thread's copies). */
@@ -546,8 +549,8 @@ CU_DEV void mma_pv(float (&o)[kMmaHD / 8][4], const float (&sc)[NJ][4], const ch
     }
 }
 
-template <typename KV>
-__global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, KV *kc, KV *vc,
+template <typename KV, int W>
+__global__ void __launch_bounds__(W * 32) attn_decode_mma(float *out, NewToken nt, KV *kc, KV *vc,
                                                        const int32_t *q_start, const int32_t *ctx_len,
                                                        const int32_t *tables, int max_blocks, int bs, int bs_shift,
                                                        int nh, int nkv, int splits, float *part, int *counters,
@@ -569,8 +572,8 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, 
     /* The new token (position ctx - 1), if in this split: row new_row of tile new_tile of warp
      * new_warp, which normalises and rotates its k (qk_norm_rope, as qk_norm_rope_store_kernel),
      * stores k and v in the cache and puts them into its tile in place of the row it loaded. */
-    const int rel = ctx - 1 - p0, new_row = rel % kMmaTile, new_tile = rel / kMmaTile / 4;
-    const bool has_new = ctx - 1 < p1 && rel >= 0 && warp == rel / kMmaTile % 4;
+    const int rel = ctx - 1 - p0, new_row = rel % kMmaTile, new_tile = rel / kMmaTile / W;
+    const bool has_new = ctx - 1 < p1 && rel >= 0 && warp == rel / kMmaTile % W;
 
     /* this thread's A-fragment column e of k-step kk (e = 0, 1: 2 t4 + e; 2, 3: 8 + 2 t4 + e - 2);
      * those of the first HD / 32 k-steps (F of them) pair with the same ones HD / 2 further */
@@ -581,13 +584,13 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, 
     for (int f = 0; f < F; f++) wa[f] = nt.q_norm[col(f / 4, f % 4)], wb[f] = nt.q_norm[HD / 2 + col(f / 4, f % 4)];
     PairHead<HD> kw; /* k norm weights, only where has_new */
     if (has_new) kw.load(nt.k_norm, lane);
-    /* Tile i of this warp: tokens p0 + 16 (warp + 4 i) ..; lane < 16 looks up token lane's row.
+    /* Tile i of this warp: tokens p0 + 16 (warp + W i) ..; lane < 16 looks up token lane's row.
      * The first is requested before pdl_wait(), so it streams in while the previous kernel
      * finishes and q is prepared: it reads only the step's metadata and cache rows of earlier
      * steps (the new token's row, not stored yet, is replaced in the tile below). */
     const int n_tiles = (p1 - p0 + kMmaTile - 1) / kMmaTile;
     auto load_tile = [&](int i, char *dst) {
-        const int tp = p0 + kMmaTile * (warp + 4 * i);
+        const int tp = p0 + kMmaTile * (warp + W * i);
         size_t row = 0;
         if (lane < kMmaTile && tp + lane < p1) {
             const int pos = tp + lane;
@@ -602,7 +605,7 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, 
         }
         cp_async_commit();
     };
-    const int my_tiles = warp < n_tiles ? (n_tiles - warp + 3) / 4 : 0;
+    const int my_tiles = warp < n_tiles ? (n_tiles - warp + W - 1) / W : 0;
     if (my_tiles > 0) load_tile(0, ring);
     pdl_wait();
 
@@ -678,7 +681,7 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, 
                 }
             __syncwarp();
         }
-        const int tp = p0 + kMmaTile * (warp + 4 * i);
+        const int tp = p0 + kMmaTile * (warp + W * i);
         float sc[2][4]; /* two n-tiles of 8 tokens */
         mma_scores(sc, qa, cur, lane);
         mma_online_softmax(sc, m, l, o, [&](int j, int e, int) { return tp + 8 * j + 2 * t4 + e >= p1; });
@@ -704,9 +707,9 @@ __global__ void __launch_bounds__(128) attn_decode_mma(float *out, NewToken nt, 
     for (int e = threadIdx.x; e < G * HD; e += blockDim.x) {
         const int row = e / HD, i = e % HD;
         float mx = -INFINITY;
-        for (int w = 0; w < 4; w++) mx = fmaxf(mx, st[((size_t)w * G + row) * (HD + 2) + HD]);
+        for (int w = 0; w < W; w++) mx = fmaxf(mx, st[((size_t)w * G + row) * (HD + 2) + HD]);
         float acc = 0.0f, lsum = 0.0f;
-        for (int w = 0; w < 4; w++) {
+        for (int w = 0; w < W; w++) {
             const float *ws = st + ((size_t)w * G + row) * (HD + 2);
             const float f = ws[HD] == -INFINITY ? 0.0f : __expf(ws[HD] - mx);
             acc = fmaf(f, ws[i], acc);
@@ -1012,14 +1015,32 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const CuAttnHeads *ah, KV 
         if (tensor_cores) { /* (see the top of the file) */
             static bool mma_attr = false; /* one per instantiation */
             if (!mma_attr) {
-                cudaError_t rc = cudaFuncSetAttribute(attn_decode_mma<KV>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                      (int)kMmaSmem);
+                cudaError_t rc = cudaFuncSetAttribute(attn_decode_mma<KV, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      (int)mma_decode_smem(4));
+                if (rc == cudaSuccess)
+                    rc = cudaFuncSetAttribute(attn_decode_mma<KV, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              (int)mma_decode_smem(2));
                 if (rc != cudaSuccess) return rc;
                 mma_attr = true;
             }
-            return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(128), kMmaSmem, attn_decode_mma<KV>, out,
-                             nt, kc, vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh,
-                             nkv, (int)splits, scr->part, scr->counters, scale);
+            /* Unsplit and more pairs than the 4-warp blocks' slots: blocks of 2 warps (4 per SM,
+             * the same 8 warps), each warp walking every other tile, if they fill their last wave
+             * to 90%. The 4-warp blocks' second wave pays each block's fixed costs again (q, the
+             * merge; ~6.6 us); 2-warp blocks pay them once per pair with the SM's other three
+             * blocks streaming meanwhile, but take twice as long, so a partial last wave of them
+             * costs more (H200, 36 layers at context 640, bf16 / e4m3 cache, ms, 4 vs 2 warps: 64
+             * sequences (512 pairs, fill 0.97) 1.813 vs 1.739 / 1.616 vs 1.446; 128: 3.512 vs
+             * 3.379 / 3.221 vs 2.885; 256: 6.850 vs 6.585 / 6.400 vs 5.734; 48 (fill 0.73):
+             * 1.532 vs 1.646 / 1.582 vs 1.435; 96 (0.73): 2.669 vs 2.733 / 2.421 vs 2.552;
+             * twenty-sixth session). */
+            const long long slots2 = 4LL * sms, waves2 = (pairs + slots2 - 1) / slots2;
+            if (splits == 1 && pairs > slots && (double)pairs >= 0.9 * (double)(waves2 * slots2))
+                return cu_launch(st, dim3(1, nkv, mt->n_seqs), dim3(64), mma_decode_smem(2), attn_decode_mma<KV, 2>, out, nt, kc,
+                                 vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh, nkv,
+                                 1, scr->part, scr->counters, scale);
+            return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(128), mma_decode_smem(4), attn_decode_mma<KV, 4>,
+                             out, nt, kc, vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift,
+                             nh, nkv, (int)splits, scr->part, scr->counters, scale);
         }
         return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(128), 0, attn_decode<HD, KV>, out, nt, kc, vc,
                          mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh, nkv, (int)splits,
