@@ -31,7 +31,7 @@ run() { # name, command...
     echo "SUMMARY $name rc=$rc ($(( $(date +%s) - s )) s)" | tee -a "$out/summary.txt"
     [ $rc -eq 0 ] || status=1
 }
-run test_cuda_ops timeout 150 "$build/test_cuda_ops"
+run test_cuda_ops timeout 300 "$build/test_cuda_ops"
 run test_qwen3_ref_cuda env QUILL_TEST_DEVICE=cuda timeout 180 "$build/test_qwen3_ref"
 cat "$out/summary.txt"
 exit $status
