@@ -1128,8 +1128,9 @@ int main(void) {
             test_attention(4, 4, 64, dt);
             test_attention(16, 2, 256, dt);
             test_attention_batched(16, 4, 128, 12, 637, dt);
-            /* 480 (sequence, kv head) pairs, G = 2: more blocks than fit at once (two per SM up to
-             * 240 SMs), so the decode kernel runs in waves */
+            /* 480 (sequence, kv head) pairs, G = 2: more than two 4-warp blocks per SM hold (up to
+             * 239 SMs), so the decode kernel runs 4-warp blocks in waves or, where 2-warp blocks
+             * fill their wave to 90% (an H200: 480 of 528 slots), 2-warp blocks */
             test_attention_batched(64, 32, 128, 15, 300, dt);
         }
     }

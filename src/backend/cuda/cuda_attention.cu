@@ -1034,13 +1034,15 @@ cudaError_t attention_hd(cudaStream_t st, float *out, const CuAttnHeads *ah, KV 
              * 1.532 vs 1.646 / 1.582 vs 1.435; 96 (0.73): 2.669 vs 2.733 / 2.421 vs 2.552;
              * twenty-sixth session). */
             const long long slots2 = 4LL * sms, waves2 = (pairs + slots2 - 1) / slots2;
-            if (splits == 1 && pairs > slots && (double)pairs >= 0.9 * (double)(waves2 * slots2))
-                return cu_launch(st, dim3(1, nkv, mt->n_seqs), dim3(64), mma_decode_smem(2), attn_decode_mma<KV, 2>, out, nt, kc,
-                                 vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh, nkv,
-                                 1, scr->part, scr->counters, scale);
-            return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(128), mma_decode_smem(4), attn_decode_mma<KV, 4>,
-                             out, nt, kc, vc, mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift,
-                             nh, nkv, (int)splits, scr->part, scr->counters, scale);
+            const bool two_warps =
+                splits == 1 && pairs > slots && (double)pairs >= 0.9 * (double)(waves2 * slots2);
+            auto launch = [&](auto kernel, int warps) {
+                return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(32 * warps),
+                                 mma_decode_smem(warps), kernel, out, nt, kc, vc, mt->q_start, mt->ctx_len,
+                                 mt->block_tables, mt->max_blocks, bs, bs_shift, nh, nkv, (int)splits, scr->part,
+                                 scr->counters, scale);
+            };
+            return two_warps ? launch(attn_decode_mma<KV, 2>, 2) : launch(attn_decode_mma<KV, 4>, 4);
         }
         return cu_launch(st, dim3((unsigned)splits, nkv, mt->n_seqs), dim3(128), 0, attn_decode<HD, KV>, out, nt, kc, vc,
                          mt->q_start, mt->ctx_len, mt->block_tables, mt->max_blocks, bs, bs_shift, nh, nkv, (int)splits,
