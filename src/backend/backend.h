@@ -144,6 +144,12 @@ typedef struct BackendOps {
      * values. */
     void (*attention)(Backend *be, float *out, float *qkv, const AttnHeads *heads, const float *cs, void *kv,
                       int layer, const AttnMeta *meta);
+    /* The attention block after q|k|v: x[M][H] += attention(...) o^T, i.e. attention into scratch
+     * ([M][nh*hd] floats, contents unspecified afterwards), then matmul_add with o ([H][nh*hd]).
+     * One op, so that a backend may fuse across it (CUDA: the attention kernels store the bf16
+     * that a tensor-core o projection reads, saving a conversion launch per layer). */
+    void (*attn_add)(Backend *be, float *x, float *qkv, const AttnHeads *heads, const float *cs, void *kv,
+                     int layer, const AttnMeta *meta, const Linear *o, float *scratch);
 
     /* Memory bandwidth probe for benchmarks, in GB/s: the CPU reads a large buffer with all
      * threads (bytes read); a GPU copies device to device (bytes read + written). */

@@ -437,8 +437,7 @@ float *model_forward(Model *m, const Step *step, int *n_rows) {
         /* x += o(attention(q, k, v)), with q|k|v = rmsnorm(x) W_qkv^T */
         op->norm_matmul(be, m->qkv, m->x, w->attn_norm, eps, T, w->qkv);
         const AttnHeads heads = {nh, nkv, hd, w->q_norm, w->k_norm, eps};
-        op->attention(be, m->attn, m->qkv, &heads, m->cs, m->kv, l, &meta);
-        op->matmul_add(be, m->x, m->attn, T, w->o);
+        op->attn_add(be, m->x, m->qkv, &heads, m->cs, m->kv, l, &meta, w->o, m->attn);
 
         /* x += down(silu(gate) * up), with gate|up = rmsnorm(x) W_gate_up^T */
         op->mlp_add(be, m->x, w->mlp_norm, eps, T, w->gate_up, w->down, m->gate_up);

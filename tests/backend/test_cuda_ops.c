@@ -925,7 +925,9 @@ typedef struct MiniModel {
     float *norm;
 } MiniModel;
 
-/* The attention half of a decode layer over the step in h: x += o(attn(rope(norm(x) qkv))). */
+/* The attention half of a decode layer over the step in h: x += o(attn(rope(norm(x) qkv))), with
+ * attn_add as the model calls it (on the GPU: o from a bf16 attention output from 4 tokens, from
+ * a float one through the GEMV below). */
 static void mini_step(Backend *be, const MiniModel *mm, AttnRig *r, const AttnMeta *meta, float *x, float *qkv,
                        float *cs, float *attn) {
     const BackendOps *op = be->ops;
@@ -934,8 +936,7 @@ static void mini_step(Backend *be, const MiniModel *mm, AttnRig *r, const AttnMe
     op->rope_cos_sin(be, cs, meta->positions, T, is_gpu ? r->inv_g : r->inv_c, r->hd / 2);
     op->norm_matmul(be, qkv, x, mm->norm, 1e-6f, T, mm->qkv);
     const AttnHeads heads = {r->nh, r->nkv, r->hd, is_gpu ? r->qn_g : r->qn_c, is_gpu ? r->kn_g : r->kn_c, 1e-6f};
-    op->attention(be, attn, qkv, &heads, cs, is_gpu ? r->kv_g : r->kv_c, 1, meta);
-    op->matmul_add(be, x, attn, T, mm->o);
+    op->attn_add(be, x, qkv, &heads, cs, is_gpu ? r->kv_g : r->kv_c, 1, meta, mm->o, attn);
 }
 
 static void test_graphs(int S) {

@@ -488,6 +488,12 @@ static void cpu_attention(Backend *be, float *out, float *qkv, const AttnHeads *
     tp_run(c->pool, meta->n_tokens * ah->nh, attn_task, &j);
 }
 
+static void cpu_attn_add(Backend *be, float *x, float *qkv, const AttnHeads *ah, const float *cs, void *kv, int layer,
+                         const AttnMeta *meta, const Linear *o, float *scratch) {
+    cpu_attention(be, scratch, qkv, ah, cs, kv, layer, meta);
+    cpu_matmul_add(be, x, scratch, meta->n_tokens, o);
+}
+
 typedef struct ProbeJob {
     const uint64_t *buf;
     size_t n_per_task;
@@ -559,6 +565,7 @@ static const BackendOps CPU_OPS = {
     .mlp_add = cpu_mlp_add,
     .rope_cos_sin = cpu_rope_cos_sin,
     .attention = cpu_attention,
+    .attn_add = cpu_attn_add,
     .probe_bandwidth = cpu_probe_bandwidth,
 };
 

@@ -144,6 +144,20 @@ CU_DEV void load_part(const float *p, float (&v)[VPL]) {
     }
 }
 
+/* out[i] = v, or out[i], out[i + 1] = v0, v1 (i even), in out's type. */
+CU_DEV void put_out(const CuAttnOut &out, size_t i, float v) {
+    if (out.b)
+        out.b[i] = __float2bfloat16_rn(v);
+    else
+        out.f[i] = v;
+}
+CU_DEV void put_out2(const CuAttnOut &out, size_t i, float v0, float v1) {
+    if (out.b)
+        *reinterpret_cast<__nv_bfloat162 *>(out.b + i) = __floats2bfloat162_rn(v0, v1);
+    else
+        *reinterpret_cast<float2 *>(out.f + i) = make_float2(v0, v1);
+}
+
 /* After every split of (sequence, kv head) `pair` has written its partial (unnormalised output,
  * max, sum) for its G heads: the whole block publishes its writes with one fenced arrival, and the
  * last block to arrive combines all splits into out (a counter per pair, reset by that block).
@@ -151,7 +165,7 @@ CU_DEV void load_part(const float *p, float (&v)[VPL]) {
  * partial of its head at once (up to 128 floats per lane) before it uses any: one L2 round trip
  * instead of one per few splits (H100, batch 1, 32 splits: see bench/RESULTS.md). */
 template <int HD>
-CU_DEV void combine_splits(float *out, const float *part, int *counters, size_t pair, int splits, int G, int t, int nh,
+CU_DEV void combine_splits(const CuAttnOut &out, const float *part, int *counters, size_t pair, int splits, int G, int t, int nh,
                            int kvh) {
     constexpr int VPL = HD / 32, PS = cu_part_stride(HD);
     constexpr int kBatch = 128 / VPL < 32 ? 128 / VPL : 32; /* splits whose partials are in flight together */
@@ -193,10 +207,10 @@ CU_DEV void combine_splits(float *out, const float *part, int *counters, size_t 
                 for (int i = 0; i < VPL; i++) acc[i] = fmaf(wsp, v[j][i], acc[i]);
             }
         }
-        float *dst = out + (size_t)t * nh * HD + (size_t)(kvh * G + g) * HD + lane * VPL;
+        const size_t dst = (size_t)t * nh * HD + (size_t)(kvh * G + g) * HD + lane * VPL;
         const float inv = 1.0f / lsum;
 #pragma unroll
-        for (int i = 0; i < VPL; i++) dst[i] = acc[i] * inv;
+        for (int i = 0; i < VPL; i += 2) put_out2(out, dst + i, acc[i] * inv, acc[i + 1] * inv);
     }
     if (threadIdx.x == 0) counters[pair] = 0;
 }
@@ -223,7 +237,7 @@ struct NewToken {
  * their q from it). The math is qk_norm_rope's, as in qk_norm_rope_store_kernel, so both paths
  * round alike. */
 template <int HD, typename KV>
-__global__ void __launch_bounds__(128) attn_decode(float *out, NewToken nt, KV *kc, KV *vc,
+__global__ void __launch_bounds__(128) attn_decode(CuAttnOut out, NewToken nt, KV *kc, KV *vc,
                                                    const int32_t *q_start, const int32_t *ctx_len,
                                                    const int32_t *tables, int max_blocks, int bs, int bs_shift,
                                                    int nh, int nkv, int splits, float *part, int *counters,
@@ -367,10 +381,10 @@ __global__ void __launch_bounds__(128) attn_decode(float *out, NewToken nt, KV *
             m = mt;
         }
         if (splits == 1) {
-            float *dst = out + (size_t)t * nh * HD + (size_t)h * HD + lane * VPL;
+            const size_t dst = (size_t)t * nh * HD + (size_t)h * HD + lane * VPL;
             const float inv = 1.0f / l;
 #pragma unroll
-            for (int i = 0; i < VPL; i++) dst[i] = o[i] * inv;
+            for (int i = 0; i < VPL; i += 2) put_out2(out, dst + i, o[i] * inv, o[i + 1] * inv);
         } else {
             float *mine = part + ((pair * splits + split) * G + g) * cu_part_stride(HD);
 #pragma unroll
@@ -550,7 +564,7 @@ CU_DEV void mma_pv(float (&o)[kMmaHD / 8][4], const float (&sc)[NJ][4], const ch
 }
 
 template <typename KV, int W>
-__global__ void __launch_bounds__(W * 32) attn_decode_mma(float *out, NewToken nt, KV *kc, KV *vc,
+__global__ void __launch_bounds__(W * 32) attn_decode_mma(CuAttnOut out, NewToken nt, KV *kc, KV *vc,
                                                        const int32_t *q_start, const int32_t *ctx_len,
                                                        const int32_t *tables, int max_blocks, int bs, int bs_shift,
                                                        int nh, int nkv, int splits, float *part, int *counters,
@@ -716,7 +730,7 @@ __global__ void __launch_bounds__(W * 32) attn_decode_mma(float *out, NewToken n
             lsum = fmaf(f, ws[HD + 1], lsum);
         }
         if (splits == 1) {
-            out[(size_t)t * nh * HD + (size_t)(kvh * G + row) * HD + i] = acc / lsum;
+            put_out(out, (size_t)t * nh * HD + (size_t)(kvh * G + row) * HD + i, acc / lsum);
         } else {
             float *mine = part + ((pair * splits + split) * G + row) * cu_part_stride(HD);
             mine[i] = acc;
@@ -742,7 +756,7 @@ __host__ __device__ constexpr size_t prefill_smem() {
  * head kvh * G + r % G; warp w owns rows w * ROWS .. + ROWS. Lane = key within a key tile for
  * scores; lane + 32 i = output dim. */
 template <int HD, typename KV>
-__global__ void __launch_bounds__(128) attn_prefill(float *out, const float *qkv, const KV *kc, const KV *vc,
+__global__ void __launch_bounds__(128) attn_prefill(CuAttnOut out, const float *qkv, const KV *kc, const KV *vc,
                                                     const int32_t *q_start,
                                                     const int32_t *ctx_len, const int32_t *tables, int max_blocks,
                                                     int bs, int bs_shift, int nh, int nkv, float scale) {
@@ -842,9 +856,9 @@ __global__ void __launch_bounds__(128) attn_prefill(float *out, const float *qkv
         if (qpos[j] < 0) continue;
         const int r = warp * ROWS + j;
         const float inv = 1.0f / l[j];
-        float *dst = out + (size_t)(t0 + i0 + r / G) * nh * HD + (size_t)(kvh * G + r % G) * HD;
+        const size_t dst = (size_t)(t0 + i0 + r / G) * nh * HD + (size_t)(kvh * G + r % G) * HD;
 #pragma unroll
-        for (int i = 0; i < VPL; i++) dst[lane + 32 * i] = o[j][i] * inv;
+        for (int i = 0; i < VPL; i++) put_out(out, dst + lane + 32 * i, o[j][i] * inv);
     }
 }
 
@@ -866,7 +880,7 @@ constexpr int kPfStage = 2 * kPfKeys * kMmaRow;   /* K and V of one tile: 32 KB 
 constexpr size_t kPfSmem = 2 * (size_t)kPfStage;  /* two stages: 64 KB */
 
 template <typename KV>
-__global__ void __launch_bounds__(128) attn_prefill_mma(float *out, const float *qkv, const KV *kc, const KV *vc,
+__global__ void __launch_bounds__(128) attn_prefill_mma(CuAttnOut out, const float *qkv, const KV *kc, const KV *vc,
                                                         const int32_t *q_start,
                                                         const int32_t *ctx_len, const int32_t *tables, int max_blocks,
                                                         int bs, int bs_shift, int nh, int nkv, float scale) {
@@ -955,11 +969,10 @@ __global__ void __launch_bounds__(128) attn_prefill_mma(float *out, const float 
         l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
         if (qpos[h] < 0) continue;
         const int r = 16 * warp + g + 8 * h;
-        float *dst = out + (size_t)(t0 + i0 + r / G) * nh * HD + (size_t)(kvh * G + r % G) * HD;
+        const size_t dst = (size_t)(t0 + i0 + r / G) * nh * HD + (size_t)(kvh * G + r % G) * HD;
         const float inv = 1.0f / l[h];
 #pragma unroll
-        for (int d = 0; d < HD / 8; d++)
-            *reinterpret_cast<float2 *>(dst + 8 * d + 2 * t4) = make_float2(o[d][2 * h] * inv, o[d][2 * h + 1] * inv);
+        for (int d = 0; d < HD / 8; d++) put_out2(out, dst + 8 * d + 2 * t4, o[d][2 * h] * inv, o[d][2 * h + 1] * inv);
     }
 }
 
@@ -983,7 +996,7 @@ bool cuda_attention_tensor_cores(int head_dim, int n_heads, int n_kv_heads, int 
 namespace {
 
 template <int HD, typename KV>
-cudaError_t attention_hd(cudaStream_t st, float *out, const CuAttnHeads *ah, KV *kc, KV *vc, int bs,
+cudaError_t attention_hd(cudaStream_t st, CuAttnOut out, const CuAttnHeads *ah, KV *kc, KV *vc, int bs,
                          const AttnMeta *mt, const CuAttnScratch *scr, int sms) {
     const int nh = ah->nh, nkv = ah->nkv;
     float *qkv = ah->qkv;
@@ -1082,7 +1095,7 @@ bool cu_attention_supports(int hd) { return hd == 64 || hd == 128 || hd == 256; 
 
 namespace {
 template <typename KV>
-cudaError_t attention(cudaStream_t st, float *out, const CuAttnHeads *heads, KV *kc, KV *vc, int block_size,
+cudaError_t attention(cudaStream_t st, CuAttnOut out, const CuAttnHeads *heads, KV *kc, KV *vc, int block_size,
                       const AttnMeta *meta, const CuAttnScratch *scr, int sms) {
     switch (heads->hd) {
     case 64: return attention_hd<64>(st, out, heads, kc, vc, block_size, meta, scr, sms);
@@ -1093,7 +1106,7 @@ cudaError_t attention(cudaStream_t st, float *out, const CuAttnHeads *heads, KV 
 }
 } // namespace
 
-cudaError_t cu_attention(cudaStream_t st, float *out, const CuAttnHeads *heads, CuKvPools kv, int block_size,
+cudaError_t cu_attention(cudaStream_t st, CuAttnOut out, const CuAttnHeads *heads, CuKvPools kv, int block_size,
                          const AttnMeta *meta, const CuAttnScratch *scr, int sms) {
     if (meta->n_tokens <= 0 || meta->n_seqs <= 0) return cudaSuccess;
     if (kv.dtype == KV_FP8)

@@ -890,13 +890,44 @@ void cu_rope_op(Backend *be, float *cs, const int32_t *pos, int M, const float *
     note(c, cu_rope_cos_sin(c->st, cs, pos, M, inv_freq, half), "rope_cos_sin");
 }
 
-void cu_attention_op(Backend *be, float *out, float *qkv, const AttnHeads *heads, const float *cs, void *kvp,
-                     int layer, const AttnMeta *meta) {
-    CudaBackend *c = cb(be);
+/* The attention launches of one layer, storing out as it says. */
+void attend(CudaBackend *c, CuAttnOut out, float *qkv, const AttnHeads *heads, const float *cs, void *kvp, int layer,
+            const AttnMeta *meta) {
     CudaKV *kv = static_cast<CudaKV *>(kvp);
     const CuAttnHeads ah = {qkv, heads->q_norm, heads->k_norm, cs, heads->eps, heads->nh, heads->nkv, heads->hd};
     const CuKvPools pools = {kv->k + kv->layer_bytes * layer, kv->v + kv->layer_bytes * layer, kv->s.dtype};
     note(c, cu_attention(c->st, out, &ah, pools, kv->s.block_size, meta, &kv->scr, c->sms), "attention");
+}
+
+void cu_attention_op(Backend *be, float *out, float *qkv, const AttnHeads *heads, const float *cs, void *kvp,
+                     int layer, const AttnMeta *meta) {
+    attend(cb(be), CuAttnOut{out, nullptr}, qkv, heads, cs, kvp, layer, meta);
+}
+
+/* x += attention(...) o^T. Where no part of o is a GEMV at the step's M (all tensor-core or
+ * cuBLAS paths, which read bf16), the attention kernels store bf16 straight into c->xb: the
+ * float-to-bf16 launch that matmul would put between them is gone (the same rounding, so the same
+ * result). The GEMVs read float: there, attention into scratch and a plain matmul_add. */
+void cu_attn_add(Backend *be, float *x, float *qkv, const AttnHeads *heads, const float *cs, void *kvp, int layer,
+                 const AttnMeta *meta, const Linear *o, float *scratch) {
+    CudaBackend *c = cb(be);
+    const int M = meta->n_tokens, K = heads->nh * heads->hd;
+    if (M <= 0) return;
+    if (o->k != K) {
+        note(c, cudaErrorInvalidValue, "attn_add: o's in_features is not nh * head_dim");
+        return;
+    }
+    use_device(c);
+    bool bf16_in = true;
+    for (int i = 0; i < o->n_mats; i++) bf16_in = bf16_in && mat_path(c, &o->mat[i], M) != MatPath::Gemv;
+    if (!bf16_in) {
+        attend(c, CuAttnOut{scratch, nullptr}, qkv, heads, cs, kvp, layer, meta);
+        matmul(c, x, MatIn{scratch, InOp::Plain, nullptr, 0.0f, nullptr}, M, o, true);
+        return;
+    }
+    if (!matmul_scratch(c, &c->xb, &c->xb_n, (size_t)M * K)) return;
+    attend(c, CuAttnOut{nullptr, c->xb}, qkv, heads, cs, kvp, layer, meta);
+    matmul(c, x, MatIn{nullptr, InOp::Bf16, nullptr, 0.0f, c->xb}, M, o, true);
 }
 
 /* ---- graphs ------------------------------------------------------------------------------- */
@@ -1086,6 +1117,7 @@ const BackendOps CUDA_OPS = {
     .mlp_add = cu_mlp_add,
     .rope_cos_sin = cu_rope_op,
     .attention = cu_attention_op,
+    .attn_add = cu_attn_add,
     .probe_bandwidth = cu_probe_bandwidth,
     .error = cuda_backend_error,
     .mem_free = cu_mem_free,

@@ -362,9 +362,16 @@ typedef struct CuAttnHeads {
     float eps;
     int nh, nkv, hd;
 } CuAttnHeads;
+/* Where an attention launch stores its output [tokens][nh hd]: as float (f), or rounded to bf16
+ * (b), what a tensor-core o projection reads, which saves the conversion launch between them.
+ * Exactly one is set. */
+typedef struct CuAttnOut {
+    float *f;
+    __nv_bfloat16 *b;
+} CuAttnOut;
 /* The backend's attention op (backend.h): q / k norm + rope + K/V store, then attention over the
  * layer's pools; qkv is scratch afterwards (decode leaves it raw). */
-cudaError_t cu_attention(cudaStream_t st, float *out, const CuAttnHeads *heads, CuKvPools kv, int block_size,
+cudaError_t cu_attention(cudaStream_t st, CuAttnOut out, const CuAttnHeads *heads, CuKvPools kv, int block_size,
                          const AttnMeta *meta, const CuAttnScratch *scr, int sms);
 
 /* One row's sampling parameters as the sampling kernel reads them. */
