@@ -165,8 +165,8 @@ CU_DEV void put_out2(const CuAttnOut &out, size_t i, float v0, float v1) {
  * partial of its head at once (up to 128 floats per lane) before it uses any: one L2 round trip
  * instead of one per few splits (H100, batch 1, 32 splits: see bench/RESULTS.md). */
 template <int HD>
-CU_DEV void combine_splits(const CuAttnOut &out, const float *part, int *counters, size_t pair, int splits, int G, int t, int nh,
-                           int kvh) {
+CU_DEV void combine_splits(const CuAttnOut &out, const float *part, int *counters, size_t pair, int splits, int G,
+                           int t, int nh, int kvh) {
     constexpr int VPL = HD / 32, PS = cu_part_stride(HD);
     constexpr int kBatch = 128 / VPL < 32 ? 128 / VPL : 32; /* splits whose partials are in flight together */
     __shared__ int last;

@@ -731,6 +731,14 @@ MatPath mat_path(const CudaBackend *c, const CuMat *m, int M) {
     return cu_gemm_q4_wgmma(m, c->wgmma) || M <= kGemmQ4MaxM ? MatPath::GemmQ4 : MatPath::DequantBlas;
 }
 
+/* Whether some part of l is multiplied by a GEMV at M rows (which reads x as float; every other
+ * path reads bf16). */
+bool any_gemv(const CudaBackend *c, const Linear *l, int M) {
+    for (int i = 0; i < l->n_mats; i++)
+        if (mat_path(c, &l->mat[i], M) == MatPath::Gemv) return true;
+    return false;
+}
+
 /* Grows the matmul scratch *buf to count elements; false (the error noted) when out of memory. */
 template <class T>
 bool matmul_scratch(CudaBackend *c, T **buf, size_t *cap, size_t count) {
@@ -858,8 +866,7 @@ void cu_mlp_add(Backend *be, float *x, const float *norm_w, float eps, int M, co
     }
     /* gate|up in stacked parts (mixed dtypes) is never fused: taken as cuBLAS here */
     const MatPath gp = gu->n_mats == 1 ? mat_path(c, &gu->mat[0], M) : MatPath::Blas;
-    bool down_gemv = false; /* a part of down needs a float input */
-    for (int i = 0; i < down->n_mats; i++) down_gemv = down_gemv || mat_path(c, &down->mat[i], M) == MatPath::Gemv;
+    const bool down_gemv = any_gemv(c, down, M); /* a part of down needs a float input */
     use_device(c);
     if (gp == MatPath::Gemv && I % 2 == 0) {
         if (!note(c, cu_gemv_swiglu(c->st, &gu->mat[0], x, K, M, scratch, I, c->sms, norm_w, eps), "mlp gate_up (GEMV)"))
@@ -918,9 +925,7 @@ void cu_attn_add(Backend *be, float *x, float *qkv, const AttnHeads *heads, cons
         return;
     }
     use_device(c);
-    bool bf16_in = true;
-    for (int i = 0; i < o->n_mats; i++) bf16_in = bf16_in && mat_path(c, &o->mat[i], M) != MatPath::Gemv;
-    if (!bf16_in) {
+    if (any_gemv(c, o, M)) {
         attend(c, CuAttnOut{scratch, nullptr}, qkv, heads, cs, kvp, layer, meta);
         matmul(c, x, MatIn{scratch, InOp::Plain, nullptr, 0.0f, nullptr}, M, o, true);
         return;
